@@ -1,0 +1,322 @@
+"""Pure-PyTorch reference of every ryzen_opt op, with the public signatures.
+
+These are the ground truth: tests compare every backend against them (computed in float64),
+benchmarks use them as the "untouched PyTorch" column, and ``backend="auto"`` falls back to
+them. They favour clarity over speed, but stay on the PyTorch fast paths (``addmm``, SDPA)
+where the semantics match exactly.
+
+Conventions shared by all backends:
+
+* ``matmul(a, b)`` follows ``torch.matmul`` for 2-D and batched 3-D inputs.
+* Attention takes ``(batch, heads, seq, head_dim)`` like ``scaled_dot_product_attention``.
+  Grouped-query attention: ``k``/``v`` may have fewer heads than ``q`` as long as they divide
+  it; query head ``h`` reads kv head ``h // (q_heads // kv_heads)``.
+* ``causal=True`` with ``q_len != k_len`` is aligned to the bottom right (as in
+  FlashAttention): query ``i`` sees keys ``j <= i + (k_len - q_len)``. That is what a query
+  chunk appended after a KV cache needs. (``torch``'s ``is_causal`` aligns top-left; the two
+  agree when ``q_len == k_len``.) A query row that sees no key at all outputs zeros.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
+
+
+def apply_activation(x: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """Apply a named epilogue activation (``None`` is the identity)."""
+    if activation is None:
+        return x
+    if activation == "gelu":
+        return F.gelu(x)
+    if activation == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if activation == "silu":
+        return F.silu(x)
+    if activation == "relu":
+        return F.relu(x)
+    raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _check_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def matmul_out_shape(a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
+    """The shape ``torch.matmul(a, b)`` would return (computed on the meta device)."""
+    return tuple((torch.empty(a.shape, device="meta") @ torch.empty(b.shape, device="meta")).shape)
+
+
+def check_matmul_args(a, b, bias=None, activation=None, residual=None) -> None:
+    """Validate ``matmul`` arguments; raise naming the offending argument."""
+    _check_tensor("a", a)
+    _check_tensor("b", b)
+    if a.dim() not in (2, 3) or b.dim() not in (2, 3):
+        raise ValueError(
+            f"a and b must be 2-D or batched 3-D, got a.dim()={a.dim()}, b.dim()={b.dim()}"
+        )
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(
+            f"a's last dim ({a.shape[-1]}) must equal b's second-to-last dim ({b.shape[-2]}); "
+            f"got a{tuple(a.shape)} @ b{tuple(b.shape)}"
+        )
+    if a.dim() == 3 and b.dim() == 3 and a.shape[0] != b.shape[0] and 1 not in (
+        a.shape[0],
+        b.shape[0],
+    ):
+        raise ValueError(f"batch sizes differ: a{tuple(a.shape)} vs b{tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"a and b must share a dtype, got a={a.dtype}, b={b.dtype}")
+    if not a.is_floating_point():
+        raise TypeError(f"a must be a floating-point tensor, got {a.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"a and b must be on one device, got a={a.device}, b={b.device}")
+    n = b.shape[-1]
+    if bias is not None:
+        _check_tensor("bias", bias)
+        if bias.shape != (n,):
+            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        if bias.device != a.device:
+            raise ValueError(f"bias must be on {a.device}, got {bias.device}")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
+    if residual is not None:
+        _check_tensor("residual", residual)
+        out_shape = matmul_out_shape(a, b)
+        if tuple(residual.shape) != tuple(out_shape):
+            raise ValueError(
+                f"residual must have the output's shape {tuple(out_shape)}, "
+                f"got {tuple(residual.shape)}"
+            )
+        if residual.device != a.device:
+            raise ValueError(f"residual must be on {a.device}, got {residual.device}")
+
+
+def matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``activation(a @ b + bias) + residual``, cast to ``out_dtype``.
+
+    Args:
+        a: ``(M, K)`` or ``(B, M, K)``.
+        b: ``(K, N)`` or ``(B, K, N)``.
+        bias: optional ``(N,)``, added before the activation.
+        activation: ``None``, ``"gelu"`` (erf), ``"gelu_tanh"``, ``"silu"`` or ``"relu"``.
+        residual: optional tensor of the output's shape, added after the activation.
+        out_dtype: output dtype (default: ``a.dtype``).
+
+    Returns:
+        The ``(M, N)`` or ``(B, M, N)`` result.
+    """
+    check_matmul_args(a, b, bias, activation, residual)
+    if a.dim() == 2 and b.dim() == 2 and bias is not None:
+        y = torch.addmm(bias.to(a.dtype), a, b)
+    else:
+        y = torch.matmul(a, b)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+    y = apply_activation(y, activation)
+    if residual is not None:
+        y = y + residual.to(y.dtype)
+    return y.to(out_dtype) if out_dtype is not None else y
+
+
+def check_attention_args(q, k, v, attn_mask=None) -> None:
+    """Validate attention arguments; raise naming the offending argument."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have one shape, got k{tuple(k.shape)} v{tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k batch sizes differ: {q.shape[0]} vs {k.shape[0]}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k head_dim differ: {q.shape[-1]} vs {k.shape[-1]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"k's heads ({k.shape[1]}) must divide q's heads ({q.shape[1]}) (grouped-query)"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if attn_mask is not None:
+        _check_tensor("attn_mask", attn_mask)
+        target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        try:
+            torch.broadcast_shapes(attn_mask.shape, target)
+        except RuntimeError:
+            raise ValueError(
+                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target}"
+            ) from None
+
+
+def causal_mask(q_len: int, k_len: int, device=None) -> torch.Tensor:
+    """Bottom-right aligned boolean mask, ``True`` where query ``i`` may see key ``j``."""
+    i = torch.arange(q_len, device=device)[:, None]
+    j = torch.arange(k_len, device=device)[None, :]
+    return j <= i + (k_len - q_len)
+
+
+def expand_kv_heads(t: torch.Tensor, q_heads: int) -> torch.Tensor:
+    """Repeat grouped kv heads so there is one per query head."""
+    groups = q_heads // t.shape[1]
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+    attn_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax attention in SDPA layout (see module docstring for causal alignment and GQA).
+
+    Args:
+        q: ``(B, Hq, Lq, D)``.
+        k, v: ``(B, Hkv, Lk, D)`` with ``Hkv`` dividing ``Hq``.
+        causal: bottom-right aligned causal masking.
+        scale: softmax scale (default ``1/sqrt(D)``).
+        attn_mask: optional boolean (``True`` = keep) or additive float mask broadcastable to
+            ``(B, Hq, Lq, Lk)``.
+
+    Returns:
+        ``(B, Hq, Lq, D)`` in ``q.dtype``.
+    """
+    check_attention_args(q, k, v, attn_mask)
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    k = expand_kv_heads(k, q.shape[1])
+    v = expand_kv_heads(v, q.shape[1])
+    lq, lk = q.shape[2], k.shape[2]
+    if lq == 0 or lk == 0:
+        return q.new_zeros(q.shape[:3] + (v.shape[-1],))
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(scores.dtype)
+    if causal:
+        scores = scores.masked_fill(~causal_mask(lq, lk, q.device), float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1)
+    # Rows that see no key are all -inf: softmax gives NaN; define their output as zero.
+    probs = torch.nan_to_num(probs, nan=0.0).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def check_decode_args(q, k_cache, v_cache, cache_lengths) -> None:
+    """Validate ``decode_attention`` arguments; raise naming the offending argument."""
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(name, t)
+    _check_tensor("cache_lengths", cache_lengths)
+    if q.dim() != 3:
+        raise ValueError(f"q must be (batch, heads, head_dim), got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            "k_cache and v_cache must both be (batch, kv_heads, max_len, head_dim), got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    b, hq, d = q.shape
+    if k_cache.shape[0] != b or k_cache.shape[3] != d:
+        raise ValueError(
+            f"k_cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)} in batch/head_dim"
+        )
+    if k_cache.shape[1] == 0 or hq % k_cache.shape[1] != 0:
+        raise ValueError(f"k_cache's heads ({k_cache.shape[1]}) must divide q's heads ({hq})")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise TypeError(
+            f"q, k_cache, v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, "
+            f"{v_cache.dtype}"
+        )
+    if cache_lengths.shape != (b,) or cache_lengths.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"cache_lengths must be an int32/int64 tensor of shape ({b},), got "
+            f"{cache_lengths.dtype} {tuple(cache_lengths.shape)}"
+        )
+    if b and (int(cache_lengths.min()) < 0 or int(cache_lengths.max()) > k_cache.shape[2]):
+        raise ValueError(
+            f"cache_lengths must lie in [0, {k_cache.shape[2]}] (the cache's max_len), got "
+            f"min {int(cache_lengths.min())} max {int(cache_lengths.max())}"
+        )
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lengths: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """One query token per sequence against a KV cache with per-row valid lengths.
+
+    Args:
+        q: ``(B, Hq, D)``, the new token's queries.
+        k_cache, v_cache: ``(B, Hkv, max_len, D)``; row ``b`` is valid up to
+            ``cache_lengths[b]`` (the new token's own k/v already appended).
+        cache_lengths: ``(B,)`` int tensor.
+        scale: softmax scale (default ``1/sqrt(D)``).
+
+    Returns:
+        ``(B, Hq, D)``; rows with length 0 are zeros.
+    """
+    check_decode_args(q, k_cache, v_cache, cache_lengths)
+    max_len = k_cache.shape[2]
+    valid = torch.arange(max_len, device=q.device)[None, :] < cache_lengths.to(q.device)[:, None]
+    mask = valid[:, None, None, :]  # (B, 1, 1, max_len)
+    return attention(q[:, :, None, :], k_cache, v_cache, scale=scale, attn_mask=mask)[:, :, 0]
+
+
+def check_layer_norm_args(x, weight, bias, residual) -> None:
+    """Validate ``layer_norm`` arguments; raise naming the offending argument."""
+    _check_tensor("x", x)
+    if x.dim() < 1 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating tensor of at least 1 dim, got {x.dtype} {x.dim()}")
+    n = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            _check_tensor(name, t)
+            if t.shape != (n,):
+                raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+    if residual is not None:
+        _check_tensor("residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(
+                f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}"
+            )
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm over the last dim, optionally fused with a residual add.
+
+    Returns ``layer_norm(x)`` when ``residual`` is ``None``; otherwise ``(layer_norm(h), h)``
+    with ``h = x + residual`` (the pre-LN block needs ``h`` for its next residual).
+    """
+    check_layer_norm_args(x, weight, bias, residual)
+    h = x if residual is None else x + residual
+    out = F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+    return out if residual is None else (out, h)

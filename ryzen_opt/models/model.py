@@ -1,0 +1,315 @@
+"""``SimpleTransformerModel``: the untouched plain-PyTorch baseline.
+
+A pre-LayerNorm GPT-style decoder: learned token and position embeddings, ``num_layers``
+blocks of (LayerNorm -> causal self-attention through ``scaled_dot_product_attention`` ->
+residual, LayerNorm -> Linear/GELU/Linear -> residual), a final LayerNorm and an output head
+tied to the token embedding (``tie_weights=True``, the default).
+
+This module is the baseline that every optimized path is measured against. Nothing in
+ryzen_opt patches it: ``optimize()`` builds its own modules around a copy of the weights.
+
+The KV cache is a tuple with one ``(k, v)`` pair per layer, each ``(batch, heads, seq,
+head_dim)``; ``forward`` appends the new keys/values and returns the grown cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ryzen_opt.models.config import ModelConfig
+
+KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+        self.qkv = nn.Linear(cfg.embedding_dim, 3 * cfg.embedding_dim)
+        self.proj = nn.Linear(cfg.embedding_dim, cfg.embedding_dim)
+        self.dropout = cfg.dropout
+
+    def forward(
+        self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        p = self.dropout if self.training else 0.0
+        if past is None or past[0].shape[2] == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=t > 1)
+        elif t == 1:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        else:  # a chunk after a cache: query i sees keys up to past_len + i
+            past_len = k.shape[2] - t
+            i = torch.arange(t, device=x.device)[:, None]
+            j = torch.arange(k.shape[2], device=x.device)[None, :]
+            mask = j <= i + past_len
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        y = y.transpose(1, 2).reshape(b, t, c)
+        return self.proj(y), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.embedding_dim, cfg.ff_dim)
+        self.fc2 = nn.Linear(cfg.ff_dim, cfg.embedding_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.embedding_dim, eps=cfg.layer_norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.embedding_dim, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, past=None):
+        a, present = self.attn(self.ln1(x), past)
+        x = x + self.drop(a)
+        x = x + self.drop(self.mlp(self.ln2(x)))
+        return x, present
+
+
+class SimpleTransformerModel(nn.Module):
+    """Pre-LN GPT-style decoder in plain PyTorch; the baseline of every benchmark.
+
+    Args:
+        config: the model's shape (default: ``ModelConfig()``, the reference configuration).
+
+    Example:
+        >>> import torch
+        >>> from ryzen_opt.models import ModelConfig, SimpleTransformerModel
+        >>> m = SimpleTransformerModel(ModelConfig(num_layers=1)).eval()
+        >>> logits, cache = m(torch.tensor([[1, 2, 3]]))
+        >>> logits.shape
+        torch.Size([1, 3, 2048])
+    """
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__()
+        config = ModelConfig() if config is None else config
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.embedding_dim)
+        self.pos_emb = nn.Embedding(config.max_seq_len, config.embedding_dim)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.ln_f = nn.LayerNorm(config.embedding_dim, eps=config.layer_norm_eps)
+        self.head = nn.Linear(config.embedding_dim, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def num_parameters(self) -> int:
+        """Distinct trainable parameters (a tied head is counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def _check_idx(self, idx: torch.Tensor, past_len: int) -> None:
+        if not isinstance(idx, torch.Tensor):
+            raise TypeError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"idx must hold int64/int32 token ids, got {idx.dtype}")
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be 2-D (batch, seq), got shape {tuple(idx.shape)}")
+        if idx.shape[1] == 0:
+            raise ValueError("idx must hold at least one token per row, got seq length 0")
+        dev = self.tok_emb.weight.device
+        if idx.device != dev:
+            raise ValueError(f"idx is on {idx.device} but the model is on {dev}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
+            raise ValueError(
+                f"idx token ids must lie in [0, {self.config.vocab_size}), got min "
+                f"{int(idx.min())} max {int(idx.max())}"
+            )
+        total = past_len + idx.shape[1]
+        if total > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {total} (cache {past_len} + idx {idx.shape[1]}) exceeds "
+                f"max_seq_len={self.config.max_seq_len}"
+            )
+
+    def forward(
+        self, idx: torch.Tensor, kv_cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, KVCache]:
+        """Logits for ``idx`` given an optional KV cache of earlier tokens.
+
+        Args:
+            idx: ``(batch, seq)`` token ids.
+            kv_cache: the cache returned by an earlier call, or ``None``.
+
+        Returns:
+            ``(logits, kv_cache)``: ``(batch, seq, vocab_size)`` float logits and the cache
+            extended by ``idx``.
+        """
+        if kv_cache is not None and len(kv_cache) != len(self.blocks):
+            raise ValueError(
+                f"kv_cache must have one (k, v) per layer ({len(self.blocks)}), got "
+                f"{len(kv_cache)}"
+            )
+        past_len = 0 if kv_cache is None else kv_cache[0][0].shape[2]
+        self._check_idx(idx, past_len)
+        t = idx.shape[1]
+        pos = torch.arange(past_len, past_len + t, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos)[None])
+        presents = []
+        for i, block in enumerate(self.blocks):
+            x, present = block(x, None if kv_cache is None else kv_cache[i])
+            presents.append(present)
+        return self.head(self.ln_f(x)), tuple(presents)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        seed: int | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Sample ``max_new_tokens`` after ``idx`` (see :func:`generate_stream`).
+
+        Returns:
+            ``(batch, seq + n)`` ids, ``n <= max_new_tokens``: generation ends early once
+            every row has produced ``eos_id``. Rows that stopped are padded with ``eos_id``.
+        """
+        new = list(
+            self.generate_stream(
+                idx, max_new_tokens, temperature, top_k, top_p, eos_id, seed, use_cache
+            )
+        )
+        if not new:
+            return idx
+        return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
+
+    @torch.no_grad()
+    def generate_stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        seed: int | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """Yield one ``(batch,)`` tensor of new token ids per step, as they are produced.
+
+        Args:
+            idx: ``(batch, seq)`` prompt ids (one length for the batch).
+            max_new_tokens: at most this many steps; ``seq + max_new_tokens`` must fit in
+                ``max_seq_len``.
+            temperature: 0 for greedy decoding, else the softmax temperature.
+            top_k: keep only the ``top_k`` most likely tokens (sampling only).
+            top_p: nucleus sampling threshold in (0, 1] (sampling only).
+            eos_id: a row that produces it stops (later positions repeat ``eos_id``); the
+                stream ends when every row has stopped.
+            seed: seeds a private generator, so sampling is deterministic for a seed.
+            use_cache: ``False`` recomputes the whole prefix each step (for testing).
+        """
+        check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_id, self.config)
+        self._check_idx(idx, 0)
+        if idx.shape[1] + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(
+                f"prompt length {idx.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
+                f"max_seq_len={self.config.max_seq_len}"
+            )
+        gen = make_generator(seed, idx.device)
+        was_training = self.training
+        self.eval()
+        try:
+            done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+            seq, cache = idx, None
+            logits, cache = self(idx)
+            for step in range(max_new_tokens):
+                nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, gen)
+                if eos_id is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                    done = done | (nxt == eos_id)
+                yield nxt
+                if (eos_id is not None and bool(done.all())) or step == max_new_tokens - 1:
+                    return
+                seq = torch.cat([seq, nxt[:, None]], dim=1)
+                if use_cache:
+                    logits, cache = self(nxt[:, None], cache)
+                else:
+                    logits, _ = self(seq)
+        finally:
+            self.train(was_training)
+
+
+def check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_id, cfg) -> None:
+    """Validate generation settings; raise naming the argument."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    if eos_id is not None and not (isinstance(eos_id, int) and 0 <= eos_id < cfg.vocab_size):
+        raise ValueError(f"eos_id must be None or an id in [0, {cfg.vocab_size}), got {eos_id!r}")
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A private generator for ``seed`` (``None``: use the global RNG)."""
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    return g
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Pick one id per row from ``(batch, vocab)`` logits (greedy when temperature == 0)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # Drop a token when the mass before it already reaches top_p (the top one always stays).
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -1,0 +1,263 @@
+"""In-process timing shared by ``optimize()`` and ``bench/``.
+
+* :func:`time_fn` times one callable: warm-up calls first (JIT compilation, autotuning, the
+  allocator), then ``repeat`` samples of ``inner`` calls each; on CUDA each sample is bounded
+  by CUDA events (``synchronize`` before reading them). Returns median, interquartile range
+  and the samples.
+* :func:`compare` times a baseline and a candidate on the same inputs, interleaving their
+  samples (ABBA order) so drift in clocks or load hits both alike, and returns the speed-up
+  ``baseline/candidate`` with a bootstrap confidence interval on the ratio of medians.
+* :func:`peak_memory` runs a callable once and reports its peak memory: CUDA max allocated
+  bytes above the starting allocation, or on CPU the growth of the process's peak RSS.
+
+All times are seconds per call.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: median, interquartile range, and the raw samples."""
+
+    median: float
+    iqr: float
+    q1: float
+    q3: float
+    n: int
+    inner: int
+    samples: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["samples"] = list(self.samples)
+        return d
+
+    def __str__(self) -> str:
+        return f"{format_seconds(self.median)} ± {format_seconds(self.iqr / 2)} (n={self.n})"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Baseline vs candidate on identical inputs. ``speedup > 1`` means the candidate is faster."""
+
+    baseline: Timing
+    candidate: Timing
+    speedup: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+
+    @property
+    def faster(self) -> bool:
+        """Candidate faster beyond the noise: the whole confidence interval is above 1."""
+        return self.ci_low > 1.0
+
+    @property
+    def slower(self) -> bool:
+        return self.ci_high < 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "baseline": self.baseline.to_dict(),
+            "candidate": self.candidate.to_dict(),
+            "speedup": self.speedup,
+            "ci": [self.ci_low, self.ci_high],
+            "confidence": self.confidence,
+        }
+
+
+def format_seconds(s: float) -> str:
+    """Human units: ``1.23 ms``."""
+    if not math.isfinite(s):
+        return str(s)
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if abs(s) >= scale:
+            return f"{s / scale:.3g} {unit}"
+    return f"{s / 1e-9:.3g} ns"
+
+
+def _device_of(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _one_sample(fn: Callable[[], Any], inner: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / inner
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def _summarize(samples: list[float], inner: int) -> Timing:
+    arr = np.asarray(samples, dtype=np.float64)
+    q1, med, q3 = np.percentile(arr, [25, 50, 75])
+    return Timing(float(med), float(q3 - q1), float(q1), float(q3), len(samples), inner,
+                  tuple(samples))
+
+
+def _calibrate_inner(fn: Callable[[], Any], device: torch.device, min_sample_s: float) -> int:
+    inner = 1
+    while True:
+        t = _one_sample(fn, inner, device)
+        if t * inner >= min_sample_s or inner >= 1 << 20:
+            return inner
+        inner = max(inner * 2, int(math.ceil(min_sample_s / max(t, 1e-9))))
+
+
+def _check_args(repeat: int, warmup: int) -> None:
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 3:
+        raise ValueError(f"repeat must be an int >= 3, got {repeat!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    *,
+    repeat: int = 20,
+    warmup: int = 3,
+    device: str | torch.device | None = None,
+    min_sample_s: float = 2e-3,
+    inner: int | None = None,
+) -> Timing:
+    """Time ``fn()`` (no arguments: bind inputs with a closure so every call sees the same).
+
+    Args:
+        fn: the work to time.
+        repeat: samples to take (>= 3).
+        warmup: untimed calls first (compilation, autotuning, allocator).
+        device: where the work runs; ``cuda`` uses CUDA events.
+        min_sample_s: each sample runs ``fn`` enough times to last at least this long, so
+            timer resolution and launch jitter stay small against it.
+        inner: force the calls per sample (skips calibration).
+
+    Returns:
+        :class:`Timing` in seconds per call.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    _check_args(repeat, warmup)
+    dev = _device_of(device)
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    inner = inner or _calibrate_inner(fn, dev, min_sample_s)
+    samples = [_one_sample(fn, inner, dev) for _ in range(repeat)]
+    return _summarize(samples, inner)
+
+
+def bootstrap_ratio_ci(
+    base: list[float] | tuple[float, ...],
+    cand: list[float] | tuple[float, ...],
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of ``median(base) / median(cand)``."""
+    rng = np.random.default_rng(seed)
+    b = np.asarray(base, dtype=np.float64)
+    c = np.asarray(cand, dtype=np.float64)
+    bi = rng.integers(0, len(b), (resamples, len(b)))
+    ci = rng.integers(0, len(c), (resamples, len(c)))
+    ratios = np.median(b[bi], axis=1) / np.median(c[ci], axis=1)
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(ratios, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+def compare(
+    baseline: Callable[[], Any],
+    candidate: Callable[[], Any],
+    *,
+    repeat: int = 20,
+    warmup: int = 3,
+    device: str | torch.device | None = None,
+    min_sample_s: float = 2e-3,
+    confidence: float = 0.95,
+) -> Comparison:
+    """Time ``baseline`` and ``candidate`` interleaved (ABBA) and return the speed-up.
+
+    Both callables must do the same work on the same inputs; the caller binds them.
+    """
+    if not callable(baseline) or not callable(candidate):
+        raise TypeError("baseline and candidate must be callables")
+    _check_args(repeat, warmup)
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    dev = _device_of(device)
+    for _ in range(warmup):
+        baseline()
+        candidate()
+    _sync(dev)
+    # One inner count for both, so each sample covers comparable wall time.
+    inner_b = _calibrate_inner(baseline, dev, min_sample_s)
+    inner_c = _calibrate_inner(candidate, dev, min_sample_s)
+    bs: list[float] = []
+    cs: list[float] = []
+    for i in range(repeat):
+        order = ((baseline, inner_b, bs), (candidate, inner_c, cs))
+        for fn, inner, out in order if i % 2 == 0 else order[::-1]:
+            out.append(_one_sample(fn, inner, dev))
+    tb, tc = _summarize(bs, inner_b), _summarize(cs, inner_c)
+    lo, hi = bootstrap_ratio_ci(bs, cs, confidence)
+    return Comparison(tb, tc, tb.median / tc.median, lo, hi, confidence)
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def peak_memory(fn: Callable[[], Any], device: str | torch.device | None = None) -> int:
+    """Peak memory of one call of ``fn``, in bytes.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` above the allocation before the call.
+    CPU: growth of the process's peak resident set size during the call. The peak RSS never
+    goes down, so this reads 0 when earlier work already reached a higher peak: measure in a
+    fresh process (``bench.model`` does) for a meaningful figure.
+    """
+    dev = _device_of(device)
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        fn()
+        torch.cuda.synchronize(dev)
+        return int(torch.cuda.max_memory_allocated(dev) - before)
+    before = _peak_rss_bytes()
+    fn()
+    return max(0, _peak_rss_bytes() - before)
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
