@@ -120,8 +120,9 @@ def _one_sample(fn: Callable[[], Any], inner: int, device: torch.device) -> floa
 def _summarize(samples: list[float], inner: int) -> Timing:
     arr = np.asarray(samples, dtype=np.float64)
     q1, med, q3 = np.percentile(arr, [25, 50, 75])
-    return Timing(float(med), float(q3 - q1), float(q1), float(q3), len(samples), inner,
-                  tuple(samples))
+    return Timing(
+        float(med), float(q3 - q1), float(q1), float(q3), len(samples), inner, tuple(samples)
+    )
 
 
 def _calibrate_inner(fn: Callable[[], Any], device: torch.device, min_sample_s: float) -> int:
@@ -237,13 +238,43 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+class _RssSampler:
+    """Samples the process's resident set size in a thread while work runs."""
+
+    def __init__(self, interval_s: float = 5e-4) -> None:
+        import threading
+
+        import psutil
+
+        self._proc = psutil.Process()
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self.start_rss = self._proc.memory_info().rss
+        self.peak_rss = self.start_rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_rss = max(self.peak_rss, self._proc.memory_info().rss)
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss = max(self.peak_rss, self._proc.memory_info().rss)
+
+
 def peak_memory(fn: Callable[[], Any], device: str | torch.device | None = None) -> int:
     """Peak memory of one call of ``fn``, in bytes.
 
     CUDA: ``torch.cuda.max_memory_allocated`` above the allocation before the call.
-    CPU: growth of the process's peak resident set size during the call. The peak RSS never
-    goes down, so this reads 0 when earlier work already reached a higher peak: measure in a
-    fresh process (``bench.model`` does) for a meaningful figure.
+    CPU: the peak resident set size during the call above the RSS before it, the larger of a
+    sampling thread's reading (every 0.5 ms) and the growth of the kernel's peak-RSS counter
+    (which catches short spikes but only once they exceed every earlier peak).
     """
     dev = _device_of(device)
     gc.collect()
@@ -254,9 +285,12 @@ def peak_memory(fn: Callable[[], Any], device: str | torch.device | None = None)
         fn()
         torch.cuda.synchronize(dev)
         return int(torch.cuda.max_memory_allocated(dev) - before)
-    before = _peak_rss_bytes()
-    fn()
-    return max(0, _peak_rss_bytes() - before)
+    before_max = _peak_rss_bytes()
+    with _RssSampler() as s:
+        fn()
+    sampled = s.peak_rss - s.start_rss
+    counter = _peak_rss_bytes() - max(before_max, s.start_rss)
+    return max(0, sampled, counter)
 
 
 def median(xs: list[float]) -> float:

@@ -66,9 +66,15 @@ def check_matmul_args(a, b, bias=None, activation=None, residual=None) -> None:
             f"a's last dim ({a.shape[-1]}) must equal b's second-to-last dim ({b.shape[-2]}); "
             f"got a{tuple(a.shape)} @ b{tuple(b.shape)}"
         )
-    if a.dim() == 3 and b.dim() == 3 and a.shape[0] != b.shape[0] and 1 not in (
-        a.shape[0],
-        b.shape[0],
+    if (
+        a.dim() == 3
+        and b.dim() == 3
+        and a.shape[0] != b.shape[0]
+        and 1
+        not in (
+            a.shape[0],
+            b.shape[0],
+        )
     ):
         raise ValueError(f"batch sizes differ: a{tuple(a.shape)} vs b{tuple(b.shape)}")
     if a.dtype != b.dtype:

@@ -5,7 +5,9 @@ never grows an if/else per backend. A backend declares
 
 * ``devices``: the torch device types it can run on (``"cpu"``, ``"cuda"``),
 * ``available()``: ``None`` if its toolchain imports on this machine, else the reason,
-* ``supports(*args, **kwargs)``: ``None`` if it can serve these inputs, else the reason.
+* ``supports(*args, **kwargs)``: ``None`` if it can serve these inputs, else the reason. It
+  must decide from shapes, dtypes and strides alone (the benchmark calls it on meta tensors)
+  and must not read tensor values.
 
 An explicit ``backend="numba"`` that cannot serve the input raises :class:`BackendError` with
 the reason. ``backend="auto"`` uses a decision recorded by :func:`record_decision` (the

@@ -47,8 +47,10 @@ class ModelConfig:
                 f"embedding_dim ({self.embedding_dim}) must be divisible by num_heads "
                 f"({self.num_heads})"
             )
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not (
-            0.0 <= self.dropout < 1.0
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not (0.0 <= self.dropout < 1.0)
         ):
             raise ConfigError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
         if not isinstance(self.tie_weights, bool):
@@ -96,5 +98,7 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}"
+        )
     return data

@@ -169,8 +169,7 @@ class SimpleTransformerModel(nn.Module):
         """
         if kv_cache is not None and len(kv_cache) != len(self.blocks):
             raise ValueError(
-                f"kv_cache must have one (k, v) per layer ({len(self.blocks)}), got "
-                f"{len(kv_cache)}"
+                f"kv_cache must have one (k, v) per layer ({len(self.blocks)}), got {len(kv_cache)}"
             )
         past_len = 0 if kv_cache is None else kv_cache[0][0].shape[2]
         self._check_idx(idx, past_len)
@@ -269,7 +268,11 @@ class SimpleTransformerModel(nn.Module):
 
 def check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_id, cfg) -> None:
     """Validate generation settings; raise naming the argument."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 0
+    ):
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if not isinstance(temperature, (int, float)) or temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")

@@ -58,7 +58,9 @@ class TrainConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive int, got {v!r}")
         if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.steps:
-            raise ConfigError(f"warmup_steps must be an int in [0, steps], got {self.warmup_steps!r}")
+            raise ConfigError(
+                f"warmup_steps must be an int in [0, steps], got {self.warmup_steps!r}"
+            )
         if not isinstance(self.lr, (int, float)) or self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
@@ -133,8 +135,13 @@ def _plot_loss(history: list[dict], evals: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     if evals:
         ax2 = ax.twinx()
-        ax2.plot([e["step"] for e in evals], [e["val_acc"] for e in evals], "o-", c="C1",
-                 label="validation exact match")
+        ax2.plot(
+            [e["step"] for e in evals],
+            [e["val_acc"] for e in evals],
+            "o-",
+            c="C1",
+            label="validation exact match",
+        )
         ax2.set_ylabel("validation exact match")
         ax2.set_ylim(0, 1)
         ax2.legend(loc="center right")
@@ -165,8 +172,10 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay,
-                                                                 "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=cfg.lr,
         betas=(0.9, 0.98),
     )
@@ -175,11 +184,22 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
     evals: list[dict] = []
     t0 = time.perf_counter()
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    cols = [TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TextColumn("loss {task.fields[loss]:.4f} val {task.fields[val]}"),
-            TimeElapsedColumn(), TimeRemainingColumn()]
+    cols = [
+        TextColumn("train"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.4f} val {task.fields[val]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     with Progress(*cols, disable=not progress, transient=False) as bar:
         job = bar.add_task("train", total=cfg.steps, loss=float("nan"), val="-")
         for step in range(cfg.steps):
@@ -190,18 +210,20 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)
             logits, _ = model(x)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                   ignore_index=-100)
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            history.append({"step": step, "loss": float(loss), "lr": _lr_at(step, cfg)})
+            loss_v = loss.detach().item()
+            history.append({"step": step, "loss": loss_v, "lr": _lr_at(step, cfg)})
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 acc = evaluate(model, task, "validation", cfg.eval_samples)
                 evals.append({"step": step + 1, "val_acc": acc})
                 bar.update(job, val=f"{acc:.3f}")
-            bar.update(job, advance=1, loss=float(loss))
+            bar.update(job, advance=1, loss=loss_v)
     train_s = time.perf_counter() - t0
     model.eval()
     metrics = {
@@ -224,8 +246,11 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ryzen_opt.models.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m ryzen_opt.models.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--config", help="training YAML (default: built-in defaults)")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--steps", type=int, help="override the config's steps")

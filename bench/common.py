@@ -1,0 +1,107 @@
+"""Shared pieces of the benchmark suite: environment metadata, result paths, tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def device_name(device: str) -> str:
+    """Short folder name for results: ``cpu`` or the GPU's model (``h100``, ``h200``...)."""
+    if device == "cpu":
+        return "cpu"
+    name = torch.cuda.get_device_name(0).lower()
+    for key in ("h200", "h100", "a100", "l4", "l40s"):
+        if key in name:
+            return key
+    return name.replace(" ", "-")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def versions() -> dict[str, str]:
+    """Versions of everything a figure depends on."""
+    out = {"python": sys.version.split()[0], "torch": torch.__version__}
+    for mod in ("numba", "triton", "onnxruntime", "onnx", "pyperf", "numpy", "transformers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            out[mod] = "not installed"
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Device, versions and thread count, recorded with every result."""
+    env: dict[str, Any] = {
+        "device": device,
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": versions(),
+        "commit": git_commit(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        env["gpu"] = p.name
+        env["gpu_sms"] = p.multi_processor_count
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def write_json(path: Path, data: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*[str(c) for c in r])
+    Console(width=max(120, len(headers) * 14)).print(table)
