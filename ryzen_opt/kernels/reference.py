@@ -223,7 +223,8 @@ def attention(
             scores = scores + attn_mask.to(scores.dtype)
     if causal:
         scores = scores.masked_fill(~causal_mask(lq, lk, q.device), float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1)
+    # Softmax in at least fp32 (bf16/fp16 inputs), in float64 for a float64 reference.
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
     # Rows that see no key are all -inf: softmax gives NaN; define their output as zero.
     probs = torch.nan_to_num(probs, nan=0.0).to(q.dtype)
     return torch.matmul(probs, v)
