@@ -54,8 +54,8 @@ class Case:
 
 
 def _rand(*shape, dtype, device, gen):
-    if device == "meta":
-        return torch.empty(*shape, dtype=dtype, device="meta")
+    if device.startswith("probe:"):  # uninitialised: for supports() decisions only
+        return torch.empty(*shape, dtype=dtype, device=device.split(":", 1)[1])
     return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
@@ -105,7 +105,7 @@ def _decode_case(b, h, length, d, dtype, label, seed=2) -> Case:
         q = _rand(b, h, d, dtype=dtype, device=device, gen=g)
         kc = _rand(b, h, length, d, dtype=dtype, device=device, gen=g)
         vc = _rand(b, h, length, d, dtype=dtype, device=device, gen=g)
-        lengths = torch.full((b,), length, dtype=torch.int64, device=device)
+        lengths = torch.full((b,), length, dtype=torch.int64, device=device.split(":")[-1])
         return (q, kc, vc, lengths, None)
 
     def torch_fn(q, kc, vc, lengths, scale):
@@ -219,8 +219,8 @@ def candidates(case: Case, device: str, args: tuple) -> list[tuple[str, Callable
     for name, be in sorted(registry.backends(case.op).items()):
         try:
             reason = be.why_not(device, *args)
-        except Exception as e:  # supports() must decide from shapes/dtypes (meta tensors)
-            reason = f"supports() failed on shapes alone: {type(e).__name__}: {e}"
+        except Exception as e:  # supports() must decide without reading values
+            reason = f"supports() failed: {type(e).__name__}: {e}"
         out.append((name, be.launcher, reason))
     return out
 
@@ -312,7 +312,8 @@ def main() -> int:  # noqa: C901 - one linear script
         # bench_time_func calls must not depend on those checks: pyperf finds a worker's task
         # by its index, so a wrong candidate is still timed and reported as wrong.
         inputs = None if is_worker else case.make(device)
-        probe = case.make("meta")  # the same serve/skip decision in parent and workers
+        # The same serve/skip decision in parent and workers, from uninitialised tensors.
+        probe = case.make(f"probe:{device}")
         meta = {
             "op": case.op,
             "case": case.label,
@@ -371,11 +372,11 @@ def _rate(case: Case, seconds: float | None) -> str:
 def _report(rows: list[dict], device: str, quick: bool, json_path: Path) -> None:
     from ryzen_opt.timing import format_seconds
 
-    backends = sorted({b for r in rows for b in r["backends"]})
+    served = sorted({b for r in rows for b, i in r["backends"].items() if i["reason"] is None})
     headers = ["op", "case", "dtype", "torch", "torch rate"]
-    for b in backends:
-        headers += [b, f"{b}/torch speed-up", f"{b} rate", f"{b} 1st call"]
-    table, records = [], []
+    for b in served:
+        headers += [f"{b} speed-up", f"{b} rate"]
+    table, records, notes, firsts = [], [], [], []
     for r in rows:
         case, t = r["case"], _median(r["torch"])
         line = [case.op, case.label, case.dtype_name, format_seconds(t), _rate(case, t)]
@@ -388,40 +389,65 @@ def _report(rows: list[dict], device: str, quick: bool, json_path: Path) -> None
             "bytes": case.bytes,
             "backends": {},
         }
-        for b in backends:
-            info = r["backends"].get(b)
-            if info is None:
-                line += ["n/a", "", "", ""]
-                continue
+        for b, info in sorted(r["backends"].items()):
             tb = _median(info.get("bench"))
-            speed = info.get("wrong") or (f"{t / tb:.2f}x" if tb else (info["reason"] or "-"))
-            first = info.get("first_call_s")
-            line += [
-                format_seconds(tb) if tb else "-",
-                speed,
-                _rate(case, tb),
-                format_seconds(first) if first is not None else "-",
-            ]
             rec["backends"][b] = {
                 "median_s": tb,
                 "speedup": t / tb if tb else None,
                 "reason": info["reason"] or info.get("wrong"),
                 "rel_error": info.get("rel_error"),
-                "first_call_s": first,
+                "first_call_s": info.get("first_call_s"),
             }
+            if info["reason"] is not None and b in served:
+                notes.append(f"{b} / {case.op} {case.label}: not served: {info['reason']}")
+            if info.get("first_call_s") is not None:
+                firsts.append(
+                    [
+                        b,
+                        case.op,
+                        case.label,
+                        format_seconds(info["first_call_s"]),
+                        f"{info['rel_error']:.1e}",
+                    ]
+                )
+        for b in served:
+            info = r["backends"].get(b)
+            if info is None or info["reason"] is not None:
+                line += ["-", "-"]
+                continue
+            tb = _median(info.get("bench"))
+            line += [info.get("wrong") or f"{t / tb:.2f}x", _rate(case, tb)]
         table.append(line)
         records.append(rec)
     env = environment(device)
     ceilings = _ceilings(records)
+    ceil_text = ", ".join(f"{k}: {v}" for k, v in ceilings.items())
     title = f"bench.kernels on {env.get('gpu', env['cpu'])}, {env['torch_threads']} threads"
-    print_table(title, headers, table)
-    print("Measured ceilings in this run:", ", ".join(f"{k}: {v}" for k, v in ceilings.items()))
+    print_table(title + " (speed-up = torch time / backend time)", headers, table)
+    if firsts:
+        print_table(
+            "first call (JIT/autotune included) and relative error vs torch",
+            ["backend", "op", "case", "first call", "rel error"],
+            firsts,
+        )
+    for n in notes:
+        print(n)
+    print("Measured ceilings in this run:", ceil_text)
+    unserved = sorted({b for r in rows for b in r["backends"]} - set(served))
+    if unserved:
+        print("Registered but serving no case on this device:", ", ".join(unserved))
     md = [
-        f"# {title}\n",
+        f"# {title}\n\nSpeed-up = torch time / backend time, same inputs, one pyperf suite.\n\n",
         markdown_table(headers, table),
-        "\nMeasured ceilings in this run: "
-        + ", ".join(f"{k}: {v}" for k, v in ceilings.items())
-        + "\n",
+    ]
+    if firsts:
+        md += [
+            "\n## First call and relative error\n\n",
+            markdown_table(["backend", "op", "case", "first call", "rel error"], firsts),
+        ]
+    md += [
+        "".join(f"\n- {n}" for n in notes),
+        f"\n\nMeasured ceilings in this run: {ceil_text}\n",
         f"\nCommand: `{env['command']}` (commit {env['commit']})\n",
         f"\nVersions: {env['versions']}\n",
     ]

@@ -37,12 +37,13 @@ class TrainConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     digits: int = 3
-    operators: str = "+"
-    steps: int = 1500
+    # "+" alone is learned almost perfectly (99.6% after 2500 steps); "*" keeps it imperfect.
+    operators: str = "+-*"
+    steps: int = 2000
     batch_size: int = 128
     lr: float = 1e-3
     # 5% linear warm-up, then cosine to 10% of lr: the usual stable schedule for small GPTs.
-    warmup_steps: int = 75
+    warmup_steps: int = 100
     weight_decay: float = 0.01
     seed: int = 0
     eval_every: int = 250

@@ -86,3 +86,10 @@ def test_unknown_yaml_key_is_named(tmp_path):
     (tmp_path / "c.yaml").write_text("steps: 3\nlearning_rate: 0.1\n")
     with pytest.raises(ConfigError, match="learning_rate"):
         TrainConfig.from_yaml(tmp_path / "c.yaml")
+
+
+def test_default_config_file_matches_the_built_in_defaults():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "train_default.yaml"
+    assert TrainConfig.from_yaml(path) == TrainConfig()
