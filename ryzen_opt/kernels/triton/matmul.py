@@ -1,0 +1,535 @@
+"""Triton matmul: tiled, grouped-ordered, autotuned per shape bucket, with a fused epilogue.
+
+``activation(a @ b + bias) + residual`` cast to ``out_dtype``, for 2-D and batched 3-D inputs
+of any strides. bf16/fp16 operands accumulate in fp32; fp32 operands run through TF32 tensor
+cores only when ``torch.backends.cuda.matmul.allow_tf32`` is set (otherwise ``supports``
+says why not). Three kernels:
+
+* ``_matmul_kernel``: one output tile per program, or (``PERSISTENT``) one program per SM
+  walking the tiles; the autotuner times both kinds of config and keeps the faster.
+* ``_matmul_splitk_kernel`` + ``_splitk_reduce_kernel``: skinny M (<= 64), where a plain
+  tiling leaves most SMs idle (M=16, N=4096 with BLOCK_N=64 is 64 programs for 132 SMs).
+  The K range is split across programs writing fp32 partials; the reduce applies the epilogue.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ryzen_opt.kernels import reference, registry
+from ryzen_opt.kernels.triton import _common
+
+# fmt: off
+# Kernel signatures and launches keep their arguments grouped by role (pointers, sizes,
+# strides, meta-parameters) on shared lines, as STYLE.md asks; the formatter would split them
+# one per line.
+
+_ACTIVATION_CODE = {None: 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "relu": 4}
+# Skinny M goes to split-K when the plain tiling would fill fewer than half the SMs.
+_SKINNY_M = 64
+# 228 KB of shared memory per SM on Hopper, ~1 KB reserved; configs above are dropped before
+# compiling rather than failing in ptxas.
+_SMEM_LIMIT = 220 * 1024
+
+
+def _config(bm, bn, bk, group, stages, warps, persistent=False):
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "PERSISTENT": persistent},
+        num_stages=stages,
+        num_warps=warps,
+    )
+
+
+def _matmul_configs():
+    if _common.INTERPRET:
+        # One config: the interpreter cannot time candidates, and 32x32x32 tiles keep the
+        # NumPy work per program small.
+        return [_config(32, 32, 32, 4, 1, 4)]
+    return [
+        # Large square problems: 128x256 tiles give the highest arithmetic intensity that fits
+        # 3 stages of bf16 operands (3 * (128*64 + 64*256) * 2 B = 144 KB).
+        _config(128, 256, 64, 8, 3, 8),
+        _config(128, 256, 64, 8, 4, 8),  # 4 stages: 192 KB, fits the 227 KB of an H100 SM
+        _config(256, 128, 64, 8, 3, 8),
+        _config(128, 256, 64, 8, 3, 8, persistent=True),
+        _config(128, 128, 64, 8, 4, 8),
+        _config(128, 128, 64, 8, 4, 8, persistent=True),
+        _config(128, 64, 64, 8, 4, 4),
+        _config(64, 128, 64, 8, 4, 4),
+        _config(64, 64, 64, 8, 4, 4),
+        # fp32 (TF32) operands take twice the shared memory per element: K=32 slices.
+        _config(128, 128, 32, 8, 3, 8),
+        _config(64, 64, 32, 8, 4, 4),
+        # M in 17..64 when split-K is not used (small K).
+        _config(32, 64, 64, 8, 4, 4),
+        _config(16, 64, 64, 8, 4, 4),
+    ]
+
+
+def _smem_bytes(cfg, elt):
+    kw = cfg.kwargs
+    return cfg.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * elt
+
+
+def _prune_matmul(configs, named_args, **kwargs):
+    if len(configs) == 1:
+        return configs
+    m, n = named_args["M"], named_args["N"]
+    elt = named_args["a_ptr"].element_size()
+    kept = []
+    for cfg in configs:
+        kw = cfg.kwargs
+        if _smem_bytes(cfg, elt) > _SMEM_LIMIT:
+            continue
+        if elt == 4 and kw["BLOCK_K"] > 32 and kw["BLOCK_M"] >= 128:
+            continue  # fp32 big tiles: ptxas spills at BLOCK_K=64 with 8 warps
+        if elt < 4 and kw["BLOCK_K"] == 32:
+            continue  # 16-bit: BLOCK_K=32 halves the work per pipeline stage for no gain
+        # A tile more than twice the problem along M or N only multiplies masked work.
+        if kw["BLOCK_M"] > 2 * max(m, 16) or kw["BLOCK_N"] > 2 * max(n, 16):
+            continue
+        if m > _SKINNY_M and kw["BLOCK_M"] < 64:
+            continue
+        kept.append(cfg)
+    return kept or configs[-1:]
+
+
+@triton.jit
+def _activate(x, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 1:  # gelu (erf)
+        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACTIVATION == 2:  # gelu (tanh approximation); tanh(u) = 2 * sigmoid(2u) - 1
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        x = x * tl.sigmoid(2.0 * u)
+    elif ACTIVATION == 3:  # silu
+        x = x * tl.sigmoid(x)
+    elif ACTIVATION == 4:  # relu
+        x = tl.maximum(x, 0.0)
+    return x
+
+
+@triton.jit
+def _epilogue(
+    acc, offs_m, offs_n, M, N,
+    c_ptr, stride_cm, stride_cn,
+    bias_ptr, stride_bias,
+    res_ptr, stride_rm, stride_rn,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=offs_n < N, other=0.0)
+        acc = acc + bias.to(tl.float32)[None, :]
+    acc = _activate(acc, ACTIVATION)
+    if HAS_RESIDUAL:
+        res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn,
+                      mask=mask, other=0.0)
+        acc = acc + res.to(tl.float32)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _matmul_tile(
+    tile_id, pid_b,
+    a_ptr, b_ptr, c_ptr, bias_ptr, res_ptr,
+    M, N, K,
+    stride_ab, stride_am, stride_ak,
+    stride_bb, stride_bk, stride_bn,
+    stride_cb, stride_cm, stride_cn,
+    stride_bias, stride_rb, stride_rm, stride_rn,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped ordering: GROUP_M row-tiles share each column of B while it is hot in L2.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = tile_id // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
+    pid_n = (tile_id % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Wrapping the edge rows/columns keeps loads unmasked along M and N; the hint keeps 16-byte
+    # vector loads (wrapping preserves 8-element groups whenever the stride allows vectors).
+    offs_am = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
+    offs_bn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + pid_b * stride_ab + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + pid_b * stride_bb + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    _epilogue(
+        acc, offs_m, offs_n, M, N,
+        c_ptr + pid_b * stride_cb, stride_cm, stride_cn,
+        bias_ptr, stride_bias,
+        res_ptr + pid_b * stride_rb, stride_rm, stride_rn,
+        HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
+    )
+
+
+@triton.jit
+def _matmul_kernel_body(
+    # pointers
+    a_ptr, b_ptr, c_ptr, bias_ptr, res_ptr,
+    # sizes (M_KEY/N_KEY/K_KEY are power-of-two buckets, used only as the autotune key)
+    M, N, K, M_KEY, N_KEY, K_KEY, NUM_SMS,
+    # strides
+    stride_ab, stride_am, stride_ak,
+    stride_bb, stride_bk, stride_bn,
+    stride_cb, stride_cm, stride_cn,
+    stride_bias, stride_rb, stride_rm, stride_rn,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)  # batch offsets can pass 2**31 elements
+    if PERSISTENT:
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile_id in range(pid, num_tiles, NUM_SMS):
+            _matmul_tile(
+                tile_id, pid_b, a_ptr, b_ptr, c_ptr, bias_ptr, res_ptr, M, N, K,
+                stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn,
+                stride_cb, stride_cm, stride_cn, stride_bias, stride_rb, stride_rm, stride_rn,
+                HAS_BIAS, ACTIVATION, HAS_RESIDUAL, INPUT_PRECISION, UPCAST, EVEN_K,
+                BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+            )
+    else:
+        _matmul_tile(
+            pid, pid_b, a_ptr, b_ptr, c_ptr, bias_ptr, res_ptr, M, N, K,
+            stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn,
+            stride_cb, stride_cm, stride_cn, stride_bias, stride_rb, stride_rm, stride_rn,
+            HAS_BIAS, ACTIVATION, HAS_RESIDUAL, INPUT_PRECISION, UPCAST, EVEN_K,
+            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+        )
+
+
+_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+_matmul_kernel = triton.autotune(
+    configs=_matmul_configs(),
+    # The epilogue is in the key: erf-GELU on a 128x256 fp32 tile needs registers that a
+    # plain store does not, so the best tile can differ.
+    key=["M_KEY", "N_KEY", "K_KEY", "ACTIVATION"],
+    prune_configs_by={"early_config_prune": _prune_matmul},
+)(_even_k(_matmul_kernel_body))
+# The same kernel without the autotuner, for launching one named config (tests, benchmarks).
+_matmul_kernel_fixed = _even_k(_matmul_kernel_body)
+
+
+def _splitk_configs():
+    if _common.INTERPRET:
+        return [_config(16, 32, 32, 1, 1, 4)]
+    # Skinny M is bandwidth-bound on B: K slices of 128-256 keep 3-4 loads of 16-32 KB in
+    # flight per SM; BLOCK_M=16 is the smallest tile the tensor cores take.
+    out = []
+    for bm in (16, 32, 64):
+        for bn, bk, stages in ((64, 128, 4), (128, 128, 3), (64, 256, 3)):
+            out.append(_config(bm, bn, bk, 1, stages, 4))
+    return out
+
+
+def _prune_splitk(configs, named_args, **kwargs):
+    if len(configs) == 1:
+        return configs
+    bm = max(16, triton.next_power_of_2(named_args["M"]))
+    return [c for c in configs if c.kwargs["BLOCK_M"] == bm] or configs[:1]
+
+
+@triton.autotune(
+    configs=_splitk_configs(),
+    key=["M_KEY", "N_KEY", "K_KEY", "SPLIT_K"],
+    prune_configs_by={"early_config_prune": _prune_splitk},
+)
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % (a["BLOCK_K"] * a["SPLIT_K"]) == 0})
+@triton.jit
+def _matmul_splitk_kernel(
+    # pointers
+    a_ptr, b_ptr, ws_ptr,
+    # sizes
+    M, N, K, M_KEY, N_KEY, K_KEY,
+    # strides (the workspace is contiguous (SPLIT_K, batch, M, N))
+    stride_ab, stride_am, stride_ak,
+    stride_bb, stride_bk, stride_bn,
+    stride_wk, stride_wb,
+    # meta-parameters
+    SPLIT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_am = offs_m % M
+    offs_bn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_per_split
+    k_hi = min(K, k_lo + k_per_split)
+    offs_k = k_lo + tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + pid_b * stride_ab + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + pid_b * stride_bb + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            # Unmasked: a mask along K, the contiguous dim of nn.Linear weights (b = w.t()),
+            # splits 16-byte loads into 2-byte ones (M=1, 4096^2: 0.196 ms -> cuBLAS 0.020).
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = k_hi - k0
+            a = tl.load(a_ptrs, mask=tl.arange(0, BLOCK_K)[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=tl.arange(0, BLOCK_K)[:, None] < k_left, other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    ws = ws_ptr + pid_k * stride_wk + pid_b * stride_wb
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(ws + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    # pointers
+    ws_ptr, c_ptr, bias_ptr, res_ptr,
+    # sizes
+    M, N,
+    # strides
+    stride_wk, stride_wb, stride_cb, stride_cm, stride_cn,
+    stride_bias, stride_rb, stride_rm, stride_rn,
+    # meta-parameters
+    SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    ws = ws_ptr + pid_b * stride_wb + offs_m[:, None] * N + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(ws + s * stride_wk, mask=mask, other=0.0)
+    _epilogue(
+        acc, offs_m, offs_n, M, N,
+        c_ptr + pid_b * stride_cb, stride_cm, stride_cn,
+        bias_ptr, stride_bias,
+        res_ptr + pid_b * stride_rb, stride_rm, stride_rn,
+        HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
+    )
+
+
+def _split_k(m: int, n: int, k: int, batch: int, sms: int) -> int:
+    """K splits for skinny M: enough programs for ~2 waves, each slice >= 256 deep."""
+    if m > _SKINNY_M or k < 512:
+        return 1
+    tiles = triton.cdiv(n, 64) * triton.cdiv(m, 64) * batch
+    split = min(k // 256, triton.cdiv(2 * sms, tiles))
+    if split <= 1:
+        return 1
+    return 1 << (split.bit_length() - 1)  # a power of two, so autotune keys stay few
+
+
+def supports(a, b, bias=None, activation=None, residual=None, out_dtype=None) -> str | None:
+    """``None`` if the Triton matmul can serve this call, else the reason."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return None  # the launcher raises the TypeError that names the argument
+    for name, t in (("a", a), ("b", b), ("bias", bias), ("residual", residual)):
+        if isinstance(t, torch.Tensor) and (reason := _common.device_reason(name, t)):
+            return reason
+    if a.dtype not in _common.KERNEL_DTYPES:
+        return f"a is {a.dtype}; the triton matmul takes float16, bfloat16 or float32"
+    if a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return (
+            "a is float32 and torch.backends.cuda.matmul.allow_tf32 is False; the triton "
+            "matmul computes fp32 only through TF32"
+        )
+    if out_dtype is not None and out_dtype not in _common.KERNEL_DTYPES:
+        return f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}"
+    return None
+
+
+def _as3d(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A 3-D view and its batch stride (0 when the batch broadcasts)."""
+    if t.dim() == 2:
+        return t.unsqueeze(0), 0
+    return t, (t.stride(0) if t.shape[0] != 1 else 0)
+
+
+def _out_shape(a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
+    # reference.matmul_out_shape multiplies meta tensors: ~30 us of host time per call.
+    m, n = a.shape[-2], b.shape[-1]
+    if a.dim() == 2 and b.dim() == 2:
+        return (m, n)
+    batch = max(a.shape[0] if a.dim() == 3 else 1, b.shape[0] if b.dim() == 3 else 1)
+    return (batch, m, n)
+
+
+def _small_config(m: int, elt: int) -> dict:
+    # Problems under 2**27 multiply-adds (512^3) run in microseconds: timing a dozen configs
+    # (each compiled per specialisation) costs seconds that the call never earns back.
+    return {"BLOCK_M": 64 if m > 32 else max(16, triton.next_power_of_2(m)), "BLOCK_N": 64,
+            "BLOCK_K": 32 if elt == 4 else 64, "GROUP_M": 8, "PERSISTENT": False,
+            "num_warps": 4, "num_stages": 3}
+
+
+def _launch(a, b, bias, activation, residual, out_dtype, config=None) -> torch.Tensor:
+    out_shape = _out_shape(a, b)
+    c = torch.empty(out_shape, device=a.device, dtype=out_dtype or a.dtype)
+    if c.numel() == 0:
+        return c
+    a3, sab = _as3d(a)
+    b3, sbb = _as3d(b)
+    c3 = c if c.dim() == 3 else c.unsqueeze(0)
+    batch = c3.shape[0]
+    m, k = a3.shape[1], a3.shape[2]
+    n = b3.shape[2]
+    if residual is not None:
+        r3 = residual if residual.dim() == 3 else residual.unsqueeze(0)
+        srb = r3.stride(0) if batch > 1 else 0
+        srm, srn = r3.stride(1), r3.stride(2)
+    else:
+        r3, srb, srm, srn = c3, 0, 0, 0
+    bias_t, sbias = (bias, bias.stride(0)) if bias is not None else (c3, 0)
+    act = _ACTIVATION_CODE[activation]
+    precision = _common.dot_precision(a.dtype)
+    upcast = _common.upcast_dot(a.dtype)
+    keys = (_common.pow2_bucket(m), _common.pow2_bucket(n), _common.pow2_bucket(k))
+    sms = _common.num_sms(_common.device_index(a))
+    split = _split_k(m, n, k, batch, sms) if config is None else 1
+    epilogue_meta = {
+        "HAS_BIAS": bias is not None,
+        "ACTIVATION": act,
+        "HAS_RESIDUAL": residual is not None,
+    }
+    if split > 1:
+        ws = torch.empty((split, batch, m, n), device=a.device, dtype=torch.float32)
+        grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),
+                             split, batch)
+        _matmul_splitk_kernel[grid](
+            a3, b3, ws, m, n, k, *keys,
+            sab, a3.stride(1), a3.stride(2), sbb, b3.stride(1), b3.stride(2),
+            ws.stride(0), ws.stride(1),
+            SPLIT_K=split, INPUT_PRECISION=precision, UPCAST=upcast,
+        )
+        # 64 columns x 16 rows per program: 4 KB of fp32 partials per split, coalesced rows.
+        rbm, rbn = min(16, triton.next_power_of_2(m)), 64
+        _splitk_reduce_kernel[(triton.cdiv(m, rbm), triton.cdiv(n, rbn), batch)](
+            ws, c3, bias_t, r3, m, n,
+            ws.stride(0), ws.stride(1), c3.stride(0) if batch > 1 else 0, c3.stride(1),
+            c3.stride(2), sbias, srb, srm, srn,
+            SPLIT_K=split, BLOCK_M=rbm, BLOCK_N=rbn, num_warps=4, **epilogue_meta,
+        )
+        return c
+
+    def grid(META):
+        tiles = triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"])
+        return (min(tiles, sms) if META["PERSISTENT"] else tiles, batch)
+
+    args = (
+        a3, b3, c3, bias_t, r3, m, n, k, *keys, sms,
+        sab, a3.stride(1), a3.stride(2), sbb, b3.stride(1), b3.stride(2),
+        c3.stride(0) if batch > 1 else 0, c3.stride(1), c3.stride(2),
+        sbias, srb, srm, srn,
+    )
+    meta = {"INPUT_PRECISION": precision, "UPCAST": upcast, **epilogue_meta}
+    if config is None and not _common.INTERPRET and m * n * k < 2**27:
+        config = _small_config(m, a.element_size())
+    if config is None:
+        _matmul_kernel[grid](*args, **meta)
+    else:
+        _matmul_kernel_fixed[grid](*args, **meta, **config)
+    return c
+
+
+@torch.library.custom_op("ryzen_opt::triton_matmul", mutates_args=())
+def _matmul_op(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    residual: torch.Tensor | None,
+    out_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    return _launch(a, b, bias, activation, residual, out_dtype)
+
+
+@_matmul_op.register_fake
+def _(a, b, bias, activation, residual, out_dtype):
+    return a.new_empty(reference.matmul_out_shape(a, b), dtype=out_dtype or a.dtype)
+
+
+def matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``activation(a @ b + bias) + residual`` on the GPU (see :func:`reference.matmul`).
+
+    Args:
+        a: ``(M, K)`` or ``(B, M, K)``, any strides, float16/bfloat16 (float32 with TF32).
+        b: ``(K, N)`` or ``(B, K, N)``, same dtype.
+        bias: optional ``(N,)``.
+        activation: ``None``, ``"gelu"``, ``"gelu_tanh"``, ``"silu"`` or ``"relu"``.
+        residual: optional tensor of the output's shape, added after the activation.
+        out_dtype: output dtype (default ``a.dtype``).
+
+    Returns:
+        The ``(M, N)`` or ``(B, M, N)`` product, fp32-accumulated.
+
+    Example:
+        >>> y = matmul(x, w.t(), bias=b, activation="gelu")  # doctest: +SKIP
+    """
+    reference.check_matmul_args(a, b, bias, activation, residual)
+    for name, t in (("a", a), ("b", b), ("bias", bias), ("residual", residual)):
+        if t is not None:
+            _common.check_device(name, t)
+    reason = supports(a, b, bias, activation, residual, out_dtype)
+    if reason is not None:
+        raise TypeError(reason)
+    if torch.compiler.is_compiling():
+        return _matmul_op(a, b, bias, activation, residual, out_dtype)
+    # Eager calls skip the custom-op dispatcher. With it and a meta-tensor shape check, a
+    # 4096^3 bf16 call took 0.348 ms against 0.211 ms for the same kernel launched directly
+    # (H100, torch 2.11): host time, not GPU time.
+    return _launch(a, b, bias, activation, residual, out_dtype)
+
+
+registry.register(
+    "matmul", "triton", _common.DEVICES, matmul, supports=supports, available=_common.available
+)

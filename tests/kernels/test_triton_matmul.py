@@ -1,0 +1,189 @@
+"""Triton matmul against the float64 reference (interpreter on CPU, kernels on a GPU)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton")
+
+from ryzen_opt.kernels import BackendError, reference  # noqa: E402
+from ryzen_opt.kernels import matmul as public_matmul  # noqa: E402
+from ryzen_opt.kernels.triton import matmul as tm  # noqa: E402
+from tests.assertions import TOL, assert_close_rel  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HALF = (torch.bfloat16, torch.float16)
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_tf32():
+    # Deterministic mode makes torch.empty fill floats with NaN: every output element the
+    # kernel leaves unwritten shows up as NaN in assert_close_rel.
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    prev_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = prev_tf32
+    torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+
+def _tol(dtype):
+    return TOL["tf32"] if dtype == torch.float32 else TOL[dtype]
+
+
+def _ref(a, b, bias=None, activation=None, residual=None):
+    d = lambda t: None if t is None else t.detach().double().cpu()
+    return reference.matmul(d(a), d(b), d(bias), activation, d(residual))
+
+
+def _rand(*shape, dtype=torch.bfloat16):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype)
+
+
+def test_outputs_are_poisoned_before_each_run():
+    assert torch.empty(8, device=DEVICE).isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m,n,k", [(1, 17, 113), (17, 113, 255), (113, 1, 17), (255, 17, 1)])
+def test_matmul_matches_reference_on_odd_shapes(m, n, k, dtype):
+    a, b = _rand(m, k, dtype=dtype), _rand(k, n, dtype=dtype)
+    assert_close_rel(tm.matmul(a, b), _ref(a, b), _tol(dtype), f"{m}x{n}x{k} {dtype}")
+
+
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh", "silu", "relu"])
+def test_matmul_fused_epilogue_matches_reference(activation):
+    a, b = _rand(33, 40), _rand(40, 47)
+    bias, res = _rand(47), _rand(33, 47)
+    out = tm.matmul(a, b, bias=bias, activation=activation, residual=res)
+    assert_close_rel(out, _ref(a, b, bias, activation, res), TOL[torch.bfloat16], str(activation))
+
+
+def test_matmul_output_cast_and_mixed_dtype_epilogue():
+    a, b = _rand(19, 64, dtype=torch.float16), _rand(64, 21, dtype=torch.float16)
+    bias = _rand(21, dtype=torch.float32)
+    out = tm.matmul(a, b, bias=bias, activation="silu", out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    assert_close_rel(out, _ref(a, b, bias, "silu"), TOL[torch.float16])
+
+
+def test_matmul_strided_transposed_and_batched_inputs():
+    at = _rand(40, 33).t()  # (33, 40) with stride (1, 40)
+    bt = _rand(17, 40).t()
+    assert_close_rel(tm.matmul(at, bt), _ref(at, bt), TOL[torch.bfloat16], "transposed")
+    a_sl = _rand(33, 80)[:, ::2]  # column stride 2
+    assert_close_rel(tm.matmul(a_sl, bt), _ref(a_sl, bt), TOL[torch.bfloat16], "sliced")
+    a3, b3, b2 = _rand(3, 17, 40), _rand(3, 40, 9), _rand(40, 9)
+    res3 = _rand(3, 17, 9)
+    assert_close_rel(
+        tm.matmul(a3, b3, residual=res3), _ref(a3, b3, residual=res3), TOL[torch.bfloat16], "3d@3d"
+    )
+    assert_close_rel(tm.matmul(a3, b2), _ref(a3, b2), TOL[torch.bfloat16], "3d@2d")
+    a2 = _rand(17, 40)
+    assert_close_rel(tm.matmul(a2, b3), _ref(a2, b3), TOL[torch.bfloat16], "2d@3d")
+    a1 = _rand(1, 17, 40)
+    assert_close_rel(tm.matmul(a1, b3), _ref(a1, b3), TOL[torch.bfloat16], "broadcast batch")
+
+
+@pytest.mark.parametrize("m", [1, 5, 64])
+def test_matmul_skinny_split_k_matches_reference(m):
+    k, n = 1024, 96
+    assert tm._split_k(m, n, k, 1, tm._common.num_sms(0)) > 1, "shape must take split-K"
+    a, b, bias = _rand(m, k), _rand(k, n), _rand(n)
+    res = _rand(m, n)
+    out = tm.matmul(a, b, bias=bias, activation="gelu", residual=res)
+    assert_close_rel(out, _ref(a, b, bias, "gelu", res), TOL[torch.bfloat16], f"M={m}")
+
+
+def test_matmul_persistent_variant_matches_reference():
+    a, b, bias = _rand(100, 70), _rand(70, 90), _rand(90)
+    cfg = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": True}
+    out = tm._launch(a, b, bias, "relu", None, None, config=cfg)
+    assert_close_rel(out, _ref(a, b, bias, "relu"), TOL[torch.bfloat16])
+
+
+def test_matmul_empty_and_zero_k():
+    assert tm.matmul(_rand(0, 8), _rand(8, 5)).shape == (0, 5)
+    bias = _rand(5)
+    out = tm.matmul(_rand(3, 0), _rand(0, 5), bias=bias)
+    assert_close_rel(out, _ref(_rand(3, 0), _rand(0, 5), bias), TOL[torch.bfloat16])
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    m=st.integers(1, 70),
+    n=st.integers(1, 70),
+    k=st.integers(1, 70),
+    ta=st.booleans(),
+    tb=st.booleans(),
+)
+def test_matmul_property_shapes_and_layouts(m, n, k, ta, tb):
+    a = _rand(k, m).t() if ta else _rand(m, k)
+    b = _rand(n, k).t() if tb else _rand(k, n)
+    assert_close_rel(tm.matmul(a, b), _ref(a, b), TOL[torch.bfloat16], f"{m}x{n}x{k}")
+
+
+def test_matmul_fp32_without_tf32_is_refused():
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fixture restores it
+    a, b = _rand(4, 4, dtype=torch.float32), _rand(4, 4, dtype=torch.float32)
+    assert "allow_tf32" in tm.supports(a, b)
+    with pytest.raises(TypeError, match="allow_tf32"):
+        tm.matmul(a, b)
+    with pytest.raises(BackendError, match="allow_tf32"):
+        public_matmul(a, b, backend="triton")
+
+
+def test_matmul_rejects_bad_input_naming_the_argument():
+    a = _rand(4, 8)
+    with pytest.raises(ValueError, match="a's last dim"):
+        tm.matmul(a, _rand(7, 3))
+    with pytest.raises(TypeError, match="share a dtype"):
+        tm.matmul(a, _rand(8, 3, dtype=torch.float16))
+    with pytest.raises(TypeError, match="float64"):
+        tm.matmul(a.double(), _rand(8, 3).double())
+    with pytest.raises(ValueError, match="bias must have shape"):
+        tm.matmul(a, _rand(8, 3), bias=_rand(4))
+    meta = torch.empty(4, 8, device="meta", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="a is on meta"):
+        tm.matmul(meta, torch.empty(8, 3, device="meta", dtype=torch.bfloat16))
+
+
+@pytest.mark.gpu
+def test_matmul_rejects_cpu_tensors_on_a_gpu_machine():
+    with pytest.raises(ValueError, match="a is on cpu"):
+        tm.matmul(torch.randn(4, 8), torch.randn(8, 3))
+    assert "CUDA" in tm.supports(torch.randn(4, 8), torch.randn(8, 3))
+
+
+def test_matmul_dispatches_through_the_registry():
+    a, b = _rand(9, 16), _rand(16, 11)
+    out = public_matmul(a, b, activation="relu", backend="triton")
+    assert_close_rel(out, _ref(a, b, activation="relu"), TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(4096, 4096, 4096), (1000, 3000, 777), (8, 11008, 4096)])
+def test_matmul_gpu_sizes_match_reference(m, n, k):
+    w = _rand(n, k)  # nn.Linear layout: b = w.t()
+    a, bias = _rand(m, k), _rand(n)
+    out = tm.matmul(a, w.t(), bias=bias, activation="gelu")
+    assert_close_rel(out, _ref(a, w.t(), bias, "gelu"), TOL[torch.bfloat16], f"{m}x{n}x{k}")
+
+
+@pytest.mark.gpu
+def test_matmul_gpu_persistent_config_matches_reference():
+    a, b = _rand(2048, 1536), _rand(1536, 3000)
+    cfg = {
+        "BLOCK_M": 128,
+        "BLOCK_N": 256,
+        "BLOCK_K": 64,
+        "GROUP_M": 8,
+        "PERSISTENT": True,
+        "num_warps": 8,
+        "num_stages": 3,
+    }
+    out = tm._launch(a, b, None, "silu", None, None, config=cfg)
+    assert_close_rel(out, _ref(a, b, activation="silu"), TOL[torch.bfloat16])
