@@ -1,31 +1,619 @@
 """``optimize(model)`` and ``KernelOptimizer``: measured, verified kernel selection.
 
-Not implemented yet: every entry point raises ``NotImplementedError`` rather than return a
-model that was not checked and timed.
+For every site the model has (Linear layers, with the following GELU fused where the
+model's structure makes that certain; LayerNorm; attention), every available backend runs
+on the site's real inputs captured from typical runs of the model. A candidate whose output
+differs from the original beyond the dtype tolerance is rejected ("error"); the others are
+timed against the original, interleaved (:func:`ryzen_opt.timing.compare`), and kept only
+if the whole bootstrap interval of the speed-up lies above 1 and the median reaches
+``min_speedup``. The chosen backends are swapped in through replacement modules that keep
+the original parameters and ``state_dict`` keys, and whole-model runs then check the
+optimized model against the original once more. If nothing is faster, or the whole model is
+wrong or slower, the model comes back unchanged and the report says why.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
-_MSG = (
-    "optimize()/KernelOptimizer are not implemented in this version of ryzen_opt; "
-    "the model is returned by nobody rather than returned unchecked"
+import torch
+import torch.nn as nn
+
+from ryzen_opt.kernels import registry
+from ryzen_opt.kernels.registry import BackendError
+from ryzen_opt.models.model import SimpleTransformerModel
+from ryzen_opt.optimization import hf
+from ryzen_opt.optimization.cache import DecisionCache, device_description, versions
+from ryzen_opt.optimization.config import OptimizeConfig, dtype_name, parse_dtype
+from ryzen_opt.optimization.modules import Route
+from ryzen_opt.optimization.report import (
+    CandidateResult,
+    CaseResult,
+    ModelCheck,
+    OptimizationReport,
+    SiteReport,
 )
+from ryzen_opt.optimization.sites import (
+    Case,
+    Run,
+    Site,
+    capture,
+    find_targets,
+    fused_activation,
+    generic_runs,
+    hf_attention_sites,
+    hf_runs,
+    layer_norm_site,
+    linear_site,
+    stm_attention_site,
+    stm_runs,
+)
+from ryzen_opt.timing import compare
+
+__all__ = ["KernelOptimizer", "OptimizationPlan", "OptimizeConfig", "optimize"]
+
+_OPS_OF_KIND = {
+    "linear": ("matmul",),
+    "layer_norm": ("layer_norm",),
+    "attention": ("attention", "decode_attention"),
+}
 
 
 @dataclass
-class OptimizeConfig:
-    """Settings of :class:`KernelOptimizer` (placeholder until the optimizer lands)."""
+class OptimizationPlan:
+    """What :meth:`KernelOptimizer.apply` will measure: sites, their cases and candidates.
+
+    ``sites[i].cases[j].baseline`` is the original computation bound to captured inputs and
+    ``candidates`` the backend calls on the same inputs; ``runs`` are the whole-model runs
+    used for capture and for the final check against ``reference`` (an unmodified copy).
+    """
+
+    model: nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    sites: list[Site]
+    runs: list[Run]
+    reference: nn.Module | None
+    backends: dict[str, list[str]]
+    notes: list[str] = field(default_factory=list)
+    hf_impl: str | None = None
+
+    def num_candidates(self) -> int:
+        return sum(len(c.candidates) for s in self.sites for c in s.cases)
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _parse_device(device: Any) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device or its name, got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available here")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    return dev
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _check_example(model: nn.Module, example: Any, device: torch.device) -> Any:
+    if example is None:
+        if isinstance(model, SimpleTransformerModel) or hf.is_hf_model(model):
+            return None
+        raise ValueError(
+            f"example_inputs is required for a {type(model).__name__} (only "
+            "SimpleTransformerModel and transformers decoders have synthetic inputs)"
+        )
+    if isinstance(model, SimpleTransformerModel):
+        if not isinstance(example, torch.Tensor):
+            raise TypeError(
+                "example_inputs must be a (batch, seq) tensor of token ids, got "
+                f"{type(example).__name__}"
+            )
+        if example.dtype not in (torch.int64, torch.int32) or example.dim() != 2:
+            raise ValueError(
+                "example_inputs must be a 2-D int64/int32 tensor of token ids, got "
+                f"{example.dtype} of shape {tuple(example.shape)}"
+            )
+        if example.shape[0] == 0 or example.shape[1] == 0:
+            raise ValueError(f"example_inputs must not be empty, got {tuple(example.shape)}")
+        if int(example.min()) < 0 or int(example.max()) >= model.config.vocab_size:
+            raise ValueError(f"example_inputs ids must lie in [0, {model.config.vocab_size})")
+        if example.shape[1] > model.config.max_seq_len:
+            raise ValueError(
+                f"example_inputs length {example.shape[1]} exceeds max_seq_len="
+                f"{model.config.max_seq_len}"
+            )
+        return example.to(device)
+    if isinstance(example, torch.Tensor):
+        return example.to(device)
+    if isinstance(example, dict):
+        if not all(isinstance(k, str) for k in example):
+            raise ValueError("example_inputs as a dict must map argument names to values")
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in example.items()}
+    if isinstance(example, (tuple, list)):
+        return tuple(v.to(device) if isinstance(v, torch.Tensor) else v for v in example)
+    raise TypeError(
+        "example_inputs must be None, a tensor, a tuple of forward arguments or a "
+        f"dict of keyword arguments, got {type(example).__name__}"
+    )
+
+
+def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    o = torch.nan_to_num(out.detach().double())
+    r = torch.nan_to_num(ref.detach().double())
+    diff = o - r
+    denom = float(r.norm())
+    num = float(diff.norm())
+    mx = float(diff.abs().max()) if diff.numel() else 0.0
+    return (num / denom if denom else num), mx
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class KernelOptimizer:
-    """Finds a model's matmuls, attention and norms and swaps in faster verified kernels."""
+    """Finds a model's matmuls, attention and norms and swaps in faster verified kernels.
+
+    Args:
+        config: settings (default ``OptimizeConfig()``).
+
+    Example:
+        >>> import torch
+        >>> from ryzen_opt import KernelOptimizer, ModelConfig, SimpleTransformerModel
+        >>> model = SimpleTransformerModel(ModelConfig(num_layers=1, max_seq_len=16))
+        >>> opt = KernelOptimizer()
+        >>> plan = opt.plan(model)          # sites, cases and candidates; no timing yet
+        >>> model = opt.apply(model, plan)  # verified, timed, swapped in place
+        >>> opt.report.changed in (True, False)
+        True
+    """
 
     def __init__(self, config: OptimizeConfig | None = None) -> None:
-        raise NotImplementedError(_MSG)
+        if config is None:
+            config = OptimizeConfig()
+        if not isinstance(config, OptimizeConfig):
+            raise TypeError(f"config must be an OptimizeConfig, got {type(config).__name__}")
+        self.config = config
+        self.report: OptimizationReport | None = None
+
+    # ------------------------------------------------------------------ plan
+
+    def _backends(self, device: torch.device, notes: list[str]) -> dict[str, list[str]]:
+        """Per op, the allowed backends that run on ``device`` and whose toolchain works."""
+        allowed = self.config.backends
+        table = {op: registry.backends(op) for op in registry.OPS}
+        if allowed is not None:
+            known = sorted({n for names in table.values() for n in names})
+            unknown = [b for b in allowed if b not in known]
+            if unknown:
+                raise ValueError(
+                    f"config.backends names {unknown}, not registered here; "
+                    f"registered: {known or 'none'}"
+                )
+        out: dict[str, list[str]] = {}
+        for op, entries in table.items():
+            out[op] = []
+            for name, b in sorted(entries.items()):
+                if allowed is not None and name not in allowed:
+                    continue
+                if device.type not in b.devices:
+                    notes.append(
+                        f"{op}/{name} not tried: runs on {'/'.join(b.devices)}, "
+                        f"the model is on {device.type}"
+                    )
+                elif (why := b.available()) is not None:
+                    notes.append(f"{op}/{name} not tried: {why}")
+                else:
+                    out[op].append(name)
+        return out
+
+    def plan(self, model: nn.Module, example_inputs: Any = None) -> OptimizationPlan:
+        """Find the sites of ``model`` and capture their real inputs (nothing is timed yet).
+
+        For a transformers model this points ``model`` at the routing attention function
+        (which, without routes, computes exactly what the original did); :meth:`apply`
+        restores the original implementation when no attention backend is kept.
+
+        Args:
+            model: the model to optimize (``apply`` will change this object).
+            example_inputs: ``None`` (synthetic prefill/decode shapes from the model config),
+                token ids ``(batch, seq)``, or for other models a tuple/dict of forward args.
+
+        Returns:
+            An :class:`OptimizationPlan` for :meth:`apply`.
+        """
+        _check_model(model)
+        device, dtype = _model_device_dtype(model)
+        example = _check_example(model, example_inputs, device)
+        notes = [f"backend module failed to import: {e}" for e in registry.import_errors().values()]
+        backends = self._backends(device, notes)
+        reference = copy.deepcopy(model) if self.config.model_check else None
+        is_hf = hf.is_hf_model(model)
+        if isinstance(model, SimpleTransformerModel):
+            runs = stm_runs(model, example, self.config, device)
+        elif is_hf:
+            runs = hf_runs(model, example, self.config, device)
+        else:
+            runs = generic_runs(model, example)
+
+        hf_impl = None
+        want_hf = (
+            is_hf
+            and "attention" in self.config.ops
+            and (backends["attention"] or backends["decode_attention"])
+        )
+        if want_hf:
+            impl = model.config._attn_implementation
+            reason = hf.switch(model)
+            if reason is None:
+                hf_impl = impl
+            else:
+                notes.append(f"transformers attention not served: {reason}")
+
+        targets = {
+            p: (k, m)
+            for p, (k, m) in find_targets(model, self.config.ops).items()
+            if any(backends[op] for op in _OPS_OF_KIND[k])
+        }
+        was_training = model.training
+        model.eval()
+        try:
+            seen, records = capture(
+                model, runs, {p: m for p, (_, m) in targets.items()}, hf_impl is not None
+            )
+        except Exception as e:
+            if hf_impl is not None:
+                hf.restore(model, hf_impl)
+            raise ValueError(
+                f"example_inputs could not be run through the model: {type(e).__name__}: {e}"
+            ) from e
+        finally:
+            model.train(was_training)
+
+        sites: list[Site] = []
+        for path, (kind, mod) in targets.items():
+            if not seen[path]:
+                continue
+            allowed = tuple(n for op in _OPS_OF_KIND[kind] for n in backends[op])
+            if kind == "linear":
+                site = linear_site(
+                    model, path, mod, seen[path], allowed, fused_activation(model, path)
+                )
+            elif kind == "layer_norm":
+                site = layer_norm_site(model, path, mod, seen[path], allowed)
+            else:
+                site = stm_attention_site(model, path, mod, seen[path], allowed)
+            if site.cases:
+                sites.append(site)
+        if hf_impl is not None:
+            allowed = tuple(backends["attention"] + backends["decode_attention"])
+            sites += hf_attention_sites(model, records, allowed)
+        return OptimizationPlan(
+            model, device, dtype, sites, runs, reference, backends, notes, hf_impl
+        )
+
+    # ------------------------------------------------------------------ measure
+
+    def _evaluate(self, cand, case: Case, ref, site: Site, dev, cache, dev_desc, vers):
+        backend = registry.backends(cand.op)[cand.backend]
+        res = CandidateResult(cand.name, cand.op, "unsupported")
+        reason = backend.why_not(dev.type, *cand.args)
+        if reason is not None:
+            res.detail = reason
+            return res
+        try:
+            with torch.no_grad():
+                out = cand.call()
+            _sync(dev)
+        except BackendError as e:
+            res.detail = str(e)
+            return res
+        except Exception as e:
+            res.status, res.detail = "failed", f"{type(e).__name__}: {e}"
+            return res
+        if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
+            res.status = "error"
+            res.detail = f"output shape {getattr(out, 'shape', None)} != {tuple(ref.shape)}"
+            return res
+        tol = self.config.tolerance_for(ref.dtype, dev)
+        res.rel_error, res.max_abs_error = _rel_error(out, ref)
+        if not torch.isfinite(out).all() and torch.isfinite(ref).all():
+            res.status, res.detail = "error", "non-finite output"
+            return res
+        if res.rel_error > tol:
+            res.status, res.detail = "error", f"relative error {res.rel_error:.2e} > {tol:g}"
+            return res
+        cfg = self.config
+        key = DecisionCache.key(
+            device=dev_desc,
+            versions=vers,
+            op=cand.op,
+            candidate=cand.name,
+            baseline=site.baseline_id,
+            shape=case.key,
+            repeat=cfg.repeat,
+            min_sample_s=cfg.min_sample_s,
+            confidence=cfg.confidence,
+        )
+        hit = cache.get(key)
+        if hit is None:
+            with torch.no_grad():
+                cmp = compare(
+                    case.baseline,
+                    cand.call,
+                    repeat=cfg.repeat,
+                    warmup=cfg.warmup,
+                    device=dev,
+                    min_sample_s=cfg.min_sample_s,
+                    confidence=cfg.confidence,
+                )
+            hit = {
+                "speedup": cmp.speedup,
+                "ci": [cmp.ci_low, cmp.ci_high],
+                "baseline_s": cmp.baseline.median,
+                "candidate_s": cmp.candidate.median,
+                "n": cmp.baseline.n,
+            }
+            cache.put(key, hit)
+        else:
+            res.cached = True
+        res.speedup, res.ci = hit["speedup"], tuple(hit["ci"])
+        res.baseline_s, res.candidate_s = hit["baseline_s"], hit["candidate_s"]
+        faster = res.ci[0] > 1.0 and res.speedup >= cfg.min_speedup
+        res.status = "faster" if faster else "slower"
+        if not faster:
+            res.detail = (
+                f"{res.speedup:.2f}x, CI [{res.ci[0]:.2f}, {res.ci[1]:.2f}]"
+                f" (needs CI > 1 and >= {cfg.min_speedup:g}x)"
+            )
+        return res
+
+    def _decide(self, site: Site, results: list[tuple[Case, CaseResult]], dev, dtype):
+        """Per case label: the backend faster at every shape of it (best geometric mean)."""
+        routes: list[Route] = []
+        chosen: dict[str, str] = {}
+        for label in dict.fromkeys(c.label for c, _ in results):
+            group = [(c, r) for c, r in results if c.label == label]
+            names = [cand.name for cand in group[0][0].candidates]
+            best, best_score = None, 0.0
+            for name in names:
+                hits = [
+                    next((x for x in r.candidates if x.backend == name), None) for _, r in group
+                ]
+                if any(h is None or h.status != "faster" for h in hits):
+                    continue
+                score = math.exp(sum(math.log(h.speedup) for h in hits) / len(hits))
+                if score > best_score:
+                    best, best_score = name, score
+            if best is None:
+                continue
+            cand = next(x for x in group[0][0].candidates if x.name == best)
+            dims = sorted({d for c, _ in group for d in c.dims})
+            bounds = tuple(
+                (d, min(c.dims[d] for c, _ in group), max(c.dims[d] for c, _ in group))
+                for d in dims
+            )
+            routes.append(
+                Route(
+                    site.route_case(label),
+                    cand.op,
+                    cand.backend,
+                    dev.type,
+                    dtype_name(dtype),
+                    bounds,
+                    cand.packed,
+                )
+            )
+            chosen[label] = best
+        return routes, chosen
+
+    # ------------------------------------------------------------------ apply
+
+    def apply(
+        self, model: nn.Module, plan: OptimizationPlan | None = None, example_inputs: Any = None
+    ) -> nn.Module:
+        """Measure every candidate of ``plan``, swap in the winners, check the whole model.
+
+        Changes ``model`` in place (``optimize()`` passes a copy) and returns it; the
+        report is in ``self.report`` and on ``model.optimization_report``.
+
+        Args:
+            model: the model ``plan`` was made for.
+            plan: from :meth:`plan` (made here when ``None``).
+            example_inputs: used only when ``plan`` is ``None``.
+
+        Returns:
+            ``model``, optimized where a verified faster backend exists, else unchanged.
+        """
+        _check_model(model)
+        t0 = time.perf_counter()
+        if plan is None:
+            plan = self.plan(model, example_inputs)
+        elif not isinstance(plan, OptimizationPlan) or plan.model is not model:
+            raise ValueError("plan must be the OptimizationPlan made by plan() for this model")
+        cfg = self.config
+        dev, dtype = plan.device, plan.dtype
+        cache = DecisionCache(cfg.resolved_cache_dir, cfg.use_cache)
+        dev_desc, vers = device_description(dev), versions()
+        report = OptimizationReport(
+            type(model).__name__,
+            str(dev),
+            dtype_name(dtype),
+            backends=plan.backends,
+            notes=list(plan.notes),
+            environment={"device": dev_desc, "versions": vers},
+            config=cfg.to_dict(),
+        )
+        if cache.note:
+            report.notes.append(cache.note)
+        undo: list[Callable[[], None]] = []
+        was_training = model.training
+        model.eval()
+        try:
+            for site in plan.sites:
+                srep = SiteReport(site.path, site.kind, site.detail)
+                results = []
+                for case in site.cases:
+                    with torch.no_grad():
+                        ref = case.baseline()
+                    _sync(dev)
+                    crep = CaseResult(case.label, case.shape)
+                    for cand in case.candidates:
+                        crep.candidates.append(
+                            self._evaluate(cand, case, ref, site, dev, cache, dev_desc, vers)
+                        )
+                    srep.cases.append(crep)
+                    results.append((case, crep))
+                routes, srep.chosen = self._decide(site, results, dev, dtype)
+                if routes:
+                    undo.append(site.install(model, routes))
+                report.sites.append(srep)
+            report.changed = bool(undo)
+            if undo and cfg.model_check and plan.reference is not None:
+                failure = self._check_model(plan, model, report)
+                if failure:
+                    for u in reversed(undo):
+                        u()
+                    undo.clear()
+                    report.changed = False
+                    report.notes.append(f"reverted every swap: {failure}")
+                    for s in report.sites:
+                        if s.chosen:
+                            s.note = f"reverted ({failure})"
+                            s.chosen = {}
+        finally:
+            model.train(was_training)
+            if plan.hf_impl is not None and not any(
+                s.kind == "attention" and s.chosen for s in report.sites
+            ):
+                hf.restore(model, plan.hf_impl)
+            cache.save()
+        if not report.changed and not plan.sites:
+            report.notes.append("no site had an available backend candidate")
+        report.elapsed_s = time.perf_counter() - t0
+        self.report = report
+        model.optimization_report = report
+        return model
+
+    def _check_model(
+        self, plan: OptimizationPlan, model: nn.Module, report: OptimizationReport
+    ) -> str | None:
+        """Whole-model check of every run; the first failure's description, or ``None``."""
+        cfg = self.config
+        ref_model = plan.reference
+        was = ref_model.training
+        ref_model.eval()
+        failure = None
+        timed: set[str] = set()
+        try:
+            with torch.no_grad():
+                for run in plan.runs:
+                    s_ref, s_opt = run.setup(ref_model), run.setup(model)
+                    out_ref, out_opt = run.call(ref_model, s_ref), run.call(model, s_opt)
+                    err, _ = _rel_error(out_opt, out_ref)
+                    tol = cfg.tolerance_for(out_ref.dtype, plan.device)
+                    check = ModelCheck(run.label, run.shape, err, tol)
+                    # Time one run per label and batch (the longest cache for decode).
+                    tkey = f"{run.label}:{run.shape.split(' ')[0]}"
+                    later = [r for r in plan.runs if f"{r.label}:{r.shape.split(' ')[0]}" == tkey]
+                    if tkey not in timed and run is later[-1]:
+                        timed.add(tkey)
+                        cmp = compare(
+                            lambda r=run, s=s_ref: r.call(ref_model, s),
+                            lambda r=run, s=s_opt: r.call(model, s),
+                            repeat=cfg.repeat,
+                            warmup=cfg.warmup,
+                            device=plan.device,
+                            min_sample_s=cfg.min_sample_s,
+                            confidence=cfg.confidence,
+                        )
+                        check.speedup, check.ci = cmp.speedup, (cmp.ci_low, cmp.ci_high)
+                    if err > tol:
+                        check.verdict = "error"
+                        failure = failure or f"{run.label} {run.shape}: relative error {err:.2e}"
+                    elif check.ci is not None and check.ci[1] < 1.0:
+                        check.verdict = "slower"
+                        failure = failure or (
+                            f"{run.label} {run.shape}: whole model slower ({check.speedup:.2f}x)"
+                        )
+                    elif check.ci is not None and check.ci[0] > 1.0:
+                        check.verdict = "faster"
+                    else:
+                        check.verdict = "ok" if check.ci is None else "no significant change"
+                    report.model_checks.append(check)
+        finally:
+            ref_model.train(was)
+        return failure
 
 
-def optimize(model, example_inputs=None, **kwargs):
-    """Return an optimized copy of ``model`` (not implemented yet: raises)."""
-    raise NotImplementedError(_MSG)
+def optimize(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    config: OptimizeConfig | None = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Return ``model`` with every op swapped for a faster verified backend where one exists.
+
+    The original is left untouched (a deep copy is optimized) unless ``inplace=True``. The
+    result carries ``optimization_report`` (:class:`OptimizationReport`); if no candidate
+    was both within tolerance and faster, it is an unchanged copy and the report says so.
+
+    Args:
+        model: a ``SimpleTransformerModel``, a transformers decoder (GPT-2, Llama, Qwen2,
+            ...), or any ``nn.Module`` (then ``example_inputs`` is required).
+        example_inputs: ``None`` for synthetic typical shapes (prefill 16x128, one-token
+            decode at batch 1 and 16), token ids ``(batch, seq)``, or a tuple/dict of forward
+            arguments.
+        device: move the model here first (``"cpu"``, ``"cuda"``, ...).
+        dtype: cast the model first (``torch.float32``/``"bf16"``/``"fp16"``...).
+        config: :class:`OptimizeConfig` (default settings when ``None``).
+        inplace: optimize ``model`` itself instead of a copy.
+
+    Returns:
+        The optimized model (same class), with ``optimization_report``.
+
+    Example:
+        >>> import torch
+        >>> from ryzen_opt import ModelConfig, SimpleTransformerModel, optimize
+        >>> m = SimpleTransformerModel(ModelConfig(num_layers=1, max_seq_len=16)).eval()
+        >>> fast = optimize(m)
+        >>> print(fast.optimization_report.summary)  # doctest: +ELLIPSIS
+        ...
+    """
+    _check_model(model)
+    dev = _parse_device(device)
+    dt = parse_dtype(dtype, "dtype")
+    if config is None:
+        config = OptimizeConfig()
+    if not isinstance(config, OptimizeConfig):
+        raise TypeError(f"config must be an OptimizeConfig, got {type(config).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {inplace!r}")
+    work = model if inplace else copy.deepcopy(model)
+    if dev is not None or dt is not None:
+        work = work.to(device=dev, dtype=dt)
+    opt = KernelOptimizer(config)
+    return opt.apply(work, opt.plan(work, example_inputs))

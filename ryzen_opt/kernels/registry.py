@@ -93,6 +93,13 @@ def register(
     return entry
 
 
+def unregister(op: str, name: str) -> None:
+    """Remove backend ``name`` of ``op`` (no error if it is not registered)."""
+    if op not in _REGISTRY:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    _REGISTRY[op].pop(name, None)
+
+
 def _load_backends() -> None:
     global _LOADED
     if _LOADED:

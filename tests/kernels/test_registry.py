@@ -19,7 +19,7 @@ def fake_backend():
 
     registry.register("matmul", "fake", ("cpu",), launcher, supports)
     yield calls
-    registry._REGISTRY["matmul"].pop("fake", None)
+    registry.unregister("matmul", "fake")
     registry.clear_decisions()
 
 

@@ -1,0 +1,189 @@
+"""``OptimizeConfig``: the validated settings of :class:`ryzen_opt.KernelOptimizer`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# DESIGN.md, rule 2: relative error ||out - ref|| / ||ref|| allowed for a kernel that may
+# reorder the reduction (fp32) or accumulates in a wider type than it stores (bf16/fp16).
+DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-2}
+
+_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: Any, name: str = "dtype") -> torch.dtype | None:
+    """``None``, a floating ``torch.dtype`` or one of its names; raise naming ``name``."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPE_NAMES.values():
+            raise ValueError(f"{name} must be float32, bfloat16 or float16, got {dtype}")
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype.lower().removeprefix("torch.")]
+    raise ValueError(
+        f"{name} must be a torch.dtype or one of {sorted(_DTYPE_NAMES)}, got {dtype!r}"
+    )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def default_cache_dir() -> Path:
+    """``$RYZEN_OPT_CACHE_DIR`` if set, else ``~/.cache/ryzen_opt``."""
+    env = os.environ.get("RYZEN_OPT_CACHE_DIR")
+    return Path(env).expanduser() if env else Path("~/.cache/ryzen_opt").expanduser()
+
+
+@dataclass
+class OptimizeConfig:
+    """Settings of :class:`ryzen_opt.KernelOptimizer` / :func:`ryzen_opt.optimize`.
+
+    Args:
+        backends: backend names allowed to replace an op (``None``: every registered one).
+        ops: which kinds of site to consider: ``"linear"``, ``"layer_norm"``, ``"attention"``.
+        tolerance: relative error allowed per dtype name (``"float32"``, ...).
+        tf32_tolerance: fp32 tolerance on CUDA when TF32 matmuls are enabled.
+        repeat: timing samples per side in each baseline/candidate comparison.
+        warmup: untimed calls per side before timing (JIT compilation, autotuning).
+        min_sample_s: each timing sample lasts at least this long.
+        min_speedup: the measured median speed-up must also reach this.
+        confidence: level of the bootstrap interval on the speed-up.
+        model_check: compare the whole optimized model against the original (outputs and
+            end-to-end time) and return the original if it is wrong or slower.
+        cache_dir: where timing decisions are cached (``None``: ``$RYZEN_OPT_CACHE_DIR`` or
+            ``~/.cache/ryzen_opt``).
+        use_cache: read and write the decision cache.
+        prefill_shape: ``(batch, seq)`` of the synthetic prefill when no example input is given.
+        decode_batches: batch sizes of the synthetic one-token decode steps.
+
+    Example:
+        >>> from ryzen_opt import OptimizeConfig
+        >>> OptimizeConfig(backends=("numba",), repeat=10).to_dict()["repeat"]
+        10
+    """
+
+    # None = every backend the registry knows; a name that is not registered is an error at
+    # optimize() time (it names the registered ones), so a typo does not silently do nothing.
+    backends: tuple[str, ...] | None = None
+    ops: tuple[str, ...] = ("linear", "layer_norm", "attention")
+    # DESIGN.md rule 2 tolerances (reordered fp32 kernels 1e-4; bf16/fp16 1e-2).
+    tolerance: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TOLERANCE))
+    # DESIGN.md: fp32 through TF32 tensor cores; used only where the caller already enabled
+    # TF32 (torch.backends.cuda.matmul.allow_tf32), so the original runs in TF32 as well.
+    tf32_tolerance: float = 1e-3
+    # 20 interleaved samples per side: the bootstrap CI of a 5% effect is then about +-2% on a
+    # quiet machine; fewer samples widen it until real wins are rejected as noise.
+    repeat: int = 20
+    # JIT backends (Numba, Triton) compile on the first call; 3 calls also settle the allocator.
+    warmup: int = 3
+    # 2 ms per sample keeps timer resolution and Python dispatch jitter small against it.
+    min_sample_s: float = 2e-3
+    # A margin on top of "CI above 1": a borderline kernel is not worth a swap no one notices.
+    min_speedup: float = 1.05
+    confidence: float = 0.95
+    # A per-site win that does not survive in the whole model must not be shipped.
+    model_check: bool = True
+    cache_dir: str | Path | None = None
+    use_cache: bool = True
+    # Typical serving shapes: a 16 x 128 prefill and decode at batch 1 (chat) and 16 (batched).
+    prefill_shape: tuple[int, int] = (16, 128)
+    decode_batches: tuple[int, ...] = (1, 16)
+
+    def __post_init__(self) -> None:
+        if self.backends is not None:
+            if isinstance(self.backends, str) or not all(
+                isinstance(b, str) and b for b in self.backends
+            ):
+                raise ValueError(
+                    f"backends must be None or a sequence of backend names, got {self.backends!r}"
+                )
+            self.backends = tuple(self.backends)
+        known_ops = ("linear", "layer_norm", "attention")
+        if isinstance(self.ops, str) or any(o not in known_ops for o in self.ops):
+            raise ValueError(f"ops must be a sequence drawn from {known_ops}, got {self.ops!r}")
+        self.ops = tuple(self.ops)
+        if not isinstance(self.tolerance, dict):
+            raise ValueError(
+                f"tolerance must be a dict of dtype name -> float, got {self.tolerance!r}"
+            )
+        tol = dict(DEFAULT_TOLERANCE)
+        for k, v in self.tolerance.items():
+            key = dtype_name(parse_dtype(k, "tolerance key"))
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+                raise ValueError(f"tolerance[{k!r}] must be a float in (0, 1), got {v!r}")
+            tol[key] = float(v)
+        self.tolerance = tol
+        t = self.tf32_tolerance
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1:
+            raise ValueError(f"tf32_tolerance must be a float in (0, 1), got {t!r}")
+        for name, lo in (("repeat", 3), ("warmup", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        if not isinstance(self.min_sample_s, (int, float)) or not 0 < self.min_sample_s <= 1:
+            raise ValueError(f"min_sample_s must be in (0, 1] seconds, got {self.min_sample_s!r}")
+        if not isinstance(self.min_speedup, (int, float)) or self.min_speedup < 1.0:
+            raise ValueError(f"min_speedup must be a number >= 1.0, got {self.min_speedup!r}")
+        if not isinstance(self.confidence, float) or not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be a float in (0, 1), got {self.confidence!r}")
+        for name in ("model_check", "use_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, Path)):
+            raise ValueError(f"cache_dir must be None, a str or a Path, got {self.cache_dir!r}")
+        p = self.prefill_shape
+        if (
+            not isinstance(p, (tuple, list))
+            or len(p) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in p)
+        ):
+            raise ValueError(f"prefill_shape must be (batch, seq) positive ints, got {p!r}")
+        self.prefill_shape = (int(p[0]), int(p[1]))
+        d = self.decode_batches
+        if isinstance(d, (str, bytes)) or not all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in d
+        ):
+            raise ValueError(f"decode_batches must be positive ints, got {d!r}")
+        self.decode_batches = tuple(d)
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        """The cache directory in use (``cache_dir`` or the default)."""
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+
+    def tolerance_for(self, dtype: torch.dtype, device: torch.device | None = None) -> float:
+        """The relative error allowed for outputs of ``dtype`` (TF32-aware on CUDA)."""
+        tol = self.tolerance.get(dtype_name(dtype), DEFAULT_TOLERANCE["float32"])
+        if (
+            dtype == torch.float32
+            and device is not None
+            and device.type == "cuda"
+            and torch.backends.cuda.matmul.allow_tf32
+        ):
+            tol = max(tol, self.tf32_tolerance)
+        return tol
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON view (for the report)."""
+        d = dataclasses.asdict(self)
+        d["cache_dir"] = str(self.resolved_cache_dir)
+        for k in ("backends", "ops", "prefill_shape", "decode_batches"):
+            d[k] = None if d[k] is None else list(d[k])
+        return d

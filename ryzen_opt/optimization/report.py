@@ -1,0 +1,305 @@
+"""``OptimizationReport``: what ``optimize()`` tried per site, what it kept, and why.
+
+Printable as a rich table (``print(report)`` or ``rich.print(report)``), saved as JSON
+(:meth:`OptimizationReport.to_json`) and markdown (:meth:`OptimizationReport.to_markdown`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ryzen_opt.optimization.cache import atomic_write_text
+
+# Why a candidate was not kept at one measured shape.
+REASONS = ("unsupported", "failed", "error", "slower")
+
+
+@dataclass
+class CandidateResult:
+    """One backend at one measured shape of one site.
+
+    ``status`` is ``"faster"`` (verified and faster beyond the noise), or one of the
+    rejection reasons: ``"unsupported"`` (the backend declined the input), ``"failed"`` (it
+    raised), ``"error"`` (output differs beyond the dtype tolerance), ``"slower"`` (not
+    faster beyond the noise, or below ``min_speedup``).
+    """
+
+    backend: str
+    op: str
+    status: str
+    detail: str = ""
+    rel_error: float | None = None
+    max_abs_error: float | None = None
+    speedup: float | None = None
+    ci: tuple[float, float] | None = None
+    baseline_s: float | None = None
+    candidate_s: float | None = None
+    cached: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["ci"] = list(self.ci) if self.ci else None
+        return d
+
+
+@dataclass
+class CaseResult:
+    """All candidates at one measured shape (``case`` is ``prefill``/``decode``/...)."""
+
+    case: str
+    shape: str
+    candidates: list[CandidateResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "case": self.case,
+            "shape": self.shape,
+            "candidates": [c.to_dict() for c in self.candidates],
+        }
+
+
+@dataclass
+class SiteReport:
+    """One place in the model (``path``) and what was decided for it per case."""
+
+    path: str
+    kind: str
+    detail: str
+    cases: list[CaseResult] = field(default_factory=list)
+    chosen: dict[str, str] = field(default_factory=dict)  # case -> backend
+    note: str = ""
+
+    def best(self, case: str) -> CandidateResult | None:
+        """The chosen backend's result with the lowest speed-up over ``case``'s shapes."""
+        backend = self.chosen.get(case)
+        hits = [
+            c
+            for r in self.cases
+            if r.case == case
+            for c in r.candidates
+            if c.backend == backend and c.speedup is not None
+        ]
+        return min(hits, key=lambda c: c.speedup) if hits else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "kind": self.kind,
+            "detail": self.detail,
+            "chosen": dict(self.chosen),
+            "note": self.note,
+            "cases": [c.to_dict() for c in self.cases],
+        }
+
+
+@dataclass
+class ModelCheck:
+    """Whole model, original vs optimized, on one run (prefill or one decode step)."""
+
+    case: str
+    shape: str
+    rel_error: float
+    tolerance: float
+    speedup: float | None = None
+    ci: tuple[float, float] | None = None
+    verdict: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["ci"] = list(self.ci) if self.ci else None
+        return d
+
+
+@dataclass
+class OptimizationReport:
+    """Per-site decisions, rejected candidates with reasons, and the whole-model check.
+
+    Example:
+        >>> from ryzen_opt.optimization.report import OptimizationReport
+        >>> r = OptimizationReport(model="M", device="cpu", dtype="float32")
+        >>> r.changed
+        False
+    """
+
+    model: str
+    device: str
+    dtype: str
+    sites: list[SiteReport] = field(default_factory=list)
+    model_checks: list[ModelCheck] = field(default_factory=list)
+    backends: dict[str, list[str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    changed: bool = False
+    elapsed_s: float = 0.0
+
+    @property
+    def summary(self) -> str:
+        """One line: what changed, or why the model came back unchanged."""
+        if self.changed:
+            n = sum(1 for s in self.sites if s.chosen)
+            return f"optimized: {n} of {len(self.sites)} sites use a faster verified backend"
+        if not any(self.backends.values()):
+            return f"unchanged: no allowed backend runs on {self.device} for any op here"
+        return "unchanged: no candidate was both within tolerance and faster than the original"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "device": self.device,
+            "dtype": self.dtype,
+            "changed": self.changed,
+            "summary": self.summary,
+            "elapsed_s": self.elapsed_s,
+            "backends": self.backends,
+            "notes": list(self.notes),
+            "environment": self.environment,
+            "config": self.config,
+            "model_checks": [m.to_dict() for m in self.model_checks],
+            "sites": [s.to_dict() for s in self.sites],
+        }
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The report as JSON; also written (atomically) to ``path`` when given.
+
+        Args:
+            path: file to write, or ``None``.
+
+        Returns:
+            The JSON text.
+        """
+        text = json.dumps(self.to_dict(), indent=2, default=str)
+        if path is not None:
+            atomic_write_text(Path(path), text + "\n")
+        return text
+
+    def rows(self) -> list[list[str]]:
+        """Table rows: site, case, chosen, speed-up [CI], error, rejected (backend: reason)."""
+        out = []
+        for s in self.sites:
+            cases = sorted({c.case for c in s.cases}, key=lambda c: (c != "prefill", c))
+            for case in cases:
+                best = s.best(case) if case in s.chosen else None
+                shapes = ", ".join(c.shape for c in s.cases if c.case == case)
+                speed = (
+                    f"{best.speedup:.2f}x [{best.ci[0]:.2f}, {best.ci[1]:.2f}]"
+                    if best and best.ci
+                    else "-"
+                )
+                err = f"{best.rel_error:.1e}" if best and best.rel_error is not None else "-"
+                rejected = _rejections(s, case)
+                out.append(
+                    [
+                        s.path,
+                        s.kind,
+                        case,
+                        shapes,
+                        s.chosen.get(case, "original"),
+                        speed,
+                        err,
+                        rejected,
+                    ]
+                )
+        return out
+
+    def to_markdown(self) -> str:
+        """The report as a markdown document (summary, table, whole-model check, notes)."""
+        head = [
+            "site",
+            "kind",
+            "case",
+            "shapes",
+            "chosen",
+            "speed-up [95% CI]",
+            "rel err",
+            "rejected",
+        ]
+        lines = [
+            f"# optimize() report: {self.model}",
+            "",
+            f"{self.summary}. Device `{self.device}`, dtype `{self.dtype}`.",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+        ]
+        lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in self.rows()]
+        if self.model_checks:
+            lines += [
+                "",
+                "## Whole model, original vs optimized",
+                "",
+                "| run | shape | rel err (tol) | speed-up [CI] | verdict |",
+                "|---|---|---|---|---|",
+            ]
+            for m in self.model_checks:
+                sp = f"{m.speedup:.2f}x [{m.ci[0]:.2f}, {m.ci[1]:.2f}]" if m.ci else "-"
+                lines.append(
+                    f"| {m.case} | {m.shape} | {m.rel_error:.1e} ({m.tolerance:g}) | "
+                    f"{sp} | {m.verdict} |"
+                )
+        if self.notes:
+            lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def __rich__(self):
+        from rich.markup import escape
+        from rich.table import Table
+
+        table = Table(title=f"optimize(): {escape(self.summary)}", show_lines=False)
+        for col in (
+            "site",
+            "kind",
+            "case",
+            "shapes",
+            "chosen",
+            "speed-up [CI]",
+            "rel err",
+            "rejected",
+        ):
+            table.add_column(col, overflow="fold")
+        for r in self.rows():
+            table.add_row(*(escape(c) for c in r))
+        return table
+
+    def print(self) -> None:
+        """Print the rich table, the whole-model check and the notes to the terminal."""
+        from rich.console import Console
+
+        console = Console()
+        console.print(self)
+        for m in self.model_checks:
+            sp = f"{m.speedup:.2f}x [{m.ci[0]:.2f}, {m.ci[1]:.2f}]" if m.ci else "-"
+            console.print(f"model {m.case} {m.shape}: rel err {m.rel_error:.1e}, {sp}: {m.verdict}")
+        for n in self.notes:
+            console.print(f"note: {n}")
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def _rejections(site: SiteReport, case: str) -> str:
+    chosen = site.chosen.get(case)
+    seen: dict[str, str] = {}
+    for r in site.cases:
+        if r.case != case:
+            continue
+        for c in r.candidates:
+            if c.backend == chosen or c.backend in seen or c.status == "faster":
+                continue
+            why = c.status
+            if c.status == "error" and c.rel_error is not None:
+                why += f" {c.rel_error:.1e}"
+            elif c.status == "slower" and c.speedup is not None:
+                why += f" {c.speedup:.2f}x"
+            elif c.detail:
+                why += f" ({c.detail[:120]})"
+            seen[c.backend] = why
+    # A backend faster at some shapes of the case but not all is not chosen either.
+    for r in site.cases:
+        for c in r.candidates:
+            if r.case == case and c.backend != chosen and c.backend not in seen:
+                seen[c.backend] = "not faster at every shape"
+    return "; ".join(f"{b}: {w}" for b, w in seen.items()) or "-"

@@ -1,0 +1,116 @@
+"""optimize() on transformers decoders built from tiny configs (no downloaded weights).
+
+Attention is served through transformers' AttentionInterface; the modules are not copied.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ryzen_opt import KernelOptimizer, optimize
+from tests.optimizer.fakes import (
+    CountingLauncher,
+    fast_config,
+    one_thread,
+    reference_attention,
+    registered,
+    slow_baselines,
+)
+
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is not installed (pip install ryzen-opt[hf])"
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def _gpt2(impl):
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    return transformers.GPT2LMHeadModel._from_config(cfg, attn_implementation=impl)
+
+
+def _llama(impl):
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )
+    return transformers.LlamaForCausalLM._from_config(cfg, attn_implementation=impl)
+
+
+def _qwen2(impl):
+    cfg = transformers.Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )
+    return transformers.Qwen2ForCausalLM._from_config(cfg, attn_implementation=impl)
+
+
+BUILDERS = {"gpt2": _gpt2, "llama": _llama, "qwen2": _qwen2}
+# (2, 8): the measured prefill shape of fast_config, so the prefill route is hit too.
+IDS = torch.tensor([[5, 7, 11, 13, 17, 19, 23, 29], [2, 3, 5, 8, 13, 21, 34, 55]])
+
+
+@pytest.mark.parametrize("arch, impl", [("gpt2", "sdpa"), ("llama", "sdpa"), ("qwen2", "eager")])
+def test_attention_is_served_through_the_attention_registry(arch, impl, tmp_path):
+    torch.manual_seed(0)
+    original = BUILDERS[arch](impl).eval()
+    launcher = CountingLauncher(reference_attention)
+    cfg = fast_config(
+        tmp_path,
+        backends=("fake_attn",),
+        ops=("attention",),
+        model_check=False,
+        decode_batches=(2,),
+    )
+    with registered("attention", "fake_attn", launcher):
+        opt = KernelOptimizer(cfg)
+        work = copy.deepcopy(original)
+        plan = opt.plan(work)
+        assert plan.sites and all(s.kind == "attention" for s in plan.sites)
+        slow_baselines(plan)
+        model = opt.apply(work, plan)
+        assert opt.report.changed, opt.report.to_markdown()
+        assert model.config._attn_implementation == f"ryzen_opt_{impl}"
+        assert original.config._attn_implementation == impl
+        assert type(model) is type(original)
+        assert list(model.state_dict()) == list(original.state_dict())
+        calls = launcher.calls
+        with torch.no_grad():
+            ref = original(IDS).logits
+            out = model(IDS).logits
+        assert launcher.calls > calls
+        err = float((out - ref).norm() / ref.norm())
+        assert err <= 1e-4, err
+        gen_kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(IDS, **gen_kw), original.generate(IDS, **gen_kw))
+
+
+def test_wrong_attention_backend_is_rejected_and_implementation_restored(tmp_path):
+    torch.manual_seed(0)
+    original = _llama("sdpa").eval()
+    wrong = CountingLauncher(reference_attention, scale=1.05)
+    cfg = fast_config(tmp_path, backends=("fake_wrong",), ops=("attention",))
+    with registered("attention", "fake_wrong", wrong):
+        model = optimize(original, config=cfg)
+    report = model.optimization_report
+    statuses = {c.status for s in report.sites for k in s.cases for c in k.candidates}
+    assert statuses == {"error"}
+    assert not report.changed
+    assert model.config._attn_implementation == "sdpa"

@@ -1,0 +1,302 @@
+"""optimize() / KernelOptimizer: verified, timed kernel selection with honest fallbacks.
+
+Backends here are test-only fakes (tests/optimizer/fakes.py): a wrong one, a slow one, and a
+correct one that wins only because the test slows the baseline down (never faked timings).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import ryzen_opt
+from ryzen_opt import KernelOptimizer, OptimizeConfig, optimize
+from ryzen_opt.models.model import MLP, CausalSelfAttention
+from ryzen_opt.optimization.modules import (
+    FusedLinear,
+    FusedMLP,
+    OptimizedLayerNorm,
+    OptimizedSelfAttention,
+)
+from tests.optimizer.fakes import (
+    CountingLauncher,
+    fast_config,
+    one_thread,
+    reference_attention,
+    reference_layer_norm,
+    reference_matmul,
+    registered,
+    slow_baselines,
+    tiny_model,
+)
+
+PROMPT = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+
+
+def _statuses(report, backend):
+    return {
+        c.status
+        for s in report.sites
+        for case in s.cases
+        for c in case.candidates
+        if c.backend == backend
+    }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def optimized(tmp_path_factory):
+    """A tiny model optimized with correct fake backends against slowed baselines."""
+    tmp = tmp_path_factory.mktemp("opt")
+    mm = CountingLauncher(reference_matmul)
+    at = CountingLauncher(reference_attention)
+    ln = CountingLauncher(reference_layer_norm)
+    with (
+        registered("matmul", "fake_mm", mm),
+        registered("attention", "fake_attn", at),
+        registered("layer_norm", "fake_ln", ln),
+    ):
+        original = tiny_model()
+        snapshot = copy.deepcopy(original.state_dict())
+        # model_check=False: the win exists only against the slowed baseline, so the whole
+        # model check (which times the real original) would rightly revert it.
+        cfg = fast_config(tmp, backends=("fake_mm", "fake_attn", "fake_ln"), model_check=False)
+        opt = KernelOptimizer(cfg)
+        work = copy.deepcopy(original)
+        plan = opt.plan(work)
+        slow_baselines(plan)
+        model = opt.apply(work, plan)
+        yield {
+            "original": original,
+            "snapshot": snapshot,
+            "model": model,
+            "mm": mm,
+            "at": at,
+            "ln": ln,
+            "report": opt.report,
+        }
+
+
+def test_optimize_name_is_the_function_not_the_subpackage():
+    assert callable(ryzen_opt.optimize)
+    assert ryzen_opt.optimize is optimize
+
+
+def test_correct_fast_backends_are_kept_and_swapped_in(optimized):
+    model, report = optimized["model"], optimized["report"]
+    assert report.changed
+    assert isinstance(model, type(optimized["original"]))
+    block = model.blocks[0]
+    assert isinstance(block.attn, OptimizedSelfAttention)
+    assert isinstance(block.attn.qkv, FusedLinear) and isinstance(block.attn.proj, FusedLinear)
+    assert isinstance(block.ln1, OptimizedLayerNorm) and isinstance(model.ln_f, OptimizedLayerNorm)
+    assert isinstance(model.head, FusedLinear)
+    chosen = {s.path: s.chosen for s in report.sites}
+    assert chosen["blocks.0.attn.qkv"].get("prefill", "").startswith("fake_mm")
+    assert chosen["blocks.0.attn"] == {"prefill": "fake_attn", "decode": "fake_attn"}
+    best = next(s for s in report.sites if s.path == "head").best("decode")
+    assert best.status == "faster" and best.ci[0] > 1.0 and best.rel_error <= 1e-4
+
+
+def test_mlp_fc1_and_gelu_are_fused_into_one_kernel_call(optimized):
+    mlp = optimized["model"].blocks[0].mlp
+    assert isinstance(mlp, FusedMLP) and mlp.fc1.activation == "gelu"
+    site = next(s for s in optimized["report"].sites if s.path == "blocks.0.mlp.fc1")
+    assert site.detail.endswith("+gelu")
+    mm = optimized["mm"]
+    before = len(mm.activations)
+    with torch.no_grad():
+        optimized["model"](PROMPT[:1, :1])  # one row: inside the measured decode rows
+    assert "gelu" in mm.activations[before:]
+
+
+def test_generate_matches_original_greedy_and_uses_the_backends(optimized):
+    original, model = optimized["original"], optimized["model"]
+    calls = optimized["mm"].calls, optimized["at"].calls
+    ref = original.generate(PROMPT, 10)
+    out = model.generate(PROMPT, 10)
+    assert torch.equal(out, ref)
+    assert optimized["mm"].calls > calls[0] and optimized["at"].calls > calls[1]
+    stream = torch.stack(list(model.generate_stream(PROMPT, 10)), dim=1)
+    assert torch.equal(stream, ref[:, PROMPT.shape[1] :])
+
+
+def test_calls_outside_the_measured_shapes_or_under_autograd_run_the_original(optimized):
+    model, mm, at = optimized["model"], optimized["mm"], optimized["at"]
+    calls = mm.calls, at.calls
+    with torch.no_grad():
+        model(torch.randint(0, 64, (3, 3)))  # 9 rows, batch 3: never measured
+    model(PROMPT[:1, :1])  # grad enabled: backends have no backward, the original runs
+    assert (mm.calls, at.calls) == calls
+
+
+def test_state_dict_loads_both_ways(optimized):
+    original, model = optimized["original"], optimized["model"]
+    assert list(model.state_dict()) == list(original.state_dict())
+    other = tiny_model(seed=1)
+    model.load_state_dict(other.state_dict())  # original checkpoint -> optimized model
+    with torch.no_grad():
+        assert torch.allclose(model(PROMPT)[0], other(PROMPT)[0], rtol=1e-4, atol=1e-5)
+    fresh = tiny_model(seed=2)
+    fresh.load_state_dict(model.state_dict())  # optimized checkpoint -> original class
+    with torch.no_grad():
+        assert torch.equal(fresh(PROMPT)[0], other(PROMPT)[0])
+    model.load_state_dict(original.state_dict())
+    assert model.head.weight is model.tok_emb.weight  # the tie survives
+
+
+def test_original_model_is_untouched(optimized):
+    original = optimized["original"]
+    assert type(original.blocks[0].attn) is CausalSelfAttention
+    assert type(original.blocks[0].mlp) is MLP and type(original.head) is nn.Linear
+    assert not hasattr(original, "optimization_report")
+    for k, v in original.state_dict().items():
+        assert torch.equal(v, optimized["snapshot"][k]), k
+
+
+def test_report_json_markdown_and_rich(optimized, tmp_path):
+    report = optimized["report"]
+    path = tmp_path / "r.json"
+    report.to_json(path)
+    data = json.loads(path.read_text())
+    assert data["changed"] is True
+    site = next(s for s in data["sites"] if s["path"] == "blocks.0.attn")
+    cand = site["cases"][0]["candidates"][0]
+    assert {"backend", "status", "speedup", "ci", "rel_error", "max_abs_error"} <= set(cand)
+    md = report.to_markdown()
+    assert "| blocks.0.attn.qkv | linear |" in md and "speed-up" in md
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(report)
+    assert "fake_mm" in console.export_text()
+
+
+def test_wrong_backend_is_rejected_with_reason_error(tmp_path):
+    model = tiny_model()
+    with registered("matmul", "fake_wrong", CountingLauncher(reference_matmul, scale=1.01)):
+        out = optimize(model, config=fast_config(tmp_path, backends=("fake_wrong",)))
+    report = out.optimization_report
+    assert _statuses(report, "fake_wrong") == {"error"}
+    assert not report.changed and type(out.head) is nn.Linear
+    rel = [c.rel_error for s in report.sites for k in s.cases for c in k.candidates]
+    assert all(r > 1e-4 for r in rel)
+
+
+def test_slow_backend_is_rejected_as_slower(tmp_path):
+    model = tiny_model()
+    slow = CountingLauncher(reference_matmul, sleep_s=2e-3)
+    cfg = fast_config(tmp_path, backends=("fake_slow",), ops=("linear",))
+    with registered("matmul", "fake_slow", slow):
+        out = optimize(model, config=cfg)
+    report = out.optimization_report
+    assert _statuses(report, "fake_slow") == {"slower"}
+    assert not report.changed and type(out.blocks[0].attn.qkv) is nn.Linear
+    assert "slower" in report.to_markdown()
+
+
+def test_no_backend_returns_unchanged_copy_and_says_so(tmp_path):
+    model = tiny_model()
+    out = optimize(model, config=fast_config(tmp_path, backends=()))
+    assert out is not model and type(out) is type(model)
+    assert [type(m) for m in out.modules()] == [type(m) for m in model.modules()]
+    assert not out.optimization_report.changed
+    assert out.optimization_report.summary.startswith("unchanged")
+
+
+def test_inplace_optimizes_the_model_itself(tmp_path):
+    model = tiny_model()
+    out = optimize(model, config=fast_config(tmp_path, backends=()), inplace=True)
+    assert out is model and hasattr(model, "optimization_report")
+
+
+def test_decision_cache_is_written_then_reused(tmp_path):
+    cfg = fast_config(tmp_path, backends=("fake_slow",), ops=("linear",))
+    with registered("matmul", "fake_slow", CountingLauncher(reference_matmul, sleep_s=1e-3)):
+        first = optimize(tiny_model(), config=cfg).optimization_report
+        path = cfg.resolved_cache_dir / "decisions.json"
+        entries = json.loads(path.read_text())["entries"]
+        assert entries and all("speedup" in e for e in entries.values())
+        second = optimize(tiny_model(), config=cfg).optimization_report
+    cands = [c for s in second.sites for k in s.cases for c in k.candidates]
+    assert cands and all(c.cached for c in cands)
+    assert not any(
+        c.cached for s in first.sites for k in s.cases for c in k.candidates if c is cands[0]
+    )
+
+
+def test_corrupt_cache_is_ignored_and_rebuilt(tmp_path):
+    cfg = fast_config(tmp_path, backends=("fake_slow",), ops=("layer_norm",))
+    path = cfg.resolved_cache_dir / "decisions.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    with registered("layer_norm", "fake_slow", CountingLauncher(reference_layer_norm)):
+        report = optimize(tiny_model(), config=cfg).optimization_report
+    assert any("ignored and rebuilt" in n for n in report.notes)
+    assert json.loads(path.read_text())["entries"]
+
+
+def test_config_to_dict_and_tolerances():
+    cfg = OptimizeConfig(backends=["numba"], tolerance={"bf16": 5e-3})
+    d = cfg.to_dict()
+    assert d["backends"] == ["numba"] and d["tolerance"]["bfloat16"] == 5e-3
+    assert cfg.tolerance_for(torch.float32) == 1e-4
+    assert cfg.tolerance_for(torch.float16) == 1e-2
+    json.dumps(d)
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("RYZEN_OPT_CACHE_DIR", str(tmp_path / "env"))
+    assert OptimizeConfig().resolved_cache_dir == tmp_path / "env"
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda m: optimize("not a model"), "model"),
+        (lambda m: optimize(m, dtype="float8"), "dtype"),
+        (lambda m: optimize(m, dtype=torch.int32), "dtype"),
+        (lambda m: optimize(m, device="tpu"), "device"),
+        (lambda m: optimize(m, example_inputs=torch.randn(2, 4)), "example_inputs"),
+        (lambda m: optimize(m, example_inputs=torch.tensor([1, 2])), "example_inputs"),
+        (lambda m: optimize(m, example_inputs=torch.tensor([[1, 999]])), "example_inputs"),
+        (lambda m: optimize(m, example_inputs=[[1, 2]]), "example_inputs"),
+        (lambda m: optimize(nn.Linear(2, 2)), "example_inputs"),
+        (lambda m: optimize(m, config={"repeat": 3}), "config"),
+        (lambda m: optimize(m, inplace="yes"), "inplace"),
+        (lambda m: KernelOptimizer("fast"), "config"),
+        (lambda m: OptimizeConfig(repeat=1), "repeat"),
+        (lambda m: OptimizeConfig(tolerance={"float32": 2.0}), "tolerance"),
+        (lambda m: OptimizeConfig(ops=("conv",)), "ops"),
+        (lambda m: OptimizeConfig(prefill_shape=(0, 4)), "prefill_shape"),
+        (lambda m: optimize(m, config=OptimizeConfig(backends=("nope",))), "backends"),
+    ],
+)
+def test_bad_input_raises_naming_the_argument(call, name):
+    with pytest.raises((TypeError, ValueError), match=name):
+        call(tiny_model())
+
+
+def test_cuda_device_without_gpu_raises_naming_device():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match="device"):
+        optimize(tiny_model(), device="cuda")
+
+
+def test_example_inputs_give_the_measured_shapes(tmp_path):
+    cfg = fast_config(tmp_path, backends=("fake_mm",), ops=("linear",))
+    with registered("matmul", "fake_mm", CountingLauncher(reference_matmul)):
+        opt = KernelOptimizer(cfg)
+        plan = opt.plan(tiny_model(), torch.randint(0, 64, (3, 6)))
+    shapes = {c.shape for s in plan.sites if s.path == "head" for c in s.cases}
+    assert shapes == {"3x6x32", "3x1x32"}
