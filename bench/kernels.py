@@ -149,7 +149,7 @@ def _copy_case(nbytes: int, dtype: torch.dtype, device: str) -> Case:
         g = _gen(4)
         return (
             _rand(numel, dtype=dtype, device=dev, gen=g),
-            torch.empty(numel, dtype=dtype, device=dev),
+            torch.empty(numel, dtype=dtype, device=dev.split(":")[-1]),
         )
 
     return Case(

@@ -1,0 +1,33 @@
+"""bench.kernels: every case builds, probes and checks on this machine (no timing here)."""
+
+import pytest
+import torch
+
+from bench import kernels
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_every_cpu_case_probes_and_its_baseline_runs_on_small_inputs(quick):
+    names = set()
+    for case in kernels.cases("cpu", quick):
+        probe = case.make("probe:cpu")
+        assert all(not isinstance(t, torch.Tensor) or t.device.type == "cpu" for t in probe)
+        for name, _fn, reason in kernels.candidates(case, "cpu", probe):
+            assert reason is None or isinstance(reason, str), (name, reason)
+        names.add(kernels._bench_name(case, "torch", "cpu"))
+    assert len(names) == len(kernels.cases("cpu", quick))  # benchmark names are unique
+
+
+def test_cuda_case_list_is_well_formed_without_a_gpu():
+    cs = kernels.cases("cuda", quick=False)
+    assert {c.op for c in cs} >= {"matmul", "attention", "decode_attention", "layer_norm"}
+    assert all(c.dtype == torch.bfloat16 for c in cs if c.op != "ceiling")
+
+
+def test_baseline_and_reference_agree_on_a_model_shape_case():
+    from ryzen_opt.kernels import reference
+
+    case = next(c for c in kernels.cases("cpu", True) if "gelu" in c.label)
+    args = case.make("cpu")
+    out = reference.matmul(*args)
+    assert kernels._rel_error(out, case.torch_fn(*args)) < 1e-5
