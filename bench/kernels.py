@@ -71,7 +71,7 @@ def _matmul_case(m, k, n, dtype, label, epilogue=None, seed=0) -> Case:
         a = _rand(m, k, dtype=dtype, device=device, gen=g)
         b = _rand(k, n, dtype=dtype, device=device, gen=g) / math.sqrt(k)
         bias = _rand(n, dtype=dtype, device=device, gen=g) if epilogue else None
-        return (a, b, bias, epilogue, None, None)
+        return (a, b, bias, "gelu" if epilogue == "gelu" else None, None, None)
 
     def torch_fn(a, b, bias, act, residual, out_dtype):
         if bias is None:

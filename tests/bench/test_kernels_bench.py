@@ -31,3 +31,14 @@ def test_baseline_and_reference_agree_on_a_model_shape_case():
     args = case.make("cpu")
     out = reference.matmul(*args)
     assert kernels._rel_error(out, case.torch_fn(*args)) < 1e-5
+
+
+def test_every_cpu_case_runs_through_the_reference_op_and_matches_torch():
+    from ryzen_opt.kernels import registry
+
+    for case in kernels.cases("cpu", quick=False):
+        if case.op == "ceiling" or case.flops > 4e9:
+            continue
+        args = case.make("cpu")
+        out = registry.dispatch(case.op, "reference", *args)
+        assert kernels._rel_error(out, case.torch_fn(*args)) < 1e-4, case.label
