@@ -62,6 +62,14 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _command() -> str:
+    """The command line as a user types it (``python -m bench.kernels ...``)."""
+    argv0 = Path(sys.argv[0])
+    if argv0.parent.name == "bench" and argv0.suffix == ".py":
+        return " ".join(["python", "-m", f"bench.{argv0.stem}", *sys.argv[1:]])
+    return " ".join(["python", *sys.argv])
+
+
 def environment(device: str) -> dict[str, Any]:
     """Device, versions and thread count, recorded with every result."""
     env: dict[str, Any] = {
@@ -71,7 +79,7 @@ def environment(device: str) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "versions": versions(),
         "commit": git_commit(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": _command(),
     }
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)

@@ -97,10 +97,41 @@ def _optimized(model: SimpleTransformerModel, device: str) -> SimpleTransformerM
     return optimize(model)
 
 
+class _OrtModel:
+    """The baseline exported to ONNX (fp32, KV cache) and run by ONNX Runtime on the CPU."""
+
+    def __init__(self, model: SimpleTransformerModel) -> None:
+        import tempfile
+
+        from ryzen_opt.compress import OnnxGenerator, export_onnx
+
+        # One export per process: the weights are the seeded baseline's, so the file is the
+        # same in every pyperf worker; exporting takes seconds, so it stays out of the timing.
+        self._dir = tempfile.TemporaryDirectory(prefix="ryzen_opt_bench_model_")
+        path = export_onnx(model, Path(self._dir.name) / "model.onnx")
+        self.gen = OnnxGenerator(path, threads=torch.get_num_threads())
+
+    def __call__(self, idx, kv_cache=None):
+        logits, present = self.gen.forward(idx.cpu().numpy(), past=kv_cache)
+        return torch.from_numpy(logits), present
+
+    def generate(self, idx, max_new_tokens, **kw):
+        return torch.from_numpy(self.gen.generate(idx.cpu().numpy(), max_new_tokens))
+
+
+def _onnxruntime(model: SimpleTransformerModel, device: str) -> _OrtModel:
+    return _OrtModel(model)
+
+
 VARIANTS: dict[str, Variant] = {
     "baseline": Variant("baseline", _baseline),
     "torch.compile": Variant("torch.compile", _compiled),
     "optimize()": Variant("optimize()", _optimized),
+    "onnxruntime": Variant(
+        "onnxruntime",
+        _onnxruntime,
+        lambda device: None if device == "cpu" else "ONNX Runtime column is CPU-only here",
+    ),
 }
 
 
@@ -228,7 +259,7 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
-    default = "baseline" if own.quick else "baseline,torch.compile,optimize()"
+    default = "baseline" if own.quick else "baseline,torch.compile,optimize(),onnxruntime"
     names = (own.variants or default).split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:

@@ -1,0 +1,26 @@
+"""bench.model variants: each runs the same workloads and matches the baseline's logits."""
+
+import pytest
+import torch
+
+from bench import model as bm
+from ryzen_opt.models import ModelConfig, SimpleTransformerModel
+
+
+@pytest.mark.parametrize("name", ["baseline", "onnxruntime"])
+def test_variant_matches_baseline_logits_and_greedy_tokens(name):
+    torch.manual_seed(0)
+    base = SimpleTransformerModel(ModelConfig(num_layers=1, max_seq_len=24)).eval()
+    obj = bm.VARIANTS[name].build(base, "cpu")
+    x = torch.randint(0, 2048, (2, 6))
+    with torch.no_grad():
+        ref, _ = base(x)
+        out, _ = obj(x)
+    assert float((out - ref).abs().max()) < 1e-4
+    assert torch.equal(obj.generate(x[:, :1], 8), base.generate(x[:, :1], 8))
+
+
+def test_unknown_variant_exits_2(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["bench.model", "--variants", "nope"])
+    assert bm.main() == 2
+    assert "unknown" in capsys.readouterr().err
