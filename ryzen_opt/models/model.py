@@ -173,6 +173,13 @@ class SimpleTransformerModel(nn.Module):
             )
         past_len = 0 if kv_cache is None else kv_cache[0][0].shape[2]
         self._check_idx(idx, past_len)
+        return self._forward(idx, kv_cache, past_len)
+
+    def _forward(
+        self, idx: torch.Tensor, kv_cache: KVCache | None, past_len: int
+    ) -> tuple[torch.Tensor, KVCache]:
+        # Unchecked: generation validates the prompt once; the ids it feeds back are sampled
+        # from the vocabulary, and re-reading them every step would sync a GPU per token.
         t = idx.shape[1]
         pos = torch.arange(past_len, past_len + t, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos)[None])
@@ -247,8 +254,8 @@ class SimpleTransformerModel(nn.Module):
         self.eval()
         try:
             done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-            seq, cache = idx, None
-            logits, cache = self(idx)
+            seq = idx
+            logits, cache = self._forward(idx, None, 0)
             for step in range(max_new_tokens):
                 nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, gen)
                 if eos_id is not None:
@@ -259,9 +266,9 @@ class SimpleTransformerModel(nn.Module):
                     return
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
                 if use_cache:
-                    logits, cache = self(nxt[:, None], cache)
+                    logits, cache = self._forward(nxt[:, None], cache, seq.shape[1] - 1)
                 else:
-                    logits, _ = self(seq)
+                    logits, _ = self._forward(seq, None, 0)
         finally:
             self.train(was_training)
 
