@@ -31,9 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import RESULTS, device_name, environment, markdown_table, print_table, write_json
-
-# Relative-error tolerance per dtype for a candidate to count as correct (DESIGN.md).
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+from ryzen_opt.kernels.reference import TOLERANCE
 
 
 @dataclass

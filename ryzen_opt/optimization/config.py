@@ -10,9 +10,11 @@ from typing import Any
 
 import torch
 
+from ryzen_opt.kernels.reference import TOLERANCE
+
 # DESIGN.md, rule 2: relative error ||out - ref|| / ||ref|| allowed for a kernel that may
 # reorder the reduction (fp32) or accumulates in a wider type than it stores (bf16/fp16).
-DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-2}
+DEFAULT_TOLERANCE = {str(dt).removeprefix("torch."): tol for dt, tol in TOLERANCE.items()}
 
 _DTYPE_NAMES = {
     "float32": torch.float32,
