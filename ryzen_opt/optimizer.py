@@ -27,7 +27,7 @@ import torch.nn as nn
 from ryzen_opt.kernels import registry
 from ryzen_opt.kernels.registry import BackendError
 from ryzen_opt.models.model import SimpleTransformerModel
-from ryzen_opt.optimization import hf
+from ryzen_opt.optimization import fastpath, hf
 from ryzen_opt.optimization.cache import DecisionCache, device_description, versions
 from ryzen_opt.optimization.config import OptimizeConfig, dtype_name, parse_dtype
 from ryzen_opt.optimization.modules import Route
@@ -331,26 +331,53 @@ class KernelOptimizer:
         except Exception as e:
             res.status, res.detail = "failed", f"{type(e).__name__}: {e}"
             return res
+        if not self._matches(res, out, ref, dev):
+            return res
+        self._time(
+            res,
+            cand.op,
+            cand.name,
+            site.baseline_id,
+            case.key,
+            case.baseline,
+            cand.call,
+            dev,
+            cache,
+            dev_desc,
+            vers,
+        )
+        return res
+
+    def _matches(self, res: CandidateResult, out, ref: torch.Tensor, dev) -> bool:
+        """Record the error of ``out`` against ``ref``; ``False`` (status "error") if too large."""
         if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
             res.status = "error"
             res.detail = f"output shape {getattr(out, 'shape', None)} != {tuple(ref.shape)}"
-            return res
+            return False
         tol = self.config.tolerance_for(ref.dtype, dev)
-        res.rel_error, res.max_abs_error = _rel_error(out, ref)
+        err, max_abs = _rel_error(out, ref)
+        res.rel_error = err if res.rel_error is None else max(res.rel_error, err)
+        res.max_abs_error = (
+            max_abs if res.max_abs_error is None else max(res.max_abs_error, max_abs)
+        )
         if not torch.isfinite(out).all() and torch.isfinite(ref).all():
             res.status, res.detail = "error", "non-finite output"
-            return res
-        if res.rel_error > tol:
-            res.status, res.detail = "error", f"relative error {res.rel_error:.2e} > {tol:g}"
-            return res
+            return False
+        if err > tol:
+            res.status, res.detail = "error", f"relative error {err:.2e} > {tol:g}"
+            return False
+        return True
+
+    def _time(self, res, op, name, baseline_id, shape, baseline, call, dev, cache, dev_desc, vers):
+        """Time ``call`` against ``baseline`` (or reuse the cached decision); set the verdict."""
         cfg = self.config
         key = DecisionCache.key(
             device=dev_desc,
             versions=vers,
-            op=cand.op,
-            candidate=cand.name,
-            baseline=site.baseline_id,
-            shape=case.key,
+            op=op,
+            candidate=name,
+            baseline=baseline_id,
+            shape=shape,
             repeat=cfg.repeat,
             min_sample_s=cfg.min_sample_s,
             confidence=cfg.confidence,
@@ -359,8 +386,8 @@ class KernelOptimizer:
         if hit is None:
             with torch.no_grad():
                 cmp = compare(
-                    case.baseline,
-                    cand.call,
+                    baseline,
+                    call,
                     repeat=cfg.repeat,
                     warmup=cfg.warmup,
                     device=dev,
@@ -386,7 +413,6 @@ class KernelOptimizer:
                 f"{res.speedup:.2f}x, CI [{res.ci[0]:.2f}, {res.ci[1]:.2f}]"
                 f" (needs CI > 1 and >= {cfg.min_speedup:g}x)"
             )
-        return res
 
     def _decide(self, site: Site, results: list[tuple[Case, CaseResult]], dev, dtype):
         """Per case label: the backend faster at every shape of it (best geometric mean)."""
@@ -426,6 +452,139 @@ class KernelOptimizer:
             )
             chosen[label] = best
         return routes, chosen
+
+    # ------------------------------------------------------------------ fast paths
+
+    def _fast_paths(self, plan, model, cache, dev_desc, vers, report):
+        """Verify and time the model-level fast paths; the winners as :class:`FastPaths`."""
+        cfg = self.config
+        if not isinstance(model, SimpleTransformerModel) or cfg.fast_paths == ():
+            return [], None
+        dev = plan.device
+        names = fastpath.FAST_PATHS if cfg.fast_paths is None else cfg.fast_paths
+        # The decision depends on what the model runs now (kernel swaps included).
+        swaps = sorted(f"{s.path}:{k}={v}" for s in report.sites for k, v in s.chosen.items())
+        baseline_id = "SimpleTransformerModel[" + ",".join(swaps) + "]"
+        reports, decode, prefill, measured_batches = [], [], {}, set()
+        for kind in ("prefill", "decode"):
+            runs = [r for r in plan.runs if r.label == kind]
+            paths = [fastpath.make_path(n) for n in names if fastpath.make_path(n).kind == kind]
+            if not runs or not paths:
+                continue
+            srep = SiteReport(
+                "(whole model)", f"{kind} step", "model-level fast path: the whole step at once"
+            )
+            groups: dict[tuple, list[CaseResult]] = {}
+            for run in runs:
+                state = run.setup(model)
+                ids = state if kind == "prefill" else state[0]
+                group = tuple(ids.shape) if kind == "prefill" else (ids.shape[0],)
+                label = (
+                    f"{kind} {'x'.join(map(str, group))}"
+                    if kind == "prefill"
+                    else (f"decode b{group[0]}")
+                )
+                with torch.no_grad():
+                    ref = run.call(model, state)
+                _sync(dev)
+                crep = CaseResult(label, run.shape)
+                for path in paths:
+                    crep.candidates.append(
+                        self._evaluate_path(
+                            path, run, state, model, ref, baseline_id, cache, dev_desc, vers
+                        )
+                    )
+                srep.cases.append(crep)
+                groups.setdefault(group, []).append(crep)
+            for group, creps in groups.items():
+                best, best_score = None, 0.0
+                for path in paths:
+                    hits = [next(c for c in r.candidates if c.backend == path.name) for r in creps]
+                    if any(h.status != "faster" for h in hits):
+                        continue
+                    score = math.exp(sum(math.log(h.speedup) for h in hits) / len(hits))
+                    if score > best_score:
+                        best, best_score = path, score
+                if best is not None:
+                    srep.chosen[creps[0].case] = best.name
+                    if kind == "prefill":
+                        prefill[group] = best
+                    else:
+                        decode.append((group[0], best))
+                if kind == "decode":
+                    measured_batches.add(group[0])
+            reports.append(srep)
+        if not decode and not prefill:
+            return reports, None
+        # A batch between two measured ones runs the lower one's winner; none runs outside
+        # the measured range.
+        measured = sorted(measured_batches)
+        won = dict(decode)
+        ranges = []
+        for i, b in enumerate(measured):
+            if b in won:
+                nxt = measured[i + 1] if i + 1 < len(measured) else None
+                hi = nxt - 1 if nxt is not None and nxt in won else b
+                ranges.append((b, hi, won[b]))
+        return reports, fastpath.FastPaths(ranges, prefill)
+
+    def _evaluate_path(self, path, run, state, model, ref, baseline_id, cache, dev_desc, vers):
+        """Verify one fast path on one run (two decode steps: the cache writes count), time it."""
+        op = f"{path.kind}_step"
+        res = CandidateResult(path.name, op, "unsupported")
+        reason = path.why_not(model)
+        if reason is not None:
+            res.detail = reason
+            return res
+        dev = ref.device
+        try:
+            with torch.no_grad():
+                if path.kind == "prefill":
+                    out = path(model, state, None, 0)[0]
+                    ok = self._matches(res, out, ref, dev)
+                    del out
+
+                    def call(m=model, x=state):
+                        return path(m, x, None, 0)[0]
+
+                else:
+                    ids, tup = state
+                    p = tup[0][0].shape[2]
+                    static = path.adopt(model, tup)
+                    if static is None:
+                        raise RuntimeError("the static KV buffer is in use")
+                    out, after = path(model, ids, static, p)
+                    ok = self._matches(res, out, ref, dev)
+                    if ok and p + 1 < model.config.max_seq_len:
+                        nxt = ref[:, -1].argmax(-1, keepdim=True)
+                        ref2 = model(nxt, model(ids, tup)[1])[0]
+                        out2 = path(model, nxt, after, p + 1)[0]
+                        ok = self._matches(res, out2, ref2, dev)
+                    del out, after  # a live longer view would make every timed step copy
+
+                    def call(m=model, x=ids, c=static, n=p):
+                        return path(m, x, c, n)[0]
+
+            _sync(dev)
+        except Exception as e:
+            res.status, res.detail = "failed", f"{type(e).__name__}: {e}"
+            return res
+        if not ok:
+            return res
+        self._time(
+            res,
+            op,
+            path.name,
+            baseline_id,
+            run.shape,
+            lambda: run.call(model, state),
+            call,
+            dev,
+            cache,
+            dev_desc,
+            vers,
+        )
+        return res
 
     # ------------------------------------------------------------------ apply
 
@@ -488,6 +647,11 @@ class KernelOptimizer:
                 if routes:
                     undo.append(site.install(model, routes))
                 report.sites.append(srep)
+            fast_reports, paths = self._fast_paths(plan, model, cache, dev_desc, vers, report)
+            report.sites += fast_reports
+            if paths is not None:
+                undo.append(fastpath.install(model, paths))
+                report.notes.append("fast paths: " + "; ".join(paths.describe()))
             report.changed = bool(undo)
             if undo and cfg.model_check and plan.reference is not None:
                 failure = self._check_model(plan, model, report)

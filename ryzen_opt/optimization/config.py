@@ -74,6 +74,10 @@ class OptimizeConfig:
         use_cache: read and write the decision cache.
         prefill_shape: ``(batch, seq)`` of the synthetic prefill when no example input is given.
         decode_batches: batch sizes of the synthetic one-token decode steps.
+        fast_paths: model-level fast paths to try for the ``SimpleTransformerModel`` family
+            (``None``: every one that runs on the model's device; ``()``: none). Names:
+            ``numba_fused_decode[serial]``, ``numba_fused_decode[pool]`` (CPU),
+            ``cuda_graph_decode``, ``cuda_graph_prefill`` (CUDA).
 
     Example:
         >>> from ryzen_opt import OptimizeConfig
@@ -107,6 +111,7 @@ class OptimizeConfig:
     # Typical serving shapes: a 16 x 128 prefill and decode at batch 1 (chat) and 16 (batched).
     prefill_shape: tuple[int, int] = (16, 128)
     decode_batches: tuple[int, ...] = (1, 16)
+    fast_paths: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.backends is not None:
@@ -164,6 +169,13 @@ class OptimizeConfig:
         ):
             raise ValueError(f"decode_batches must be positive ints, got {d!r}")
         self.decode_batches = tuple(d)
+        if self.fast_paths is not None:
+            from ryzen_opt.optimization.fastpath import FAST_PATHS
+
+            f = self.fast_paths
+            if isinstance(f, str) or any(x not in FAST_PATHS for x in f):
+                raise ValueError(f"fast_paths must be None or drawn from {FAST_PATHS}, got {f!r}")
+            self.fast_paths = tuple(f)
 
     @property
     def resolved_cache_dir(self) -> Path:
@@ -186,6 +198,6 @@ class OptimizeConfig:
         """Plain-JSON view (for the report)."""
         d = dataclasses.asdict(self)
         d["cache_dir"] = str(self.resolved_cache_dir)
-        for k in ("backends", "ops", "prefill_shape", "decode_batches"):
+        for k in ("backends", "ops", "prefill_shape", "decode_batches", "fast_paths"):
             d[k] = None if d[k] is None else list(d[k])
         return d

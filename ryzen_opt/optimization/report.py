@@ -267,6 +267,7 @@ class OptimizationReport:
     def print(self) -> None:
         """Print the rich table, the whole-model check and the notes to the terminal."""
         from rich.console import Console
+        from rich.markup import escape
 
         console = Console()
         console.print(self)
@@ -274,7 +275,7 @@ class OptimizationReport:
             sp = f"{m.speedup:.2f}x [{m.ci[0]:.2f}, {m.ci[1]:.2f}]" if m.ci else "-"
             console.print(f"model {m.case} {m.shape}: rel err {m.rel_error:.1e}, {sp}: {m.verdict}")
         for n in self.notes:
-            console.print(f"note: {n}")
+            console.print(f"note: {escape(n)}")
 
     def __str__(self) -> str:
         return self.to_markdown()

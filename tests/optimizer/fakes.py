@@ -72,8 +72,13 @@ def tiny_model(num_layers: int = 1, seed: int = 0) -> SimpleTransformerModel:
 
 
 def fast_config(tmp_path, **kw) -> OptimizeConfig:
-    """Small shapes and few samples: the tests check decisions, not precise speed-ups."""
+    """Small shapes and few samples: the tests check decisions, not precise speed-ups.
+
+    Model-level fast paths are off unless a test asks for them (tests/optimizer/
+    test_fastpath.py): the kernel-decision tests need the per-site choices alone.
+    """
     base = dict(
+        fast_paths=(),
         repeat=7,
         warmup=1,
         min_sample_s=1e-3,

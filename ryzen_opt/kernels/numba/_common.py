@@ -216,6 +216,71 @@ MR = 6
 NR = 16
 
 
+def _emit_fma_tile(builder, a_ptr, a_index, b_ptr, c_ptr, n) -> None:
+    """IR of the MR x NR register tile: c[i*NR + j] = sum_k a[a_index(k, i)] * b[k*NR + j].
+
+    ``a_index(builder, k, i)`` gives the (i64) element index of A's row i at step k, so the
+    same loop serves a packed k-major panel and rows read in place with a stride.
+    """
+    f32, i64 = ir.FloatType(), ir.IntType(64)
+    vec = ir.VectorType(f32, 8)
+    fma = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v8f32"
+    )
+    zero = ir.Constant(vec, None)
+    lanes0 = ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)
+    entry = builder.block
+    loop = builder.append_basic_block("tile_loop")
+    done = builder.append_basic_block("tile_done")
+    builder.cbranch(builder.icmp_signed(">", n, ir.Constant(i64, 0)), loop, done)
+    builder.position_at_end(loop)
+    k = builder.phi(i64)
+    k.add_incoming(ir.Constant(i64, 0), entry)
+    accs = []
+    for _ in range(MR * NR // 8):
+        p = builder.phi(vec)
+        p.add_incoming(zero, entry)
+        accs.append(p)
+    b_off = builder.mul(k, ir.Constant(i64, NR))
+    bv = []
+    for h in range(NR // 8):
+        ptr = builder.gep(b_ptr, [builder.add(b_off, ir.Constant(i64, 8 * h))])
+        bv.append(builder.load(builder.bitcast(ptr, vec.as_pointer()), align=4))
+    new = []
+    for i in range(MR):
+        a = builder.load(builder.gep(a_ptr, [a_index(builder, k, i)]))
+        one = builder.insert_element(
+            ir.Constant(vec, ir.Undefined), a, ir.Constant(ir.IntType(32), 0)
+        )
+        splat = builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), lanes0)
+        for h in range(NR // 8):
+            new.append(builder.call(fma, [splat, bv[h], accs[i * (NR // 8) + h]]))
+    k1 = builder.add(k, ir.Constant(i64, 1))
+    tail = builder.block
+    k.add_incoming(k1, tail)
+    for p, v in zip(accs, new, strict=True):
+        p.add_incoming(v, tail)
+    builder.cbranch(builder.icmp_signed("<", k1, n), loop, done)
+    builder.position_at_end(done)
+    outs = []
+    for j in range(MR * NR // 8):
+        r = builder.phi(vec)
+        r.add_incoming(zero, entry)
+        r.add_incoming(new[j], tail)
+        outs.append(r)
+    for j, r in enumerate(outs):
+        ptr = builder.gep(c_ptr, [ir.Constant(i64, 8 * j)])
+        builder.store(r, builder.bitcast(ptr, vec.as_pointer()), align=4)
+
+
+def _as_i64(builder, v):
+    return builder.sext(v, ir.IntType(64)) if v.type.width < 64 else v
+
+
+def _f32_arrays(*ts) -> bool:
+    return all(isinstance(t, types.Array) and t.dtype == types.float32 for t in ts)
+
+
 @intrinsic
 def _fma_tile(typingctx, ap, bp, kc, acc):
     """acc[:MR*NR] = sum over k < kc of outer(ap[k*MR:(k+1)*MR], bp[k*NR:(k+1)*NR]).
@@ -226,67 +291,55 @@ def _fma_tile(typingctx, ap, bp, kc, acc):
     and every update is one llvm.fma.v8f32. ``ap``/``bp`` are packed panels (k-major),
     ``acc`` a contiguous float32 buffer of MR*NR.
     """
+    if not (isinstance(kc, types.Integer) and _f32_arrays(ap, bp, acc)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        a_ptr = context.make_array(sig.args[0])(context, builder, args[0]).data
+        b_ptr = context.make_array(sig.args[1])(context, builder, args[1]).data
+        c_ptr = context.make_array(sig.args[3])(context, builder, args[3]).data
+
+        def a_index(b, k, i):
+            return b.add(b.mul(k, ir.Constant(i64, MR)), ir.Constant(i64, i))
+
+        _emit_fma_tile(builder, a_ptr, a_index, b_ptr, c_ptr, _as_i64(builder, args[2]))
+        return context.get_dummy_value()
+
+    return types.void(ap, bp, kc, acc), codegen
+
+
+@intrinsic
+def _fma_rows_tile(typingctx, a, a0, lda, bp, kc, acc):
+    """acc[i*NR + j] = sum over k < kc of a[a0 + i*lda + k] * bp[k*NR + j], i < MR, j < NR.
+
+    The :func:`_fma_tile` register tile with A's MR rows read in place (row stride ``lda``
+    from element ``a0`` of the flat array ``a``) instead of from a packed panel: for
+    ``W @ X^T`` with ``W`` an unpacked weight matrix (six rows streamed side by side) and
+    ``X^T`` a small packed activation panel, which is how a decode step multiplies a few
+    token rows by weights it must not copy.
+    """
     if not (
-        isinstance(kc, types.Integer)
-        and all(isinstance(t, types.Array) and t.dtype == types.float32 for t in (ap, bp, acc))
+        isinstance(a0, types.Integer)
+        and isinstance(lda, types.Integer)
+        and isinstance(kc, types.Integer)
+        and _f32_arrays(a, bp, acc)
     ):
         return None
 
     def codegen(context, builder, sig, args):
-        f32, i64 = ir.FloatType(), ir.IntType(64)
-        vec = ir.VectorType(f32, 8)
         a_ptr = context.make_array(sig.args[0])(context, builder, args[0]).data
-        b_ptr = context.make_array(sig.args[1])(context, builder, args[1]).data
-        c_ptr = context.make_array(sig.args[3])(context, builder, args[3]).data
-        n = builder.sext(args[2], i64) if args[2].type.width < 64 else args[2]
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v8f32"
-        )
-        zero = ir.Constant(vec, None)
-        lanes0 = ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)
-        entry = builder.block
-        loop = builder.append_basic_block("tile_loop")
-        done = builder.append_basic_block("tile_done")
-        builder.cbranch(builder.icmp_signed(">", n, ir.Constant(i64, 0)), loop, done)
-        builder.position_at_end(loop)
-        k = builder.phi(i64)
-        k.add_incoming(ir.Constant(i64, 0), entry)
-        accs = []
-        for _ in range(MR * NR // 8):
-            p = builder.phi(vec)
-            p.add_incoming(zero, entry)
-            accs.append(p)
-        b_off = builder.mul(k, ir.Constant(i64, NR))
-        bv = []
-        for h in range(NR // 8):
-            ptr = builder.gep(b_ptr, [builder.add(b_off, ir.Constant(i64, 8 * h))])
-            bv.append(builder.load(builder.bitcast(ptr, vec.as_pointer()), align=4))
-        a_off = builder.mul(k, ir.Constant(i64, MR))
-        new = []
-        for i in range(MR):
-            a = builder.load(builder.gep(a_ptr, [builder.add(a_off, ir.Constant(i64, i))]))
-            one = builder.insert_element(
-                ir.Constant(vec, ir.Undefined), a, ir.Constant(ir.IntType(32), 0)
-            )
-            splat = builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), lanes0)
-            for h in range(NR // 8):
-                new.append(builder.call(fma, [splat, bv[h], accs[i * (NR // 8) + h]]))
-        k1 = builder.add(k, ir.Constant(i64, 1))
-        tail = builder.block
-        k.add_incoming(k1, tail)
-        for p, v in zip(accs, new, strict=True):
-            p.add_incoming(v, tail)
-        builder.cbranch(builder.icmp_signed("<", k1, n), loop, done)
-        builder.position_at_end(done)
-        outs = []
-        for j in range(MR * NR // 8):
-            r = builder.phi(vec)
-            r.add_incoming(zero, entry)
-            r.add_incoming(new[j], tail)
-            outs.append(r)
-        for j, r in enumerate(outs):
-            ptr = builder.gep(c_ptr, [ir.Constant(i64, 8 * j)])
-            builder.store(r, builder.bitcast(ptr, vec.as_pointer()), align=4)
+        b_ptr = context.make_array(sig.args[3])(context, builder, args[3]).data
+        c_ptr = context.make_array(sig.args[5])(context, builder, args[5]).data
+        start, stride = _as_i64(builder, args[1]), _as_i64(builder, args[2])
+        rows = [
+            builder.add(start, builder.mul(stride, ir.Constant(stride.type, i))) for i in range(MR)
+        ]
+
+        def a_index(b, k, i):
+            return b.add(rows[i], k)
+
+        _emit_fma_tile(builder, a_ptr, a_index, b_ptr, c_ptr, _as_i64(builder, args[4]))
         return context.get_dummy_value()
 
-    return types.void(ap, bp, kc, acc), codegen
+    return types.void(a, a0, lda, bp, kc, acc), codegen
