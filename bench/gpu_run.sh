@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# One device call: GPU tests, then the kernel and model benchmarks on CUDA. Results go to
-# $OUT (the device tool's output folder) or ./gpu_out. Needs pyperf (carried as a wheel in
-# .whl/ when the machine has none).
+# GPU runs, one or more parts per device call (each call has a 10-minute limit):
+#   bash bench/gpu_run.sh tests hf     GPU-marked tests of optimize()/fast paths/bench, then
+#                                      the HF Llama 2k-token prefill benchmark
+#   bash bench/gpu_run.sh model        python -m bench.model --device cuda (every variant)
+#   bash bench/gpu_run.sh kernels      python -m bench.kernels --device cuda --quick
+# Results go to $OUT (the device tool's output folder) or ./gpu_out. Needs pyperf (carried
+# as a wheel in .whl/ when the machine has none).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -10,11 +14,27 @@ if ! python3 -c "import pyperf" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; th
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/run.log"
-timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -m gpu --continue-on-collection-errors tests 2>&1 | tail -40 > "$OUT/pytest_gpu.log"
-tail -3 "$OUT/pytest_gpu.log"
-timeout ${KERNEL_TIMEOUT:-200} python3 -m bench.kernels --device cuda --quick \
-  -o "$OUT/kernels.json" 2>&1 | tail -80 >> "$OUT/run.log"
-timeout ${MODEL_TIMEOUT:-150} python3 -m bench.model --device cuda --quick \
-  -o "$OUT/model.json" 2>&1 | tail -30 >> "$OUT/run.log"
-tail -15 "$OUT/run.log"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >> "$OUT/run.log"
+python3 -c "import torch, triton, numba, transformers; print('torch', torch.__version__, \
+'triton', triton.__version__, 'numba', numba.__version__, 'transformers', \
+transformers.__version__)" >> "$OUT/run.log" 2>&1
+for part in "$@"; do
+  echo "== $part: $(date -u +%H:%M:%S)" >> "$OUT/run.log"
+  case "$part" in
+    tests)
+      timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -m gpu -p no:cacheprovider \
+        tests/optimizer tests/test_optimizer.py tests/bench 2>&1 | tail -60 > "$OUT/pytest_gpu.log"
+      tail -3 "$OUT/pytest_gpu.log" ;;
+    hf)
+      timeout ${HF_TIMEOUT:-300} python3 -m bench.hf_prefill --device cuda \
+        -o "$OUT/hf_prefill.json" 2>&1 | tail -40 >> "$OUT/run.log" ;;
+    model)
+      timeout ${MODEL_TIMEOUT:-540} python3 -m bench.model --device cuda -p 2 -n 5 --warmups 1 \
+        -o "$OUT/model.json" 2>&1 | tail -40 >> "$OUT/run.log" ;;
+    kernels)
+      timeout ${KERNEL_TIMEOUT:-300} python3 -m bench.kernels --device cuda --quick \
+        -o "$OUT/kernels.json" 2>&1 | tail -80 >> "$OUT/run.log" ;;
+    *) echo "unknown part $part" >> "$OUT/run.log" ;;
+  esac
+done
+tail -40 "$OUT/run.log"
