@@ -344,11 +344,15 @@ class CudaGraphDecode(_CudaGraphPath):
         ids = torch.zeros(b, dtype=torch.int64, device=dev)
         pos = torch.zeros(1, dtype=torch.int64, device=dev)
         keys = torch.arange(t_max, device=dev)
+        # The mask is a static input written before each replay (one small kernel), not
+        # computed in the graph from ``pos``: computed in the graph, replays after the first
+        # attended to the wrong keys on torch 2.11 / H100 (tests/optimizer/test_fastpath.py).
+        visible = torch.zeros(t_max, dtype=torch.bool, device=dev)
         eps = model.ln_f.eps
 
         def step():
             x = F.embedding(ids, model.tok_emb.weight) + F.embedding(pos, model.pos_emb.weight)
-            mask = (keys <= pos).view(1, 1, 1, t_max)
+            mask = visible.view(1, 1, 1, t_max)
             for i, blk in enumerate(model.blocks):
                 a = F.layer_norm(x, (c,), blk.ln1.weight, blk.ln1.bias, eps)
                 qkv = F.linear(a, blk.attn.qkv.weight, blk.attn.qkv.bias).view(b, 3, h, 1, d)
@@ -364,7 +368,8 @@ class CudaGraphDecode(_CudaGraphPath):
 
         with torch.no_grad():
             graph, logits = _capture(step, dev)
-        return _Graph(graph, {"ids": ids, "pos": pos, "buffer": buf}, logits, _Binding(model))
+        inputs = {"ids": ids, "pos": pos, "keys": keys, "visible": visible, "buffer": buf}
+        return _Graph(graph, inputs, logits, _Binding(model))
 
     def adopt(self, model: SimpleTransformerModel, cache) -> StaticKVCache | None:
         """A writable view of ``cache`` in this batch size's static buffer (``None``: busy)."""
@@ -385,6 +390,7 @@ class CudaGraphDecode(_CudaGraphPath):
         g = self.graphs[idx.shape[0]]
         g.inputs["ids"].copy_(idx.reshape(-1))
         g.inputs["pos"].fill_(past_len)
+        torch.le(g.inputs["keys"], past_len, out=g.inputs["visible"])
         g.graph.replay()
         # A copy: the next replay overwrites the static output.
         return g.outputs.clone().unsqueeze(1), cache.advanced()
