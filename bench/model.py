@@ -21,6 +21,7 @@ same threads; each variant's logits are compared with the baseline's (max abs di
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -222,6 +223,29 @@ def peak_memory_fresh(variant: str, workload: str, device: str) -> int | None:
         return None
 
 
+def _peak_memory_all(results: dict, variants: list[Variant], device: str) -> None:
+    """Peak memory of every (variant, workload), each in a fresh process.
+
+    On CUDA the children run a few at a time (each reads its own ``max_memory_allocated``,
+    so they do not disturb each other's figure; a GPU host has the cores): one at a time they
+    took longer than a device call may run. On the CPU they stay one at a time, since RSS
+    growth is measured there and the machine has 2 cores.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [
+        (v.name, w)
+        for v in variants
+        if results[v.name]["reason"] is None
+        for w in ("ttft", *[f"decode b{b}" for b in DECODE_BATCHES])
+    ]
+    workers = max(1, min(len(jobs), (os.cpu_count() or 1) // 4)) if device == "cuda" else 1
+    with ThreadPoolExecutor(workers) as pool:
+        peaks = list(pool.map(lambda j: peak_memory_fresh(j[0], j[1], device), jobs))
+    for (name, w), peak in zip(jobs, peaks, strict=True):
+        results[name].setdefault("peak", {})[w] = peak
+
+
 def max_logit_diff(variant: Variant, device: str) -> float:
     """Largest |logit| difference to the baseline on the prefill input."""
     inputs = make_inputs(device)
@@ -309,10 +333,7 @@ def main() -> int:
     for v in variants:
         if results[v.name]["reason"] is None:
             results[v.name]["max_logit_diff"] = max_logit_diff(v, device)
-            results[v.name]["peak"] = {
-                w: peak_memory_fresh(v.name, w, device)
-                for w in ("ttft", *[f"decode b{b}" for b in DECODE_BATCHES])
-            }
+    _peak_memory_all(results, variants, device)
     _report(results, device, own.quick, Path(args.output))
     return 0
 

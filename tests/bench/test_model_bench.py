@@ -24,3 +24,20 @@ def test_unknown_variant_exits_2(monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["bench.model", "--variants", "nope"])
     assert bm.main() == 2
     assert "unknown" in capsys.readouterr().err
+
+
+def test_peak_memory_is_collected_for_every_available_variant(monkeypatch):
+    calls = []
+
+    def fake(name, workload, device):
+        calls.append((name, workload, device))
+        return len(calls)
+
+    monkeypatch.setattr(bm, "peak_memory_fresh", fake)
+    results = {"baseline": {"reason": None}, "onnxruntime": {"reason": "CPU-only"}}
+    variants = [bm.VARIANTS["baseline"], bm.VARIANTS["onnxruntime"]]
+    bm._peak_memory_all(results, variants, "cpu")
+    workloads = ["ttft", *[f"decode b{b}" for b in bm.DECODE_BATCHES]]
+    assert [c[1] for c in calls] == workloads
+    assert set(results["baseline"]["peak"]) == set(workloads)
+    assert "peak" not in results["onnxruntime"]
