@@ -255,6 +255,7 @@ class SimpleTransformerModel(nn.Module):
         try:
             done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
             seq = idx
+            length = idx.shape[1]
             logits, cache = self._forward(idx, None, 0)
             for step in range(max_new_tokens):
                 nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, gen)
@@ -264,10 +265,11 @@ class SimpleTransformerModel(nn.Module):
                 yield nxt
                 if (eos_id is not None and bool(done.all())) or step == max_new_tokens - 1:
                     return
-                seq = torch.cat([seq, nxt[:, None]], dim=1)
+                length += 1
                 if use_cache:
-                    logits, cache = self._forward(nxt[:, None], cache, seq.shape[1] - 1)
+                    logits, cache = self._forward(nxt[:, None], cache, length - 1)
                 else:
+                    seq = torch.cat([seq, nxt[:, None]], dim=1)
                     logits, _ = self._forward(seq, None, 0)
         finally:
             self.train(was_training)

@@ -222,8 +222,7 @@ class NumbaFusedDecode:
 
     @staticmethod
     def _usable(cache: StaticKVCache) -> bool:
-        k = cache.buffer.k
-        return k.device.type == "cpu" and k.dtype == torch.float32 and cache.writable()
+        return cache.buffer.arrays is not None and cache.writable()
 
     def _workspace(self, cfg, b: int) -> np.ndarray:
         # Per (thread, batch): concurrent callers never share one; sized once, not per step.
@@ -248,8 +247,9 @@ class NumbaFusedDecode:
         cache = self.adopt(model, kv_cache)
         cfg = model.config
         b = idx.shape[0]
-        ids = np.ascontiguousarray(idx.to(torch.int64).numpy().reshape(b))
-        logits = np.empty((b, cfg.vocab_size), dtype=np.float32)
+        if idx.dtype != torch.int64 or not idx.is_contiguous():
+            idx = idx.to(torch.int64).contiguous()
+        logits = torch.empty((b, 1, cfg.vocab_size), dtype=torch.float32)
         k_arr, v_arr = cache.buffer.arrays
         decode_step(
             arena.array,
@@ -258,15 +258,15 @@ class NumbaFusedDecode:
             cfg.num_heads,
             cfg.ff_dim,
             model.ln_f.eps,
-            ids,
+            idx.numpy().reshape(b),
             past_len,
             k_arr,
             v_arr,
-            logits,
+            logits.numpy().reshape(b, cfg.vocab_size),
             self._workspace(cfg, b),
             set_threads() if self.mode == "pool" else 1,
         )
-        return torch.from_numpy(logits).view(b, 1, cfg.vocab_size), cache.advanced()
+        return logits, cache.advanced()
 
 
 # ----------------------------------------------------------------------------- CUDA graphs

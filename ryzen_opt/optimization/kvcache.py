@@ -44,8 +44,9 @@ class KVBuffer:
         # Weak references to the live views (a plain list: WeakSet costs microseconds per
         # add and per scan, which a per-token path pays every step).
         self._views: list[weakref.ref] = []
-        # numpy views for the CPU path, made once.
-        self.arrays = (self.k.numpy(), self.v.numpy()) if self.k.device.type == "cpu" else None
+        # numpy views for the fused CPU step (float32 on the CPU only), made once.
+        cpu_f32 = self.k.device.type == "cpu" and dtype == torch.float32
+        self.arrays = (self.k.numpy(), self.v.numpy()) if cpu_f32 else None
 
     @property
     def max_len(self) -> int:
@@ -66,9 +67,16 @@ class KVBuffer:
         self._views.append(weakref.ref(view))
 
     def has_view_longer_than(self, length: int) -> bool:
-        live = [r for r in self._views if r() is not None]
-        self._views = live
-        return any(r().length > length for r in live)
+        longer = dead = False
+        for r in self._views:
+            v = r()
+            if v is None:
+                dead = True
+            elif v.length > length:
+                longer = True
+        if dead:
+            self._views = [r for r in self._views if r() is not None]
+        return longer
 
 
 class StaticKVCache:
