@@ -3,6 +3,7 @@
 #   bash bench/gpu_run.sh tests hf     GPU-marked tests of optimize()/fast paths/bench, then
 #                                      the HF Llama 2k-token prefill benchmark
 #   bash bench/gpu_run.sh model        python -m bench.model --device cuda (every variant)
+#   bash bench/gpu_run.sh decode_step  python -m bench.decode_step --device cuda
 #   bash bench/gpu_run.sh kernels      python -m bench.kernels --device cuda --quick
 # Results go to $OUT (the device tool's output folder) or ./gpu_out. Needs pyperf (carried
 # as a wheel in .whl/ when the machine has none).
@@ -31,6 +32,9 @@ for part in "$@"; do
     model)
       timeout ${MODEL_TIMEOUT:-540} python3 -m bench.model --device cuda -p 2 -n 5 --warmups 1 \
         -o "$OUT/model.json" 2>&1 | tail -40 >> "$OUT/run.log" ;;
+    decode_step)
+      timeout ${STEP_TIMEOUT:-120} python3 -m bench.decode_step --device cuda \
+        -o "$OUT/decode_step.json" 2>&1 | tail -20 >> "$OUT/run.log" ;;
     kernels)
       timeout ${KERNEL_TIMEOUT:-300} python3 -m bench.kernels --device cuda --quick \
         -o "$OUT/kernels.json" 2>&1 | tail -80 >> "$OUT/run.log" ;;
