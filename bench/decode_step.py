@@ -27,13 +27,18 @@ import torch
 
 from bench.common import RESULTS, device_name, environment, markdown_table, print_table, write_json
 from ryzen_opt.models import ModelConfig, SimpleTransformerModel
-from ryzen_opt.optimization.fastpath import CudaGraphDecode, NumbaFusedDecode, _write_mask
+from ryzen_opt.optimization.fastpath import (
+    CudaGraphDecode,
+    NumbaFusedDecode,
+    TritonGraphDecode,
+    _write_mask,
+)
 from ryzen_opt.timing import compare
 
 
 def _paths(device: str):
     if device == "cuda":
-        return [CudaGraphDecode()]
+        return [CudaGraphDecode(), TritonGraphDecode()]
     return [NumbaFusedDecode("serial"), NumbaFusedDecode("pool")]
 
 
@@ -43,7 +48,8 @@ def _kernel_only(path, model, ids, static, past):
         g = path.graphs[ids.shape[0]]
         g.inputs["ids"].copy_(ids.reshape(-1))
         g.inputs["pos"].fill_(past)
-        _write_mask(g.inputs["mask"], g.inputs["masks"], past)
+        if "mask" in g.inputs:
+            _write_mask(g.inputs["mask"], g.inputs["masks"], past)
         return g.graph.replay
     from ryzen_opt.kernels.numba._common import set_threads
     from ryzen_opt.kernels.numba.decode_step import decode_step

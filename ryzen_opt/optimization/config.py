@@ -77,7 +77,7 @@ class OptimizeConfig:
         fast_paths: model-level fast paths to try for the ``SimpleTransformerModel`` family
             (``None``: every one that runs on the model's device; ``()``: none). Names:
             ``numba_fused_decode[serial]``, ``numba_fused_decode[pool]`` (CPU),
-            ``cuda_graph_decode``, ``cuda_graph_prefill`` (CUDA).
+            ``cuda_graph_decode``, ``triton_graph_decode``, ``cuda_graph_prefill`` (CUDA).
 
     Example:
         >>> from ryzen_opt import OptimizeConfig

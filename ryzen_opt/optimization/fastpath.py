@@ -10,6 +10,8 @@ The fast paths here replace the whole step:
   thread, ``pool`` spreads each matmul over Numba's threads.
 * ``cuda_graph_decode`` (CUDA): the decode step captured once per batch size in a CUDA graph,
   with the KV cache in static buffers and the position as a device tensor, replayed per token.
+* ``triton_graph_decode`` (CUDA): the same graph over fused Triton kernels
+  (:mod:`ryzen_opt.kernels.triton.decode_step`), ``5 * layers + 1`` kernels per step.
 * ``cuda_graph_prefill`` (CUDA): the model's own prefill forward captured per measured
   ``(batch, seq)`` shape and replayed.
 
@@ -40,6 +42,7 @@ FAST_PATHS = (
     "numba_fused_decode[serial]",
     "numba_fused_decode[pool]",
     "cuda_graph_decode",
+    "triton_graph_decode",
     "cuda_graph_prefill",
 )
 # Parameter names relative to ``blocks.<i>.``, in the column order of the fused step's
@@ -344,10 +347,21 @@ class CudaGraphDecode(_CudaGraphPath):
         cfg = model.config
         w = model.tok_emb.weight
         dev, dtype = w.device, w.dtype
-        c, h, d, t_max = cfg.embedding_dim, cfg.num_heads, cfg.head_dim, cfg.max_seq_len
-        buf = KVBuffer(len(model.blocks), b, h, t_max, d, dev, dtype)
+        layers, h, d, t_max = len(model.blocks), cfg.num_heads, cfg.head_dim, cfg.max_seq_len
+        buf = KVBuffer(layers, b, h, t_max, d, dev, dtype)
         ids = torch.zeros(b, dtype=torch.int64, device=dev)
         pos = torch.zeros(1, dtype=torch.int64, device=dev)
+        step, extra = self._make_step(model, b, buf, ids, pos)
+        with torch.no_grad():
+            graph, logits = _capture(step, dev)
+        inputs = {"ids": ids, "pos": pos, "buffer": buf, **extra}
+        return _Graph(graph, inputs, logits, _Binding(model))
+
+    def _make_step(self, model: SimpleTransformerModel, b: int, buf: KVBuffer, ids, pos):
+        """The step to capture (PyTorch ops) and the static inputs it adds (the mask)."""
+        cfg = model.config
+        dev = ids.device
+        c, h, d, t_max = cfg.embedding_dim, cfg.num_heads, cfg.head_dim, cfg.max_seq_len
         keys = torch.arange(t_max, device=dev)
         # Row p: the additive mask of position p, precomputed once (t_max^2 floats).
         masks = torch.zeros(t_max, 1, 1, t_max, device=dev).masked_fill_(
@@ -381,10 +395,7 @@ class CudaGraphDecode(_CudaGraphPath):
             x = F.layer_norm(x, (c,), model.ln_f.weight, model.ln_f.bias, eps)
             return F.linear(x, model.head.weight)
 
-        with torch.no_grad():
-            graph, logits = _capture(step, dev)
-        inputs = {"ids": ids, "pos": pos, "masks": masks, "mask": mask, "buffer": buf}
-        return _Graph(graph, inputs, logits, _Binding(model))
+        return step, {"masks": masks, "mask": mask}
 
     def adopt(self, model: SimpleTransformerModel, cache) -> StaticKVCache | None:
         """A writable view of ``cache`` in this batch size's static buffer (``None``: busy)."""
@@ -405,10 +416,50 @@ class CudaGraphDecode(_CudaGraphPath):
         g = self.graphs[idx.shape[0]]
         g.inputs["ids"].copy_(idx.reshape(-1))
         g.inputs["pos"].fill_(past_len)
-        _write_mask(g.inputs["mask"], g.inputs["masks"], past_len)
+        if "mask" in g.inputs:
+            _write_mask(g.inputs["mask"], g.inputs["masks"], past_len)
         g.graph.replay()
         # A copy: the next replay overwrites the static output.
         return g.outputs.clone().unsqueeze(1), cache.advanced()
+
+
+class TritonGraphDecode(CudaGraphDecode):
+    """The decode step as a CUDA graph of the fused Triton kernels of
+    :mod:`ryzen_opt.kernels.triton.decode_step`: ``5 * layers + 1`` kernels instead of about
+    15 PyTorch ops a layer in :class:`CudaGraphDecode`. The kernels read the position from
+    device memory and mask by it, so no mask is written before a replay."""
+
+    name = "triton_graph_decode"
+
+    def why_not(self, model: nn.Module) -> str | None:
+        reason = super().why_not(model)
+        if reason is not None:
+            return reason
+        try:
+            from ryzen_opt.kernels.triton import decode_step
+        except Exception as e:  # triton missing or broken: the reason goes into the report
+            return f"triton unavailable: {type(e).__name__}: {e}"
+        cfg = model.config
+        return decode_step.supports(
+            cfg.embedding_dim, cfg.ff_dim, cfg.num_heads, model.tok_emb.weight.device
+        )
+
+    def _make_step(self, model: SimpleTransformerModel, b: int, buf: KVBuffer, ids, pos):
+        from ryzen_opt.kernels.triton.decode_step import Workspace, decode_step
+
+        cfg = model.config
+        w = model.tok_emb.weight
+        params = {name: getattr(mod, attr) for name, mod, attr in _param_slots(model)}
+        if not all(p.is_contiguous() for p in params.values()):
+            raise ValueError("the triton decode step needs contiguous parameters")
+        ws = Workspace(b, cfg.embedding_dim, cfg.ff_dim, cfg.vocab_size, w.device, w.dtype)
+        eps, heads = model.ln_f.eps, cfg.num_heads
+
+        def step():
+            return decode_step(params, ids, pos, buf.k, buf.v, ws, heads=heads, eps=eps)
+
+        # The graph writes into ``ws`` and reads ``params``: both must outlive the capture.
+        return step, {"workspace": ws, "params": params}
 
 
 class CudaGraphPrefill(_CudaGraphPath):
@@ -441,6 +492,8 @@ def make_path(name: str):
         return NumbaFusedDecode(name[len("numba_fused_decode[") : -1])
     if name == "cuda_graph_decode":
         return CudaGraphDecode()
+    if name == "triton_graph_decode":
+        return TritonGraphDecode()
     if name == "cuda_graph_prefill":
         return CudaGraphPrefill()
     raise ValueError(f"unknown fast path {name!r}; known: {FAST_PATHS}")

@@ -231,12 +231,13 @@ def test_one_thread_pool_mode_runs_serially():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("decode", ["cuda_graph_decode", "triton_graph_decode"])
 @pytest.mark.parametrize("batch", [1, 5])
-def test_cuda_graph_paths_match_the_model(batch):
-    from ryzen_opt.optimization.fastpath import CudaGraphDecode, CudaGraphPrefill
+def test_cuda_graph_paths_match_the_model(batch, decode):
+    from ryzen_opt.optimization.fastpath import CudaGraphPrefill, make_path
 
     model, ref = _model().cuda(), _model().cuda()
-    dec, pre = CudaGraphDecode(), CudaGraphPrefill()
+    dec, pre = make_path(decode), CudaGraphPrefill()
     assert dec.why_not(model) is None and pre.why_not(model) is None
     ids = torch.randint(0, 97, (batch, 12), device="cuda")
     with torch.no_grad():
@@ -253,6 +254,18 @@ def test_cuda_graph_paths_match_the_model(batch):
     assert _rel(got1, want1) < 1e-5 and _rel(got2, want2) < 1e-5
     # The returned logits are copies: the next replay does not change them.
     assert not torch.equal(got1, got2)
-    fast = optimize(model, config=OptimizeConfig(use_cache=False, repeat=5, warmup=1))
+    # Every later position too (one capture serves them all; a stale mask or position shows).
+    with torch.no_grad():
+        _, c = ref(ids, None)
+        cache = s2
+        for p in range(12, model.config.max_seq_len):
+            nxt = torch.randint(0, 97, (batch, 1), device="cuda")
+            want, c = ref(nxt, c)
+            got, cache = dec(model, nxt, cache, p)
+            assert _rel(got, want) < 1e-5, f"position {p}"
+    fast = optimize(
+        model,
+        config=OptimizeConfig(use_cache=False, repeat=5, warmup=1, fast_paths=(decode,)),
+    )
     x = torch.randint(0, 97, (2, 3), device="cuda")
     assert torch.equal(fast.generate(x, 12), ref.generate(x, 12))
