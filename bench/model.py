@@ -246,14 +246,20 @@ def _peak_memory_all(results: dict, variants: list[Variant], device: str) -> Non
         results[name].setdefault("peak", {})[w] = peak
 
 
-def max_logit_diff(variant: Variant, device: str) -> float:
-    """Largest |logit| difference to the baseline on the prefill input."""
+def max_logit_diff(variant: Variant, device: str) -> tuple[float, dict[str, str]]:
+    """Largest |logit| difference to the baseline on the prefill input, and what the variant
+    chose per site and case when it carries an ``optimization_report`` (``optimize()``)."""
     inputs = make_inputs(device)
     base = make_model(device)
     with torch.no_grad():
         ref, _ = base(inputs["prefill"])
-        out, _ = variant.build(make_model(device), device)(inputs["prefill"])
-    return float((out.float() - ref.float()).abs().max())
+        built = variant.build(make_model(device), device)
+        out, _ = built(inputs["prefill"])
+    report = getattr(built, "optimization_report", None)
+    chosen = {}
+    if report is not None:
+        chosen = {f"{s.path} {case}": b for s in report.sites for case, b in s.chosen.items()}
+    return float((out.float() - ref.float()).abs().max()), chosen
 
 
 def _own_args(argv):
@@ -332,7 +338,8 @@ def main() -> int:
         return 0
     for v in variants:
         if results[v.name]["reason"] is None:
-            results[v.name]["max_logit_diff"] = max_logit_diff(v, device)
+            diff, chosen = max_logit_diff(v, device)
+            results[v.name]["max_logit_diff"], results[v.name]["chosen"] = diff, chosen
     _peak_memory_all(results, variants, device)
     _report(results, device, own.quick, Path(args.output))
     return 0
@@ -380,6 +387,7 @@ def _report(results: dict, device: str, quick: bool, json_path: Path) -> None:
             "decode_tok_s": {str(b): tps[b] for b in tps},
             "peak_bytes": peaks,
             "max_logit_diff": r["max_logit_diff"],
+            "chosen": r.get("chosen", {}),
             "samples_ttft_s": list(r["ttft"].get_values()),
         }
     rows.append(
@@ -396,9 +404,19 @@ def _report(results: dict, device: str, quick: bool, json_path: Path) -> None:
     env = environment(device)
     title = f"bench.model on {env.get('gpu', env['cpu'])}, {env['torch_threads']} threads"
     print_table(title, headers, rows)
+    # What optimize() installed (its own decisions, made again in this process from the cache).
+    notes = "".join(
+        f"{name} chose: "
+        + (", ".join(f"{k} -> {b}" for k, b in rec["chosen"].items()) or "nothing (unchanged)")
+        + "\n"
+        for name, rec in records.items()
+        if name == "optimize()"
+    )
+    print(notes, end="")
     json_path.with_suffix(".md").write_text(
         f"# {title}\n\n"
         + markdown_table(headers, rows)
+        + (f"\n{notes}" if notes else "")
         + f"\nCommand: `{env['command']}` (commit {env['commit']})\n\nVersions: {env['versions']}\n"
     )
     write_json(

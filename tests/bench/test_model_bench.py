@@ -41,3 +41,23 @@ def test_peak_memory_is_collected_for_every_available_variant(monkeypatch):
     assert [c[1] for c in calls] == workloads
     assert set(results["baseline"]["peak"]) == set(workloads)
     assert "peak" not in results["onnxruntime"]
+
+
+def test_max_logit_diff_reports_what_a_variant_chose():
+    from ryzen_opt.optimization.report import OptimizationReport, SiteReport
+
+    def build(model, device):
+        report = OptimizationReport(model="M", device=device, dtype="float32")
+        site = SiteReport("(whole model)", "decode step", "fast path")
+        site.chosen["decode b1"] = "numba_fused_decode[serial]"
+        report.sites.append(site)
+        model.optimization_report = report
+        with torch.no_grad():
+            model.head.weight[0, 0] += 0.5  # a visible logit change
+        return model
+
+    diff, chosen = bm.max_logit_diff(bm.Variant("fake", build), "cpu")
+    assert chosen == {"(whole model) decode b1": "numba_fused_decode[serial]"}
+    assert diff > 0
+    diff, chosen = bm.max_logit_diff(bm.VARIANTS["baseline"], "cpu")
+    assert (diff, chosen) == (0.0, {})
