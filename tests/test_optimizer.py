@@ -300,3 +300,29 @@ def test_example_inputs_give_the_measured_shapes(tmp_path):
         plan = opt.plan(tiny_model(), torch.randint(0, 64, (3, 6)))
     shapes = {c.shape for s in plan.sites if s.path == "head" for c in s.cases}
     assert shapes == {"3x6x32", "3x1x32"}
+
+
+def test_rejections_name_a_faster_loser_and_what_beat_it():
+    from ryzen_opt.optimization.report import (
+        CandidateResult,
+        CaseResult,
+        SiteReport,
+        _rejections,
+    )
+
+    site = SiteReport("(whole model)", "decode step", "fast path")
+    for shape, (a, b) in (("1x1 after 32", (4.0, 9.0)), ("1x1 after 127", (3.5, 8.0))):
+        case = CaseResult("decode b1", shape)
+        case.candidates += [
+            CandidateResult("graph_a", "decode_step", "faster", speedup=a),
+            CandidateResult("graph_b", "decode_step", "faster", speedup=b),
+            CandidateResult("numba", "decode_step", "unsupported", detail="runs on cpu"),
+        ]
+        site.cases.append(case)
+    site.chosen["decode b1"] = "graph_b"
+    text = _rejections(site, "decode b1")
+    assert "graph_a: faster (>= 3.50x) but graph_b more so" in text
+    assert "numba: unsupported (runs on cpu)" in text
+    assert "graph_b" not in text.split(";")[0].split(":")[0]
+    site.chosen.clear()  # nothing kept (e.g. the whole-model check reverted it)
+    assert "graph_b: faster (>= 8.00x) but not kept" in _rejections(site, "decode b1")

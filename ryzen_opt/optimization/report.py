@@ -298,9 +298,19 @@ def _rejections(site: SiteReport, case: str) -> str:
             elif c.detail:
                 why += f" ({c.detail[:120]})"
             seen[c.backend] = why
-    # A backend faster at some shapes of the case but not all is not chosen either.
+    # Left: backends faster at every shape of the case (the loop above took the others) that
+    # lost to the chosen one, or were not kept (``chosen`` is None: e.g. the model check).
     for r in site.cases:
         for c in r.candidates:
             if r.case == case and c.backend != chosen and c.backend not in seen:
-                seen[c.backend] = "not faster at every shape"
+                lo = min(
+                    x.speedup or 0.0
+                    for q in site.cases
+                    if q.case == case
+                    for x in q.candidates
+                    if x.backend == c.backend
+                )
+                seen[c.backend] = f"faster (>= {lo:.2f}x) but " + (
+                    f"{chosen} more so" if chosen else "not kept"
+                )
     return "; ".join(f"{b}: {w}" for b, w in seen.items()) or "-"
