@@ -7,7 +7,8 @@ The fast paths here replace the whole step:
 * ``numba_fused_decode[serial]`` / ``numba_fused_decode[pool]`` (CPU, float32): one Numba
   call per token runs every layer (:mod:`ryzen_opt.kernels.numba.decode_step`), reading the
   weights from one arena and writing a preallocated KV cache; ``serial`` stays on the calling
-  thread, ``pool`` spreads each matmul over Numba's threads.
+  thread, ``pool`` spreads each matmul over Numba's threads. Greedy ``generate`` (no
+  ``eos_id``) runs its whole token loop, argmax included, in one Numba call.
 * ``cuda_graph_decode`` (CUDA): the decode step captured once per batch size in a CUDA graph,
   with the KV cache in static buffers and the position as a device tensor, replayed per token.
 * ``triton_graph_decode`` (CUDA): the same graph over fused Triton kernels
@@ -35,7 +36,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ryzen_opt.models.model import MLP, CausalSelfAttention, SimpleTransformerModel
+from ryzen_opt.models.model import (
+    MLP,
+    CausalSelfAttention,
+    SimpleTransformerModel,
+    check_sampling_args,
+)
 from ryzen_opt.optimization.kvcache import KVBuffer, StaticKVCache
 
 FAST_PATHS = (
@@ -238,15 +244,59 @@ class NumbaFusedDecode:
             ws = self._workspaces[key] = np.empty(size, dtype=np.float32)
         return ws
 
+    def _arena(self, model: SimpleTransformerModel) -> _Arena:
+        arena = model.__dict__.get("_ryzen_arena")
+        if arena is None or not arena.binding.current():
+            self.prepare(model)
+            arena = model.__dict__["_ryzen_arena"]
+        return arena
+
+    def greedy(
+        self,
+        model: SimpleTransformerModel,
+        first: torch.Tensor,
+        kv_cache,
+        past_len: int,
+        steps: int,
+    ) -> torch.Tensor:
+        """``steps`` greedy tokens after ``first`` (``(batch,)``, fed at ``past_len``) in one
+        Numba call: the step, the argmax and the feedback all stay compiled."""
+        from ryzen_opt.kernels.numba._common import set_threads
+        from ryzen_opt.kernels.numba.decode_step import greedy_steps
+
+        arena = self._arena(model)
+        cache = self.adopt(model, kv_cache)
+        cfg = model.config
+        b = first.shape[0]
+        ids = first.to(torch.int64).reshape(b).clone()
+        out = torch.empty((b, steps), dtype=torch.int64)
+        logits = torch.empty((b, cfg.vocab_size), dtype=torch.float32)
+        k_arr, v_arr = cache.buffer.arrays
+        greedy_steps(
+            arena.array,
+            arena.layer_offsets,
+            arena.global_offsets,
+            cfg.num_heads,
+            cfg.ff_dim,
+            model.ln_f.eps,
+            ids.numpy(),
+            past_len,
+            steps,
+            k_arr,
+            v_arr,
+            logits.numpy(),
+            self._workspace(cfg, b),
+            set_threads() if self.mode == "pool" else 1,
+            out.numpy(),
+        )
+        return out
+
     def __call__(self, model: SimpleTransformerModel, idx: torch.Tensor, kv_cache, past_len: int):
         # Every line here runs once per token: each costs microseconds against a ~150 us step.
         from ryzen_opt.kernels.numba._common import set_threads
         from ryzen_opt.kernels.numba.decode_step import decode_step
 
-        arena = model.__dict__.get("_ryzen_arena")
-        if arena is None or not arena.binding.current():
-            self.prepare(model)
-            arena = model.__dict__["_ryzen_arena"]
+        arena = self._arena(model)
         cache = self.adopt(model, kv_cache)
         cfg = model.config
         b = idx.shape[0]
@@ -523,6 +573,41 @@ class FastPaths:
         out += [f"prefill {b}x{t}: {p.name}" for (b, t), p in self.prefill.items()]
         return out
 
+    def decode_path(self, batch: int):
+        """The decode fast path serving ``batch`` rows, or ``None``."""
+        for lo, hi, path in self.decode:
+            if lo <= batch <= hi:
+                return path
+        return None
+
+    def greedy(self, model: SimpleTransformerModel, idx: torch.Tensor, max_new_tokens: int):
+        """``generate(idx, max_new_tokens)`` under greedy decoding with the whole token loop in
+        the decode path (one call for every step), or ``None`` if that path has no such loop
+        (then ``generate`` runs its ordinary per-token loop over the same fast step).
+
+        Validates like ``generate``; the prompt runs through :meth:`run`'s routing.
+        """
+        path = self.decode_path(idx.shape[0]) if isinstance(idx, torch.Tensor) else None
+        if path is None or not hasattr(path, "greedy"):  # (generate never records autograd)
+            return None
+        cfg = model.config
+        check_sampling_args(max_new_tokens, 0.0, None, None, None, cfg)
+        model._check_idx(idx, 0)
+        if idx.shape[1] + max_new_tokens > cfg.max_seq_len:
+            return None  # generate raises the error
+        if max_new_tokens < 2:
+            return None
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                logits, cache = model._forward(idx, None, 0)
+                first = logits[:, -1].argmax(dim=-1)
+                rest = path.greedy(model, first, cache, idx.shape[1], max_new_tokens - 1)
+        finally:
+            model.train(was_training)
+        return torch.cat([idx, first[:, None], rest.to(first.device)], dim=1)
+
     def run(self, model: SimpleTransformerModel, idx: torch.Tensor, kv_cache, past_len: int):
         """The fast path's ``(logits, cache)`` for this call, or ``None`` to run the model."""
         if model.training or not _no_autograd(model):
@@ -532,11 +617,8 @@ class FastPaths:
             return None if path is None else path(model, idx, None, 0)
         if idx.shape[1] != 1 or past_len >= model.config.max_seq_len:
             return None
-        b = idx.shape[0]
-        for lo, hi, path in self.decode:
-            if lo <= b <= hi:
-                return path(model, idx, kv_cache, past_len)
-        return None
+        path = self.decode_path(idx.shape[0])
+        return None if path is None else path(model, idx, kv_cache, past_len)
 
 
 class FastPathTransformer(SimpleTransformerModel):
@@ -557,6 +639,28 @@ class FastPathTransformer(SimpleTransformerModel):
             if out is not None:
                 return out
         return super()._forward(idx, kv_cache, past_len)
+
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        seed: int | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """As ``SimpleTransformerModel.generate``; greedy decoding without ``eos_id`` runs the
+        whole token loop in the decode fast path where it has one (the fused Numba step)."""
+        paths = self.__dict__.get("_fast_paths")
+        if paths is not None and temperature == 0 and eos_id is None and use_cache:
+            out = paths.greedy(self, idx, max_new_tokens)
+            if out is not None:
+                return out
+        return super().generate(
+            idx, max_new_tokens, temperature, top_k, top_p, eos_id, seed, use_cache
+        )
 
 
 def install(model: SimpleTransformerModel, paths: FastPaths) -> Callable[[], None]:

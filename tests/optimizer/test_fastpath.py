@@ -196,6 +196,47 @@ def test_installed_paths_route_only_served_calls():
     assert type(model) is SimpleTransformerModel and "_fast_paths" not in model.__dict__
 
 
+@pytest.mark.parametrize("mode", ["serial", "pool"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_generate_runs_the_whole_loop_in_one_call(mode, batch):
+    model, ref = _model(), _model()
+    per_token, loops = [], []
+
+    class Spy(NumbaFusedDecode):
+        def __call__(self, *args):
+            per_token.append(1)
+            return super().__call__(*args)
+
+        def greedy(self, *args):
+            loops.append(args[-1])
+            return super().greedy(*args)
+
+    install(model, FastPaths([(1, 4, Spy(mode))]))
+    x = torch.randint(0, 97, (batch, 4))
+    want = ref.generate(x, 12)
+    assert torch.equal(model.generate(x, 12), want)
+    assert loops == [11] and per_token == []
+    assert torch.equal(model.generate(x.int(), 5), ref.generate(x.int(), 5))
+    # Sampling and eos run generate's per-token loop over the same fast step.
+    kw = dict(temperature=0.8, seed=1)
+    assert torch.equal(model.generate(x, 6, **kw), ref.generate(x, 6, **kw))
+    assert per_token
+    eos = int(want[0, 6])
+    assert torch.equal(model.generate(x, 8, eos_id=eos), ref.generate(x, 8, eos_id=eos))
+    # Training mode generates in eval mode and is restored, like the model's generate.
+    model.train()
+    assert torch.equal(model.generate(x, 4), ref.generate(x, 4))
+    assert model.training
+    # Bad input gets generate's own errors.
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(x, -1)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.generate(x, 100)
+    with pytest.raises(TypeError, match="idx"):
+        model.generate(x.float(), 3)
+    assert torch.equal(model.generate(x, 0), x)
+
+
 def test_deepcopy_of_a_fast_model_rebuilds_its_arena():
     model, ref = _model(), _model()
     install(model, FastPaths([(1, 4, NumbaFusedDecode("serial"))]))

@@ -256,6 +256,31 @@ def _decode_step(w, loff, goff, heads, f, eps, ids, pos, kc, vc, logits, ws, thr
     _linear(w, goff[4], goff[4], False, h, vocab, logits, x, False, 0, threads, xt_buf, acc)
 
 
+@njit(**JIT)
+def _greedy_steps(w, loff, goff, heads, f, eps, ids, pos, n, kc, vc, logits, ws, threads, out):
+    """``n`` greedy steps: feed ``ids`` at ``pos``, ``pos + 1``, ...; ``out[:, s]`` is the
+    argmax of step ``s``'s logits (the first maximum, NaN counting as the maximum, like
+    ``torch.argmax``), which becomes the next step's input."""
+    nb = ids.shape[0]
+    vocab = logits.shape[1]
+    for s in range(n):
+        _decode_step(w, loff, goff, heads, f, eps, ids, pos + s, kc, vc, logits, ws, threads)
+        for b in range(nb):
+            best = 0
+            top = logits[b, 0]
+            if top == top:
+                for j in range(1, vocab):
+                    v = logits[b, j]
+                    if v != v:
+                        best = j
+                        break
+                    if v > top:
+                        top = v
+                        best = j
+            out[b, s] = best
+            ids[b] = best
+
+
 def workspace_size(batch: int, dim: int, ff_dim: int, heads: int, max_seq_len: int) -> int:
     """Floats of scratch one step needs (``x, x2, h, att, qkv, ff, scores``, tile, X^T)."""
     panels = -(-batch // NR)
@@ -308,4 +333,46 @@ def decode_step(
         logits,
         workspace,
         threads,
+    )
+
+
+def greedy_steps(
+    arena: np.ndarray,
+    layer_offsets: np.ndarray,
+    global_offsets: np.ndarray,
+    heads: int,
+    ff_dim: int,
+    eps: float,
+    ids: np.ndarray,
+    pos: int,
+    steps: int,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    logits: np.ndarray,
+    workspace: np.ndarray,
+    threads: int,
+    out: np.ndarray,
+) -> None:
+    """``steps`` greedy decode steps in one call (unchecked, like :func:`decode_step`).
+
+    ``ids`` (``(batch,)`` int64, overwritten) is fed at ``pos``; each step's argmax is written
+    to ``out[:, step]`` (``(batch, steps)`` int64) and fed at the next position. The cache
+    must hold positions ``0..pos-1`` and have room up to ``pos + steps - 1``.
+    """
+    _greedy_steps(
+        arena,
+        layer_offsets,
+        global_offsets,
+        heads,
+        ff_dim,
+        np.float32(eps),
+        ids,
+        pos,
+        steps,
+        k_cache,
+        v_cache,
+        logits,
+        workspace,
+        threads,
+        out,
     )
