@@ -606,6 +606,8 @@ class FastPaths:
                 rest = path.greedy(model, first, cache, idx.shape[1], max_new_tokens - 1)
         finally:
             model.train(was_training)
+        if rest is None:  # the path declined (its buffer is in use): the ordinary loop
+            return None
         return torch.cat([idx, first[:, None], rest.to(first.device)], dim=1)
 
     def run(self, model: SimpleTransformerModel, idx: torch.Tensor, kv_cache, past_len: int):

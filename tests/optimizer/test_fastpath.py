@@ -237,6 +237,18 @@ def test_greedy_generate_runs_the_whole_loop_in_one_call(mode, batch):
     assert torch.equal(model.generate(x, 0), x)
 
 
+def test_greedy_generate_falls_back_when_the_path_declines():
+    model, ref = _model(), _model()
+
+    class Busy(NumbaFusedDecode):
+        def greedy(self, *args):
+            return None  # e.g. a CUDA graph whose static buffer holds another generation
+
+    install(model, FastPaths([(1, 4, Busy("serial"))]))
+    x = torch.randint(0, 97, (2, 4))
+    assert torch.equal(model.generate(x, 9), ref.generate(x, 9))
+
+
 def test_deepcopy_of_a_fast_model_rebuilds_its_arena():
     model, ref = _model(), _model()
     install(model, FastPaths([(1, 4, NumbaFusedDecode("serial"))]))
