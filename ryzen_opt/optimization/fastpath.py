@@ -7,8 +7,8 @@ The fast paths here replace the whole step:
 * ``numba_fused_decode[serial]`` / ``numba_fused_decode[pool]`` (CPU, float32): one Numba
   call per token runs every layer (:mod:`ryzen_opt.kernels.numba.decode_step`), reading the
   weights from one arena and writing a preallocated KV cache; ``serial`` stays on the calling
-  thread, ``pool`` spreads each matmul over Numba's threads. Greedy ``generate`` (no
-  ``eos_id``) runs its whole token loop, argmax included, in one Numba call.
+  thread, ``pool`` spreads each matmul over Numba's threads. Greedy ``generate`` runs its
+  whole token loop, argmax and ``eos_id`` included, in one Numba call.
 * ``cuda_graph_decode`` (CUDA): the decode step captured once per batch size in a CUDA graph,
   with the KV cache in static buffers and the position as a device tensor, replayed per token.
 * ``triton_graph_decode`` (CUDA): the same graph over fused Triton kernels
@@ -258,9 +258,11 @@ class NumbaFusedDecode:
         kv_cache,
         past_len: int,
         steps: int,
+        eos_id: int | None = None,
     ) -> torch.Tensor:
-        """``steps`` greedy tokens after ``first`` (``(batch,)``, fed at ``past_len``) in one
-        Numba call: the step, the argmax and the feedback all stay compiled."""
+        """Up to ``steps`` greedy tokens after ``first`` (``(batch,)``, fed at ``past_len``) in
+        one Numba call: the step, the argmax, ``eos_id``'s stopping rule and the feedback all
+        stay compiled. Fewer columns come back when every row stopped early."""
         from ryzen_opt.kernels.numba._common import set_threads
         from ryzen_opt.kernels.numba.decode_step import greedy_steps
 
@@ -272,7 +274,7 @@ class NumbaFusedDecode:
         out = torch.empty((b, steps), dtype=torch.int64)
         logits = torch.empty((b, cfg.vocab_size), dtype=torch.float32)
         k_arr, v_arr = cache.buffer.arrays
-        greedy_steps(
+        ran = greedy_steps(
             arena.array,
             arena.layer_offsets,
             arena.global_offsets,
@@ -288,8 +290,9 @@ class NumbaFusedDecode:
             self._workspace(cfg, b),
             set_threads() if self.mode == "pool" else 1,
             out.numpy(),
+            eos_id,
         )
-        return out
+        return out[:, :ran]
 
     def __call__(self, model: SimpleTransformerModel, idx: torch.Tensor, kv_cache, past_len: int):
         # Every line here runs once per token: each costs microseconds against a ~150 us step.
@@ -580,10 +583,16 @@ class FastPaths:
                 return path
         return None
 
-    def greedy(self, model: SimpleTransformerModel, idx: torch.Tensor, max_new_tokens: int):
-        """``generate(idx, max_new_tokens)`` under greedy decoding with the whole token loop in
-        the decode path (one call for every step), or ``None`` if that path has no such loop
-        (then ``generate`` runs its ordinary per-token loop over the same fast step).
+    def greedy(
+        self,
+        model: SimpleTransformerModel,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        eos_id: int | None = None,
+    ):
+        """``generate(idx, max_new_tokens, eos_id=eos_id)`` under greedy decoding with the whole
+        token loop in the decode path (one call for every step), or ``None`` if that path has
+        no such loop (then ``generate`` runs its ordinary per-token loop over the same step).
 
         Validates like ``generate``; the prompt runs through :meth:`run`'s routing.
         """
@@ -591,7 +600,7 @@ class FastPaths:
         if path is None or not hasattr(path, "greedy"):  # (generate never records autograd)
             return None
         cfg = model.config
-        check_sampling_args(max_new_tokens, 0.0, None, None, None, cfg)
+        check_sampling_args(max_new_tokens, 0.0, None, None, eos_id, cfg)
         model._check_idx(idx, 0)
         if idx.shape[1] + max_new_tokens > cfg.max_seq_len:
             return None  # generate raises the error
@@ -603,7 +612,11 @@ class FastPaths:
             with torch.no_grad():
                 logits, cache = model._forward(idx, None, 0)
                 first = logits[:, -1].argmax(dim=-1)
-                rest = path.greedy(model, first, cache, idx.shape[1], max_new_tokens - 1)
+                if eos_id is not None and bool((first == eos_id).all()):
+                    return torch.cat([idx, first[:, None]], dim=1)  # every row stopped at once
+                rest = path.greedy(
+                    model, first, cache, idx.shape[1], max_new_tokens - 1, eos_id=eos_id
+                )
         finally:
             model.train(was_training)
         if rest is None:  # the path declined (its buffer is in use): the ordinary loop
@@ -653,11 +666,12 @@ class FastPathTransformer(SimpleTransformerModel):
         seed: int | None = None,
         use_cache: bool = True,
     ) -> torch.Tensor:
-        """As ``SimpleTransformerModel.generate``; greedy decoding without ``eos_id`` runs the
-        whole token loop in the decode fast path where it has one (the fused Numba step)."""
+        """As ``SimpleTransformerModel.generate``; greedy decoding runs the whole token loop
+        (``eos_id`` included) in the decode fast path where it has one (the fused Numba step)."""
         paths = self.__dict__.get("_fast_paths")
-        if paths is not None and temperature == 0 and eos_id is None and use_cache:
-            out = paths.greedy(self, idx, max_new_tokens)
+        if paths is not None and temperature == 0 and use_cache:
+            check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_id, self.config)
+            out = paths.greedy(self, idx, max_new_tokens, eos_id)
             if out is not None:
                 return out
         return super().generate(

@@ -207,9 +207,9 @@ def test_greedy_generate_runs_the_whole_loop_in_one_call(mode, batch):
             per_token.append(1)
             return super().__call__(*args)
 
-        def greedy(self, *args):
+        def greedy(self, *args, **kw):
             loops.append(args[-1])
-            return super().greedy(*args)
+            return super().greedy(*args, **kw)
 
     install(model, FastPaths([(1, 4, Spy(mode))]))
     x = torch.randint(0, 97, (batch, 4))
@@ -217,12 +217,18 @@ def test_greedy_generate_runs_the_whole_loop_in_one_call(mode, batch):
     assert torch.equal(model.generate(x, 12), want)
     assert loops == [11] and per_token == []
     assert torch.equal(model.generate(x.int(), 5), ref.generate(x.int(), 5))
-    # Sampling and eos run generate's per-token loop over the same fast step.
+    # eos_id: rows that produced it repeat it; generation stops once every row has (with one
+    # row, at eos; when the first token already is eos, after it).
+    for eos in (int(want[0, 6]), int(want[0, 4])):
+        got, exp = model.generate(x, 12, eos_id=eos), ref.generate(x, 12, eos_id=eos)
+        assert torch.equal(got, exp), eos
+    if batch == 1:
+        assert got.shape[1] == 5 and exp.shape[1] == 5
+    assert per_token == []
+    # Sampling runs generate's per-token loop over the same fast step.
     kw = dict(temperature=0.8, seed=1)
     assert torch.equal(model.generate(x, 6, **kw), ref.generate(x, 6, **kw))
     assert per_token
-    eos = int(want[0, 6])
-    assert torch.equal(model.generate(x, 8, eos_id=eos), ref.generate(x, 8, eos_id=eos))
     # Training mode generates in eval mode and is restored, like the model's generate.
     model.train()
     assert torch.equal(model.generate(x, 4), ref.generate(x, 4))
@@ -234,6 +240,10 @@ def test_greedy_generate_runs_the_whole_loop_in_one_call(mode, batch):
         model.generate(x, 100)
     with pytest.raises(TypeError, match="idx"):
         model.generate(x.float(), 3)
+    with pytest.raises(ValueError, match="eos_id"):
+        model.generate(x, 3, eos_id=97)
+    with pytest.raises(ValueError, match="top_k"):
+        model.generate(x, 3, top_k=0)
     assert torch.equal(model.generate(x, 0), x)
 
 
@@ -241,7 +251,7 @@ def test_greedy_generate_falls_back_when_the_path_declines():
     model, ref = _model(), _model()
 
     class Busy(NumbaFusedDecode):
-        def greedy(self, *args):
+        def greedy(self, *args, **kw):
             return None  # e.g. a CUDA graph whose static buffer holds another generation
 
     install(model, FastPaths([(1, 4, Busy("serial"))]))

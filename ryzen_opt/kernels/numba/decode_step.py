@@ -257,14 +257,21 @@ def _decode_step(w, loff, goff, heads, f, eps, ids, pos, kc, vc, logits, ws, thr
 
 
 @njit(**JIT)
-def _greedy_steps(w, loff, goff, heads, f, eps, ids, pos, n, kc, vc, logits, ws, threads, out):
-    """``n`` greedy steps: feed ``ids`` at ``pos``, ``pos + 1``, ...; ``out[:, s]`` is the
+def _greedy_steps(w, loff, goff, heads, f, eps, ids, pos, n, kc, vc, logits, ws, threads, eos, out):
+    """Up to ``n`` greedy steps: feed ``ids`` at ``pos``, ``pos + 1``, ...; ``out[:, s]`` is the
     argmax of step ``s``'s logits (the first maximum, NaN counting as the maximum, like
-    ``torch.argmax``), which becomes the next step's input."""
+    ``torch.argmax``), which becomes the next step's input. With ``eos >= 0`` a row that has
+    produced ``eos`` (``ids`` included) keeps producing it, and the loop ends once every row
+    has: the number of steps run is returned."""
     nb = ids.shape[0]
     vocab = logits.shape[1]
+    done = np.zeros(nb, dtype=np.bool_)
+    if eos >= 0:
+        for b in range(nb):
+            done[b] = ids[b] == eos
     for s in range(n):
         _decode_step(w, loff, goff, heads, f, eps, ids, pos + s, kc, vc, logits, ws, threads)
+        finished = eos >= 0
         for b in range(nb):
             best = 0
             top = logits[b, 0]
@@ -277,8 +284,17 @@ def _greedy_steps(w, loff, goff, heads, f, eps, ids, pos, n, kc, vc, logits, ws,
                     if v > top:
                         top = v
                         best = j
+            if eos >= 0:
+                if done[b]:
+                    best = eos
+                elif best == eos:
+                    done[b] = True
+                finished = finished and done[b]
             out[b, s] = best
             ids[b] = best
+        if finished:
+            return s + 1
+    return n
 
 
 def workspace_size(batch: int, dim: int, ff_dim: int, heads: int, max_seq_len: int) -> int:
@@ -352,14 +368,17 @@ def greedy_steps(
     workspace: np.ndarray,
     threads: int,
     out: np.ndarray,
-) -> None:
-    """``steps`` greedy decode steps in one call (unchecked, like :func:`decode_step`).
+    eos_id: int | None = None,
+) -> int:
+    """Up to ``steps`` greedy decode steps in one call (unchecked, like :func:`decode_step`).
 
     ``ids`` (``(batch,)`` int64, overwritten) is fed at ``pos``; each step's argmax is written
     to ``out[:, step]`` (``(batch, steps)`` int64) and fed at the next position. The cache
-    must hold positions ``0..pos-1`` and have room up to ``pos + steps - 1``.
+    must hold positions ``0..pos-1`` and have room up to ``pos + steps - 1``. With ``eos_id``,
+    generation's stopping rule: a row that produced it repeats it, and the loop stops once
+    every row has. Returns the number of steps run.
     """
-    _greedy_steps(
+    return _greedy_steps(
         arena,
         layer_offsets,
         global_offsets,
@@ -374,5 +393,6 @@ def greedy_steps(
         logits,
         workspace,
         threads,
+        -1 if eos_id is None else eos_id,
         out,
     )
