@@ -27,12 +27,7 @@ import torch
 
 from bench.common import RESULTS, device_name, environment, markdown_table, print_table, write_json
 from ryzen_opt.models import ModelConfig, SimpleTransformerModel
-from ryzen_opt.optimization.fastpath import (
-    CudaGraphDecode,
-    NumbaFusedDecode,
-    TritonGraphDecode,
-    _write_mask,
-)
+from ryzen_opt.optimization.fastpath import CudaGraphDecode, NumbaFusedDecode, TritonGraphDecode
 from ryzen_opt.timing import compare
 
 
@@ -46,39 +41,18 @@ def _kernel_only(path, model, ids, static, past):
     """A callable running only the compiled part of ``path`` for this step."""
     if isinstance(path, CudaGraphDecode):
         g = path.graphs[ids.shape[0]]
-        g.inputs["ids"].copy_(ids.reshape(-1))
-        g.inputs["pos"].fill_(past)
-        if "mask" in g.inputs:
-            _write_mask(g.inputs["mask"], g.inputs["masks"], past)
+        path.load_inputs(g, ids, past)
         return g.graph.replay
-    from ryzen_opt.kernels.numba._common import set_threads
     from ryzen_opt.kernels.numba.decode_step import decode_step
 
-    arena = model.__dict__["_ryzen_arena"]
-    cfg = model.config
     b = ids.shape[0]
+    head, tail = path.kernel_args(model, b)
     k_arr, v_arr = static.buffer.arrays
     ids_np = ids.reshape(b).contiguous().numpy()
-    logits = torch.empty(b, cfg.vocab_size).numpy()
-    ws = path._workspace(cfg, b)
-    threads = set_threads() if path.mode == "pool" else 1
+    logits = torch.empty(b, model.config.vocab_size).numpy()
 
     def run():
-        decode_step(
-            arena.array,
-            arena.layer_offsets,
-            arena.global_offsets,
-            cfg.num_heads,
-            cfg.ff_dim,
-            model.ln_f.eps,
-            ids_np,
-            past,
-            k_arr,
-            v_arr,
-            logits,
-            ws,
-            threads,
-        )
+        decode_step(*head, ids_np, past, k_arr, v_arr, logits, *tail)
 
     return run
 

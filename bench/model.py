@@ -405,13 +405,11 @@ def _report(results: dict, device: str, quick: bool, json_path: Path) -> None:
     title = f"bench.model on {env.get('gpu', env['cpu'])}, {env['torch_threads']} threads"
     print_table(title, headers, rows)
     # What optimize() installed (its own decisions, made again in this process from the cache).
-    notes = "".join(
-        f"{name} chose: "
-        + (", ".join(f"{k} -> {b}" for k, b in rec["chosen"].items()) or "nothing (unchanged)")
-        + "\n"
-        for name, rec in records.items()
-        if name == "optimize()"
-    )
+    opt = records.get("optimize()")
+    notes = ""
+    if opt is not None:
+        picks = ", ".join(f"{k} -> {b}" for k, b in opt["chosen"].items())
+        notes = f"optimize() chose: {picks or 'nothing (unchanged)'}\n"
     print(notes, end="")
     json_path.with_suffix(".md").write_text(
         f"# {title}\n\n"

@@ -216,6 +216,16 @@ class SimpleTransformerModel(nn.Module):
             return idx
         return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
 
+    def _check_generation(self, idx, max_new_tokens, temperature, top_k, top_p, eos_id) -> None:
+        """Raise, naming the argument, for settings or a prompt generation cannot serve."""
+        check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_id, self.config)
+        self._check_idx(idx, 0)
+        if idx.shape[1] + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(
+                f"prompt length {idx.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
+                f"max_seq_len={self.config.max_seq_len}"
+            )
+
     @torch.no_grad()
     def generate_stream(
         self,
@@ -242,13 +252,7 @@ class SimpleTransformerModel(nn.Module):
             seed: seeds a private generator, so sampling is deterministic for a seed.
             use_cache: ``False`` recomputes the whole prefix each step (for testing).
         """
-        check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_id, self.config)
-        self._check_idx(idx, 0)
-        if idx.shape[1] + max_new_tokens > self.config.max_seq_len:
-            raise ValueError(
-                f"prompt length {idx.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
-                f"max_seq_len={self.config.max_seq_len}"
-            )
+        self._check_generation(idx, max_new_tokens, temperature, top_k, top_p, eos_id)
         gen = make_generator(seed, idx.device)
         was_training = self.training
         self.eval()

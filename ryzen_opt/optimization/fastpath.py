@@ -36,12 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ryzen_opt.models.model import (
-    MLP,
-    CausalSelfAttention,
-    SimpleTransformerModel,
-    check_sampling_args,
-)
+from ryzen_opt.models.model import MLP, CausalSelfAttention, SimpleTransformerModel
 from ryzen_opt.optimization.kvcache import KVBuffer, StaticKVCache
 
 FAST_PATHS = (
@@ -244,6 +239,23 @@ class NumbaFusedDecode:
             ws = self._workspaces[key] = np.empty(size, dtype=np.float32)
         return ws
 
+    def kernel_args(self, model: SimpleTransformerModel, b: int) -> tuple:
+        """The fused kernels' arguments that do not change per step, around the per-step ones:
+        ``(weights..., eps)`` and ``(workspace, threads)`` for ``b`` rows."""
+        from ryzen_opt.kernels.numba._common import set_threads
+
+        arena = self._arena(model)
+        cfg = model.config
+        head = (
+            arena.array,
+            arena.layer_offsets,
+            arena.global_offsets,
+            cfg.num_heads,
+            cfg.ff_dim,
+            model.ln_f.eps,
+        )
+        return head, (self._workspace(cfg, b), set_threads() if self.mode == "pool" else 1)
+
     def _arena(self, model: SimpleTransformerModel) -> _Arena:
         arena = model.__dict__.get("_ryzen_arena")
         if arena is None or not arena.binding.current():
@@ -263,65 +275,36 @@ class NumbaFusedDecode:
         """Up to ``steps`` greedy tokens after ``first`` (``(batch,)``, fed at ``past_len``) in
         one Numba call: the step, the argmax, ``eos_id``'s stopping rule and the feedback all
         stay compiled. Fewer columns come back when every row stopped early."""
-        from ryzen_opt.kernels.numba._common import set_threads
         from ryzen_opt.kernels.numba.decode_step import greedy_steps
 
-        arena = self._arena(model)
-        cache = self.adopt(model, kv_cache)
-        cfg = model.config
         b = first.shape[0]
+        head, tail = self.kernel_args(model, b)
+        cache = self.adopt(model, kv_cache)
         ids = first.to(torch.int64).reshape(b).clone()
         out = torch.empty((b, steps), dtype=torch.int64)
-        logits = torch.empty((b, cfg.vocab_size), dtype=torch.float32)
+        logits = torch.empty((b, model.config.vocab_size), dtype=torch.float32)
         k_arr, v_arr = cache.buffer.arrays
         ran = greedy_steps(
-            arena.array,
-            arena.layer_offsets,
-            arena.global_offsets,
-            cfg.num_heads,
-            cfg.ff_dim,
-            model.ln_f.eps,
-            ids.numpy(),
-            past_len,
-            steps,
-            k_arr,
-            v_arr,
-            logits.numpy(),
-            self._workspace(cfg, b),
-            set_threads() if self.mode == "pool" else 1,
-            out.numpy(),
-            eos_id,
-        )
+            *head, ids.numpy(), past_len, steps, k_arr, v_arr, logits.numpy(), *tail,
+            out.numpy(), eos_id,
+        )  # fmt: skip
         return out[:, :ran]
 
     def __call__(self, model: SimpleTransformerModel, idx: torch.Tensor, kv_cache, past_len: int):
         # Every line here runs once per token: each costs microseconds against a ~150 us step.
-        from ryzen_opt.kernels.numba._common import set_threads
         from ryzen_opt.kernels.numba.decode_step import decode_step
 
-        arena = self._arena(model)
-        cache = self.adopt(model, kv_cache)
-        cfg = model.config
         b = idx.shape[0]
+        head, tail = self.kernel_args(model, b)
+        cache = self.adopt(model, kv_cache)
         if idx.dtype != torch.int64 or not idx.is_contiguous():
             idx = idx.to(torch.int64).contiguous()
-        logits = torch.empty((b, 1, cfg.vocab_size), dtype=torch.float32)
+        logits = torch.empty((b, 1, model.config.vocab_size), dtype=torch.float32)
         k_arr, v_arr = cache.buffer.arrays
         decode_step(
-            arena.array,
-            arena.layer_offsets,
-            arena.global_offsets,
-            cfg.num_heads,
-            cfg.ff_dim,
-            model.ln_f.eps,
-            idx.numpy().reshape(b),
-            past_len,
-            k_arr,
-            v_arr,
-            logits.numpy().reshape(b, cfg.vocab_size),
-            self._workspace(cfg, b),
-            set_threads() if self.mode == "pool" else 1,
-        )
+            *head, idx.numpy().reshape(b), past_len, k_arr, v_arr,
+            logits.numpy().reshape(b, -1), *tail,
+        )  # fmt: skip
         return logits, cache.advanced()
 
 
@@ -378,11 +361,6 @@ class _CudaGraphPath:
         if g is None or not g.binding.current():
             g = self.graphs[key] = build()
         return g
-
-
-def _write_mask(mask: torch.Tensor, masks: torch.Tensor, past_len: int) -> None:
-    """mask = masks[past_len] (0 for keys <= past_len, -inf after): one small device copy."""
-    mask.copy_(masks[past_len])
 
 
 class CudaGraphDecode(_CudaGraphPath):
@@ -450,6 +428,15 @@ class CudaGraphDecode(_CudaGraphPath):
 
         return step, {"masks": masks, "mask": mask}
 
+    @staticmethod
+    def load_inputs(g: _Graph, idx: torch.Tensor, past_len: int) -> None:
+        """Write one step's token ids and position (and, if the graph has one, the mask row
+        of that position: 0 for keys <= past_len, -inf after) into ``g``'s static inputs."""
+        g.inputs["ids"].copy_(idx.reshape(-1))
+        g.inputs["pos"].fill_(past_len)
+        if "mask" in g.inputs:
+            g.inputs["mask"].copy_(g.inputs["masks"][past_len])
+
     def adopt(self, model: SimpleTransformerModel, cache) -> StaticKVCache | None:
         """A writable view of ``cache`` in this batch size's static buffer (``None``: busy)."""
         g = self._entry(
@@ -467,10 +454,7 @@ class CudaGraphDecode(_CudaGraphPath):
         if cache is None:
             return None
         g = self.graphs[idx.shape[0]]
-        g.inputs["ids"].copy_(idx.reshape(-1))
-        g.inputs["pos"].fill_(past_len)
-        if "mask" in g.inputs:
-            _write_mask(g.inputs["mask"], g.inputs["masks"], past_len)
+        self.load_inputs(g, idx, past_len)
         g.graph.replay()
         # A copy: the next replay overwrites the static output.
         return g.outputs.clone().unsqueeze(1), cache.advanced()
@@ -594,18 +578,12 @@ class FastPaths:
         token loop in the decode path (one call for every step), or ``None`` if that path has
         no such loop (then ``generate`` runs its ordinary per-token loop over the same step).
 
-        Validates like ``generate``; the prompt runs through :meth:`run`'s routing.
+        The caller has validated the arguments (``_check_generation``); the prompt runs
+        through :meth:`run`'s routing.
         """
-        path = self.decode_path(idx.shape[0]) if isinstance(idx, torch.Tensor) else None
-        if path is None or not hasattr(path, "greedy"):  # (generate never records autograd)
-            return None
-        cfg = model.config
-        check_sampling_args(max_new_tokens, 0.0, None, None, eos_id, cfg)
-        model._check_idx(idx, 0)
-        if idx.shape[1] + max_new_tokens > cfg.max_seq_len:
-            return None  # generate raises the error
-        if max_new_tokens < 2:
-            return None
+        path = self.decode_path(idx.shape[0])
+        if path is None or not hasattr(path, "greedy") or max_new_tokens < 2:
+            return None  # (generate never records autograd: no autograd check here)
         was_training = model.training
         model.eval()
         try:
@@ -670,7 +648,7 @@ class FastPathTransformer(SimpleTransformerModel):
         (``eos_id`` included) in the decode fast path where it has one (the fused Numba step)."""
         paths = self.__dict__.get("_fast_paths")
         if paths is not None and temperature == 0 and use_cache:
-            check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_id, self.config)
+            self._check_generation(idx, max_new_tokens, temperature, top_k, top_p, eos_id)
             out = paths.greedy(self, idx, max_new_tokens, eos_id)
             if out is not None:
                 return out
