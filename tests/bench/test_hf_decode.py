@@ -1,0 +1,56 @@
+"""bench.hf_decode: the side-by-side HF decode benchmark runs end to end on a tiny model."""
+
+import json
+
+import pytest
+
+from bench import hf_decode
+
+
+def test_hf_decode_tiny_writes_every_variant_with_equal_tokens(tmp_path):
+    out = tmp_path / "hf.json"
+    argv = [
+        "--device",
+        "cpu",
+        "--model",
+        "tiny",
+        "--variants",
+        "eager,optimize",
+        "--batches",
+        "1,2",
+        "--prompt-len",
+        "8",
+        "--decode-prompt-len",
+        "6",
+        "--new-tokens",
+        "4",
+        "--repeat",
+        "1",
+        "-o",
+        str(out),
+    ]
+    assert hf_decode.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert set(data["results"]) == {"eager", "optimize"}
+    for res in data["results"].values():
+        for b in (1, 2):
+            d = res[f"decode_b{b}"]
+            assert d["tokens_equal_eager"] is True
+            assert d["tokens_per_s"] != 0
+        assert res["ttft_s"]["n"] == 1
+    assert data["config"]["weight_bytes"] > 0
+    md = out.with_suffix(".md").read_text()
+    assert "| eager |" in md and "| optimize |" in md
+
+
+def test_hf_decode_rejects_unknown_variant():
+    with pytest.raises(SystemExit):
+        hf_decode.main(["--variants", "eager,fast"])
+
+
+def test_weight_bytes_counts_a_tied_head_once():
+    model = hf_decode.build_model("tiny", "cpu", __import__("torch").float32)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    n = sum(p.numel() for p in model.parameters())  # parameters() already deduplicates
+    assert hf_decode.weight_bytes(model) == 4 * n
