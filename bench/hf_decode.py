@@ -30,7 +30,8 @@ every call. Reported: medians with the spread of the samples, the ratio to eager
 workload, peak memory above the resident model during the largest-batch decode (CUDA max
 allocated / CPU RSS growth), the fraction of the memory-bandwidth limit (weight bytes read
 per decode step over the step time, against a measured device copy bandwidth), and whether
-the variant's greedy tokens equal eager's. Results: JSON and a markdown table in
+the variant's greedy tokens equal eager's (where not: how many new tokens agree, mean over
+rows; and whether the variant repeats its own tokens). Results: JSON and a markdown table in
 ``bench/results/<device>/hf_decode-<model>.{json,md}`` (or ``-o``).
 """
 
@@ -277,6 +278,12 @@ def _stats(xs: list[float]) -> dict[str, float]:
     }
 
 
+def _matching_prefix(a: torch.Tensor, b: torch.Tensor, start: int) -> float:
+    """Mean over rows of how many new tokens agree before the first difference."""
+    same = (a[:, start:] == b[:, start:]).int().cumprod(dim=1)
+    return float(same.sum(dim=1).float().mean())
+
+
 def run(args) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="hf_decode_") as workdir:
         return _run(args, Path(workdir))
@@ -323,6 +330,7 @@ def _run(args, workdir: Path) -> dict[str, Any]:
 
     samples: dict[str, dict[str, list[float]]] = {v: {w: [] for w in work} for v in runners}
     tokens: dict[str, dict[str, torch.Tensor]] = {v: {} for v in runners}
+    last: dict[str, dict[str, torch.Tensor]] = {v: {} for v in runners}
     warm: dict[str, float] = {}
     # Warm-up (compilation, autotuning, the allocator), untimed: every workload once.
     for v, r in runners.items():
@@ -338,8 +346,10 @@ def _run(args, workdir: Path) -> dict[str, Any]:
         order = names[rnd % len(names) :] + names[: rnd % len(names)] if names else []
         for w, make in work.items():
             for v in order:
-                dt, _ = _timed(make(runners[v]), device)
+                dt, out = _timed(make(runners[v]), device)
                 samples[v][w].append(dt)
+                if w.endswith("_full") and rnd == args.repeat - 1:
+                    last[v][w] = out.cpu()
         print(f"round {rnd + 1}/{args.repeat} done", flush=True)
 
     # Peak memory above the resident model during the largest-batch generate.
@@ -367,9 +377,15 @@ def _run(args, workdir: Path) -> dict[str, Any]:
             }
             ref = tokens["eager"].get(f"b{b}_full") if "eager" in tokens else None
             got = tokens[v].get(f"b{b}_full")
-            res[f"decode_b{b}"]["tokens_equal_eager"] = (
-                None if ref is None else bool(torch.equal(ref, got))
+            d = res[f"decode_b{b}"]
+            d["tokens_equal_eager"] = None if ref is None else bool(torch.equal(ref, got))
+            # Where rows first part from eager's (new tokens, mean over rows), and whether the
+            # variant repeats its own tokens (warm-up vs last round): on near-tied logits
+            # (random weights, bf16) a different summation order flips an argmax.
+            d["mean_matching_new_tokens"] = (
+                None if ref is None else _matching_prefix(ref, got, args.decode_prompt_len)
             )
+            d["repeats_itself"] = bool(torch.equal(got, last[v][f"b{b}_full"]))
         res["peak_bytes"] = peak[v]
         res["warmup_s"] = warm[v]
         r = runners[v]
@@ -401,7 +417,8 @@ def table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     headers = ["variant", f"TTFT 1x{cfg['prompt_len']}"]
     for b in batches:
         headers += [f"b{b} tok/s", f"b{b} x eager", f"b{b} % BW"]
-    headers += ["peak MB", "= eager", "build s", "note"]
+    headers += ["peak MB", "= eager (" + "/".join(f"b{b}" for b in batches) + ")", "build s"]
+    headers += ["note"]
     rows = []
     for v, r in res.items():
         ttft = r["ttft_s"]["median"]
@@ -419,10 +436,15 @@ def table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 "-" if ratio is None else f"{ratio:.2f}x",
                 f"{100 * d['bandwidth_fraction']:.0f}%",
             ]
-            equal.append(d["tokens_equal_eager"])
+            eq, pre = d["tokens_equal_eager"], d.get("mean_matching_new_tokens")
+            equal.append(
+                "n/a" if eq is None else ("yes" if eq else f"{pre:.0f}/{cfg['new_tokens']}")
+            )
+            if not d.get("repeats_itself", True):
+                equal[-1] += " (not repeatable)"
         row += [
             f"{r['peak_bytes'] / 2**20:.1f}",
-            "n/a" if None in equal else ("yes" if all(equal) else "NO"),
+            " / ".join(equal),
             f"{r['build_s']:.1f}",
             r["note"],
         ]

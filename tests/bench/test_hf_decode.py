@@ -41,6 +41,7 @@ def test_hf_decode_tiny_writes_every_variant_with_equal_tokens(tmp_path):
     assert data["config"]["weight_bytes"] > 0
     md = out.with_suffix(".md").read_text()
     assert "| eager |" in md and "| optimize |" in md
+    assert "yes / yes" in md
 
 
 def test_hf_decode_rejects_unknown_variant():
