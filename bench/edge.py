@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -131,6 +132,7 @@ def _loaded_ort_library() -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]
     model, source = load_model(args.checkpoint, args.seed)
     cfg = model.config
     if args.prompt_len + args.new_tokens > cfg.max_seq_len:
@@ -192,6 +194,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                    "threads": args.threads, "repeat": args.repeat, "greedy": True},
         "ort_library": _loaded_ort_library(),
+        # Other work on the machine widens the intervals; recorded so a reader can tell.
+        "load_average_1m": [load_before, os.getloadavg()[0]],
         "genai_config": (json.loads((folder / "genai_config.json").read_text())
                          if og is not None else None),
         "cells": cells,
@@ -225,8 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out.with_suffix(".json"), result)
     md = [f"# {title}\n",
           "Both loops run the same exported decoder with the same ONNX Runtime library "
-          f"({result['ort_library']}), timed interleaved in one process (ABBA, median of n "
-          "samples). ratio > 1: OnnxGenerator is faster.\n",
+          f"({Path(result['ort_library']).name}), timed interleaved in one process (ABBA, median "
+          "of n samples). ratio > 1: OnnxGenerator is faster. 1-minute load average "
+          f"before/after: {result['load_average_1m'][0]:.1f}/{result['load_average_1m'][1]:.1f} "
+          f"on {env['cores']} cores.\n",
           markdown_table(HEADERS, result["rows"]),
           f"\nCommand: `{env['command']}` (commit {env['commit']}); CPU {env['cpu']}, "
           f"{env['cores']} cores; versions: "
