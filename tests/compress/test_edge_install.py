@@ -106,10 +106,11 @@ def edge_python(edge_wheel, tmp_path_factory) -> Path:
     # main environment's pip installs into it with --python.
     _run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)])
     python = env_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    # The numpy and onnxruntime already installed here: pip's cache (or the wheels the main
-    # install just fetched) serves them, so this needs no new downloads in CI.
+    # The versions of numpy, onnxruntime and their requirements installed here: pip's cache
+    # of the main install's downloads serves them, so CI fetches nothing new.
     pins = env_dir / "pins.txt"
-    pins.write_text("".join(f"{d}=={metadata.version(d)}\n" for d in ("numpy", "onnxruntime")))
+    pins.write_text("".join(f"{d}=={metadata.version(d)}\n"
+                            for d in sorted(_requirement_closure(["numpy", "onnxruntime"]))))
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
           "--disable-pip-version-check", "-c", str(pins), str(edge_wheel)])
     return python
