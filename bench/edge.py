@@ -144,8 +144,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ours = OnnxGenerator(path, threads=args.threads)
     genai_model = None
     if og is None:
-        print("onnxruntime-genai is not installed: skipping its column "
-              "(pip install onnxruntime-genai)", file=sys.stderr)
+        print(
+            "onnxruntime-genai is not installed: skipping its column "
+            "(pip install onnxruntime-genai)",
+            file=sys.stderr,
+        )
     rows, cells = [], []
     for batch in args.batch_sizes:
         # The arithmetic task's character ids (3..16), which the default checkpoint was
@@ -162,56 +165,90 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if og is not None:
             eos = unused_id(want, cfg.vocab_size)
             (folder / "genai_config.json").write_text(
-                json.dumps(genai_config(cfg, path.name, args.threads, eos), indent=1))
+                json.dumps(genai_config(cfg, path.name, args.threads, eos), indent=1)
+            )
             genai_model = og.Model(str(folder))
             got = genai_generate(genai_model, prompt, args.new_tokens)
             cell["genai_equal_ours"] = bool(got.shape == want.shape and (got == want).all())
             cell["genai_eos_id"] = eos
-            cmp = compare(lambda p=prompt, m=genai_model: genai_generate(m, p, args.new_tokens),
-                          lambda p=prompt: ours.generate(p, args.new_tokens),
-                          repeat=args.repeat, warmup=2)
+            cmp = compare(
+                lambda p=prompt, m=genai_model: genai_generate(m, p, args.new_tokens),
+                lambda p=prompt: ours.generate(p, args.new_tokens),
+                repeat=args.repeat,
+                warmup=2,
+            )
             cell["comparison"] = cmp.to_dict()
             t_ours, t_genai = cmp.candidate.median, cmp.baseline.median
-            rows.append([batch, f"{tokens / t_ours:.0f}", f"{tokens / t_genai:.0f}",
-                         f"{cmp.speedup:.2f}x [{cmp.ci_low:.2f}, {cmp.ci_high:.2f}]",
-                         "yes" if cell["genai_equal_ours"] else "NO",
-                         "yes" if cell["ours_equal_torch"] else "NO", cmp.candidate.n])
+            rows.append(
+                [
+                    batch,
+                    f"{tokens / t_ours:.0f}",
+                    f"{tokens / t_genai:.0f}",
+                    f"{cmp.speedup:.2f}x [{cmp.ci_low:.2f}, {cmp.ci_high:.2f}]",
+                    "yes" if cell["genai_equal_ours"] else "NO",
+                    "yes" if cell["ours_equal_torch"] else "NO",
+                    cmp.candidate.n,
+                ]
+            )
         else:
             from ryzen_opt.timing import time_fn
 
-            t = time_fn(lambda p=prompt: ours.generate(p, args.new_tokens),
-                        repeat=args.repeat, warmup=2)
+            t = time_fn(
+                lambda p=prompt: ours.generate(p, args.new_tokens), repeat=args.repeat, warmup=2
+            )
             cell["ours"] = t.to_dict()
-            rows.append([batch, f"{tokens / t.median:.0f}", "not installed", "-", "-",
-                         "yes" if cell["ours_equal_torch"] else "NO", t.n])
+            rows.append(
+                [
+                    batch,
+                    f"{tokens / t.median:.0f}",
+                    "not installed",
+                    "-",
+                    "-",
+                    "yes" if cell["ours_equal_torch"] else "NO",
+                    t.n,
+                ]
+            )
         cells.append(cell)
     versions = environment("cpu")
     versions["versions"]["onnxruntime_genai"] = (
-        importlib.metadata.version("onnxruntime-genai") if og is not None else "not installed")
+        importlib.metadata.version("onnxruntime-genai") if og is not None else "not installed"
+    )
     return {
         "env": versions,
         "model": source,
-        "config": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                   "threads": args.threads, "repeat": args.repeat, "greedy": True},
+        "config": {
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "threads": args.threads,
+            "repeat": args.repeat,
+            "greedy": True,
+        },
         "ort_library": _loaded_ort_library(),
         # Other work on the machine widens the intervals; recorded so a reader can tell.
         "load_average_1m": [load_before, os.getloadavg()[0]],
-        "genai_config": (json.loads((folder / "genai_config.json").read_text())
-                         if og is not None else None),
+        "genai_config": (
+            json.loads((folder / "genai_config.json").read_text()) if og is not None else None
+        ),
         "cells": cells,
         "rows": rows,
     }
 
 
-HEADERS = ["batch", "OnnxGenerator tok/s", "onnxruntime-genai tok/s",
-           "ratio (ours/genai) [95% CI]", "tokens equal", "equal to torch", "n"]
+HEADERS = [
+    "batch",
+    "OnnxGenerator tok/s",
+    "onnxruntime-genai tok/s",
+    "ratio (ours/genai) [95% CI]",
+    "tokens equal",
+    "equal to torch",
+    "n",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.edge", description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "default")
-    ap.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")],
-                    default=[1, 8])
+    ap.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     # 1 thread: the 2-core benchmark machine is shared, and one thread per loop is what a
@@ -222,21 +259,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "cpu" / "edge")
     args = ap.parse_args(argv)
     result = run(args)
-    title = (f"greedy generation, {args.prompt_len}-token prompt + {args.new_tokens} new, "
-             f"{args.threads} thread(s), {result['model']}")
+    title = (
+        f"greedy generation, {args.prompt_len}-token prompt + {args.new_tokens} new, "
+        f"{args.threads} thread(s), {result['model']}"
+    )
     print_table(title, HEADERS, result["rows"])
     env = result["env"]
     write_json(args.out.with_suffix(".json"), result)
-    md = [f"# {title}\n",
-          "Both loops run the same exported decoder with the same ONNX Runtime library "
-          f"({Path(result['ort_library']).name}), timed interleaved in one process (ABBA, median "
-          "of n samples). ratio > 1: OnnxGenerator is faster. 1-minute load average "
-          f"before/after: {result['load_average_1m'][0]:.1f}/{result['load_average_1m'][1]:.1f} "
-          f"on {env['cores']} cores.\n",
-          markdown_table(HEADERS, result["rows"]),
-          f"\nCommand: `{env['command']}` (commit {env['commit']}); CPU {env['cpu']}, "
-          f"{env['cores']} cores; versions: "
-          + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + "\n"]
+    md = [
+        f"# {title}\n",
+        "Both loops run the same exported decoder with the same ONNX Runtime library "
+        f"({Path(result['ort_library']).name}), timed interleaved in one process (ABBA, median "
+        "of n samples). ratio > 1: OnnxGenerator is faster. 1-minute load average "
+        f"before/after: {result['load_average_1m'][0]:.1f}/{result['load_average_1m'][1]:.1f} "
+        f"on {env['cores']} cores.\n",
+        markdown_table(HEADERS, result["rows"]),
+        f"\nCommand: `{env['command']}` (commit {env['commit']}); CPU {env['cpu']}, "
+        f"{env['cores']} cores; versions: "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+        + "\n",
+    ]
     args.out.with_suffix(".md").write_text("\n".join(md))
     print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.json')}")
     return 0

@@ -87,9 +87,11 @@ class _LazyPackage(types.ModuleType):
     """
 
     def __setattr__(self, name: str, value: object) -> None:
-        if (isinstance(value, types.ModuleType)
-                and value.__name__ == f"{self.__name__}.{name}"
-                and self.__dict__.get("_LAZY", {}).get(name) == value.__name__):
+        if (
+            isinstance(value, types.ModuleType)
+            and value.__name__ == f"{self.__name__}.{name}"
+            and self.__dict__.get("_LAZY", {}).get(name) == value.__name__
+        ):
             value = getattr(value, name)
         super().__setattr__(name, value)
 

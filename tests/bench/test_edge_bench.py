@@ -11,8 +11,9 @@ import torch
 import bench.edge as edge
 from ryzen_opt.models import ModelConfig, SimpleTransformerModel
 
-TINY = ModelConfig(vocab_size=32, embedding_dim=32, num_heads=2, num_layers=2, ff_dim=64,
-                   max_seq_len=32)
+TINY = ModelConfig(
+    vocab_size=32, embedding_dim=32, num_heads=2, num_layers=2, ff_dim=64, max_seq_len=32
+)
 ARGS = ["--repeat", "3", "--new-tokens", "6", "--prompt-len", "4", "--batch-sizes", "1,3"]
 
 
@@ -29,8 +30,9 @@ def test_unused_id_is_the_highest_id_the_tokens_lack():
     assert edge.unused_id(np.array([[0, 1]]), 32) == 31
 
 
-def test_without_genai_the_bench_times_ours_and_says_genai_is_missing(tiny, tmp_path, monkeypatch,
-                                                                      capsys):
+def test_without_genai_the_bench_times_ours_and_says_genai_is_missing(
+    tiny, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setattr(edge, "og", None)
     assert edge.main([*ARGS, "--out", str(tmp_path / "edge")]) == 0
     assert "onnxruntime-genai is not installed" in capsys.readouterr().err

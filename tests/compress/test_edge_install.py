@@ -28,8 +28,20 @@ import ryzen_opt.compress
 
 ROOT = Path(__file__).resolve().parents[2]
 # What the full package needs and the edge install must not bring or import.
-HEAVY = ("torch", "numba", "llvmlite", "triton", "onnx", "onnxscript", "safetensors", "yaml",
-         "rich", "matplotlib", "pyperf", "transformers")
+HEAVY = (
+    "torch",
+    "numba",
+    "llvmlite",
+    "triton",
+    "onnx",
+    "onnxscript",
+    "safetensors",
+    "yaml",
+    "rich",
+    "matplotlib",
+    "pyperf",
+    "transformers",
+)
 PROMPT = [[3, 7, 1, 12, 5], [9, 0, 4, 4, 30]]
 NEW_TOKENS = 24
 
@@ -92,8 +104,20 @@ def edge_wheel(tmp_path_factory) -> Path:
     shutil.copytree(ROOT / "ryzen_opt", src / "ryzen_opt", ignore=ignore)
     dist = src / "dist"
     # setuptools comes from the dev extras: no build isolation, so no download.
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-          "-w", str(dist), str(src / "edge")])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(dist),
+            str(src / "edge"),
+        ]
+    )
     (wheel,) = dist.glob("ryzen_opt_edge-*.whl")
     return wheel
 
@@ -109,10 +133,27 @@ def edge_python(edge_wheel, tmp_path_factory) -> Path:
     # The versions of numpy, onnxruntime and their requirements installed here: pip's cache
     # of the main install's downloads serves them, so CI fetches nothing new.
     pins = env_dir / "pins.txt"
-    pins.write_text("".join(f"{d}=={metadata.version(d)}\n"
-                            for d in sorted(_requirement_closure(["numpy", "onnxruntime"]))))
-    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
-          "--disable-pip-version-check", "-c", str(pins), str(edge_wheel)])
+    pins.write_text(
+        "".join(
+            f"{d}=={metadata.version(d)}\n"
+            for d in sorted(_requirement_closure(["numpy", "onnxruntime"]))
+        )
+    )
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "-c",
+            str(pins),
+            str(edge_wheel),
+        ]
+    )
     return python
 
 
@@ -120,10 +161,16 @@ def test_edge_wheel_ships_only_the_torch_free_runtime(edge_wheel):
     with zipfile.ZipFile(edge_wheel) as z:
         modules = sorted(n for n in z.namelist() if not n.split("/")[0].endswith(".dist-info"))
         meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA")))
-    assert modules == ["ryzen_opt/__init__.py", "ryzen_opt/compress/__init__.py",
-                       "ryzen_opt/compress/runtime.py"]
-    requires = sorted(Requirement(line.split(":", 1)[1]).name
-                      for line in meta.decode().splitlines() if line.startswith("Requires-Dist:"))
+    assert modules == [
+        "ryzen_opt/__init__.py",
+        "ryzen_opt/compress/__init__.py",
+        "ryzen_opt/compress/runtime.py",
+    ]
+    requires = sorted(
+        Requirement(line.split(":", 1)[1]).name
+        for line in meta.decode().splitlines()
+        if line.startswith("Requires-Dist:")
+    )
     assert requires == ["numpy", "onnxruntime"]
     # Same bytes as the package sources: built from them, not from a copy that could drift.
     with zipfile.ZipFile(edge_wheel) as z:
@@ -134,19 +181,42 @@ def test_edge_wheel_ships_only_the_torch_free_runtime(edge_wheel):
 def test_edge_install_generates_the_torch_models_tokens_without_torch(
     edge_python, model, fp32_onnx, tmp_path
 ):
-    listed = _run([sys.executable, "-m", "pip", "--python", str(edge_python), "list",
-                   "--format=json", "--disable-pip-version-check"])
+    listed = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(edge_python),
+            "list",
+            "--format=json",
+            "--disable-pip-version-check",
+        ]
+    )
     installed = {d["name"].lower().replace("_", "-") for d in json.loads(listed.stdout)}
     allowed = {"ryzen-opt-edge", "pip", "setuptools", "wheel"} | _requirement_closure(
-        ["numpy", "onnxruntime"])
+        ["numpy", "onnxruntime"]
+    )
     assert installed <= allowed, f"the edge install brought {sorted(installed - allowed)}"
     assert {"ryzen-opt-edge", "numpy", "onnxruntime"} <= installed
 
-    out = _run([str(edge_python), "-I", "-c", EDGE_SCRIPT, str(fp32_onnx), json.dumps(PROMPT),
-                str(NEW_TOKENS), *HEAVY], cwd=tmp_path)
+    out = _run(
+        [
+            str(edge_python),
+            "-I",
+            "-c",
+            EDGE_SCRIPT,
+            str(fp32_onnx),
+            json.dumps(PROMPT),
+            str(NEW_TOKENS),
+            *HEAVY,
+        ],
+        cwd=tmp_path,
+    )
     got = json.loads(out.stdout)
     assert Path(got["ryzen_opt_file"]).is_relative_to(edge_python.parent.parent), (
-        f"imported {got['ryzen_opt_file']}, not the edge install")
+        f"imported {got['ryzen_opt_file']}, not the edge install"
+    )
     assert got["imported_heavy"] == [], f"the edge runtime imported {got['imported_heavy']}"
     assert got["findable_heavy"] == [], f"visible in the edge environment: {got['findable_heavy']}"
     assert got["full_name_error"] is not None and "pip install ryzen-opt" in got["full_name_error"]
@@ -157,13 +227,18 @@ def test_edge_install_generates_the_torch_models_tokens_without_torch(
 
 
 def test_importing_the_onnx_generator_loads_neither_torch_nor_the_rest():
-    code = ("import json, sys; from ryzen_opt.compress import OnnxGenerator; "
-            "import ryzen_opt; print(json.dumps(sorted(sys.modules)))")
+    code = (
+        "import json, sys; from ryzen_opt.compress import OnnxGenerator; "
+        "import ryzen_opt; print(json.dumps(sorted(sys.modules)))"
+    )
     out = _run([sys.executable, "-c", code], cwd=ROOT)
     loaded = json.loads(out.stdout)
     assert [m for m in loaded if m.split(".")[0] in HEAVY] == []
     assert [m for m in loaded if m.startswith("ryzen_opt")] == [
-        "ryzen_opt", "ryzen_opt.compress", "ryzen_opt.compress.runtime"]
+        "ryzen_opt",
+        "ryzen_opt.compress",
+        "ryzen_opt.compress.runtime",
+    ]
 
 
 @pytest.mark.parametrize("package", [ryzen_opt, ryzen_opt.compress], ids=lambda p: p.__name__)
@@ -189,7 +264,9 @@ def test_lazy_package_resolves_submodules_and_rejects_unknown_names():
 def test_public_name_shared_with_a_submodule_stays_the_function_after_that_import():
     # quantize() lives in quantize.py: importing the submodule first binds the module on the
     # package; the public name must still be the function (as the eager imports made it).
-    code = ("import types, ryzen_opt.compress.quantize, ryzen_opt.compress as c; "
-            "from ryzen_opt.compress import quantize; "
-            "print(isinstance(c.quantize, types.FunctionType), quantize is c.quantize)")
+    code = (
+        "import types, ryzen_opt.compress.quantize, ryzen_opt.compress as c; "
+        "from ryzen_opt.compress import quantize; "
+        "print(isinstance(c.quantize, types.FunctionType), quantize is c.quantize)"
+    )
     assert _run([sys.executable, "-c", code], cwd=ROOT).stdout.split() == ["True", "True"]
