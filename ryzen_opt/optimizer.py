@@ -582,8 +582,7 @@ class KernelOptimizer:
             environment={"device": dev_desc, "versions": vers},
             config=cfg.to_dict(),
         )
-        if cache.note:
-            report.notes.append(cache.note)
+        report.notes += cache.notes
         undo: list[Callable[[], None]] = []
         was_training = model.training
         model.eval()
@@ -630,7 +629,10 @@ class KernelOptimizer:
                 s.kind == "attention" and s.chosen for s in report.sites
             ):
                 hf.restore(model, plan.hf_impl)
-            cache.save()
+            # A cache that cannot be written costs a warning and a note, never the result.
+            unsaved = cache.save()
+            if unsaved is not None:
+                report.notes.append(unsaved)
         if not report.changed and not plan.sites:
             report.notes.append("no site had an available backend candidate")
         report.elapsed_s = time.perf_counter() - t0
