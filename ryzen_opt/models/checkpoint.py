@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ryzen_opt.models.config import ConfigError, ModelConfig, short_repr
-from ryzen_opt.models.model import SimpleTransformerModel
+from ryzen_opt.models.model import SimpleTransformerModel, state_shapes
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
@@ -111,12 +111,6 @@ def save_checkpoint(model: SimpleTransformerModel, path: str | Path) -> Path:
     return path
 
 
-def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    # Built on the meta device: shapes only, no memory, whatever the config's size.
-    with torch.device("meta"):
-        return {n: tuple(t.shape) for n, t in SimpleTransformerModel(config).state_dict().items()}
-
-
 def _check_header(wfile: Path, config: ModelConfig) -> None:
     """Names, shapes and dtypes from the safetensors header against ``config``."""
     try:
@@ -127,7 +121,7 @@ def _check_header(wfile: Path, config: ModelConfig) -> None:
         raise CheckpointError(
             f"checkpoint weights {str(wfile)!r} are corrupt: {short_repr(str(e))}"
         ) from None
-    expected = _expected_shapes(config)
+    expected = state_shapes(config)
     names = set(header)
     if config.tie_weights and "head.weight" not in names:
         names.add("head.weight")  # stored once, under tok_emb.weight

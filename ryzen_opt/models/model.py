@@ -348,6 +348,38 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def state_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """``state_dict`` names and shapes of ``SimpleTransformerModel(config)``, in its order.
+
+    Computed without building anything: even a meta-device model costs 2 s on first use
+    (the modules' initialisers load torch's decompositions). A test keeps it equal to the
+    model's own ``state_dict``.
+    """
+    d, f, v = config.embedding_dim, config.ff_dim, config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "tok_emb.weight": (v, d),
+        "pos_emb.weight": (config.max_seq_len, d),
+    }
+    block = {
+        "ln1.weight": (d,),
+        "ln1.bias": (d,),
+        "attn.qkv.weight": (3 * d, d),
+        "attn.qkv.bias": (3 * d,),
+        "attn.proj.weight": (d, d),
+        "attn.proj.bias": (d,),
+        "ln2.weight": (d,),
+        "ln2.bias": (d,),
+        "mlp.fc1.weight": (f, d),
+        "mlp.fc1.bias": (f,),
+        "mlp.fc2.weight": (d, f),
+        "mlp.fc2.bias": (d,),
+    }
+    for i in range(config.num_layers):
+        shapes.update({f"blocks.{i}.{name}": shape for name, shape in block.items()})
+    shapes.update({"ln_f.weight": (d,), "ln_f.bias": (d,), "head.weight": (v, d)})
+    return shapes
+
+
 def check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_id, cfg) -> None:
     """Validate generation settings; raise naming the argument.
 

@@ -109,20 +109,28 @@ def test_nan_layer_norm_eps_in_the_config_file_is_rejected(tmp_path):
 
 def test_header_is_checked_before_any_model_is_built(tmp_path, monkeypatch):
     # A vocabulary of 10**9 used to allocate (20 s, then an allocation error) before the
-    # shapes were compared. Any real model built before the check fails this test.
+    # shapes were compared. Building any model before the check fails this test.
     from ryzen_opt.models import checkpoint
 
     save_checkpoint(SimpleTransformerModel(TINY), tmp_path / "ck")
     ModelConfig(**{**TINY.to_dict(), "vocab_size": 10**9}).to_yaml(tmp_path / "ck" / "config.yaml")
-    real = checkpoint.SimpleTransformerModel
 
-    def only_on_meta(config):
-        assert torch.empty(0).device.type == "meta", "a real model was built before the check"
-        return real(config)
+    def never(config):
+        raise AssertionError("a model was built before the header was checked")
 
-    monkeypatch.setattr(checkpoint, "SimpleTransformerModel", only_on_meta)
+    monkeypatch.setattr(checkpoint, "SimpleTransformerModel", never)
     with pytest.raises(CheckpointError, match=r"tok_emb.weight has shape \(50, 16\)"):
         load_checkpoint(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("layers", [1, 3])
+def test_state_shapes_equal_the_model_state_dict(tie, layers):
+    from ryzen_opt.models.model import state_shapes
+
+    cfg = ModelConfig(**{**TINY.to_dict(), "tie_weights": tie, "num_layers": layers})
+    real = {n: tuple(t.shape) for n, t in SimpleTransformerModel(cfg).state_dict().items()}
+    assert list(state_shapes(cfg).items()) == list(real.items())
 
 
 def test_non_float_tensor_is_named_from_the_header(tmp_path):
