@@ -222,6 +222,11 @@ class SimpleTransformerModel(nn.Module):
         Returns:
             ``(logits, kv_cache)``: ``(batch, seq, vocab_size)`` float logits and the cache
             extended by ``idx``.
+
+        Raises:
+            TypeError / ValueError naming ``idx`` or ``kv_cache``: ids that are not a 2-D
+            integer tensor of in-vocabulary ids, or a cache that is not one ``(k, v)`` pair
+            per layer of shape ``(batch, num_heads, seq, head_dim)`` on the model's device.
         """
         past_len = 0
         if kv_cache is not None:

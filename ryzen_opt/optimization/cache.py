@@ -180,11 +180,6 @@ class DecisionCache:
         if enabled:
             self._load()
 
-    @property
-    def note(self) -> str | None:
-        """The first note (kept for callers that read one)."""
-        return self.notes[0] if self.notes else None
-
     def _load(self) -> None:
         try:
             if not self.path.exists():
