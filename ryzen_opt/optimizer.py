@@ -30,6 +30,7 @@ from ryzen_opt.models.model import SimpleTransformerModel
 from ryzen_opt.optimization import fastpath, hf
 from ryzen_opt.optimization.cache import DecisionCache, device_description, versions
 from ryzen_opt.optimization.config import OptimizeConfig, dtype_name, parse_dtype
+from ryzen_opt.optimization.examples import normalize_example
 from ryzen_opt.optimization.modules import Route
 from ryzen_opt.optimization.report import (
     CandidateResult,
@@ -113,49 +114,6 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def _check_example(model: nn.Module, example: Any, device: torch.device) -> Any:
-    if example is None:
-        if isinstance(model, SimpleTransformerModel) or hf.is_hf_model(model):
-            return None
-        raise ValueError(
-            f"example_inputs is required for a {type(model).__name__} (only "
-            "SimpleTransformerModel and transformers decoders have synthetic inputs)"
-        )
-    if isinstance(model, SimpleTransformerModel):
-        if not isinstance(example, torch.Tensor):
-            raise TypeError(
-                "example_inputs must be a (batch, seq) tensor of token ids, got "
-                f"{type(example).__name__}"
-            )
-        if example.dtype not in (torch.int64, torch.int32) or example.dim() != 2:
-            raise ValueError(
-                "example_inputs must be a 2-D int64/int32 tensor of token ids, got "
-                f"{example.dtype} of shape {tuple(example.shape)}"
-            )
-        if example.shape[0] == 0 or example.shape[1] == 0:
-            raise ValueError(f"example_inputs must not be empty, got {tuple(example.shape)}")
-        if int(example.min()) < 0 or int(example.max()) >= model.config.vocab_size:
-            raise ValueError(f"example_inputs ids must lie in [0, {model.config.vocab_size})")
-        if example.shape[1] > model.config.max_seq_len:
-            raise ValueError(
-                f"example_inputs length {example.shape[1]} exceeds max_seq_len="
-                f"{model.config.max_seq_len}"
-            )
-        return example.to(device)
-    if isinstance(example, torch.Tensor):
-        return example.to(device)
-    if isinstance(example, dict):
-        if not all(isinstance(k, str) for k in example):
-            raise ValueError("example_inputs as a dict must map argument names to values")
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in example.items()}
-    if isinstance(example, (tuple, list)):
-        return tuple(v.to(device) if isinstance(v, torch.Tensor) else v for v in example)
-    raise TypeError(
-        "example_inputs must be None, a tensor, a tuple of forward arguments or a "
-        f"dict of keyword arguments, got {type(example).__name__}"
-    )
-
-
 def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     o = torch.nan_to_num(out.detach().double())
     r = torch.nan_to_num(ref.detach().double())
@@ -237,14 +195,15 @@ class KernelOptimizer:
         Args:
             model: the model to optimize (``apply`` will change this object).
             example_inputs: ``None`` (synthetic prefill/decode shapes from the model config),
-                token ids ``(batch, seq)``, or for other models a tuple/dict of forward args.
+                or, for every model kind, a tensor (the first forward argument), a tuple of
+                positional forward arguments or a dict of keyword arguments.
 
         Returns:
             An :class:`OptimizationPlan` for :meth:`apply`.
         """
         _check_model(model)
         device, dtype = _model_device_dtype(model)
-        example = _check_example(model, example_inputs, device)
+        example = normalize_example(model, example_inputs, device)
         notes = [f"backend module failed to import: {e}" for e in registry.import_errors().values()]
         backends = self._backends(device, notes)
         reference = copy.deepcopy(model) if self.config.model_check else None
@@ -623,8 +582,7 @@ class KernelOptimizer:
             environment={"device": dev_desc, "versions": vers},
             config=cfg.to_dict(),
         )
-        if cache.note:
-            report.notes.append(cache.note)
+        report.notes += cache.notes
         undo: list[Callable[[], None]] = []
         was_training = model.training
         model.eval()
@@ -671,7 +629,10 @@ class KernelOptimizer:
                 s.kind == "attention" and s.chosen for s in report.sites
             ):
                 hf.restore(model, plan.hf_impl)
-            cache.save()
+            # A cache that cannot be written costs a warning and a note, never the result.
+            unsaved = cache.save()
+            if unsaved is not None:
+                report.notes.append(unsaved)
         if not report.changed and not plan.sites:
             report.notes.append("no site had an available backend candidate")
         report.elapsed_s = time.perf_counter() - t0
@@ -749,8 +710,11 @@ def optimize(
         model: a ``SimpleTransformerModel``, a transformers decoder (GPT-2, Llama, Qwen2,
             ...), or any ``nn.Module`` (then ``example_inputs`` is required).
         example_inputs: ``None`` for synthetic typical shapes (prefill 16x128, one-token
-            decode at batch 1 and 16), token ids ``(batch, seq)``, or a tuple/dict of forward
-            arguments.
+            decode at batch 1 and 16); else the prompt as ``torch.export`` takes it: a
+            tensor (the first forward argument, e.g. ``(batch, seq)`` token ids), a tuple
+            of positional forward arguments (``(ids,)``) or a dict of keyword arguments
+            (``{"input_ids": ids, "attention_mask": mask}``). A cache argument is refused:
+            decode steps are measured after caches built from the prompt.
         device: move the model here first (``"cpu"``, ``"cuda"``, ...).
         dtype: cast the model first (``torch.float32``/``"bf16"``/``"fp16"``...).
         config: :class:`OptimizeConfig` (default settings when ``None``).

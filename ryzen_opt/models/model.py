@@ -14,6 +14,8 @@ head_dim)``; ``forward`` appends the new keys/values and returns the grown cache
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterator
 
 import torch
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from ryzen_opt.models.config import ModelConfig
 
 KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+_F32_TINY = torch.finfo(torch.float32).tiny  # 1.18e-38
 
 
 class CausalSelfAttention(nn.Module):
@@ -154,6 +157,59 @@ class SimpleTransformerModel(nn.Module):
                 f"max_seq_len={self.config.max_seq_len}"
             )
 
+    def _check_cache(self, kv_cache, batch: int | None) -> int:
+        """The cached length of ``kv_cache``; raise naming it if it cannot serve this model.
+
+        Shapes only (no values are read, so no device sync): ~4 us per layer here (51 us
+        for 12 layers, measured); generation skips it and checks its arguments once.
+        """
+        n, cfg = len(self.blocks), self.config
+        want = f"(batch={batch}, heads={cfg.num_heads}, seq, head_dim={cfg.head_dim})"
+        what = "kv_cache must be None or the cache returned by forward (one (k, v) per layer)"
+        try:
+            layers = len(kv_cache)
+        except TypeError:
+            raise TypeError(f"{what}, got {type(kv_cache).__name__}") from None
+        if layers != n:
+            raise ValueError(f"kv_cache must have one (k, v) per layer ({n}), got {layers}")
+        dev = self.tok_emb.weight.device
+        past = None
+        for i in range(n):
+            try:
+                pair = kv_cache[i]
+            except Exception:
+                raise TypeError(f"{what}, got {type(kv_cache).__name__}") from None
+            if not (
+                isinstance(pair, (tuple, list))
+                and len(pair) == 2
+                and all(isinstance(t, torch.Tensor) for t in pair)
+            ):
+                raise TypeError(
+                    f"kv_cache[{i}] must be a (k, v) pair of tensors, got {type(pair).__name__}"
+                )
+            for name, t in zip("kv", pair, strict=True):
+                shape = tuple(t.shape)
+                if (
+                    t.dim() != 4
+                    or (batch is not None and shape[0] != batch)
+                    or shape[1] != cfg.num_heads
+                    or shape[3] != cfg.head_dim
+                ):
+                    raise ValueError(f"kv_cache[{i}] {name} must be {want}, got shape {shape}")
+                if not t.is_floating_point() or t.device != dev:
+                    raise ValueError(
+                        f"kv_cache[{i}] {name} must be floating point on {dev}, got "
+                        f"{t.dtype} on {t.device}"
+                    )
+                if past is None:
+                    past = shape[2]
+                elif shape[2] != past:
+                    raise ValueError(
+                        f"kv_cache[{i}] {name} holds {shape[2]} positions, kv_cache[0] k "
+                        f"holds {past}: every layer must hold the same number"
+                    )
+        return past
+
     def forward(
         self, idx: torch.Tensor, kv_cache: KVCache | None = None
     ) -> tuple[torch.Tensor, KVCache]:
@@ -166,12 +222,16 @@ class SimpleTransformerModel(nn.Module):
         Returns:
             ``(logits, kv_cache)``: ``(batch, seq, vocab_size)`` float logits and the cache
             extended by ``idx``.
+
+        Raises:
+            TypeError / ValueError naming ``idx`` or ``kv_cache``: ids that are not a 2-D
+            integer tensor of in-vocabulary ids, or a cache that is not one ``(k, v)`` pair
+            per layer of shape ``(batch, num_heads, seq, head_dim)`` on the model's device.
         """
-        if kv_cache is not None and len(kv_cache) != len(self.blocks):
-            raise ValueError(
-                f"kv_cache must have one (k, v) per layer ({len(self.blocks)}), got {len(kv_cache)}"
-            )
-        past_len = 0 if kv_cache is None else kv_cache[0][0].shape[2]
+        past_len = 0
+        if kv_cache is not None:
+            batch = idx.shape[0] if isinstance(idx, torch.Tensor) and idx.dim() == 2 else None
+            past_len = self._check_cache(kv_cache, batch)
         self._check_idx(idx, past_len)
         return self._forward(idx, kv_cache, past_len)
 
@@ -216,9 +276,15 @@ class SimpleTransformerModel(nn.Module):
             return idx
         return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
 
-    def _check_generation(self, idx, max_new_tokens, temperature, top_k, top_p, eos_id) -> None:
-        """Raise, naming the argument, for settings or a prompt generation cannot serve."""
+    def _check_generation(
+        self, idx, max_new_tokens, temperature, top_k, top_p, eos_id, seed=None
+    ) -> None:
+        """Raise, naming the argument, for settings or a prompt generation cannot serve.
+
+        Runs once per generate call; the token loop itself checks nothing (no host sync).
+        """
         check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_id, self.config)
+        check_seed(seed)
         self._check_idx(idx, 0)
         if idx.shape[1] + max_new_tokens > self.config.max_seq_len:
             raise ValueError(
@@ -252,7 +318,7 @@ class SimpleTransformerModel(nn.Module):
             seed: seeds a private generator, so sampling is deterministic for a seed.
             use_cache: ``False`` recomputes the whole prefix each step (for testing).
         """
-        self._check_generation(idx, max_new_tokens, temperature, top_k, top_p, eos_id)
+        self._check_generation(idx, max_new_tokens, temperature, top_k, top_p, eos_id, seed)
         gen = make_generator(seed, idx.device)
         was_training = self.training
         self.eval()
@@ -279,26 +345,88 @@ class SimpleTransformerModel(nn.Module):
             self.train(was_training)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def state_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """``state_dict`` names and shapes of ``SimpleTransformerModel(config)``, in its order.
+
+    Computed without building anything: even a meta-device model costs 2 s on first use
+    (the modules' initialisers load torch's decompositions). A test keeps it equal to the
+    model's own ``state_dict``.
+    """
+    d, f, v = config.embedding_dim, config.ff_dim, config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "tok_emb.weight": (v, d),
+        "pos_emb.weight": (config.max_seq_len, d),
+    }
+    block = {
+        "ln1.weight": (d,),
+        "ln1.bias": (d,),
+        "attn.qkv.weight": (3 * d, d),
+        "attn.qkv.bias": (3 * d,),
+        "attn.proj.weight": (d, d),
+        "attn.proj.bias": (d,),
+        "ln2.weight": (d,),
+        "ln2.bias": (d,),
+        "mlp.fc1.weight": (f, d),
+        "mlp.fc1.bias": (f,),
+        "mlp.fc2.weight": (d, f),
+        "mlp.fc2.bias": (d,),
+    }
+    for i in range(config.num_layers):
+        shapes.update({f"blocks.{i}.{name}": shape for name, shape in block.items()})
+    shapes.update({"ln_f.weight": (d,), "ln_f.bias": (d,), "head.weight": (v, d)})
+    return shapes
+
+
 def check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_id, cfg) -> None:
-    """Validate generation settings; raise naming the argument."""
-    if (
-        isinstance(max_new_tokens, bool)
-        or not isinstance(max_new_tokens, int)
-        or max_new_tokens < 0
-    ):
+    """Validate generation settings; raise naming the argument.
+
+    Types raise TypeError (a bool is not an id or a count), values ValueError.
+    """
+    if not _is_int(max_new_tokens):
+        raise TypeError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r:.200}")
+    if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if not _is_real(temperature):
+        raise TypeError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r:.200}")
+    # Below float32's smallest normal number the divisor rounds to 0 in the float32 logits.
+    if not (temperature == 0 or _F32_TINY <= temperature < math.inf):
+        raise ValueError(
+            f"temperature must be 0 (greedy) or a finite number >= {_F32_TINY:.3g}, got "
+            f"{temperature!r}"
+        )
+    if top_k is not None and not _is_int(top_k):
+        raise TypeError(f"top_k must be None or an int >= 1, got {top_k!r:.200}")
+    if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    if top_p is not None and not _is_real(top_p):
+        raise TypeError(f"top_p must be None or a number in (0, 1], got {top_p!r:.200}")
+    if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
-    if eos_id is not None and not (isinstance(eos_id, int) and 0 <= eos_id < cfg.vocab_size):
+    if eos_id is not None and not _is_int(eos_id):
+        raise TypeError(f"eos_id must be None or an int id, got {eos_id!r:.200}")
+    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
         raise ValueError(f"eos_id must be None or an id in [0, {cfg.vocab_size}), got {eos_id!r}")
+
+
+def check_seed(seed) -> None:
+    """``seed`` must be ``None`` or an int that ``torch.Generator.manual_seed`` takes."""
+    if seed is not None and not _is_int(seed):
+        raise TypeError(f"seed must be None or an int in [0, 2**64), got {seed!r:.200}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     """A private generator for ``seed`` (``None``: use the global RNG)."""
+    check_seed(seed)
     if seed is None:
         return None
     g = torch.Generator(device=device)
@@ -316,7 +444,10 @@ def sample_next(
     """Pick one id per row from ``(batch, vocab)`` logits (greedy when temperature == 0)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # The row maximum first: every scaled logit is then <= 0, so a tiny temperature gives
+    # -inf for the others and 0 for the best, never inf - inf = nan.
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -26,7 +26,14 @@ import torch.nn.functional as F
 import yaml
 
 from ryzen_opt.models.checkpoint import save_checkpoint
-from ryzen_opt.models.config import ConfigError, ModelConfig, load_yaml_mapping
+from ryzen_opt.models.config import (
+    ConfigError,
+    ModelConfig,
+    _check_positive_int,
+    _check_real,
+    load_yaml_mapping,
+    short_repr,
+)
 from ryzen_opt.models.model import SimpleTransformerModel
 from ryzen_opt.models.tasks import ArithmeticTask
 
@@ -54,18 +61,26 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = ModelConfig.from_dict(self.model)
-        for name in ("steps", "batch_size", "eval_every", "eval_samples"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be a positive int, got {v!r}")
-        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.steps:
+        if not isinstance(self.model, ModelConfig):
             raise ConfigError(
-                f"warmup_steps must be an int in [0, steps], got {self.warmup_steps!r}"
+                f"model must be a ModelConfig or a mapping, got {type(self.model).__name__}"
             )
-        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
+        for name in ("steps", "batch_size", "eval_every", "eval_samples"):
+            _check_positive_int(name, getattr(self, name))
+        w = self.warmup_steps
+        if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= self.steps:
+            raise ConfigError(f"warmup_steps must be an int in [0, steps], got {short_repr(w)}")
+        if _check_real("lr", self.lr) <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ConfigError(f"threads must be None or an int >= 1, got {self.threads!r}")
+        if _check_real("weight_decay", self.weight_decay) < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        s = self.seed
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**64:
+            raise ConfigError(f"seed must be an int in [0, 2**64), got {short_repr(s)}")
+        if not isinstance(self.device, str) or not self.device.startswith(("cpu", "cuda")):
+            raise ConfigError(f"device must be 'cpu' or 'cuda[:n]', got {short_repr(self.device)}")
+        if self.threads is not None:
+            _check_positive_int("threads", self.threads)
         task = self.task()  # validates digits/operators
         need = task.prompt_len + task.max_answer_len
         if need > self.model.max_seq_len:
@@ -95,7 +110,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"{path}: unknown train config keys {unknown}")
+            raise ConfigError(f"{path}: unknown train config keys {short_repr(unknown)}")
         return cls(**data)
 
 

@@ -144,7 +144,7 @@ def hf_runs(model: nn.Module, example, config, device) -> list[Run]:
     gen = torch.Generator().manual_seed(0)
     runs: list[Run] = []
     if example is not None:
-        kw = dict(example) if isinstance(example, dict) else {"input_ids": example}
+        kw = dict(example)  # keyword arguments (optimization/examples.py normalised them)
         ids = kw.get("input_ids")
         runs.append(Run("prefill", _shape_of(kw), lambda m, k=kw: k, lambda m, k: _logits(m(**k))))
         if ids is None or ids.dim() != 2 or ids.shape[1] + 1 > max_len:
@@ -165,7 +165,7 @@ def hf_runs(model: nn.Module, example, config, device) -> list[Run]:
     for kw, db, p in decode:
 
         def setup(m, kw=kw):
-            out = m(**kw, use_cache=True)
+            out = m(**{**kw, "use_cache": True})
             step = {
                 "input_ids": kw["input_ids"][:, -1:],
                 "past_key_values": out.past_key_values,

@@ -173,3 +173,159 @@ def test_config_yaml_round_trip_and_bad_files(tmp_path):
         ModelConfig.from_yaml(tmp_path / "unk.yaml")
     with pytest.raises(ConfigError, match="does not exist"):
         ModelConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def _cache(model, batch=2, length=3):
+    return model(torch.zeros(batch, length, dtype=torch.long))[1]
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda m: _cache(m, batch=1), ValueError, r"kv_cache\[0\] k must be \(batch=2"),
+        (
+            lambda m: tuple((k[..., :7], v[..., :7]) for k, v in _cache(m)),
+            ValueError,
+            r"kv_cache\[0\] k must be .*head_dim=8",
+        ),
+        (lambda m: _cache(m)[:1], ValueError, "one \\(k, v\\) per layer"),
+        (lambda m: 5, TypeError, "kv_cache must be None or the cache"),
+        (lambda m: "ab", TypeError, r"kv_cache\[0\] must be a \(k, v\) pair"),
+        (lambda m: {"a": 1, "b": 2}, TypeError, "kv_cache must be None or the cache"),
+        (
+            lambda m: (_cache(m, length=3)[0], _cache(m, length=4)[1]),
+            ValueError,
+            r"kv_cache\[1\] k holds 4 positions",
+        ),
+        (
+            lambda m: tuple((k.long(), v) for k, v in _cache(m)),
+            ValueError,
+            "floating point",
+        ),
+    ],
+    ids=["batch", "head_dim", "layers", "int", "str", "dict", "lengths", "dtype"],
+)
+def test_bad_kv_cache_raises_naming_kv_cache(model, make, error, match):
+    cache = make(model)
+    with pytest.raises(error, match=match):
+        model(torch.zeros(2, 1, dtype=torch.long), cache)
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "match"),
+    [
+        (dict(eos_id=True), TypeError, "eos_id"),
+        (dict(eos_id=2**70), ValueError, "eos_id"),
+        (dict(eos_id=-1), ValueError, "eos_id"),
+        (dict(eos_id=3.0), TypeError, "eos_id"),
+        (dict(seed="abc", temperature=1.0), TypeError, "seed"),
+        (dict(seed=2**70, temperature=1.0), ValueError, "seed"),
+        (dict(seed=-1, temperature=1.0), ValueError, "seed"),
+        (dict(seed=1.5), TypeError, "seed"),
+        (dict(temperature=float("nan")), ValueError, "temperature"),
+        (dict(temperature=float("inf")), ValueError, "temperature"),
+        (dict(temperature=1e-320), ValueError, "temperature"),
+        (dict(temperature="x"), TypeError, "temperature"),
+        (dict(top_k=True, temperature=1.0), TypeError, "top_k"),
+        (dict(top_p=float("nan"), temperature=1.0), ValueError, "top_p"),
+        (dict(max_new_tokens=True), TypeError, "max_new_tokens"),
+    ],
+)
+def test_bad_generation_argument_types_and_values_name_the_argument(model, kw, error, match):
+    kw = {"max_new_tokens": 2, **kw}
+    x = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(error, match=match):
+        model.generate(x, **kw)
+    with pytest.raises(error, match=match):
+        next(model.generate_stream(x, **kw))
+
+
+def test_numpy_ints_are_accepted_as_seed_and_eos_id(model):
+    np = pytest.importorskip("numpy")
+    x = torch.zeros(1, 2, dtype=torch.long)
+    a = model.generate(x, 3, temperature=1.0, seed=np.int64(7), eos_id=np.int32(5))
+    b = model.generate(x, 3, temperature=1.0, seed=7, eos_id=5)
+    assert torch.equal(a, b)
+
+
+def test_the_smallest_allowed_temperature_samples_the_greedy_token():
+    from ryzen_opt.models.model import sample_next
+
+    # 20 / 1.2e-38 overflows float32: without subtracting the row maximum first the scaled
+    # logits were inf and the probabilities NaN.
+    logits = torch.tensor([[10.0, 20.0, 5.0], [-3.0, -4.0, 7.5]])
+    gen = torch.Generator().manual_seed(0)
+    out = sample_next(logits, 1.2e-38, None, None, gen)
+    assert out.tolist() == [1, 2]
+
+
+def test_generation_checks_arguments_once_not_per_token(model, monkeypatch):
+    calls = {"idx": 0, "cache": 0}
+    check_idx, check_cache = model._check_idx, model._check_cache
+
+    def count(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+
+        return wrapped
+
+    monkeypatch.setattr(model, "_check_idx", count("idx", check_idx))
+    monkeypatch.setattr(model, "_check_cache", count("cache", check_cache))
+    out = model.generate(torch.zeros(2, 3, dtype=torch.long), 12, temperature=1.0, seed=0)
+    assert out.shape == (2, 15)
+    assert calls == {"idx": 1, "cache": 0}
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        (dict(layer_norm_eps=float("nan")), "layer_norm_eps must be finite"),
+        (dict(layer_norm_eps=float("inf")), "layer_norm_eps must be finite"),
+        (dict(layer_norm_eps=True), "layer_norm_eps must be a number"),
+        (dict(layer_norm_eps="1e-5"), "layer_norm_eps must be a number"),
+        (dict(layer_norm_eps=-1e-5), "layer_norm_eps must be > 0"),
+        (dict(dropout=float("nan")), "dropout must be finite"),
+        (dict(dropout=True), "dropout must be a number"),
+        (dict(tie_weights="yes"), "tie_weights must be a bool"),
+        (dict(vocab_size=True), "vocab_size must be a positive int"),
+        (dict(max_seq_len=128.0), "max_seq_len must be a positive int"),
+    ],
+)
+def test_every_config_field_is_validated(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig(**kw)
+
+
+def test_error_messages_quote_at_most_a_bounded_repr():
+    # 9**9 leaves: the full repr would be ~3 GB; quoting it must neither take time nor space.
+    value = ["lol"] * 9
+    for _ in range(8):
+        value = [value] * 9
+    with pytest.raises(ConfigError) as e:
+        ModelConfig(vocab_size=value)
+    assert "vocab_size" in str(e.value) and len(str(e.value)) < 300
+
+
+BOMB = """a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+vocab_size: [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+"""
+
+
+def test_yaml_alias_bomb_is_refused_with_a_short_message(tmp_path):
+    (tmp_path / "bomb.yaml").write_text(BOMB)
+    with pytest.raises(ConfigError, match="alias") as e:
+        ModelConfig.from_yaml(tmp_path / "bomb.yaml")
+    assert len(str(e.value)) < 400
+
+
+def test_oversized_config_file_is_refused(tmp_path):
+    (tmp_path / "big.yaml").write_text("# pad\n" * 200_000 + "vocab_size: 10\n")
+    with pytest.raises(ConfigError, match="bytes"):
+        ModelConfig.from_yaml(tmp_path / "big.yaml")

@@ -75,6 +75,15 @@ def test_cli_runs_with_a_yaml_config(tmp_path, capsys):
         (dict(warmup_steps=99), "warmup"),
         (dict(digits=9), "max_seq_len"),
         (dict(operators="%"), "operators"),
+        (dict(lr=float("nan")), "lr must be finite"),
+        (dict(weight_decay=float("nan")), "weight_decay must be finite"),
+        (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
+        (dict(seed="abc"), "seed"),
+        (dict(seed=True), "seed"),
+        (dict(warmup_steps=True), "warmup_steps"),
+        (dict(device=5), "device"),
+        (dict(threads=0), "threads"),
+        (dict(model="tiny"), "model must be a ModelConfig"),
     ],
 )
 def test_bad_train_config_raises_naming_the_field(kw, match):
