@@ -648,7 +648,7 @@ class FastPathTransformer(SimpleTransformerModel):
         (``eos_id`` included) in the decode fast path where it has one (the fused Numba step)."""
         paths = self.__dict__.get("_fast_paths")
         if paths is not None and temperature == 0 and use_cache:
-            self._check_generation(idx, max_new_tokens, temperature, top_k, top_p, eos_id)
+            self._check_generation(idx, max_new_tokens, temperature, top_k, top_p, eos_id, seed)
             out = paths.greedy(self, idx, max_new_tokens, eos_id)
             if out is not None:
                 return out

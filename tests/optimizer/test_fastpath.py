@@ -244,6 +244,8 @@ def test_greedy_generate_runs_the_whole_loop_in_one_call(mode, batch):
         model.generate(x, 3, eos_id=97)
     with pytest.raises(ValueError, match="top_k"):
         model.generate(x, 3, top_k=0)
+    with pytest.raises(TypeError, match="seed"):
+        model.generate(x, 3, seed="abc")  # greedy ignores the seed but still checks it
     assert torch.equal(model.generate(x, 0), x)
 
 
