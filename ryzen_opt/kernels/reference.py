@@ -107,7 +107,11 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> 
 
 
 def apply_activation(x: torch.Tensor, activation: str | None) -> torch.Tensor:
-    """Apply a named epilogue activation (``None`` is the identity)."""
+    """Apply a named epilogue activation (``None`` is the identity).
+
+    This is torch's own, so at ``x = -inf`` GELU and SiLU give NaN (``-inf * 0``) and fp32
+    ``gelu(+inf)`` is NaN; the numba and triton epilogues return the limits (-0.0 and +inf).
+    Finite inputs agree."""
     if activation is None:
         return x
     if activation == "gelu":
@@ -232,10 +236,12 @@ def matmul(
         bias: optional ``(N,)``, added before the activation.
         activation: ``None``, ``"gelu"`` (erf), ``"gelu_tanh"``, ``"silu"`` or ``"relu"``.
         residual: optional tensor of the output's shape, added after the activation.
-        out_dtype: output dtype (default: ``a.dtype``).
+        out_dtype: output dtype, a floating ``torch.dtype`` (default: ``a.dtype``); a name
+            such as ``"float16"`` raises ``TypeError``.
 
     Returns:
-        The ``(M, N)`` or ``(B, M, N)`` result.
+        The ``(M, N)`` or ``(B, M, N)`` result; a batch of 1 broadcasts against any batch,
+        an empty one included.
     """
     check_matmul_args(a, b, bias, activation, residual, out_dtype)
     if a.dim() == 2 and b.dim() == 2 and bias is not None:
@@ -322,9 +328,9 @@ def attention(
         q: ``(B, Hq, Lq, D)``.
         k, v: ``(B, Hkv, Lk, D)`` with ``Hkv`` dividing ``Hq``.
         causal: bottom-right aligned causal masking.
-        scale: softmax scale (default ``1/sqrt(D)``).
+        scale: softmax scale, a finite real number (default ``1/sqrt(D)``).
         attn_mask: optional boolean (``True`` = keep) or additive float mask broadcastable to
-            ``(B, Hq, Lq, Lk)``.
+            ``(B, Hq, Lq, Lk)``; integer masks raise ``TypeError``, as in SDPA.
 
     Returns:
         ``(B, Hq, Lq, D)`` in ``q.dtype``.
@@ -408,8 +414,9 @@ def decode_attention(
         q: ``(B, Hq, D)``, the new token's queries.
         k_cache, v_cache: ``(B, Hkv, max_len, D)``; row ``b`` is valid up to
             ``cache_lengths[b]`` (the new token's own k/v already appended).
-        cache_lengths: ``(B,)`` int tensor.
-        scale: softmax scale (default ``1/sqrt(D)``).
+        cache_lengths: ``(B,)`` int tensor. Slots past a row's length are never read into
+            the result (they may hold anything, NaN included).
+        scale: softmax scale, a finite real number (default ``1/sqrt(D)``).
 
     Returns:
         ``(B, Hq, D)``; rows with length 0 are zeros.
@@ -460,7 +467,8 @@ def layer_norm(
     """LayerNorm over the last dim, optionally fused with a residual add.
 
     Returns ``layer_norm(x)`` when ``residual`` is ``None``; otherwise ``(layer_norm(h), h)``
-    with ``h = x + residual`` (the pre-LN block needs ``h`` for its next residual).
+    with ``h = x + residual`` (the pre-LN block needs ``h`` for its next residual). ``eps``
+    must be a finite real number >= 0.
     """
     check_layer_norm_args(x, weight, bias, residual, eps)
     h = x if residual is None else x + residual
