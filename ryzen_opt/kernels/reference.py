@@ -40,12 +40,14 @@ def error_floor(
     ``||out - ref|| / ||ref||`` has no scale when the reference cancels to (near) zero: one
     output of a 27-term dot product through GELU-tanh was -8.7e-8 in float64 and -0.0 from a
     correct fp32 kernel, a "relative error" of 1. A correct kernel's error scales with its
-    *inputs*, not with the result: an fp32-accumulated length-``k`` reduction of terms of size
-    ``magnitude`` carries about ``0.2 * eps * k * magnitude`` of rounding error per output
-    (random-walk rounding of partial sums that grow like sqrt(k)), so
-    ``atol = eps * k * magnitude * sqrt(numel)`` (that, with a 5x margin, in norm over
-    ``numel`` outputs) is what ``torch.testing``'s atol is to its rtol, and the floor is
-    ``atol / tol``: an error of ``atol`` on a cancelled reference passes at ``tol``.
+    *inputs*, not with the result: a sequential fp32 sum of ``k`` terms of size ``magnitude``
+    carries about ``0.2 * eps * k * magnitude`` of rounding error per output (k roundings,
+    each ~eps times a partial sum that grows like sqrt(j) * magnitude, adding up as a random
+    walk). Five times that, ``atol = eps * k * magnitude * sqrt(numel)`` in norm over
+    ``numel`` outputs, plays the part of ``torch.testing``'s atol next to its rtol; the floor
+    is ``atol / tol``, so an error of ``atol`` on a cancelled reference passes at ``tol``.
+    Measured: torch's own fp32 matmul + GELU/SiLU on single outputs (k < 300, 2000 cases)
+    failed the plain ratio at 1e-5 in 11% of cases and this one in none (worst 4.4e-6).
 
     The floor never loosens ordinary tensors. Their norm is the ``natural`` norm
     ``magnitude * sqrt(k * numel)`` (independent terms), and ``atol / tol`` is
