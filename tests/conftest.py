@@ -21,7 +21,8 @@ settings.register_profile("ci", derandomize=True, database=None, print_blob=True
 settings.register_profile(
     "dev", print_blob=True, database=DirectoryBasedExampleDatabase(".hypothesis/examples")
 )
-settings.load_profile("ci" if os.environ.get("CI") else "dev")
+_IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
+settings.load_profile("ci" if _IN_CI else "dev")
 
 
 def pytest_collection_modifyitems(config, items):
