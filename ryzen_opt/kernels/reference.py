@@ -20,6 +20,7 @@ Conventions shared by all backends:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +32,88 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
+def error_floor(
+    dtype: torch.dtype, tol: float, numel: int, reduction: int = 1, magnitude: float = 1.0
+) -> float:
+    """The norm below which :func:`relative_error` stops dividing by ``||ref||``.
+
+    ``||out - ref|| / ||ref||`` has no scale when the reference cancels to (near) zero: one
+    output of a 27-term dot product through GELU-tanh was -8.7e-8 in float64 and -0.0 from a
+    correct fp32 kernel, a "relative error" of 1. A correct kernel's error scales with its
+    *inputs*, not with the result: a sequential fp32 sum of ``k`` terms of size ``magnitude``
+    carries about ``0.2 * eps * k * magnitude`` of rounding error per output (k roundings,
+    each ~eps times a partial sum that grows like sqrt(j) * magnitude, adding up as a random
+    walk). Five times that, ``atol = eps * k * magnitude * sqrt(numel)`` in norm over
+    ``numel`` outputs, plays the part of ``torch.testing``'s atol next to its rtol; the floor
+    is ``atol / tol``, so an error of ``atol`` on a cancelled reference passes at ``tol``.
+    Measured: torch's own fp32 matmul + GELU/SiLU on single outputs (k < 300, 2000 cases)
+    failed the plain ratio at 1e-5 in 11% of cases and this one in none (worst 4.4e-6).
+
+    The floor never loosens ordinary tensors. Their norm is the ``natural`` norm
+    ``magnitude * sqrt(k * numel)`` (independent terms), and ``atol / tol`` is
+    ``eps * sqrt(k) / tol`` of it: fp32 (eps 1.19e-7) at the strict tol 1e-5 gives 0.012 at
+    k=1, 0.062 at k=27, 0.21 at k=300; at 1e-4 ten times less. It is capped at half the
+    natural norm (reached at k >= 1760 for tol 1e-5) so that a large reduction can never make
+    the floor exceed an ordinary result's norm. ``eps`` is the accumulation dtype's: every
+    kernel accumulates 16-bit inputs in fp32, and the 16-bit rounding of the output is
+    relative to the output itself (no floor needed).
+
+    Args:
+        dtype: the dtype the kernel computed in (not the float64 reference's).
+        tol: the tolerance the error will be compared with.
+        numel: number of output elements.
+        reduction: length of the sum behind each output (``K`` of a matmul; 1 for
+            element-wise ops, attention outputs and norms, whose outputs are averages).
+        magnitude: typical size of one term of that sum (1 for products of unit normals).
+
+    Returns:
+        The floor, in the units of ``||ref||``.
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol!r}")
+    eps = torch.finfo(torch.promote_types(dtype, torch.float32)).eps
+    k, n = max(int(reduction), 1), max(int(numel), 0)
+    natural = magnitude * math.sqrt(k * n)
+    return min(eps * k * magnitude * math.sqrt(n) / tol, 0.5 * natural)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
+    """``||out - ref|| / max(||ref||, floor)`` in float64 (see :func:`error_floor`).
+
+    NaN in ``out`` where ``ref`` is finite gives ``inf``; matching non-finite values (NaN
+    with NaN, inf with inf of one sign) count as equal, as in ``torch.testing``.
+
+    Args:
+        out: the kernel's result.
+        ref: the reference, same shape.
+        floor: the norm below which ``||ref||`` is not used as the scale.
+
+    Returns:
+        The relative error (0.0 for two empty tensors).
+    """
+    if out.shape != ref.shape:
+        raise ValueError(f"out shape {tuple(out.shape)} != ref shape {tuple(ref.shape)}")
+    o, r = out.detach().double().cpu(), ref.detach().double().cpu()
+    same = (o == r) | (torch.isnan(o) & torch.isnan(r))
+    if not bool(same[~(torch.isfinite(o) & torch.isfinite(r))].all()):
+        return math.inf
+    finite = torch.isfinite(r)
+    diff = torch.where(finite, o - r, 0.0)
+    num = float(diff.norm())
+    den = max(float(torch.where(finite, r, 0.0).norm()), float(floor))
+    if num == 0.0:
+        return 0.0
+    return num / den if den > 0 else math.inf
+
+
 def apply_activation(x: torch.Tensor, activation: str | None) -> torch.Tensor:
-    """Apply a named epilogue activation (``None`` is the identity)."""
+    """Apply a named epilogue activation (``None`` is the identity).
+
+    This is torch's own, so at ``x = -inf`` GELU and SiLU give NaN (``-inf * 0``) and fp32
+    ``gelu(+inf)`` is NaN; the numba and triton epilogues return the limits (-0.0 and +inf).
+    Finite inputs agree."""
     if activation is None:
         return x
     if activation == "gelu":
@@ -53,11 +134,43 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
 
 
 def matmul_out_shape(a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
-    """The shape ``torch.matmul(a, b)`` would return (computed on the meta device)."""
-    return tuple((torch.empty(a.shape, device="meta") @ torch.empty(b.shape, device="meta")).shape)
+    """The shape ``torch.matmul(a, b)`` returns for 2-D/3-D ``a``, ``b`` that passed
+    :func:`check_matmul_args`: a batch of 1 broadcasts against any batch, 0 included
+    (``(0, M, K) @ (K, N)`` is ``(0, M, N)``). Plain Python: the meta-tensor product costs
+    ~30 us of host time per call."""
+    m, n = a.shape[-2], b.shape[-1]
+    if a.dim() == 2 and b.dim() == 2:
+        return (m, n)
+    ba = a.shape[0] if a.dim() == 3 else 1
+    bb = b.shape[0] if b.dim() == 3 else 1
+    return (bb if ba == 1 else ba, m, n)
 
 
-def check_matmul_args(a, b, bias=None, activation=None, residual=None) -> None:
+def check_scale(scale: object) -> None:
+    """``scale`` must be ``None`` or a finite real number (0 and negatives are well defined:
+    uniform and reversed weights, as SDPA allows); NaN or inf would make every score NaN."""
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be None or a real number, got {type(scale).__name__}")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+
+
+def check_out_dtype(out_dtype: object) -> None:
+    """``out_dtype`` must be ``None`` or a floating ``torch.dtype`` (names such as
+    ``"float16"`` are refused, as by ``torch.Tensor.to``: one spelling, no guessing)."""
+    if out_dtype is None:
+        return
+    if not isinstance(out_dtype, torch.dtype):
+        raise TypeError(
+            f"out_dtype must be None or a torch.dtype such as torch.float16, got {out_dtype!r}"
+        )
+    if not out_dtype.is_floating_point:
+        raise TypeError(f"out_dtype must be a floating-point dtype, got {out_dtype}")
+
+
+def check_matmul_args(a, b, bias=None, activation=None, residual=None, out_dtype=None) -> None:
     """Validate ``matmul`` arguments; raise naming the offending argument."""
     _check_tensor("a", a)
     _check_tensor("b", b)
@@ -96,6 +209,7 @@ def check_matmul_args(a, b, bias=None, activation=None, residual=None) -> None:
             raise ValueError(f"bias must be on {a.device}, got {bias.device}")
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
+    check_out_dtype(out_dtype)
     if residual is not None:
         _check_tensor("residual", residual)
         out_shape = matmul_out_shape(a, b)
@@ -124,12 +238,14 @@ def matmul(
         bias: optional ``(N,)``, added before the activation.
         activation: ``None``, ``"gelu"`` (erf), ``"gelu_tanh"``, ``"silu"`` or ``"relu"``.
         residual: optional tensor of the output's shape, added after the activation.
-        out_dtype: output dtype (default: ``a.dtype``).
+        out_dtype: output dtype, a floating ``torch.dtype`` (default: ``a.dtype``); a name
+            such as ``"float16"`` raises ``TypeError``.
 
     Returns:
-        The ``(M, N)`` or ``(B, M, N)`` result.
+        The ``(M, N)`` or ``(B, M, N)`` result; a batch of 1 broadcasts against any batch,
+        an empty one included.
     """
-    check_matmul_args(a, b, bias, activation, residual)
+    check_matmul_args(a, b, bias, activation, residual, out_dtype)
     if a.dim() == 2 and b.dim() == 2 and bias is not None:
         y = torch.addmm(bias.to(a.dtype), a, b)
     else:
@@ -142,7 +258,7 @@ def matmul(
     return y.to(out_dtype) if out_dtype is not None else y
 
 
-def check_attention_args(q, k, v, attn_mask=None) -> None:
+def check_attention_args(q, k, v, attn_mask=None, scale=None) -> None:
     """Validate attention arguments; raise naming the offending argument."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
@@ -166,8 +282,18 @@ def check_attention_args(q, k, v, attn_mask=None) -> None:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    check_scale(scale)
     if attn_mask is not None:
         _check_tensor("attn_mask", attn_mask)
+        # As SDPA: True = keep, or an additive float mask. An integer 0/1 mask is ambiguous
+        # (added as 0/1 it masks nothing), so it is refused rather than guessed.
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(
+                f"attn_mask must be bool (True = keep) or floating point (added to the "
+                f"scores), got {attn_mask.dtype}; use attn_mask.bool() for a 0/1 mask"
+            )
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask must be on {q.device}, got {attn_mask.device}")
         target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         try:
             torch.broadcast_shapes(attn_mask.shape, target)
@@ -204,14 +330,14 @@ def attention(
         q: ``(B, Hq, Lq, D)``.
         k, v: ``(B, Hkv, Lk, D)`` with ``Hkv`` dividing ``Hq``.
         causal: bottom-right aligned causal masking.
-        scale: softmax scale (default ``1/sqrt(D)``).
+        scale: softmax scale, a finite real number (default ``1/sqrt(D)``).
         attn_mask: optional boolean (``True`` = keep) or additive float mask broadcastable to
-            ``(B, Hq, Lq, Lk)``.
+            ``(B, Hq, Lq, Lk)``; integer masks raise ``TypeError``, as in SDPA.
 
     Returns:
         ``(B, Hq, Lq, D)`` in ``q.dtype``.
     """
-    check_attention_args(q, k, v, attn_mask)
+    check_attention_args(q, k, v, attn_mask, scale)
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     k = expand_kv_heads(k, q.shape[1])
@@ -234,7 +360,7 @@ def attention(
     return torch.matmul(probs, v)
 
 
-def check_decode_args(q, k_cache, v_cache, cache_lengths) -> None:
+def check_decode_args(q, k_cache, v_cache, cache_lengths, scale=None) -> None:
     """Validate ``decode_attention`` arguments; raise naming the offending argument."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         _check_tensor(name, t)
@@ -253,6 +379,7 @@ def check_decode_args(q, k_cache, v_cache, cache_lengths) -> None:
         )
     if k_cache.shape[1] == 0 or hq % k_cache.shape[1] != 0:
         raise ValueError(f"k_cache's heads ({k_cache.shape[1]}) must divide q's heads ({hq})")
+    check_scale(scale)
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
         raise TypeError(
             f"q, k_cache, v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, "
@@ -289,22 +416,33 @@ def decode_attention(
         q: ``(B, Hq, D)``, the new token's queries.
         k_cache, v_cache: ``(B, Hkv, max_len, D)``; row ``b`` is valid up to
             ``cache_lengths[b]`` (the new token's own k/v already appended).
-        cache_lengths: ``(B,)`` int tensor.
-        scale: softmax scale (default ``1/sqrt(D)``).
+        cache_lengths: ``(B,)`` int tensor. Slots past a row's length are never read into
+            the result (they may hold anything, NaN included).
+        scale: softmax scale, a finite real number (default ``1/sqrt(D)``).
 
     Returns:
         ``(B, Hq, D)``; rows with length 0 are zeros.
     """
-    check_decode_args(q, k_cache, v_cache, cache_lengths)
+    check_decode_args(q, k_cache, v_cache, cache_lengths, scale)
     max_len = k_cache.shape[2]
     valid = torch.arange(max_len, device=q.device)[None, :] < cache_lengths.to(q.device)[:, None]
-    mask = valid[:, None, None, :]  # (B, 1, 1, max_len)
-    return attention(q[:, :, None, :], k_cache, v_cache, scale=scale, attn_mask=mask)[:, :, 0]
+    # Slots past a row's length must not matter. Their scores are replaced by -inf (NaN
+    # keys included), but probability 0 times a NaN left in an unused V slot (torch.empty,
+    # or NaN-filled under deterministic mode) is still NaN, so V's unused slots are zeroed.
+    v_cache = v_cache.masked_fill(~valid[:, None, :, None], 0.0)
+    attn_mask = valid[:, None, None, :]  # (B, 1, 1, max_len)
+    return attention(q[:, :, None, :], k_cache, v_cache, scale=scale, attn_mask=attn_mask)[:, :, 0]
 
 
-def check_layer_norm_args(x, weight, bias, residual) -> None:
+def check_layer_norm_args(x, weight, bias, residual, eps=1e-5) -> None:
     """Validate ``layer_norm`` arguments; raise naming the offending argument."""
     _check_tensor("x", x)
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    # eps = 0 is exact LayerNorm (torch allows it); a negative or NaN eps makes the variance
+    # term negative or NaN and every output NaN.
+    if not (math.isfinite(float(eps)) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if x.dim() < 1 or not x.is_floating_point():
         raise ValueError(f"x must be a floating tensor of at least 1 dim, got {x.dtype} {x.dim()}")
     n = x.shape[-1]
@@ -331,9 +469,10 @@ def layer_norm(
     """LayerNorm over the last dim, optionally fused with a residual add.
 
     Returns ``layer_norm(x)`` when ``residual`` is ``None``; otherwise ``(layer_norm(h), h)``
-    with ``h = x + residual`` (the pre-LN block needs ``h`` for its next residual).
+    with ``h = x + residual`` (the pre-LN block needs ``h`` for its next residual). ``eps``
+    must be a finite real number >= 0.
     """
-    check_layer_norm_args(x, weight, bias, residual)
+    check_layer_norm_args(x, weight, bias, residual, eps)
     h = x if residual is None else x + residual
     out = F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
     return out if residual is None else (out, h)

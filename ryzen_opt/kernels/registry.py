@@ -125,6 +125,24 @@ _REFERENCE = {
 }
 
 
+# The argument checks shared by every backend (the launchers call them too), adapted to the
+# public signatures.
+_CHECKS: dict[str, Callable[..., None]] = {
+    "matmul": lambda a, b, bias=None, activation=None, residual=None, out_dtype=None: (
+        reference.check_matmul_args(a, b, bias, activation, residual, out_dtype)
+    ),
+    "attention": lambda q, k, v, causal=False, scale=None, attn_mask=None: (
+        reference.check_attention_args(q, k, v, attn_mask, scale)
+    ),
+    "decode_attention": lambda q, k_cache, v_cache, cache_lengths, scale=None: (
+        reference.check_decode_args(q, k_cache, v_cache, cache_lengths, scale)
+    ),
+    "layer_norm": lambda x, weight, bias, eps=1e-5, residual=None: reference.check_layer_norm_args(
+        x, weight, bias, residual, eps
+    ),
+}
+
+
 def backends(op: str) -> dict[str, Backend]:
     """All registered backends of ``op`` (``reference`` excluded), by name."""
     if op not in _REGISTRY:
@@ -196,6 +214,10 @@ def resolve(op: str, backend: str, *args: Any, **kwargs: Any) -> Callable[..., A
         raise BackendError(f"backend must be one of {known} for {op}, got {backend!r}{hint}")
     reason = table[backend].why_not(device, *args, **kwargs)
     if reason is not None:
+        # A bad argument is reported as such (naming it), not as a backend limit. Checked only
+        # on this failure path: the launchers run the same check, so a call that is served
+        # pays for it once.
+        _CHECKS[op](*args, **kwargs)
         raise BackendError(f"backend={backend!r} cannot serve this {op}: {reason}")
     return table[backend].launcher
 

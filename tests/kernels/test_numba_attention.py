@@ -121,8 +121,10 @@ def test_attention_non_contiguous_and_empty():
     d=st.integers(1, 70),
     causal=st.booleans(),
     scaled=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
 )
-def test_attention_property_matches_reference(b, hkv, group, lq, lk, d, causal, scaled):
+def test_attention_property_matches_reference(b, hkv, group, lq, lk, d, causal, scaled, seed):
+    torch.manual_seed(seed)
     q, k, v = _qkv(b, hkv * group, hkv, lq, lk, d)
     scale = 0.5 / math.sqrt(d) if scaled else None
     out = na.attention(q, k, v, causal, scale)

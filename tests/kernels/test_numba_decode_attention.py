@@ -89,8 +89,10 @@ def test_decode_non_contiguous_cache():
     max_len=st.integers(1, 1300),
     d=st.integers(1, 70),
     data=st.data(),
+    seed=st.integers(0, 2**32 - 1),
 )
-def test_decode_property_matches_reference(b, hkv, group, max_len, d, data):
+def test_decode_property_matches_reference(b, hkv, group, max_len, d, data, seed):
+    torch.manual_seed(seed)
     lengths = data.draw(st.lists(st.integers(0, max_len), min_size=b, max_size=b))
     q, k, v = _inputs(b, hkv * group, hkv, max_len, d)
     cl = torch.tensor(lengths)

@@ -158,16 +158,25 @@ def _tanh(x):
     return y if x >= np.float32(0.0) else -y
 
 
+# Below this GELU and SiLU are -0.0 in fp32 (|x| * e**x < 1e-36; torch gives -0.0 from -88
+# on). The select keeps x = -inf at its limit -0.0: computed, it is -inf * 0 = NaN (GELU) or
+# -inf / e**88 = -inf (SiLU, whose exp is clamped to stay finite).
+_ACT_LOW = np.float32(-88.0)
+
+
 @njit(**INLINE)
 def _activate(v, act):
     """Epilogue activation by code (ACT_CODES); the branch is loop-invariant at call sites."""
     if act == 1:
-        return np.float32(0.5) * v * (np.float32(1.0) + _erf(v * np.float32(0.7071067811865476)))
+        y = np.float32(0.5) * v * (np.float32(1.0) + _erf(v * np.float32(0.7071067811865476)))
+        return np.float32(-0.0) if v < _ACT_LOW else y
     if act == 2:
         u = np.float32(0.7978845608028654) * (v + np.float32(0.044715) * v * v * v)
-        return np.float32(0.5) * v * (np.float32(1.0) + _tanh(u))
+        y = np.float32(0.5) * v * (np.float32(1.0) + _tanh(u))
+        return np.float32(-0.0) if v < _ACT_LOW else y
     if act == 3:
-        return v / (np.float32(1.0) + _exp(-v))
+        y = v / (np.float32(1.0) + _exp(-v))
+        return np.float32(-0.0) if v < _ACT_LOW else y
     if act == 4:
         return max(v, np.float32(0.0))
     return v

@@ -266,7 +266,7 @@ def attention(
         >>> o = attention(torch.randn(1, 2, 5, 8), torch.randn(1, 1, 7, 8),
         ...               torch.randn(1, 1, 7, 8), causal=True)
     """
-    reference.check_attention_args(q, k, v, attn_mask)
+    reference.check_attention_args(q, k, v, attn_mask, scale)
     reason = supports(q, k, v, causal, scale, attn_mask)
     if reason is not None:
         raise registry.BackendError(f"numba attention cannot serve this call: {reason}")

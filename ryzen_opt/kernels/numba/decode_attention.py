@@ -210,7 +210,7 @@ def decode_attention(
         >>> o = decode_attention(torch.randn(2, 4, 8), torch.randn(2, 2, 16, 8),
         ...                      torch.randn(2, 2, 16, 8), torch.tensor([3, 16]))
     """
-    reference.check_decode_args(q, k_cache, v_cache, cache_lengths)
+    reference.check_decode_args(q, k_cache, v_cache, cache_lengths, scale)
     reason = supports(q, k_cache, v_cache, cache_lengths, scale)
     if reason is not None:
         raise registry.BackendError(f"numba decode_attention cannot serve this call: {reason}")

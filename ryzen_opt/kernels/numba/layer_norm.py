@@ -99,7 +99,7 @@ def layer_norm(
     Example:
         >>> y, h = layer_norm(torch.randn(3, 8), torch.ones(8), None, residual=torch.randn(3, 8))
     """
-    reference.check_layer_norm_args(x, weight, bias, residual)
+    reference.check_layer_norm_args(x, weight, bias, residual, eps)
     reason = supports(x, weight, bias, eps, residual)
     if reason is not None:
         raise registry.BackendError(f"numba layer_norm cannot serve this call: {reason}")

@@ -303,7 +303,7 @@ def matmul(
     Example:
         >>> y = matmul(torch.randn(5, 7), torch.randn(7, 3), activation="gelu")
     """
-    reference.check_matmul_args(a, b, bias, activation, residual)
+    reference.check_matmul_args(a, b, bias, activation, residual, out_dtype)
     reason = supports(a, b, bias, activation, residual, out_dtype)
     if reason is not None:
         raise registry.BackendError(f"numba matmul cannot serve this call: {reason}")
@@ -311,7 +311,8 @@ def matmul(
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     a3 = (a if a.dim() == 3 else a.unsqueeze(0)).contiguous()
     bt3 = (b if b.dim() == 3 else b.unsqueeze(0)).transpose(-1, -2).contiguous()
-    nbatch = max(a3.shape[0], bt3.shape[0])
+    # A batch of 1 broadcasts, also against an empty batch: (0, M, K) @ (K, N) is (0, M, N).
+    nbatch = reference.matmul_out_shape(a3, bt3.transpose(-1, -2))[0]
     c = torch.empty((nbatch, m, n), dtype=torch.float32)
     if c.numel():
         bias_ = as_array(bias.to(torch.float32).contiguous()) if bias is not None else _NONE1

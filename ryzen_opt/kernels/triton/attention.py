@@ -278,7 +278,7 @@ def attention(
     Example:
         >>> o = attention(q, k, v, causal=True)  # doctest: +SKIP
     """
-    reference.check_attention_args(q, k, v, attn_mask)
+    reference.check_attention_args(q, k, v, attn_mask, scale)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _common.check_device(name, t)
     if attn_mask is not None:

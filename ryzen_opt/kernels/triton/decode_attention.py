@@ -286,7 +286,7 @@ def decode_attention(
     Example:
         >>> o = decode_attention(q, k_cache, v_cache, lengths)  # doctest: +SKIP
     """
-    reference.check_decode_args(q, k_cache, v_cache, cache_lengths)
+    reference.check_decode_args(q, k_cache, v_cache, cache_lengths, scale)
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         _common.check_device(name, t)
     if q.shape[-1] > _MAX_HEAD_DIM:

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ryzen_opt.kernels.triton import _common
+from ryzen_opt.kernels.triton.matmul import _activate
 
 # fmt: off
 # Kernel signatures and launches keep their arguments grouped by role (pointers, sizes,
@@ -90,7 +91,7 @@ def _row_linear_kernel(
         if HAS_BIAS:
             y += bias
         if GELU:
-            y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+            y = _activate(y, 1)  # the matmul epilogue's GELU (erf), -inf included
         if HAS_RES:
             y += tl.load(res_ptr + r * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if QKV:

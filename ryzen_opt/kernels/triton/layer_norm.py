@@ -158,7 +158,7 @@ def layer_norm(
     Example:
         >>> y, h = layer_norm(x, w, b, residual=r)  # doctest: +SKIP
     """
-    reference.check_layer_norm_args(x, weight, bias, residual)
+    reference.check_layer_norm_args(x, weight, bias, residual, eps)
     for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
         if t is not None:
             _common.check_device(name, t)

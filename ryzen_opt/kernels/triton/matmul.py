@@ -98,15 +98,17 @@ def _prune_matmul(configs, named_args, **kwargs):
 
 @triton.jit
 def _activate(x, ACTIVATION: tl.constexpr):
+    # GELU and SiLU are 0 in fp32 below -88 (|x| * e**x < 1e-36); the select keeps x = -inf
+    # at that limit, where the formulas give -inf * 0 = NaN.
     if ACTIVATION == 1:  # gelu (erf)
-        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        x = tl.where(x < -88.0, 0.0, 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476)))
     elif ACTIVATION == 2:  # gelu (tanh approximation); tanh(u) = 2 * sigmoid(2u) - 1
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        x = x * tl.sigmoid(2.0 * u)
+        x = tl.where(x < -88.0, 0.0, x * tl.sigmoid(2.0 * u))
     elif ACTIVATION == 3:  # silu
-        x = x * tl.sigmoid(x)
+        x = tl.where(x < -88.0, 0.0, x * tl.sigmoid(x))
     elif ACTIVATION == 4:  # relu
-        x = tl.maximum(x, 0.0)
+        x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) is NaN, as torch
     return x
 
 
@@ -376,7 +378,7 @@ def supports(a, b, bias=None, activation=None, residual=None, out_dtype=None) ->
             "a is float32 and torch.backends.cuda.matmul.allow_tf32 is False; the triton "
             "matmul computes fp32 only through TF32"
         )
-    if out_dtype is not None and out_dtype not in _common.KERNEL_DTYPES:
+    if isinstance(out_dtype, torch.dtype) and out_dtype not in _common.KERNEL_DTYPES:
         return f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}"
     return None
 
@@ -388,15 +390,6 @@ def _as3d(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return t, (t.stride(0) if t.shape[0] != 1 else 0)
 
 
-def _out_shape(a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
-    # reference.matmul_out_shape multiplies meta tensors: ~30 us of host time per call.
-    m, n = a.shape[-2], b.shape[-1]
-    if a.dim() == 2 and b.dim() == 2:
-        return (m, n)
-    batch = max(a.shape[0] if a.dim() == 3 else 1, b.shape[0] if b.dim() == 3 else 1)
-    return (batch, m, n)
-
-
 def _small_config(m: int, elt: int) -> dict:
     # Problems under 2**27 multiply-adds (512^3) run in microseconds: timing a dozen configs
     # (each compiled per specialisation) costs seconds that the call never earns back.
@@ -406,7 +399,7 @@ def _small_config(m: int, elt: int) -> dict:
 
 
 def _launch(a, b, bias, activation, residual, out_dtype, config=None) -> torch.Tensor:
-    out_shape = _out_shape(a, b)
+    out_shape = reference.matmul_out_shape(a, b)
     c = torch.empty(out_shape, device=a.device, dtype=out_dtype or a.dtype)
     if c.numel() == 0:
         return c
@@ -515,7 +508,7 @@ def matmul(
     Example:
         >>> y = matmul(x, w.t(), bias=b, activation="gelu")  # doctest: +SKIP
     """
-    reference.check_matmul_args(a, b, bias, activation, residual)
+    reference.check_matmul_args(a, b, bias, activation, residual, out_dtype)
     for name, t in (("a", a), ("b", b), ("bias", bias), ("residual", residual)):
         if t is not None:
             _common.check_device(name, t)
