@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from ryzen_opt.kernels import registry
+from ryzen_opt.kernels.reference import error_floor
 from ryzen_opt.kernels.registry import BackendError
 from ryzen_opt.models.model import SimpleTransformerModel
 from ryzen_opt.optimization import fastpath, hf
@@ -114,14 +115,23 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    o = torch.nan_to_num(out.detach().double())
-    r = torch.nan_to_num(ref.detach().double())
+def _rel_error(out: torch.Tensor, ref: torch.Tensor, tol: float) -> tuple[float, float]:
+    """``||out - ref|| / max(||ref||, floor)`` and the largest absolute difference.
+
+    The floor (:func:`ryzen_opt.kernels.reference.error_floor`) keeps a reference that
+    cancels to near zero from turning rounding into a "relative error" of 1. Computed on the
+    tensors' device (a CPU copy of a model's logits would cost more than the check). A
+    non-finite output where the reference is finite is an infinite error.
+    """
+    o, r = out.detach().double(), ref.detach().double()
+    if not bool(torch.isfinite(o)[torch.isfinite(r)].all()):
+        return math.inf, math.inf
+    o, r = torch.nan_to_num(o), torch.nan_to_num(r)
     diff = o - r
-    denom = float(r.norm())
     num = float(diff.norm())
+    den = max(float(r.norm()), error_floor(ref.dtype, tol, ref.numel()))
     mx = float(diff.abs().max()) if diff.numel() else 0.0
-    return (num / denom if denom else num), mx
+    return (num / den if den else num), mx
 
 
 def _sync(device: torch.device) -> None:
@@ -314,7 +324,7 @@ class KernelOptimizer:
             res.detail = f"output shape {getattr(out, 'shape', None)} != {tuple(ref.shape)}"
             return False
         tol = self.config.tolerance_for(ref.dtype, dev)
-        err, max_abs = _rel_error(out, ref)
+        err, max_abs = _rel_error(out, ref, tol)
         res.rel_error = err if res.rel_error is None else max(res.rel_error, err)
         res.max_abs_error = (
             max_abs if res.max_abs_error is None else max(res.max_abs_error, max_abs)
@@ -655,8 +665,8 @@ class KernelOptimizer:
                 for run in plan.runs:
                     s_ref, s_opt = run.setup(ref_model), run.setup(model)
                     out_ref, out_opt = run.call(ref_model, s_ref), run.call(model, s_opt)
-                    err, _ = _rel_error(out_opt, out_ref)
                     tol = cfg.tolerance_for(out_ref.dtype, plan.device)
+                    err, _ = _rel_error(out_opt, out_ref, tol)
                     check = ModelCheck(run.label, run.shape, err, tol)
                     # Time one run per label and batch (the longest cache for decode).
                     tkey = f"{run.label}:{run.shape.split(' ')[0]}"

@@ -326,3 +326,20 @@ def test_rejections_name_a_faster_loser_and_what_beat_it():
     assert "graph_b" not in text.split(";")[0].split(":")[0]
     site.chosen.clear()  # nothing kept (e.g. the whole-model check reverted it)
     assert "graph_b: faster (>= 8.00x) but not kept" in _rejections(site, "decode b1")
+
+
+def test_optimizer_error_metric_has_a_floor_for_cancelled_references():
+    from ryzen_opt.optimizer import _rel_error
+
+    # A reference that cancels to ~0 (one output, -8.7e-8) against a correct fp32 -0.0: the
+    # plain ratio called this a relative error of 1.
+    err, _ = _rel_error(torch.tensor([[-0.0]]), torch.tensor([[-8.7e-8]]), 1e-5)
+    assert err <= 1e-5
+    # An ordinary tensor keeps its relative scale: a 1e-3 perturbation still fails 1e-4.
+    ref = torch.randn(64, 64)
+    err, _ = _rel_error(ref * (1 + 1e-3), ref, 1e-4)
+    assert err > 1e-4
+    # A NaN where the reference is finite is an infinite error, not a zero.
+    out = ref.clone()
+    out[3, 5] = float("nan")
+    assert _rel_error(out, ref, 1e-4)[0] == float("inf")
