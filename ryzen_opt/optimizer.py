@@ -253,9 +253,15 @@ class KernelOptimizer:
         except Exception as e:
             if hf_impl is not None:
                 hf.restore(model, hf_impl)
-            raise ValueError(
-                f"example_inputs could not be run through the model: {type(e).__name__}: {e}"
-            ) from e
+            what = (
+                "example_inputs could not be run through the model"
+                if example_inputs is not None
+                else "the synthetic runs (no example_inputs: a prefill of "
+                f"OptimizeConfig.prefill_shape={self.config.prefill_shape}, decode steps at "
+                f"decode_batches={self.config.decode_batches}) could not be run through the model"
+            )
+            msg = str(e) if len(str(e)) <= 500 else str(e)[:500] + "..."
+            raise ValueError(f"{what}: {type(e).__name__}: {msg}") from e
         finally:
             model.train(was_training)
 

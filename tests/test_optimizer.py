@@ -299,7 +299,9 @@ def test_example_inputs_give_the_measured_shapes(tmp_path):
         opt = KernelOptimizer(cfg)
         plan = opt.plan(tiny_model(), torch.randint(0, 64, (3, 6)))
     shapes = {c.shape for s in plan.sites if s.path == "head" for c in s.cases}
-    assert shapes == {"3x6x32", "3x1x32"}
+    # The example's prefill and a decode step at its batch, and decode steps at the
+    # configured batches (1 and 2), which generation runs too.
+    assert shapes == {"3x6x32", "3x1x32", "1x1x32", "2x1x32"}
 
 
 def test_rejections_name_a_faster_loser_and_what_beat_it():

@@ -9,6 +9,7 @@ backend variant, both bound to those inputs.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,6 +103,19 @@ def _decode_prompt_lengths(max_len: int) -> list[int]:
     return sorted({p for p in (max(1, max_len // 4), max_len - 1) if p >= 1 and p + 1 <= max_len})
 
 
+def _rows(ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """``batch`` rows of ``ids``: its first rows, or its rows repeated when it has fewer."""
+    reps = -(-batch // ids.shape[0])
+    return ids.repeat(reps, 1)[:batch] if reps > 1 else ids[:batch]
+
+
+def _example_batches(batch: int, config) -> list[int]:
+    # The example's own batch and the configured decode batches: a user who optimizes with a
+    # 16-row prompt still generates one row at a time, and a swap measured only at 16 rows
+    # would run (or pay its routing) unmeasured at one.
+    return sorted({batch, *config.decode_batches})
+
+
 def _logits(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
@@ -119,7 +133,7 @@ def stm_runs(model: SimpleTransformerModel, example, config, device) -> list[Run
     if example is not None:
         prompt = example
         b, t = example.shape
-        decode = [(b, t)] if t + 1 <= cfg.max_seq_len else []
+        decode = [(db, t) for db in _example_batches(b, config)] if t + 1 <= cfg.max_seq_len else []
     else:
         b, t = config.prefill_shape[0], min(config.prefill_shape[1], cfg.max_seq_len)
         prompt = _ids(gen, cfg.vocab_size, (b, t), device)
@@ -128,7 +142,11 @@ def stm_runs(model: SimpleTransformerModel, example, config, device) -> list[Run
         ]
     runs.append(Run("prefill", f"{b}x{t}", lambda m, p=prompt: p, lambda m, p: m(p)[0]))
     for db, p in decode:
-        ids = example if example is not None else _ids(gen, cfg.vocab_size, (db, p + 1), device)
+        ids = (
+            _rows(example, db)
+            if example is not None
+            else _ids(gen, cfg.vocab_size, (db, p + 1), device)
+        )
 
         def setup(m, ids=ids, p=p):
             _, cache = m(ids[:, :p])
@@ -143,24 +161,39 @@ def hf_runs(model: nn.Module, example, config, device) -> list[Run]:
     max_len = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 128)
     gen = torch.Generator().manual_seed(0)
     runs: list[Run] = []
+    # generate() asks for the last position's logits only where the model allows it; so do
+    # the runs: what is timed is what generation runs, and a 16 x 128 prefill of a
+    # 152k-token vocabulary does not materialise 1.2 GB of logits nobody reads.
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
     if example is not None:
-        kw = dict(example)  # keyword arguments (optimization/examples.py normalised them)
+        kw = {**keep, **example}  # keyword arguments (optimization/examples.py normalised them)
         ids = kw.get("input_ids")
         runs.append(Run("prefill", _shape_of(kw), lambda m, k=kw: k, lambda m, k: _logits(m(**k))))
         if ids is None or ids.dim() != 2 or ids.shape[1] + 1 > max_len:
             return runs
-        decode = [(kw, ids.shape[0], ids.shape[1])]
+        decode = []
+        for db in _example_batches(ids.shape[0], config):
+            rows = {k: _rows(v, db) if _is_rows(v, ids) else v for k, v in kw.items()}
+            decode.append((rows, db, ids.shape[1]))
     else:
         b, t = config.prefill_shape[0], min(config.prefill_shape[1], max_len)
         ids = _ids(gen, cfg.vocab_size, (b, t), device)
         # The model's own use_cache default: a prefill that starts generation builds a cache.
         runs.append(
-            Run("prefill", f"{b}x{t}", lambda m, i=ids: i, lambda m, i: _logits(m(input_ids=i)))
+            Run(
+                "prefill",
+                f"{b}x{t}",
+                lambda m, i=ids: i,
+                lambda m, i: _logits(m(input_ids=i, **keep)),
+            )
         )
         decode = []
+        # Decode caches up to the prefill length, not the model's whole context: at
+        # max_position_embeddings=4096 and batch 16 the set-up alone needed 40 GB of logits.
         for db in config.decode_batches:
-            for p in _decode_prompt_lengths(max_len):
-                decode.append(({"input_ids": _ids(gen, cfg.vocab_size, (db, p), device)}, db, p))
+            for p in _decode_prompt_lengths(t):
+                kw = {"input_ids": _ids(gen, cfg.vocab_size, (db, p), device), **keep}
+                decode.append((kw, db, p))
 
     for kw, db, p in decode:
 
@@ -183,6 +216,18 @@ def hf_runs(model: nn.Module, example, config, device) -> list[Run]:
 
         runs.append(Run("decode", f"{db}x1 after {p}", setup, call))
     return runs
+
+
+def _forward_params(model: nn.Module) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _is_rows(v: Any, ids: torch.Tensor) -> bool:
+    """Whether ``v`` is a per-row tensor of the example (ids, attention mask, positions)."""
+    return isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] == ids.shape[0]
 
 
 def generic_runs(model: nn.Module, example) -> list[Run]:

@@ -155,3 +155,41 @@ def test_triton_attention_on_gpu_matches_the_original(arch, tmp_path):
     assert err <= cfg.tolerance_for(torch.float32, ids.device), err
     gen_kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(ids, **gen_kw), original.generate(ids, **gen_kw))
+
+
+def test_synthetic_runs_fit_the_prefill_not_the_models_whole_context(tmp_path):
+    from ryzen_opt.optimization.sites import hf_runs
+
+    # A long context (Qwen2-0.5B has 4096) must not size the synthetic decode caches: at
+    # batch 16 the set-up of a 4095-token cache materialised 40 GB of logits.
+    cfg = transformers.Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+    )
+    model = transformers.Qwen2ForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+    config = fast_config(tmp_path, prefill_shape=(2, 8), decode_batches=(1, 3))
+    runs = hf_runs(model, None, config, torch.device("cpu"))
+    decode = [r.shape for r in runs if r.label == "decode"]
+    assert decode and all(int(s.split(" after ")[1]) < 8 for s in decode), decode
+    assert {s.split(" ")[0] for s in decode} == {"1x1", "3x1"}
+    # Like generate, the prefill asks for the last position's logits only.
+    prefill = next(r for r in runs if r.label == "prefill")
+    with torch.no_grad():
+        assert prefill.call(model, prefill.setup(model)).shape == (2, 1, 64)
+
+
+def test_a_failing_synthetic_run_does_not_blame_example_inputs(tmp_path):
+    model = _llama("sdpa").eval()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    model.forward = broken
+    with pytest.raises(ValueError, match="synthetic runs .*out of memory") as info:
+        KernelOptimizer(fast_config(tmp_path)).plan(model)
+    assert "example_inputs could not" not in str(info.value)
