@@ -345,3 +345,22 @@ def test_optimizer_error_metric_has_a_floor_for_cancelled_references():
     out = ref.clone()
     out[3, 5] = float("nan")
     assert _rel_error(out, ref, 1e-4)[0] == float("inf")
+
+
+def test_the_check_reference_shares_weight_storage_but_not_parameters(tmp_path):
+    from ryzen_opt.optimizer import weight_sharing_copy
+
+    model = tiny_model()
+    ref = weight_sharing_copy(model)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        assert p.data_ptr() == q.data_ptr(), name  # no second copy of the weights
+        assert p is not q
+    assert ref.head.weight is ref.tok_emb.weight  # ties survive
+    # Rebinding the optimized model's Parameter (as the fused decode arena does) leaves the
+    # reference on the original values.
+    before = ref.head.weight.detach().clone()
+    model.head.weight.data = torch.zeros_like(model.head.weight)
+    assert torch.equal(ref.head.weight, before)
+    plan = KernelOptimizer(fast_config(tmp_path)).plan(tiny_model())
+    p0 = next(plan.model.parameters())
+    assert next(plan.reference.parameters()).data_ptr() == p0.data_ptr()
