@@ -18,6 +18,7 @@ import contextlib
 import copy
 import glob
 import io
+import logging
 import math
 import os
 import secrets
@@ -258,9 +259,23 @@ def export_onnx(
     return path
 
 
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    # The exporter logs one warning per torchvision op when torchvision is absent (4 lines
+    # on every export, nothing to act on); errors still show.
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
+
+
 def _export(wrapper, args, tmp: Path, names_in, names_out, opset, shapes) -> None:
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
+    with torch.no_grad(), _quiet_exporter():
         torch.onnx.export(
             wrapper,
             args,
