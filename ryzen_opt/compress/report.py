@@ -83,11 +83,12 @@ class CompressionReport:
         lo, hi = self.aa_range
         tol = 100 * self.aa_tolerance
         if self.speed_trusted:
-            return (f"speed: the fp32-vs-fp32 row reads {lo:.3f}-{hi:.3f}x, within "
+            return (f"speed: fp32 vs itself (before and after the others) read "
+                    f"{lo:.3f}-{hi:.3f}x, within "
                     f"+/-{tol:.0f}% (this run's noise floor)")
-        return (f"speed figures are NOISE: the fp32-vs-fp32 row reads {lo:.3f}-{hi:.3f}x, "
-                f"outside +/-{tol:.0f}% (other work on the machine?); the choice used size "
-                f"and accuracy only")
+        return (f"speed figures are NOISE: fp32 vs itself (before and after the others) read "
+                f"{lo:.3f}-{hi:.3f}x, outside +/-{tol:.0f}% (other work on the machine?); "
+                f"choices use size and accuracy only")
 
     def to_json(self, path: str | os.PathLike) -> Path:
         p = Path(path)
@@ -170,13 +171,13 @@ def environment(threads: int | None) -> dict[str, Any]:
     }
 
 
-def aa_verdict(baseline: ArtifactResult, tolerance: float) -> tuple[bool, tuple[float, float]]:
-    """``(trusted, (lowest, highest))`` of the fp32-vs-fp32 row's speed-ups.
+def aa_verdict(speedups: Sequence[float], tolerance: float) -> tuple[bool, tuple[float, float]]:
+    """``(trusted, (lowest, highest))`` of fp32-vs-fp32 speed-ups.
 
-    Both sides of that row run the same file on the same inputs, so every speed-up should
-    read 1; one off by more than ``tolerance`` (0.05: 5%) shows the run's timing noise.
+    Both sides of such a comparison run the same file on the same inputs, so every speed-up
+    should read 1; one off by more than ``tolerance`` (0.05: 5%) shows the run's timing noise.
     """
-    ups = [float(v["speedup"]) for v in baseline.latency.values()]
+    ups = [float(v) for v in speedups]
     lo, hi = min(ups), max(ups)
     return bool(lo >= 1 - tolerance and hi <= 1 + tolerance), (lo, hi)
 
