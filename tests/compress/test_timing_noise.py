@@ -74,3 +74,17 @@ def test_noisy_ab_row_marks_speed_as_noise_and_chooses_by_size(comp, monkeypatch
         assert "noise" in details["note"]
     assert report.baseline.details["aa_closing_speedups"] == {
         k: closing for k in ("prefill@1", "decode@1", "prefill@4", "decode@4")}
+
+
+def test_paired_speedup_is_the_median_of_per_pair_ratios():
+    # The candidate is 2x faster in every pair taken at the same load, but the load rose
+    # while pairs 1-2 ran on the candidate's side only: the ratio of medians reads 0.5x.
+    from ryzen_opt.compress.compressor import paired_speedup
+
+    b, c = (1.0, 1.0, 1.0, 4.0, 4.0), (0.5, 2.0, 2.0, 2.0, 2.0)
+    base = Timing(1.0, 0.0, 1.0, 4.0, 5, 1, b)
+    cand = Timing(2.0, 0.0, 2.0, 2.0, 5, 1, c)
+    raw = Comparison(base, cand, 0.5, 0.4, 0.6, 0.95)
+    out = paired_speedup(raw)
+    assert out.speedup == 2.0 and out.ci_low <= 2.0 <= out.ci_high
+    assert out.baseline == base and out.candidate == cand
