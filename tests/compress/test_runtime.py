@@ -112,3 +112,16 @@ def test_vocabulary_comes_from_the_logits_without_metadata(fp32_onnx, tmp_path):
     assert g.vocab_size == VOCAB and g.max_seq_len is None
     with pytest.raises(ValueError, match=re.escape(f"must lie in [0, {VOCAB})")):
         g.generate(np.array([[VOCAB]]), 2)
+
+
+def test_compressor_sessions_do_not_spin(fp32_onnx, model, task, tmp_path):
+    # Two sessions timed in turn: a spinning pool would hold the cores the other needs
+    # (fp32 against itself read 0.38-2.68x at 2 threads with spinning on).
+    from ryzen_opt.compress import SemanticCompressor
+
+    key = "session.intra_op.allow_spinning"
+    comp = SemanticCompressor(model, task, workdir=tmp_path)
+    opts = comp._gen(fp32_onnx).session.get_session_options()
+    assert opts.get_session_config_entry(key) == "0"
+    with pytest.raises(TypeError, match="spinning must be a bool"):
+        OnnxGenerator(fp32_onnx, spinning="no")
