@@ -53,14 +53,15 @@ def test_compress_writes_a_report(checkpoint, tmp_path):
     assert data["chosen"] in ("fp32", "int8_dynamic")
     details = data["results"][1]["details"]
     assert details["default_variant"] == "ws8"
-    if data["speed_trusted"]:
-        # s8 and u8 weights were both built and timed; u8 replaces the s8 default only
-        # when it decodes faster beyond the noise.
-        vs = details["variants_vs_default"]["wu8"]
-        faster = vs["ci"][0] > 1.0
+    vs = details["variants_vs_default"]
+    if vs:
+        # The opening fp32-vs-fp32 check passed, so s8 and u8 weights were both timed; u8
+        # replaces the s8 default only when it decodes faster beyond the noise.
+        faster = vs["wu8"]["ci"][0] > 1.0
         assert details["chosen_variant"] == ("wu8" if faster else "ws8")
-    else:  # 3 samples on a busy machine: the A/A row said noise, so no variant race
-        assert details["chosen_variant"] == "ws8" and details["variants_vs_default"] == {}
+    else:  # 3 samples on a busy machine: that check said noise, so no race on noise
+        assert not data["speed_trusted"]
+        assert details["chosen_variant"] == "ws8" and "noise" in details["note"]
     # --workdir keeps every artifact; the chosen one was also written to --out.
     assert all(Path(r["path"]).is_file() for r in data["results"]
                if r["method"] != data["chosen"])
