@@ -75,11 +75,11 @@ def _opset(text: str) -> int:
     return v
 
 
-def _out_path(path: str, force: bool) -> Path:
+def _out_path(path: str, force: bool, option: str = "--out") -> Path:
     from ryzen_opt.compress.export import check_output_path
 
     try:
-        return check_output_path(path, "--out", force=force)
+        return check_output_path(path, option, force=force)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -137,7 +137,7 @@ def _add_compress(sub) -> None:
     p.add_argument("--workdir", type=Path, default=None,
                    help="keep every artifact in this folder (default: a temporary folder, "
                    "deleted at the end)")
-    p.add_argument("--json", type=Path, default=None, help="write the report here")
+    p.add_argument("--json", default=None, help="write the report here (JSON)")
     p.set_defaults(func=_run_compress)
 
 
@@ -164,6 +164,8 @@ def _run_compress(args: argparse.Namespace) -> int:
         raise UsageError(f"--methods: unknown {bad or 'empty list'}; known: {', '.join(METHODS)}")
     if args.repeat < 3:
         raise UsageError(f"--repeat must be >= 3, got {args.repeat}")
+    if args.json is not None:  # the report is written last: check its path before the work
+        _out_path(args.json, True, "--json")
     if args.max_accuracy_drop is None and args.out is not None:
         raise UsageError("--out needs --max-accuracy-drop: without a budget nothing is chosen")
     out = None

@@ -138,6 +138,7 @@ def test_export_refuses_an_existing_file_without_force(checkpoint, tmp_path, cap
     ("--ratio", "1.5", "argument --ratio: expected a fraction in [0, 1)"),
     ("--methods", "int3", "--methods: unknown ['int3']"),
     ("--out", "", "--out must name a file"),
+    ("--json", ".", "--json '.' is a folder"),
 ])
 def test_compress_bad_options_are_usage_errors(checkpoint, capsys, option, value, message):
     _, ckpt = checkpoint
