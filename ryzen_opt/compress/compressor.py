@@ -108,15 +108,16 @@ class CompressConfig:
     eval_seed: int = 4321
     # 1, fixed so runs on bigger machines stay comparable. Two threads on the 2-core
     # reference CPU stall whenever another process holds one core: next to one busy process
-    # the fp32-vs-fp32 row read 0.92-1.03x at 2 threads, 0.98-1.03x at 1 (spinning off).
+    # the fp32-vs-fp32 row read 0.92-1.03x at 2 threads (spinning off), 0.98-1.03x at 1.
     threads: int | None = 1
     # 1: latency-bound edge decoding; 64: a batched evaluation where matmuls dominate.
     batch_sizes: tuple[int, ...] = (1, 64)
     # 101 samples of >= 0.5 ms a side, interleaved, read as the median of per-pair ratios
     # (paired_speedup): short samples are rarely preempted and put baseline and candidate
     # close in time. With five other jobs on the 2 cores, fp32 vs itself read 0.96-1.04x
-    # this way; 15 samples of >= 5 ms, as a ratio of medians, read 0.79-2.83x on a quieter
-    # machine. Costs ~3 s per cell at the slowest one (prefill of 64 prompts, ~15 ms).
+    # this way (0.79-1.50x as a ratio of medians); the old default (2 spinning threads, 15
+    # samples of >= 5 ms, ratio of medians) read 0.79-2.83x. Costs ~3 s per cell at the
+    # slowest one (prefill of 64 prompts, ~15 ms a call).
     repeat: int = 101
     warmup: int = 5
     min_sample_s: float = 5e-4
