@@ -2,7 +2,11 @@
 
     ryzen-opt export --checkpoint checkpoints/default --out model.onnx
     ryzen-opt compress --checkpoint checkpoints/default --methods int8_dynamic,int4_weight_only
-        --max-accuracy-drop 1 --workdir out/compress --json out/compress.json   (one line)
+        --max-accuracy-drop 1 --out compressed.onnx --json out/compress.json   (one line)
+
+Exit status: 0 done, 2 a usage error (bad option value, an --out that is a folder or an
+existing file without --force), 1 the command failed on its input (a corrupt checkpoint).
+Errors are one line on stderr, naming the option.
 
 A new workflow adds one ``_add_<name>`` function that registers its subparser and sets
 ``func``; :func:`main` needs no change.
@@ -11,51 +15,129 @@ A new workflow adds one ``_add_<name>`` function that registers its subparser an
 from __future__ import annotations
 
 import argparse
+import math
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+
+class UsageError(ValueError):
+    """A bad option value found after parsing (exit status 2)."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return v
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    parts = [t.strip() for t in text.split(",")]
+    if not parts or any(not t.isdigit() or int(t) < 1 for t in parts):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers >= 1 such as 1,64, got {text!r}")
+    return tuple(int(t) for t in parts)
+
+
+def _points(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of points >= 0, got {text!r}")
+    return v
+
+
+def _ratio(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 <= v < 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return v
+
+
+def _opset(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 18:
+        raise argparse.ArgumentTypeError(f"expected an ONNX opset >= 18, got {text!r}")
+    return v
+
+
+def _out_path(path: str, force: bool, option: str = "--out") -> Path:
+    from ryzen_opt.compress.export import check_output_path
+
+    try:
+        return check_output_path(path, option, force=force)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a checkpoint to an ONNX decoder with KV cache")
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder")
-    p.add_argument("--out", required=True, type=Path, help="the .onnx file to write")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.add_argument("--no-kv-cache", action="store_true",
                    help="export a full-sequence model (logits only)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: exporter's)")
+    p.add_argument("--opset", type=_opset, default=None, help="ONNX opset >= 18 (default: "
+                   "the exporter's)")
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    out = _out_path(args.out, args.force)  # before the slow work
     from ryzen_opt.compress import export_onnx
     from ryzen_opt.models import load_checkpoint
 
     model = load_checkpoint(args.checkpoint)
-    path = export_onnx(model, args.out, with_kv_cache=not args.no_kv_cache, opset=args.opset)
+    path = export_onnx(model, out, with_kv_cache=not args.no_kv_cache, opset=args.opset)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 
 def _add_compress(sub) -> None:
-    from ryzen_opt.compress import METHODS
+    from ryzen_opt.compress.compressor import CompressConfig
 
+    d = CompressConfig()
     p = sub.add_parser("compress", help="build compressed artifacts and judge them vs fp32")
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder")
     p.add_argument("--methods", default="int8_dynamic,int4_weight_only",
-                   help=f"comma-separated, from: {', '.join(METHODS)}")
+                   help="comma-separated method names (see SemanticCompressor)")
     p.add_argument("--digits", type=int, default=None, help="task digits (default: checkpoint's)")
     p.add_argument("--operators", default=None, help="task operators (default: checkpoint's)")
-    p.add_argument("--max-accuracy-drop", type=float, default=None,
-                   help="accuracy budget in points; picks the best artifact within it")
+    p.add_argument("--max-accuracy-drop", type=_points, default=None,
+                   help="accuracy budget in points; picks the best artifact within it and "
+                   "writes it to --out")
     p.add_argument("--prefer", choices=("size", "speed"), default="size")
-    p.add_argument("--eval-samples", type=int, default=512)
-    p.add_argument("--batch-sizes", default="1,64", help="comma-separated timing batch sizes")
-    p.add_argument("--repeat", type=int, default=15)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--ratio", type=float, default=0.3, help="pruning compression_ratio")
+    p.add_argument("--out", default=None,
+                   help="where the chosen artifact goes (default: compressed.onnx in the "
+                   "working directory); needs --max-accuracy-drop")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    p.add_argument("--eval-samples", type=_positive_int, default=d.eval_samples)
+    p.add_argument("--batch-sizes", type=_int_list, default=",".join(map(str, d.batch_sizes)),
+                   help="comma-separated timing batch sizes (default: %(default)s)")
+    p.add_argument("--repeat", type=_positive_int, default=d.repeat,
+                   help="timing samples per side, >= 3 (default: %(default)s)")
+    p.add_argument("--threads", type=_positive_int, default=d.threads,
+                   help="ONNX Runtime intra-op threads (default: %(default)s)")
+    p.add_argument("--ratio", type=_ratio, default=0.3, help="pruning compression_ratio")
     p.add_argument("--finetune-steps", type=int, default=0, help="recovery fine-tune steps")
-    p.add_argument("--workdir", type=Path, default=None, help="folder for the artifacts")
-    p.add_argument("--json", type=Path, default=None, help="write the report here")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="keep every artifact in this folder (default: a temporary folder, "
+                   "deleted at the end)")
+    p.add_argument("--json", default=None, help="write the report here (JSON)")
     p.set_defaults(func=_run_compress)
 
 
@@ -74,26 +156,61 @@ def _task(checkpoint: Path, digits, operators):
 
 
 def _run_compress(args: argparse.Namespace) -> int:
+    from ryzen_opt.compress.compressor import METHODS
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if not methods or bad:
+        raise UsageError(f"--methods: unknown {bad or 'empty list'}; known: {', '.join(METHODS)}")
+    if args.repeat < 3:
+        raise UsageError(f"--repeat must be >= 3, got {args.repeat}")
+    if args.json is not None:  # the report is written last: check its path before the work
+        _out_path(args.json, True, "--json")
+    if args.max_accuracy_drop is None and args.out is not None:
+        raise UsageError("--out needs --max-accuracy-drop: without a budget nothing is chosen")
+    out = None
+    if args.max_accuracy_drop is not None:
+        out = _out_path("compressed.onnx" if args.out is None else args.out, args.force)
+        out = out.absolute()  # the report and the message name it wherever one reads them
+    if args.workdir is not None:
+        return _compress(args, methods, args.workdir, out)
+    with tempfile.TemporaryDirectory(prefix="ryzen_opt_compress_") as tmp:
+        return _compress(args, methods, Path(tmp), out)
+
+
+def _compress(args: argparse.Namespace, methods: list[str], workdir: Path,
+              out: Path | None) -> int:
     from rich.console import Console
 
     from ryzen_opt.compress import CompressConfig, PruneConfig, SemanticCompressor
+    from ryzen_opt.compress.export import atomic_output, set_metadata
     from ryzen_opt.models import load_checkpoint
 
     model = load_checkpoint(args.checkpoint)
     task = _task(args.checkpoint, args.digits, args.operators)
     cfg = CompressConfig(
         eval_samples=args.eval_samples, threads=args.threads, repeat=args.repeat,
-        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+        batch_sizes=args.batch_sizes,
         prune=PruneConfig(compression_ratio=args.ratio, finetune_steps=args.finetune_steps),
     )
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    report = SemanticCompressor(model, task, cfg, workdir=args.workdir).run(
+    report = SemanticCompressor(model, task, cfg, workdir=workdir).run(
         methods, max_accuracy_drop=args.max_accuracy_drop, prefer=args.prefer)
     console = Console(width=200)
     console.print(report.table())
-    if report.chosen is not None:
+    if report.chosen is not None and out is not None:
         chosen = report.result(report.chosen)
-        console.print(f"chosen: {chosen.method} -> {chosen.path}")
+        with atomic_output(out) as tmp:
+            shutil.copyfile(chosen.path, tmp)
+            set_metadata(tmp, {"ryzen_opt.method": chosen.method})
+        if args.workdir is None:  # the other artifacts go with the temporary folder
+            for r in report.results:
+                r.path = None
+        chosen.path = str(out)
+        console.print(f"chosen: {chosen.method} -> wrote {out} "
+                      f"({out.stat().st_size / 1e6:.2f} MB)")
+    elif args.workdir is None:
+        for r in report.results:
+            r.path = None
     if args.json is not None:
         console.print(f"wrote {report.to_json(args.json)}")
     return 0
@@ -120,18 +237,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit status: 0 on success, 2 for usage errors, 1 when the command failed on its
-        input (the message names the argument).
+        input. Errors are one line on stderr that names the option or argument.
     """
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    except SystemExit as e:  # argparse printed usage and the error (or --help)
+        return e.code if isinstance(e.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"ryzen-opt {args.command}: error: {e}", file=sys.stderr)
+    except UsageError as e:
+        _error(args.command, e)
+        return 2
+    except (ValueError, TypeError, OSError) as e:
+        _error(args.command, e)
         return 1
+
+
+def _error(command: str, e: BaseException) -> None:
+    text = " ".join(str(e).split())  # one line, even for a multi-line library message
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+        text = f"{text} ({e.filename})"
+    print(f"ryzen-opt {command}: error: {text}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import glob
 import io
+import logging
 import math
+import os
+import secrets
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -106,6 +111,85 @@ def layer_heads(model: nn.Module) -> list[int]:
     return [int(b.attn.num_heads) for b in model.blocks]
 
 
+_TMP_SUFFIX = ".tmp"
+
+
+def _temp_name(path: Path) -> Path:
+    # Hidden, in the destination's folder (os.replace is atomic only within one file
+    # system), and tagged with the writer's pid so a later writer can tell a dead one's.
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but not ours, or cannot tell: keep its file
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete temporaries of ``path`` left by writers that were killed (their pid is gone)."""
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*{_TMP_SUFFIX}*"):
+        parts = tmp.name[len(path.name) + 2 :].split(".")
+        if not parts or not parts[0].isdigit() or int(parts[0]) == os.getpid():
+            continue
+        if not _pid_alive(int(parts[0])):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def check_output_path(path: str | os.PathLike, name: str = "path", force: bool = True) -> Path:
+    """``path`` as a file path one may write, or a ``ValueError`` naming ``name``.
+
+    Refuses an empty path, an existing folder, a parent that is a file, and (unless
+    ``force``) an existing file.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or Path, got {type(path).__name__}")
+    if str(path) == "":
+        raise ValueError(f"{name} must name a file, got an empty path")
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{name} {str(p)!r} is a folder; give a file path such as "
+                         f"{str(p / 'model.onnx')!r}")
+    for parent in p.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{name} {str(p)!r}: {str(parent)!r} is a file, not a folder")
+    if p.exists() and not force:
+        raise ValueError(f"{name} {str(p)!r} already exists (--force overwrites it)")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
+
+    A writer that fails (or is interrupted) leaves ``path`` as it was: absent, or the old
+    file intact. Its temporary, and a ``.data`` external-weights file beside it, are deleted;
+    temporaries of writers killed outright (no chance to clean up) are deleted by the next
+    write to the same ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
+    tmp = _temp_name(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:  # on disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + ".data")):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
@@ -118,7 +202,9 @@ def export_onnx(
     Args:
         model: a ``SimpleTransformerModel`` (or a structurally pruned one); exported on CPU in
             fp32, in eval mode, without changing the caller's model.
-        path: the ``.onnx`` file to write (parent folders are created).
+        path: the ``.onnx`` file to write (parent folders are created). It is written under
+            a temporary name in the same folder and renamed when complete, so an export that
+            fails or is killed never leaves a partial file there, nor destroys an old one.
         with_kv_cache: export past/present key-value inputs and outputs (an incremental
             decoder); ``False`` exports a full-sequence model returning logits only.
         opset: ONNX opset (``None``: the exporter's default). Must be >= 18.
@@ -133,8 +219,7 @@ def export_onnx(
         raise TypeError(f"with_kv_cache must be a bool, got {with_kv_cache!r}")
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 18):
         raise ValueError(f"opset must be None or an int >= 18, got {opset!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_output_path(path)
 
     cpu = copy.deepcopy(model).float().cpu().eval()
     wrapper = DecoderWrapper(cpu, with_kv_cache).eval()
@@ -165,12 +250,36 @@ def export_onnx(
     shapes: tuple = ({0: batch, 1: seq}, {0: batch, 1: seq})
     if with_kv_cache:  # *past is one varargs entry: its shapes form one nested tuple
         shapes = (*shapes, tuple(past_shapes))
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
+    with atomic_output(path) as tmp:
+        _export(wrapper, tuple(args), tmp, names_in, names_out, opset, shapes)
+        meta = {"max_seq_len": cfg.max_seq_len, "vocab_size": cfg.vocab_size,
+                "num_layers": n_layers, "heads": ",".join(map(str, heads)),
+                "head_dim": head_dim, "producer": "ryzen_opt.compress.export_onnx"}
+        set_metadata(tmp, meta)
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    # The exporter logs one warning per torchvision op when torchvision is absent (4 lines
+    # on every export, nothing to act on); errors still show.
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
+
+
+def _export(wrapper, args, tmp: Path, names_in, names_out, opset, shapes) -> None:
+    with torch.no_grad(), _quiet_exporter():
         torch.onnx.export(
             wrapper,
-            tuple(args),
-            str(path),
+            args,
+            str(tmp),
             input_names=names_in,
             output_names=names_out,
             opset_version=opset,
@@ -180,11 +289,6 @@ def export_onnx(
             optimize=True,
             verbose=False,
         )
-    meta = {"max_seq_len": cfg.max_seq_len, "vocab_size": cfg.vocab_size,
-            "num_layers": n_layers, "heads": ",".join(map(str, heads)), "head_dim": head_dim,
-            "producer": "ryzen_opt.compress.export_onnx"}
-    set_metadata(path, meta)
-    return path
 
 
 def set_metadata(path: str | Path, meta: dict) -> None:

@@ -20,7 +20,7 @@ class ArtifactResult:
     """One artifact's verdict, side by side with fp32."""
 
     method: str
-    path: str
+    path: str | None  # None once a temporary workdir is deleted
     size_bytes: int
     size_ratio: float
     zipped_bytes: int
@@ -49,6 +49,11 @@ class CompressionReport:
     config: dict[str, Any]
     environment: dict[str, Any]
     pytorch_accuracy: float
+    # The fp32-vs-fp32 (A/A) row's speed-ups: when one is off 1 by more than the tolerance,
+    # every speed figure of the run is noise and the choice ignores speed.
+    speed_trusted: bool = True
+    aa_range: tuple[float, float] | None = None
+    aa_tolerance: float = 0.05
 
     def result(self, method: str) -> ArtifactResult:
         """The verdict of ``method``."""
@@ -66,7 +71,24 @@ class CompressionReport:
             "config": self.config,
             "environment": self.environment,
             "pytorch_accuracy": self.pytorch_accuracy,
+            "speed_trusted": self.speed_trusted,
+            "aa_range": list(self.aa_range) if self.aa_range is not None else None,
+            "aa_tolerance": self.aa_tolerance,
         }
+
+    def speed_note(self) -> str:
+        """One line on whether the speed figures can be read (the A/A row's verdict)."""
+        if self.aa_range is None:
+            return "speed: no fp32-vs-fp32 check in this report"
+        lo, hi = self.aa_range
+        tol = 100 * self.aa_tolerance
+        if self.speed_trusted:
+            return (f"speed: fp32 vs itself (before and after the others) read "
+                    f"{lo:.3f}-{hi:.3f}x, within "
+                    f"+/-{tol:.0f}% (this run's noise floor)")
+        return (f"speed figures are NOISE: fp32 vs itself (before and after the others) read "
+                f"{lo:.3f}-{hi:.3f}x, outside +/-{tol:.0f}% (other work on the machine?); "
+                f"choices use size and accuracy only")
 
     def to_json(self, path: str | os.PathLike) -> Path:
         p = Path(path)
@@ -79,7 +101,8 @@ class CompressionReport:
         from rich.table import Table
 
         bs = self.config["batch_sizes"]
-        t = Table(title="SemanticCompressor: artifacts vs fp32 ONNX (same runtime and inputs)")
+        t = Table(title="SemanticCompressor: artifacts vs fp32 ONNX (same runtime and inputs)",
+                  caption=self.speed_note())
         for col in ("method", "MB", "x size", "zip MB", "acc %", "drop pt"):
             t.add_column(col, justify="right" if col != "method" else "left")
         for b in bs:
@@ -148,8 +171,23 @@ def environment(threads: int | None) -> dict[str, Any]:
     }
 
 
+def aa_verdict(speedups: Sequence[float], tolerance: float) -> tuple[bool, tuple[float, float]]:
+    """``(trusted, (lowest, highest))`` of fp32-vs-fp32 speed-ups.
+
+    Both sides of such a comparison run the same file on the same inputs, so every speed-up
+    should read 1; one off by more than ``tolerance`` (0.05: 5%) shows the run's timing noise.
+    """
+    ups = [float(v) for v in speedups]
+    lo, hi = min(ups), max(ups)
+    return bool(lo >= 1 - tolerance and hi <= 1 + tolerance), (lo, hi)
+
+
 def select(
-    results: Sequence[ArtifactResult], max_accuracy_drop: float, prefer: str, batch: int
+    results: Sequence[ArtifactResult],
+    max_accuracy_drop: float,
+    prefer: str,
+    batch: int,
+    use_speed: bool = True,
 ) -> str:
     """Name of the best artifact whose accuracy drop is within ``max_accuracy_drop`` points.
 
@@ -158,6 +196,8 @@ def select(
         max_accuracy_drop: the budget in points.
         prefer: ``"size"`` or ``"speed"`` (decode speed-up at ``batch``).
         batch: the batch size whose decode speed-up ranks speed.
+        use_speed: ``False`` when the speed figures are noise: rank by size, then accuracy,
+            whatever ``prefer`` says.
 
     Returns:
         The chosen method's name.
@@ -165,7 +205,9 @@ def select(
     ok = [r for r in results if r.accuracy_drop <= max_accuracy_drop + 1e-9]
     if not ok:
         raise ValueError("no artifact is within max_accuracy_drop (fp32 must be in results)")
-    if prefer == "size":
+    if not use_speed:
+        key = lambda r: (r.size_bytes, r.accuracy_drop)
+    elif prefer == "size":
         key = lambda r: (r.size_bytes, -r.speedup("decode", batch))
     else:
         key = lambda r: (-r.speedup("decode", batch), r.size_bytes)

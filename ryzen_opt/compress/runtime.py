@@ -11,6 +11,7 @@ The decoder contract (written by :func:`ryzen_opt.compress.export_onnx`): inputs
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,8 +30,81 @@ def _past_inputs(inputs: Sequence) -> list:
     return sorted(past, key=key)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
+        v, (bool, np.bool_))
+
+
+def check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_id, seed,
+                        vocab_size: int | None) -> None:
+    """Validate generation settings with the PyTorch model's rules; raise naming the argument.
+
+    ``vocab_size`` bounds ``eos_id`` when the model's vocabulary is known.
+    """
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    # NaN fails every comparison and a temperature of inf flattens the distribution to
+    # uniform: both are refused rather than sampled from.
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not (_is_real(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    if eos_id is not None:
+        hi = vocab_size if vocab_size is not None else 2**63
+        if not _is_int(eos_id) or not 0 <= eos_id < hi:
+            bound = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+            raise ValueError(f"eos_id must be None or an id in {bound}, got {eos_id!r}")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
+        raise ValueError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
+
+
+def check_ids(name: str, ids, vocab_size: int | None) -> np.ndarray:
+    """``ids`` as a 2-D int64 array of token ids in ``[0, vocab_size)``; raise naming ``name``.
+
+    ONNX Runtime's Gather wraps a negative id to the end of the table (-1 reads the last
+    token's row) and fails with its own error past the end, so both are refused here.
+    """
+    a = np.asarray(ids)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{name} must hold integer token ids, got dtype {a.dtype}")
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (batch, seq), got shape {a.shape}")
+    if a.shape[1] == 0:
+        raise ValueError(f"{name} must hold at least one token per row, got seq length 0")
+    if a.size:
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+            bound = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+            raise ValueError(f"{name} token ids must lie in {bound}, got min {lo} max {hi}")
+    return a.astype(np.int64, copy=False)
+
+
+def _meta_int(path, meta: dict, key: str) -> int | None:
+    if key not in meta:
+        return None
+    raw = meta[key]
+    try:
+        v = int(raw)
+    except ValueError:
+        v = 0
+    if v < 1 or str(v) != raw.strip():
+        raise ValueError(
+            f"path {str(path)!r}: metadata {key!r} must be an integer >= 1, got {raw[:80]!r}"
+        )
+    return v
+
+
 def make_session(
-    path: str | os.PathLike, threads: int | None = None, optimize: bool = True
+    path: str | os.PathLike,
+    threads: int | None = None,
+    optimize: bool = True,
+    spinning: bool = True,
 ) -> ort.InferenceSession:
     """An ONNX Runtime CPU session for ``path``; bad paths and files raise naming ``path``.
 
@@ -38,6 +112,9 @@ def make_session(
         path: the ``.onnx`` file.
         threads: intra-op threads (``None``: ONNX Runtime's default, one per core).
         optimize: enable all graph optimizations (fusions); ``False`` runs the graph as stored.
+        spinning: let idle intra-op threads spin for the next call (ONNX Runtime's default,
+            lowest latency for one session). Turn it off when several sessions alternate:
+            a spinning pool holds a core the other session needs.
 
     Returns:
         The session.
@@ -50,7 +127,11 @@ def make_session(
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
         raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
+    if not isinstance(spinning, bool):
+        raise TypeError(f"spinning must be a bool, got {spinning!r}")
     so = ort.SessionOptions()
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads is not None:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -79,7 +160,12 @@ def sample_next_np(
     """
     if temperature == 0:
         return logits.argmax(axis=-1).astype(np.int64)
-    z = logits.astype(np.float64) / temperature
+    # Shift by the row maximum before dividing: with a tiny temperature (1e-320) the logits
+    # themselves overflow to inf and every probability becomes NaN; shifted, the largest is
+    # 0 and the rest go to -inf, the greedy limit.
+    z = logits.astype(np.float64)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        z = (z - z.max(axis=-1, keepdims=True)) / temperature
     if top_k is not None and top_k < z.shape[-1]:
         kth = np.sort(z, axis=-1)[:, -top_k][:, None]
         z = np.where(z < kth, -np.inf, z)
@@ -114,13 +200,16 @@ class OnnxGenerator:
     """
 
     def __init__(
-        self, path: str | os.PathLike, threads: int | None = None, max_seq_len: int | None = None
+        self,
+        path: str | os.PathLike,
+        threads: int | None = None,
+        max_seq_len: int | None = None,
+        spinning: bool = True,
     ) -> None:
-        if max_seq_len is not None and (isinstance(max_seq_len, bool)
-                                        or not isinstance(max_seq_len, int) or max_seq_len < 1):
+        if max_seq_len is not None and (not _is_int(max_seq_len) or max_seq_len < 1):
             raise ValueError(f"max_seq_len must be None or an int >= 1, got {max_seq_len!r}")
         self.path = Path(path) if isinstance(path, (str, os.PathLike)) else path
-        self.session = make_session(path, threads)
+        self.session = make_session(path, threads, spinning=spinning)
         names = [i.name for i in self.session.get_inputs()]
         if "input_ids" not in names or "position_ids" not in names:
             raise ValueError(
@@ -134,10 +223,13 @@ class OnnxGenerator:
         self._past_dims = [(i.shape[1], i.shape[3]) for i in past]
         self.output_names = [o.name for o in self.session.get_outputs()]
         meta = self.session.get_modelmeta().custom_metadata_map
-        if max_seq_len is None and "max_seq_len" in meta:
-            max_seq_len = int(meta["max_seq_len"])
-        self.max_seq_len = max_seq_len
-        self.vocab_size = int(meta["vocab_size"]) if "vocab_size" in meta else None
+        stored = _meta_int(self.path, meta, "max_seq_len")
+        self.max_seq_len = int(max_seq_len) if max_seq_len is not None else stored
+        vocab = _meta_int(self.path, meta, "vocab_size")
+        if vocab is None:  # files from other exporters: the logits' static last dim
+            last = self.session.get_outputs()[0].shape[-1] if self.output_names else None
+            vocab = last if isinstance(last, int) and last > 0 else None
+        self.vocab_size = vocab
 
     @property
     def has_cache(self) -> bool:
@@ -163,12 +255,7 @@ class OnnxGenerator:
         Returns:
             ``(logits, present)``: ``(batch, seq, vocab)`` float32 logits and the grown cache.
         """
-        ids = np.asarray(input_ids)
-        if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(
-                f"input_ids must be a 2-D integer array with >= 1 column, got shape "
-                f"{ids.shape} dtype {ids.dtype}"
-            )
+        ids = check_ids("input_ids", input_ids, self.vocab_size)
         b, t = ids.shape
         if past is None:
             past = self.empty_past(b)
@@ -177,7 +264,7 @@ class OnnxGenerator:
         start = past[0].shape[2] if past else 0
         if position_ids is None:
             position_ids = np.broadcast_to(np.arange(start, start + t, dtype=np.int64), (b, t))
-        feeds = {"input_ids": ids.astype(np.int64, copy=False),
+        feeds = {"input_ids": ids,
                  "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64)}
         feeds.update(zip(self.past_names, past, strict=True))
         out = self.session.run(None, feeds)
@@ -208,30 +295,16 @@ class OnnxGenerator:
         Returns:
             ``(batch, seq + n)`` int64 ids, ``n <= max_new_tokens``.
         """
-        ids = np.asarray(input_ids)
-        if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"input_ids must be a 2-D integer array, got shape {ids.shape}")
-        ids = ids.astype(np.int64)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
-            max_new_tokens < 0
-        ):
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
-        if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int)
-                                   or eos_id < 0):
-            raise ValueError(f"eos_id must be None or an id >= 0, got {eos_id!r}")
+        check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_id, seed,
+                            self.vocab_size)
+        ids = check_ids("input_ids", input_ids, self.vocab_size)
         if self.max_seq_len is not None and ids.shape[1] + max_new_tokens > self.max_seq_len:
             raise ValueError(
                 f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
                 f"max_seq_len={self.max_seq_len}"
             )
         if max_new_tokens == 0:
-            return ids
+            return ids.copy()
         rng = np.random.default_rng(seed)
         b = ids.shape[0]
         done = np.zeros(b, dtype=bool)

@@ -96,7 +96,9 @@ def test_run_rejects_bad_arguments(model, task, tmp_path):
     "kwargs,field",
     [({"eval_samples": 0}, "eval_samples"), ({"threads": 0}, "threads"),
      ({"batch_sizes": ()}, "batch_sizes"), ({"repeat": 2}, "repeat"),
-     ({"prune": {"kind": "structured"}}, "prune")],
+     ({"prune": {"kind": "structured"}}, "prune"), ({"warmup": -1}, "warmup"),
+     ({"min_sample_s": 0}, "min_sample_s"), ({"aa_tolerance": float("nan")}, "aa_tolerance"),
+     ({"aa_tolerance": 1.5}, "aa_tolerance")],
 )
 def test_compress_config_validates(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -149,7 +149,7 @@ def test_generate_rejects_bad_arguments(fp32_onnx):
     ids = np.array([[3, 4]])
     with pytest.raises(ValueError, match="max_seq_len"):
         gen.generate(ids, 47)
-    with pytest.raises(ValueError, match="input_ids"):
+    with pytest.raises(TypeError, match="input_ids"):
         gen.generate(np.array([1.5, 2.0]), 3)
     with pytest.raises(ValueError, match="top_p"):
         gen.generate(ids, 3, temperature=1.0, top_p=0.0)
