@@ -14,8 +14,10 @@ wrong or slower, the model comes back unchanged and the report says why.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -132,6 +134,35 @@ def _rel_error(out: torch.Tensor, ref: torch.Tensor, tol: float) -> tuple[float,
     den = max(float(r.norm()), error_floor(ref.dtype, tol, ref.numel()))
     mx = float(diff.abs().max()) if diff.numel() else 0.0
     return (num / den if den else num), mx
+
+
+@contextlib.contextmanager
+def _progress(config: OptimizeConfig, total: int):
+    """A rich progress bar over the sites (on a terminal, or when ``config.progress``)."""
+    show = config.progress if config.progress is not None else sys.stderr.isatty()
+    if not show:
+        yield lambda what: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    cols = (
+        TextColumn("optimize()"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+    )
+    with Progress(*cols, transient=True, console=Console(stderr=True)) as bar:
+        task = bar.add_task("", total=total)
+        state = {"started": False}
+
+        def advance(what: str) -> None:
+            bar.update(task, advance=1 if state["started"] else 0, description=what)
+            state["started"] = True
+
+        yield advance
+        bar.update(task, completed=total)
 
 
 def weight_sharing_copy(model: nn.Module) -> nn.Module:
@@ -618,25 +649,25 @@ class KernelOptimizer:
         was_training = model.training
         model.eval()
         try:
-            for site in plan.sites:
-                srep = SiteReport(site.path, site.kind, site.detail)
-                results = []
-                for case in site.cases:
-                    with torch.no_grad():
-                        ref = case.baseline()
-                    _sync(dev)
-                    crep = CaseResult(case.label, case.shape)
-                    for cand in case.candidates:
-                        crep.candidates.append(
-                            self._evaluate(cand, case, ref, site, dev, cache, dev_desc, vers)
-                        )
-                    srep.cases.append(crep)
-                    results.append((case, crep))
-                routes, srep.chosen = self._decide(site, results, dev, dtype)
-                if routes:
-                    undo.append(site.install(model, routes))
-                report.sites.append(srep)
-            fast_reports, paths = self._fast_paths(plan, model, cache, dev_desc, vers, report)
+            with _progress(cfg, len(plan.sites) + 1) as advance:
+                for site in plan.sites:
+                    advance(f"{site.kind} {site.path}")
+                    if self._over_budget(t0):
+                        report.notes.append(self._budget_note(site.path))
+                        continue
+                    srep, routes = self._measure_site(site, dev, dtype, cache, dev_desc, vers)
+                    if routes:
+                        undo.append(site.install(model, routes))
+                    report.sites.append(srep)
+                advance("whole-model fast paths")
+                if self._over_budget(t0):
+                    fast_reports, paths = [], None
+                    if isinstance(model, SimpleTransformerModel) and cfg.fast_paths != ():
+                        report.notes.append(self._budget_note("the whole-model fast paths"))
+                else:
+                    fast_reports, paths = self._fast_paths(
+                        plan, model, cache, dev_desc, vers, report
+                    )
             report.sites += fast_reports
             if paths is not None:
                 undo.append(fastpath.install(model, paths))
@@ -670,6 +701,34 @@ class KernelOptimizer:
         self.report = report
         model.optimization_report = report
         return model
+
+    def _measure_site(self, site: Site, dev, dtype, cache, dev_desc, vers):
+        """Verify and time every candidate of every case of ``site``; its report and routes."""
+        srep = SiteReport(site.path, site.kind, site.detail)
+        results = []
+        for case in site.cases:
+            with torch.no_grad():
+                ref = case.baseline()
+            _sync(dev)
+            crep = CaseResult(case.label, case.shape)
+            for cand in case.candidates:
+                crep.candidates.append(
+                    self._evaluate(cand, case, ref, site, dev, cache, dev_desc, vers)
+                )
+            srep.cases.append(crep)
+            results.append((case, crep))
+        routes, srep.chosen = self._decide(site, results, dev, dtype)
+        return srep, routes
+
+    def _over_budget(self, t0: float) -> bool:
+        budget = self.config.time_budget_s
+        return budget is not None and time.perf_counter() - t0 > budget
+
+    def _budget_note(self, what: str) -> str:
+        return (
+            f"{what}: not measured, the time budget of {self.config.time_budget_s:g} s "
+            "(OptimizeConfig.time_budget_s) was spent; it keeps the original code"
+        )
 
     def _check_model(
         self, plan: OptimizationPlan, model: nn.Module, report: OptimizationReport

@@ -364,3 +364,43 @@ def test_the_check_reference_shares_weight_storage_but_not_parameters(tmp_path):
     plan = KernelOptimizer(fast_config(tmp_path)).plan(tiny_model())
     p0 = next(plan.model.parameters())
     assert next(plan.reference.parameters()).data_ptr() == p0.data_ptr()
+
+
+def test_time_budget_leaves_unmeasured_sites_original_and_says_so(tmp_path):
+    cfg = fast_config(tmp_path, backends=("fake_mm",), ops=("linear",), time_budget_s=1e-9)
+    with registered("matmul", "fake_mm", CountingLauncher(reference_matmul)) as launcher:
+        out = optimize(tiny_model(), config=cfg)
+    report = out.optimization_report
+    assert not report.changed and report.sites == []
+    assert any("time budget of 1e-09 s" in n for n in report.notes), report.notes
+    assert launcher.calls == 0  # nothing was run, let alone timed
+
+
+def test_time_budget_and_progress_are_validated():
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "60"):
+        with pytest.raises(ValueError, match="time_budget_s"):
+            OptimizeConfig(time_budget_s=bad)
+    with pytest.raises(ValueError, match="progress"):
+        OptimizeConfig(progress="yes")
+    assert OptimizeConfig(time_budget_s=None).time_budget_s is None
+
+
+def test_progress_bar_names_each_site_when_asked(tmp_path, monkeypatch):
+    import rich.progress
+
+    seen = []
+    update = rich.progress.Progress.update
+
+    def spy(self, task, **kw):
+        seen.append(kw.get("description"))
+        return update(self, task, **kw)
+
+    monkeypatch.setattr(rich.progress.Progress, "update", spy)
+    cfg = fast_config(tmp_path, backends=("fake_mm",), ops=("linear",), progress=True)
+    with registered("matmul", "fake_mm", CountingLauncher(reference_matmul)):
+        optimize(tiny_model(), config=cfg)
+    assert "linear head" in seen and "whole-model fast paths" in seen, seen
+    seen.clear()
+    with registered("matmul", "fake_mm", CountingLauncher(reference_matmul)):
+        optimize(tiny_model(), config=fast_config(tmp_path, backends=("fake_mm",)))
+    assert seen == []  # off by default when standard error is not a terminal

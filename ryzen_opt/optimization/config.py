@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,9 @@ class OptimizeConfig:
             (``None``: every one that runs on the model's device; ``()``: none). Names:
             ``numba_fused_decode[serial]``, ``numba_fused_decode[pool]`` (CPU),
             ``cuda_graph_decode``, ``triton_graph_decode``, ``cuda_graph_prefill`` (CUDA).
+        time_budget_s: measuring stops once this many seconds have passed; sites not yet
+            measured keep the original code and the report names them (``None``: no bound).
+        progress: show a progress bar (``None``: only when standard error is a terminal).
 
     Example:
         >>> from ryzen_opt import OptimizeConfig
@@ -112,6 +116,10 @@ class OptimizeConfig:
     prefill_shape: tuple[int, int] = (16, 128)
     decode_batches: tuple[int, ...] = (1, 16)
     fast_paths: tuple[str, ...] | None = None
+    # A bound, not a target: the seed model optimizes in well under a minute on 2 cores, and
+    # an unbounded run on a 0.5B-parameter model once took 15 minutes before failing.
+    time_budget_s: float | None = 300.0
+    progress: bool | None = None
 
     def __post_init__(self) -> None:
         if self.backends is not None:
@@ -169,6 +177,13 @@ class OptimizeConfig:
         ):
             raise ValueError(f"decode_batches must be positive ints, got {d!r}")
         self.decode_batches = tuple(d)
+        b = self.time_budget_s
+        if b is not None and (
+            isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < math.inf
+        ):
+            raise ValueError(f"time_budget_s must be None or a number > 0 seconds, got {b!r}")
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise ValueError(f"progress must be None or a bool, got {self.progress!r}")
         if self.fast_paths is not None:
             from ryzen_opt.optimization.fastpath import FAST_PATHS
 
