@@ -163,8 +163,7 @@ class SimpleTransformerModel(nn.Module):
         Shapes only (no values are read, so no device sync): ~4 us per layer here (51 us
         for 12 layers, measured); generation skips it and checks its arguments once.
         """
-        n, cfg = len(self.blocks), self.config
-        want = f"(batch={batch}, heads={cfg.num_heads}, seq, head_dim={cfg.head_dim})"
+        n = len(self.blocks)
         what = "kv_cache must be None or the cache returned by forward (one (k, v) per layer)"
         try:
             layers = len(kv_cache)
@@ -187,13 +186,17 @@ class SimpleTransformerModel(nn.Module):
                 raise TypeError(
                     f"kv_cache[{i}] must be a (k, v) pair of tensors, got {type(pair).__name__}"
                 )
+            # Each layer's own attention shape: a pruned layer keeps fewer heads than the config.
+            attn = self.blocks[i].attn
+            heads, hd = attn.num_heads, attn.head_dim
+            want = f"(batch={batch}, heads={heads}, seq, head_dim={hd})"
             for name, t in zip("kv", pair, strict=True):
                 shape = tuple(t.shape)
                 if (
                     t.dim() != 4
                     or (batch is not None and shape[0] != batch)
-                    or shape[1] != cfg.num_heads
-                    or shape[3] != cfg.head_dim
+                    or shape[1] != heads
+                    or shape[3] != hd
                 ):
                     raise ValueError(f"kv_cache[{i}] {name} must be {want}, got shape {shape}")
                 if not t.is_floating_point() or t.device != dev:
