@@ -7,6 +7,9 @@
 * :func:`compare` times a baseline and a candidate on the same inputs, interleaving their
   samples (ABBA order) so drift in clocks or load hits both alike, and returns the speed-up
   ``baseline/candidate`` with a bootstrap confidence interval on the ratio of medians.
+* :func:`time_interleaved` times several callables doing the same work (a baseline and its
+  candidates), one sample of each per round with the order rotating, and returns a
+  :class:`Timing` per callable (the benchmarks' one-process mode).
 * :func:`peak_memory` runs a callable once and reports its peak memory: CUDA max allocated
   bytes above the starting allocation, or on CPU the growth of the process's peak RSS.
 
@@ -21,7 +24,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -231,6 +234,53 @@ def compare(
     tb, tc = _summarize(bs, inner_b), _summarize(cs, inner_c)
     lo, hi = bootstrap_ratio_ci(bs, cs, confidence)
     return Comparison(tb, tc, tb.median / tc.median, lo, hi, confidence)
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], Any]],
+    *,
+    repeat: int = 20,
+    warmup: int = 3,
+    device: str | torch.device | None = None,
+    min_sample_s: float = 2e-3,
+) -> dict[str, Timing]:
+    """Time several callables that do the same work on the same inputs, interleaved.
+
+    Every callable gets ``warmup`` untimed calls first, then its own calls-per-sample count;
+    each of the ``repeat`` rounds takes one sample of every callable. The order rotates by
+    one each round and is reversed every other cycle (for two callables: AB BA BA AB), so a
+    drift in clocks or load reaches every column alike.
+
+    Args:
+        fns: name -> callable without arguments (bind inputs with a closure).
+        repeat: rounds, i.e. samples per callable (>= 3).
+        warmup: untimed calls per callable before timing.
+        device: where the work runs; ``cuda`` uses CUDA events.
+        min_sample_s: each sample runs its callable enough times to last at least this long.
+
+    Returns:
+        name -> :class:`Timing` in seconds per call, in the order of ``fns``.
+    """
+    if not isinstance(fns, Mapping) or not fns:
+        raise ValueError(f"fns must be a non-empty mapping of name -> callable, got {fns!r}")
+    for name, fn in fns.items():
+        if not callable(fn):
+            raise TypeError(f"fns[{name!r}] must be callable, got {type(fn).__name__}")
+    _check_args(repeat, warmup)
+    dev = _device_of(device)
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    _sync(dev)
+    inner = {n: _calibrate_inner(fns[n], dev, min_sample_s) for n in names}
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    k = len(names)
+    for i in range(repeat):
+        order = names[i % k :] + names[: i % k]
+        for n in order[::-1] if (i // k) % 2 else order:
+            samples[n].append(_one_sample(fns[n], inner[n], dev))
+    return {n: _summarize(samples[n], inner[n]) for n in names}
 
 
 def _peak_rss_bytes() -> int:
