@@ -182,3 +182,37 @@ def test_kernels_main_quick_runs_inprocess_and_labels_the_table(tmp_path, monkey
     summary = json.loads((tmp_path / "k-summary.json").read_text())
     assert summary["mode"] == "inprocess" and summary["values_per_cell"] == 3
     assert out.exists()
+
+
+def test_gpu_run_script_runs_model_and_kernels_inprocess_and_logs_wall_times(tmp_path):
+    """bench/gpu_run.sh with stand-ins for python3 and nvidia-smi that record their args."""
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls = tmp_path / "calls.txt"
+    for name in ("python3", "nvidia-smi"):
+        (fake / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{calls}"\n')
+        (fake / name).chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out)}
+    res = subprocess.run(
+        ["bash", "bench/gpu_run.sh", "model", "kernels", "nope"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    ran = calls.read_text()
+    assert "-m bench.model --device cuda --mode inprocess" in ran
+    assert "-m bench.kernels --device cuda --quick --mode inprocess" in ran
+    log = (out / "run.log").read_text()
+    import re
+
+    for part in ("model", "kernels"):
+        assert re.search(rf"== {part}: wall \d+ s, exit 0\n", log), log
+    assert "unknown part nope" in log and re.search(r"== nope: wall \d+ s, exit 1\n", log)
