@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ MODES = ("inprocess", "workers")
 # run 15 rounds (one round = one sample of every column, so each column gets 15).
 QUICK_REPEAT = 5
 FULL_REPEAT = 15
+_START = time.perf_counter()
 
 
 def default_mode(device: str, quick: bool) -> str:
@@ -91,3 +94,8 @@ def sync(device: str) -> None:
     """Wait for queued GPU work (first-call times must include it)."""
     if device == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def progress(tool: str, message: str) -> None:
+    """One progress line on stderr with the seconds since start (the GPU log keeps them)."""
+    print(f"[{tool} {time.perf_counter() - _START:6.1f} s] {message}", file=sys.stderr, flush=True)

@@ -137,6 +137,7 @@ def run_inprocess(case_list: list[Case], device: str, repeat: int, output: Path)
             # Timed even when wrong, as in workers mode: the table shows it as wrong.
             fns[name] = lambda a=inputs, f=fn: f(*a)
         timings = time_interleaved(fns, repeat=repeat, warmup=2, device=device)
+        inprocess.progress("bench.kernels", f"{case.op} {case.label}: {len(fns)} columns timed")
         meta = {
             "op": case.op,
             "case": case.label,

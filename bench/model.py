@@ -216,6 +216,7 @@ def run_inprocess(names: list[str], device: str, repeat: int, output: Path) -> d
             t0 = time.perf_counter()
             built[name] = v.build(make_model(device), device)
             results[name]["build_s"] = time.perf_counter() - t0
+            inprocess.progress("bench.model", f"built {name} in {results[name]['build_s']:.1f} s")
     benches = []
     for w in WORKLOADS:
         fns = {name: workloads(obj, inputs)[w] for name, obj in built.items()}
@@ -224,7 +225,10 @@ def run_inprocess(names: list[str], device: str, repeat: int, output: Path) -> d
             fn()
             inprocess.sync(device)
             results[name].setdefault("first_call_s", {})[w] = time.perf_counter() - t0
-        timings = time_interleaved(fns, repeat=repeat, warmup=1, device=device)
+        # No extra warm-up: the first call above and time_interleaved's calibration call are
+        # two untimed calls per column already (each decode call is 127 tokens).
+        timings = time_interleaved(fns, repeat=repeat, warmup=0, device=device)
+        inprocess.progress("bench.model", f"timed {w}: {', '.join(map(str, timings.values()))}")
         for name, t in timings.items():
             meta = {"variant": name, "workload": w, "device": device}
             meta["torch_threads"] = torch.get_num_threads()
@@ -239,6 +243,7 @@ def run_inprocess(names: list[str], device: str, repeat: int, output: Path) -> d
             results[name]["peak"] = {w: peak_memory(fns[w], device) for w in WORKLOADS}
     else:
         _peak_memory_per_variant(results, list(built), device)
+    inprocess.progress("bench.model", "peak memory measured")
     return results
 
 
