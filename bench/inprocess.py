@@ -51,6 +51,17 @@ def add_mode_args(ap: argparse.ArgumentParser) -> None:
     )
 
 
+def parse_args(ap: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse this mode's options; anything else (pyperf's ``-p``/``-n``...) exits 2 saying why."""
+    args, rest = ap.parse_known_args(argv)
+    if rest:
+        ap.error(
+            f"unrecognized arguments for --mode inprocess: {' '.join(rest)} (pyperf options such "
+            "as -p/-n/--warmups apply to --mode workers; values per cell here: --repeat N)"
+        )
+    return args
+
+
 def positive_int(text: str) -> int:
     """argparse type: an int >= 3 (fewer samples give no spread)."""
     try:

@@ -189,7 +189,7 @@ def main() -> int:
     inprocess.add_mode_args(ap)
     ap.add_argument("--repeat", type=inprocess.positive_int, default=None, help="samples")
     ap.add_argument("-o", "--output", default=None, help="pyperf JSON file to write")
-    args = ap.parse_args(sys.argv[1:])
+    args = inprocess.parse_args(ap, sys.argv[1:])
     repeat = args.repeat or (inprocess.QUICK_REPEAT if quick else inprocess.FULL_REPEAT)
     output = Path(args.output) if args.output else _default_output(device, quick)
     rows = run_inprocess(cases(device, quick), device, repeat, output)

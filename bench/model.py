@@ -271,7 +271,7 @@ def _inprocess_args(argv, device: str):
     inprocess.add_mode_args(ap)
     ap.add_argument("--repeat", type=inprocess.positive_int, default=None, help="samples")
     ap.add_argument("-o", "--output", default=None, help="pyperf JSON file to write")
-    return ap.parse_args(argv)
+    return inprocess.parse_args(ap, argv)
 
 
 def main() -> int:

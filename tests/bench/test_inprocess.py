@@ -216,3 +216,10 @@ def test_gpu_run_script_runs_model_and_kernels_inprocess_and_logs_wall_times(tmp
     for part in ("model", "kernels"):
         assert re.search(rf"== {part}: wall \d+ s, exit 0\n", log), log
     assert "unknown part nope" in log and re.search(r"== nope: wall \d+ s, exit 1\n", log)
+
+
+def test_pyperf_options_in_inprocess_mode_exit_2_naming_the_mode(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["bench.kernels", "--quick", "-p", "2"])
+    with pytest.raises(SystemExit) as e:
+        bk.main()
+    assert e.value.code == 2 and "--mode workers" in capsys.readouterr().err
