@@ -223,3 +223,33 @@ def test_pyperf_options_in_inprocess_mode_exit_2_naming_the_mode(monkeypatch, ca
     with pytest.raises(SystemExit) as e:
         bk.main()
     assert e.value.code == 2 and "--mode workers" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_model_inprocess_on_cuda_times_every_variant_and_measures_peak_memory_here(
+    tmp_path, tiny_model
+):
+    out = tmp_path / "model.json"
+    names = ["baseline", "torch.compile", "optimize()", "onnxruntime"]
+    res = bm.run_inprocess(names, "cuda", 3, out)
+    got = set(pyperf.BenchmarkSuite.load(str(out)).get_benchmark_names())
+    assert got == {f"model/{w}/{n}/cuda" for n in names[:3] for w in bm.WORKLOADS}
+    assert res["onnxruntime"]["reason"] is not None  # CPU-only column, said so
+    assert tiny_model == []  # no fresh processes on CUDA: allocated bytes are exact here
+    assert all(isinstance(res[n]["peak"][w], int) for n in names[:3] for w in bm.WORKLOADS)
+
+
+@pytest.mark.gpu
+def test_kernels_inprocess_on_cuda_writes_torch_and_triton_columns(tmp_path):
+    bf16 = torch.bfloat16
+    cs = [
+        kernel_cases._matmul_case(64, 128, 64, bf16, "tiny bf16 64x128x64"),
+        kernel_cases._layer_norm_case(8, 256, bf16, "tiny bf16 8x256 +residual"),
+    ]
+    out = tmp_path / "k.json"
+    rows = bk.run_inprocess(cs, "cuda", 3, out)
+    names = set(pyperf.BenchmarkSuite.load(str(out)).get_benchmark_names())
+    for row in rows:
+        assert bk._bench_name(row["case"], "torch", "cuda") in names
+        assert bk._bench_name(row["case"], "triton", "cuda") in names
+        assert "wrong" not in row["backends"]["triton"]
