@@ -177,8 +177,17 @@ def _peak_memory_per_variant(results: dict, names: list[str], device: str) -> No
     RSS is per process, so two children do not change each other's figure; 4 children
     instead of 12 keep the quick run's peak-memory column at about 30 s on 2 cores.
     """
+
+    def one(name: str):
+        t0 = time.perf_counter()
+        got = peak_memory_fresh(name, "all", device)
+        inprocess.progress(
+            "bench.model", f"peak memory of {name}: {time.perf_counter() - t0:.1f} s"
+        )
+        return got
+
     with ThreadPoolExecutor(2) as pool:
-        peaks = list(pool.map(lambda n: peak_memory_fresh(n, "all", device), names))
+        peaks = list(pool.map(one, names))
     for name, got in zip(names, peaks, strict=True):
         results[name]["peak"] = {w: (got or {}).get(w) for w in WORKLOADS}
 
