@@ -136,7 +136,10 @@ def run_inprocess(case_list: list[Case], device: str, repeat: int, output: Path)
             row["backends"][name] = _first_call(case, name, fn, inputs, ref, device)
             # Timed even when wrong, as in workers mode: the table shows it as wrong.
             fns[name] = lambda a=inputs, f=fn: f(*a)
-        timings = time_interleaved(fns, repeat=repeat, warmup=2, device=device)
+        # 10 ms pause after each CPU sample: numba's and torch's OpenMP workers spin briefly
+        # after a parallel region, and the next column must not share the cores with them.
+        settle = 0.01 if device == "cpu" else 0.0
+        timings = time_interleaved(fns, repeat=repeat, warmup=2, device=device, settle_s=settle)
         inprocess.progress("bench.kernels", f"{case.op} {case.label}: {len(fns)} columns timed")
         meta = {
             "op": case.op,

@@ -66,6 +66,11 @@ NEW_TOKENS = 127
 # shown for context only, never as a ratio.
 REFERENCE_REPORT = {"ttft_ms": 4.18, "decode_tok_s": 564.0, "peak_mb": 262.69}
 WORKLOADS = ("ttft", *[f"decode b{b}" for b in DECODE_BATCHES])
+# Pause after each in-process sample: ONNX Runtime's intra-op threads keep spinning after a
+# run; measured on 2 cores, the baseline's prefill right after an ONNX Runtime decode took
+# 53 ms instead of 26 ms, 30 ms after a 50 ms pause. GPU samples are CUDA-event bounded and
+# the ONNX Runtime column is CPU-only, so no pause there.
+SETTLE_S = {"cpu": 0.05, "cuda": 0.0}
 
 
 def make_model(device: str) -> SimpleTransformerModel:
@@ -236,7 +241,9 @@ def run_inprocess(names: list[str], device: str, repeat: int, output: Path) -> d
             results[name].setdefault("first_call_s", {})[w] = time.perf_counter() - t0
         # No extra warm-up: the first call above and time_interleaved's calibration call are
         # two untimed calls per column already (each decode call is 127 tokens).
-        timings = time_interleaved(fns, repeat=repeat, warmup=0, device=device)
+        timings = time_interleaved(
+            fns, repeat=repeat, warmup=0, device=device, settle_s=SETTLE_S[device]
+        )
         inprocess.progress("bench.model", f"timed {w}: {', '.join(map(str, timings.values()))}")
         for name, t in timings.items():
             meta = {"variant": name, "workload": w, "device": device}

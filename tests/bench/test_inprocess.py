@@ -42,6 +42,19 @@ def test_time_interleaved_rejects_bad_arguments():
         timing.time_interleaved({"x": 3})
     with pytest.raises(ValueError, match="repeat"):
         timing.time_interleaved({"x": lambda: None}, repeat=2)
+    with pytest.raises(ValueError, match="settle_s"):
+        timing.time_interleaved({"x": lambda: None}, settle_s=-1)
+
+
+def test_time_interleaved_pauses_after_each_sample_outside_the_timing():
+    import time
+
+    t0 = time.perf_counter()
+    out = timing.time_interleaved(
+        {"a": lambda: None, "b": lambda: None}, repeat=3, warmup=0, min_sample_s=0, settle_s=0.02
+    )
+    assert time.perf_counter() - t0 >= 6 * 0.02  # one pause per sample
+    assert all(t.median < 0.01 for t in out.values())  # the pauses are not in the samples
 
 
 def test_default_mode_is_inprocess_for_quick_and_cuda_only():
