@@ -20,7 +20,7 @@ are compared with the baseline's (max abs difference). Two modes (``bench/inproc
 
 * ``inprocess`` (default with ``--quick`` and on CUDA): every variant is built once in this
   process and the columns of each workload are timed by ``ryzen_opt.timing.time_interleaved``
-  (one sample of every column per round, order rotating; CUDA events on GPU) after warm-up,
+  (one sample of every column per round, in a balanced order; CUDA events on GPU) after warm-up,
   ``--repeat`` samples each (5 with ``--quick``, else 15); pyperf JSON is written from the
   samples. Peak memory: CUDA in this process (allocated bytes, unaffected by earlier work);
   CPU in one fresh process per variant, two at a time, its workloads in order b1, b16, ttft

@@ -8,7 +8,7 @@
   samples (ABBA order) so drift in clocks or load hits both alike, and returns the speed-up
   ``baseline/candidate`` with a bootstrap confidence interval on the ratio of medians.
 * :func:`time_interleaved` times several callables doing the same work (a baseline and its
-  candidates), one sample of each per round with the order rotating, and returns a
+  candidates), one sample of each per round in a balanced order, and returns a
   :class:`Timing` per callable (the benchmarks' one-process mode).
 * :func:`peak_memory` runs a callable once and reports its peak memory: CUDA max allocated
   bytes above the starting allocation, or on CPU the growth of the process's peak RSS.
@@ -236,6 +236,21 @@ def compare(
     return Comparison(tb, tc, tb.median / tc.median, lo, hi, confidence)
 
 
+def _balanced_orders(k: int) -> list[list[int]]:
+    """Orders of ``k`` items in which each item comes first equally often and follows every
+    other item equally often (a Williams design: ``k`` rounds for even ``k``, ``2k`` for odd):
+    what one column leaves behind (warm caches, busy threads) reaches every column alike."""
+    first, lo, hi = [0], 1, k - 1
+    while lo <= hi:
+        first.append(lo)
+        lo += 1
+        if lo <= hi:
+            first.append(hi)
+            hi -= 1
+    rows = [[(x + i) % k for x in first] for i in range(k)]
+    return rows if k % 2 == 0 else rows + [r[::-1] for r in rows]
+
+
 def time_interleaved(
     fns: Mapping[str, Callable[[], Any]],
     *,
@@ -248,9 +263,10 @@ def time_interleaved(
     """Time several callables that do the same work on the same inputs, interleaved.
 
     Every callable gets ``warmup`` untimed calls first, then its own calls-per-sample count;
-    each of the ``repeat`` rounds takes one sample of every callable. The order rotates by
-    one each round and is reversed every other cycle (for two callables: AB BA BA AB), so a
-    drift in clocks or load reaches every column alike.
+    each of the ``repeat`` rounds takes one sample of every callable. The order changes each
+    round so that every callable leads equally often and follows every other one equally
+    often (two callables: AB BA AB BA; four: 0132 1203 2310 3021), so a drift in clocks or
+    load, and whatever one callable leaves behind, reach every column alike.
 
     Args:
         fns: name -> callable without arguments (bind inputs with a closure).
@@ -282,10 +298,10 @@ def time_interleaved(
     _sync(dev)
     inner = {n: _calibrate_inner(fns[n], dev, min_sample_s) for n in names}
     samples: dict[str, list[float]] = {n: [] for n in names}
-    k = len(names)
+    orders = _balanced_orders(len(names))
     for i in range(repeat):
-        order = names[i % k :] + names[: i % k]
-        for n in order[::-1] if (i // k) % 2 else order:
+        for j in orders[i % len(orders)]:
+            n = names[j]
             samples[n].append(_one_sample(fns[n], inner[n], dev))
             if settle_s:
                 time.sleep(settle_s)

@@ -16,7 +16,7 @@ from ryzen_opt import timing
 from ryzen_opt.models import ModelConfig, SimpleTransformerModel
 
 
-def test_time_interleaved_rotates_the_order_and_times_every_callable():
+def test_time_interleaved_varies_the_order_and_times_every_callable():
     calls = []
     fns = {n: (lambda n=n: calls.append(n)) for n in "abc"}
     out = timing.time_interleaved(fns, repeat=6, warmup=1, min_sample_s=0)
@@ -32,7 +32,19 @@ def test_time_interleaved_rotates_the_order_and_times_every_callable():
         warmup=0,
         min_sample_s=0,
     )
-    assert "".join(two[-8:]) == "ABBABAAB"  # ABBA: drift reaches both sides alike
+    assert "".join(two[-8:]) == "ABBAABBA"  # each side leads and follows equally often
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
+def test_interleaving_order_balances_first_places_and_predecessors(k):
+    from collections import Counter
+
+    orders = timing._balanced_orders(k)
+    assert all(sorted(o) == list(range(k)) for o in orders)
+    firsts = Counter(o[0] for o in orders)
+    assert set(firsts.values()) == {len(orders) // k}
+    pairs = Counter((o[i], o[i + 1]) for o in orders for i in range(k - 1))
+    assert len(pairs) == k * (k - 1) and len(set(pairs.values())) <= 1
 
 
 def test_time_interleaved_rejects_bad_arguments():
