@@ -21,6 +21,8 @@ test: install
 	$(PY) -m ruff check ryzen_opt bench tests
 	$(PY) -m pytest -q
 
+# The quick suite: the kernel table, then bench.model's baseline | optimize() | torch.compile |
+# ONNX Runtime table; with --quick each runs every column in one process (5 values per cell).
 bench: install
 	$(PY) -m bench.kernels $(QUICK)
 	$(PY) -m bench.model $(QUICK)

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ryzen_opt.cpu_info import cpu_isa
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
@@ -75,6 +77,9 @@ def environment(device: str) -> dict[str, Any]:
     env: dict[str, Any] = {
         "device": device,
         "cpu": cpu_model(),
+        # The vector ISA the CPU exposes (and torch's dispatch level): the CPU kernels' speed
+        # depends on it, and machines of one cloud family differ (AVX2+FMA vs AVX-512).
+        "cpu_isa": cpu_isa(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "versions": versions(),
@@ -87,6 +92,13 @@ def environment(device: str) -> dict[str, Any]:
         env["gpu_sms"] = p.multi_processor_count
         env["cuda"] = torch.version.cuda
     return env
+
+
+def where(env: dict[str, Any]) -> str:
+    """The "on ..." part of a table title: the GPU, or the CPU with its vector ISA."""
+    if "gpu" in env:
+        return f"{env['gpu']} (host CPU ISA {env['cpu_isa']})"
+    return f"{env['cpu']} ({env['cpu_isa']})"
 
 
 def write_json(path: Path, data: Any) -> Path:

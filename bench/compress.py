@@ -25,6 +25,7 @@ from rich.console import Console
 
 from ryzen_opt.compress import METHODS, CompressConfig, PruneConfig, SemanticCompressor
 from ryzen_opt.compress.compressor import CompressionReport
+from ryzen_opt.cpu_info import cpu_isa
 from ryzen_opt.models import ArithmeticTask, load_checkpoint
 
 DEFAULT_CHECKPOINT = Path("checkpoints/default")
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             f"built in {r.build_seconds:.1f}s[/dim]"),
     )
     console.print(report.table())
+    console.print(f"CPU ISA: {cpu_isa()}")
     console.print(f"chosen within {args.max_accuracy_drop} points ({args.prefer}): "
                   f"[bold]{report.chosen}[/bold]; PyTorch fp32 accuracy "
                   f"{100 * report.pytorch_accuracy:.1f}%")
@@ -126,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"(target {g['target']}): {mark}")
     data = report.to_dict()
     data["goals"] = checks
+    data["cpu_isa"] = cpu_isa()
     data["command"] = "python -m bench.compress " + " ".join(sys.argv[1:] if argv is None
                                                               else argv)
     data["checkpoint"] = str(args.checkpoint)

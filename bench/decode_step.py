@@ -25,7 +25,15 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS, device_name, environment, markdown_table, print_table, write_json
+from bench.common import (
+    RESULTS,
+    device_name,
+    environment,
+    markdown_table,
+    print_table,
+    where,
+    write_json,
+)
 from ryzen_opt.models import ModelConfig, SimpleTransformerModel
 from ryzen_opt.optimization.fastpath import CudaGraphDecode, NumbaFusedDecode, TritonGraphDecode
 from ryzen_opt.timing import compare
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['rel_error']:.1e}",
             ]
         )
-    title = f"bench.decode_step on {env.get('gpu', env['cpu'])}, after {a.past} tokens"
+    title = f"bench.decode_step on {where(env)}, after {a.past} tokens"
     print_table(title, headers, table)
     out = Path(a.output) if a.output else RESULTS / device_name(a.device) / "decode_step.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,15 @@ from typing import Any
 
 import torch
 
-from bench.common import RESULTS, device_name, environment, markdown_table, print_table, write_json
+from bench.common import (
+    RESULTS,
+    device_name,
+    environment,
+    markdown_table,
+    print_table,
+    where,
+    write_json,
+)
 
 GOAL = "optimize() >= 1.0x the SDPA path for prefill, never slower"
 
@@ -396,11 +404,11 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out_path, data)
 
     headers, rows = report_tables(res)
-    where = env.get("gpu", env["cpu"])
+    on = where(env)
     title = (
         f"bench.hf_prefill: Llama {shape.num_hidden_layers}x{shape.hidden_size} "
         f"(kv heads {shape.num_key_value_heads}), prefill {args.batch}x{args.seq}, {dtype}, "
-        f"on {where}, {env['torch_threads']} threads"
+        f"on {on}, {env['torch_threads']} threads"
     )
     print_table(title, headers, rows)
     rep = res["optimize_report"]

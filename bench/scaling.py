@@ -46,6 +46,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from ryzen_opt.cpu_info import cpu_isa
 from ryzen_opt.scaling import (
     STRATEGIES,
     InferenceScalingEngine,
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m bench.scaling " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": {"type": "cpu", "processor": platform.processor() or platform.machine(),
-                   "cpus": os.cpu_count()},
+                   "cpus": os.cpu_count(), "cpu_isa": cpu_isa()},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "threads": torch.get_num_threads(),
         "checkpoint": {"path": info["checkpoint"], "weights_sha256": info["weights_sha256"],
@@ -374,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     _plot(acc, cost, out / f"{stem}.png",
           f"{task.to_dict()} | {n_prompts} test prompts | T={args.temperature} | "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    console.print(f"CPU ISA: {cpu_isa()}")
     console.print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')} "
                   f"({result['seconds']} s)")
     return 0

@@ -23,6 +23,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from ryzen_opt.cpu_info import cpu_isa
 from ryzen_opt.kernels import reference
 from ryzen_opt.timing import compare, time_fn
 
@@ -40,6 +41,7 @@ def _env() -> dict:
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
+        "host_cpu_isa": cpu_isa(),
         "command": " ".join(["python3", "-m", "bench.triton_kernels", *sys.argv[1:]]),
         "timing": f"ryzen_opt.timing.compare, ABBA, repeat={REPEAT}, median seconds per call",
     }

@@ -7,6 +7,9 @@
 * :func:`compare` times a baseline and a candidate on the same inputs, interleaving their
   samples (ABBA order) so drift in clocks or load hits both alike, and returns the speed-up
   ``baseline/candidate`` with a bootstrap confidence interval on the ratio of medians.
+* :func:`time_interleaved` times several callables doing the same work (a baseline and its
+  candidates), one sample of each per round in a balanced order, and returns a
+  :class:`Timing` per callable (the benchmarks' one-process mode).
 * :func:`peak_memory` runs a callable once and reports its peak memory: CUDA max allocated
   bytes above the starting allocation, or on CPU the growth of the process's peak RSS.
 
@@ -21,7 +24,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -231,6 +234,78 @@ def compare(
     tb, tc = _summarize(bs, inner_b), _summarize(cs, inner_c)
     lo, hi = bootstrap_ratio_ci(bs, cs, confidence)
     return Comparison(tb, tc, tb.median / tc.median, lo, hi, confidence)
+
+
+def _balanced_orders(k: int) -> list[list[int]]:
+    """Orders of ``k`` items in which each item comes first equally often and follows every
+    other item equally often (a Williams design: ``k`` rounds for even ``k``, ``2k`` for odd):
+    what one column leaves behind (warm caches, busy threads) reaches every column alike."""
+    first, lo, hi = [0], 1, k - 1
+    while lo <= hi:
+        first.append(lo)
+        lo += 1
+        if lo <= hi:
+            first.append(hi)
+            hi -= 1
+    rows = [[(x + i) % k for x in first] for i in range(k)]
+    return rows if k % 2 == 0 else rows + [r[::-1] for r in rows]
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], Any]],
+    *,
+    repeat: int = 20,
+    warmup: int = 3,
+    device: str | torch.device | None = None,
+    min_sample_s: float = 2e-3,
+    settle_s: float = 0.0,
+) -> dict[str, Timing]:
+    """Time several callables that do the same work on the same inputs, interleaved.
+
+    Every callable gets ``warmup`` untimed calls first, then its own calls-per-sample count;
+    each of the ``repeat`` rounds takes one sample of every callable. The order changes each
+    round so that every callable leads equally often and follows every other one equally
+    often (two callables: AB BA AB BA; four: 0132 1203 2310 3021), so a drift in clocks or
+    load, and whatever one callable leaves behind, reach every column alike.
+
+    Args:
+        fns: name -> callable without arguments (bind inputs with a closure).
+        repeat: rounds, i.e. samples per callable (>= 3).
+        warmup: untimed calls per callable before timing.
+        device: where the work runs; ``cuda`` uses CUDA events.
+        min_sample_s: each sample runs its callable enough times to last at least this long.
+        settle_s: untimed pause after every sample, so thread pools that busy-wait after
+            their work (ONNX Runtime's intra-op threads) are idle before the next column
+            starts: measured on 2 cores, a 16x128 eager prefill took 53 ms right after an
+            ONNX Runtime decode instead of 26 ms, and 30 ms after a 50 ms pause.
+
+    Returns:
+        name -> :class:`Timing` in seconds per call, in the order of ``fns``.
+    """
+    if not isinstance(fns, Mapping) or not fns:
+        raise ValueError(f"fns must be a non-empty mapping of name -> callable, got {fns!r}")
+    for name, fn in fns.items():
+        if not callable(fn):
+            raise TypeError(f"fns[{name!r}] must be callable, got {type(fn).__name__}")
+    _check_args(repeat, warmup)
+    if isinstance(settle_s, bool) or not isinstance(settle_s, (int, float)) or not settle_s >= 0:
+        raise ValueError(f"settle_s must be a number >= 0, got {settle_s!r}")
+    dev = _device_of(device)
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    _sync(dev)
+    inner = {n: _calibrate_inner(fns[n], dev, min_sample_s) for n in names}
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    orders = _balanced_orders(len(names))
+    for i in range(repeat):
+        for j in orders[i % len(orders)]:
+            n = names[j]
+            samples[n].append(_one_sample(fns[n], inner[n], dev))
+            if settle_s:
+                time.sleep(settle_s)
+    return {n: _summarize(samples[n], inner[n]) for n in names}
 
 
 def _peak_rss_bytes() -> int:

@@ -136,6 +136,14 @@ class OptimizationReport:
     changed: bool = False
     elapsed_s: float = 0.0
 
+    def __post_init__(self) -> None:
+        # The CPU kernels' speed depends on the vector ISA (AVX2+FMA vs AVX-512 hosts of one
+        # cloud family differ), so every report records the one it was measured on.
+        if "cpu_isa" not in self.environment:
+            from ryzen_opt.cpu_info import cpu_isa
+
+            self.environment["cpu_isa"] = cpu_isa()
+
     @property
     def summary(self) -> str:
         """One line: what changed, or why the model came back unchanged."""
@@ -220,7 +228,8 @@ class OptimizationReport:
         lines = [
             f"# optimize() report: {self.model}",
             "",
-            f"{self.summary}. Device `{self.device}`, dtype `{self.dtype}`.",
+            f"{self.summary}. Device `{self.device}`, dtype `{self.dtype}`, "
+            f"CPU ISA {self.environment.get('cpu_isa', 'unknown')}.",
             "",
             "| " + " | ".join(head) + " |",
             "|" + "---|" * len(head),
@@ -271,6 +280,7 @@ class OptimizationReport:
 
         console = Console()
         console.print(self)
+        console.print(f"CPU ISA: {escape(str(self.environment.get('cpu_isa', 'unknown')))}")
         for m in self.model_checks:
             sp = f"{m.speedup:.2f}x [{m.ci[0]:.2f}, {m.ci[1]:.2f}]" if m.ci else "-"
             console.print(f"model {m.case} {m.shape}: rel err {m.rel_error:.1e}, {sp}: {m.verdict}")
