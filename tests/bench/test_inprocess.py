@@ -278,3 +278,20 @@ def test_kernels_inprocess_on_cuda_writes_torch_and_triton_columns(tmp_path):
         assert bk._bench_name(row["case"], "torch", "cuda") in names
         assert bk._bench_name(row["case"], "triton", "cuda") in names
         assert "wrong" not in row["backends"]["triton"]
+
+
+def test_quick_model_run_has_the_baseline_optimize_compile_and_onnxruntime_columns(
+    tmp_path, monkeypatch
+):
+    seen = {}
+
+    def fake_run(names, device, repeat, output):
+        seen.update(names=names, device=device, repeat=repeat)
+        return {}
+
+    monkeypatch.setattr(bm, "run_inprocess", fake_run)
+    monkeypatch.setattr(bm, "_report", lambda *a, **k: seen.update(report=k))
+    monkeypatch.setattr("sys.argv", ["bench.model", "--quick", "-o", str(tmp_path / "m.json")])
+    assert bm.main() == 0
+    assert seen["names"] == ["baseline", "torch.compile", "optimize()", "onnxruntime"]
+    assert seen["repeat"] == inprocess.QUICK_REPEAT and seen["report"]["mode"] == "inprocess"
