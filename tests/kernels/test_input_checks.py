@@ -139,8 +139,14 @@ _LIMITS = {
 @pytest.mark.parametrize("backend", [n for n in _names("matmul") if n not in ("reference", "auto")])
 @pytest.mark.parametrize("activation", sorted(_LIMITS))
 def test_epilogue_activations_at_infinity_and_nan(backend, activation):
-    out = matmul(_SPECIAL[:, None], torch.ones(1, 1), activation=activation, backend=backend)
-    expect = torch.tensor(_LIMITS[activation])
+    x = _SPECIAL[:, None].to(torch.ones(0).device)  # the test's device (cuda for triton on a GPU)
+    out = matmul(x, torch.ones(1, 1), activation=activation, backend=backend)
+    out = out.cpu()
+    expect = torch.tensor(_LIMITS[activation], device="cpu")
     assert torch.equal(out[:, 0].isnan(), expect.isnan()), out[:, 0]
     ok = ~expect.isnan()
-    assert torch.allclose(out[ok, 0], expect[ok], rtol=1e-6, atol=0), out[:, 0]
+    # On a GPU the triton matmul takes fp32 through TF32 (enabled above: its contract), so
+    # x * 1 rounds 1e30 to 9.9964e29 (3.6e-4 relative) before the epilogue sees it.
+    tf32 = backend == "triton" and torch.cuda.is_available()
+    rtol = 1e-3 if tf32 else 1e-6
+    assert torch.allclose(out[ok, 0], expect[ok], rtol=rtol, atol=0), out[:, 0]
