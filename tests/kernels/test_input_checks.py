@@ -64,7 +64,10 @@ def test_attention_zero_and_negative_scale_are_served(backend):
     # Finite scales are well defined (0: uniform weights), as in SDPA.
     q, k, v = _qkv()
     out = attention(q, k, v, scale=0.0, backend=backend)
-    assert torch.allclose(out, v.mean(dim=2, keepdim=True).expand_as(out), atol=1e-3)
+    # 1e-3 is the TF32 bound for triton's dots on a GPU (TF32 is on in this file); CPU
+    # backends average in fp32.
+    atol = 1e-3 if backend == "triton" and torch.cuda.is_available() else 1e-5
+    assert torch.allclose(out, v.mean(dim=2, keepdim=True).expand_as(out), atol=atol)
     assert torch.isfinite(attention(q, k, v, scale=-0.5, backend=backend)).all()
 
 
