@@ -343,29 +343,53 @@ class _RssSampler:
         self.peak_rss = max(self.peak_rss, self._proc.memory_info().rss)
 
 
-def peak_memory(fn: Callable[[], Any], device: str | torch.device | None = None) -> int:
-    """Peak memory of one call of ``fn``, in bytes.
+class PeakMemory:
+    """Context manager: peak memory of the work inside it, in bytes, as ``.peak_bytes``.
 
-    CUDA: ``torch.cuda.max_memory_allocated`` above the allocation before the call.
-    CPU: the peak resident set size during the call above the RSS before it, the larger of a
-    sampling thread's reading (every 0.5 ms) and the growth of the kernel's peak-RSS counter
-    (which catches short spikes but only once they exceed every earlier peak).
+    CUDA: ``torch.cuda.max_memory_allocated`` above the allocation at entry (the device's
+    peak statistics are reset at entry). CPU: the peak resident set size above the RSS at
+    entry, the larger of a sampling thread's reading (every ``interval_s``) and the growth of
+    the kernel's peak-RSS counter (which catches short spikes but only once they exceed
+    every earlier peak).
+
+    Args:
+        device: where the work runs.
+        interval_s: the CPU sampling period; keep it long where the work inside is being
+            timed (a 20 ms period costs well under 0.1% of a core).
     """
-    dev = _device_of(device)
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        before = torch.cuda.memory_allocated(dev)
+
+    def __init__(self, device: str | torch.device | None = None, interval_s: float = 5e-4):
+        self.device = _device_of(device)
+        self.interval_s = interval_s
+        self.peak_bytes: int | None = None
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._before = torch.cuda.memory_allocated(self.device)
+        else:
+            self._before_max = _peak_rss_bytes()
+            self._sampler = _RssSampler(self.interval_s).__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device) - self._before)
+            return
+        s = self._sampler
+        s.__exit__(*exc)
+        counter = _peak_rss_bytes() - max(self._before_max, s.start_rss)
+        self.peak_bytes = max(0, s.peak_rss - s.start_rss, counter)
+
+
+def peak_memory(fn: Callable[[], Any], device: str | torch.device | None = None) -> int:
+    """Peak memory of one call of ``fn``, in bytes (see :class:`PeakMemory`)."""
+    with PeakMemory(device) as mem:
         fn()
-        torch.cuda.synchronize(dev)
-        return int(torch.cuda.max_memory_allocated(dev) - before)
-    before_max = _peak_rss_bytes()
-    with _RssSampler() as s:
-        fn()
-    sampled = s.peak_rss - s.start_rss
-    counter = _peak_rss_bytes() - max(before_max, s.start_rss)
-    return max(0, sampled, counter)
+    return mem.peak_bytes
 
 
 def median(xs: list[float]) -> float:

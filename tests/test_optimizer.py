@@ -404,3 +404,14 @@ def test_progress_bar_names_each_site_when_asked(tmp_path, monkeypatch):
     with registered("matmul", "fake_mm", CountingLauncher(reference_matmul)):
         optimize(tiny_model(), config=fast_config(tmp_path, backends=("fake_mm",)))
     assert seen == []  # off by default when standard error is not a terminal
+
+
+def test_report_records_what_optimize_itself_cost(tmp_path):
+    # 32 MiB of weights: the optimized copy alone raises the process's memory by that much.
+    model = nn.Sequential(nn.Linear(2048, 4096)).eval()
+    out = optimize(model, torch.randn(2, 2048), config=fast_config(tmp_path, backends=()))
+    report = out.optimization_report
+    assert report.peak_memory_bytes >= 30 * 2**20, report.peak_memory_bytes
+    assert report.elapsed_s > 0
+    assert "optimize() took" in report.to_markdown() and "MiB" in report.cost
+    assert report.to_dict()["peak_memory_bytes"] == report.peak_memory_bytes

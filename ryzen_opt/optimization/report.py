@@ -135,6 +135,9 @@ class OptimizationReport:
     config: dict[str, Any] = field(default_factory=dict)
     changed: bool = False
     elapsed_s: float = 0.0
+    # What optimize() itself cost: peak memory above what the process held when it started
+    # (CUDA: max allocated on the model's device; CPU: resident set size), in bytes.
+    peak_memory_bytes: int | None = None
 
     def __post_init__(self) -> None:
         # The CPU kernels' speed depends on the vector ISA (AVX2+FMA vs AVX-512 hosts of one
@@ -154,6 +157,16 @@ class OptimizationReport:
             return f"unchanged: no allowed backend runs on {self.device} for any op here"
         return "unchanged: no candidate was both within tolerance and faster than the original"
 
+    @property
+    def cost(self) -> str:
+        """What optimize() itself took: seconds and peak memory."""
+        mem = (
+            "peak memory not measured"
+            if self.peak_memory_bytes is None
+            else f"peak memory +{self.peak_memory_bytes / 2**20:.1f} MiB"
+        )
+        return f"optimize() took {self.elapsed_s:.1f} s, {mem}"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
@@ -162,6 +175,7 @@ class OptimizationReport:
             "changed": self.changed,
             "summary": self.summary,
             "elapsed_s": self.elapsed_s,
+            "peak_memory_bytes": self.peak_memory_bytes,
             "backends": self.backends,
             "notes": list(self.notes),
             "environment": self.environment,
@@ -229,7 +243,7 @@ class OptimizationReport:
             f"# optimize() report: {self.model}",
             "",
             f"{self.summary}. Device `{self.device}`, dtype `{self.dtype}`, "
-            f"CPU ISA {self.environment.get('cpu_isa', 'unknown')}.",
+            f"CPU ISA {self.environment.get('cpu_isa', 'unknown')}. {self.cost}.",
             "",
             "| " + " | ".join(head) + " |",
             "|" + "---|" * len(head),
@@ -281,6 +295,7 @@ class OptimizationReport:
         console = Console()
         console.print(self)
         console.print(f"CPU ISA: {escape(str(self.environment.get('cpu_isa', 'unknown')))}")
+        console.print(escape(self.cost))
         for m in self.model_checks:
             sp = f"{m.speedup:.2f}x [{m.ci[0]:.2f}, {m.ci[1]:.2f}]" if m.ci else "-"
             console.print(f"model {m.case} {m.shape}: rel err {m.rel_error:.1e}, {sp}: {m.verdict}")
