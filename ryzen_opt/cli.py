@@ -41,7 +41,8 @@ def _int_list(text: str) -> tuple[int, ...]:
     parts = [t.strip() for t in text.split(",")]
     if not parts or any(not t.isdigit() or int(t) < 1 for t in parts):
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers >= 1 such as 1,64, got {text!r}")
+            f"expected comma-separated integers >= 1 such as 1,64, got {text!r}"
+        )
     return tuple(int(t) for t in parts)
 
 
@@ -89,10 +90,12 @@ def _add_export(sub) -> None:
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
-    p.add_argument("--no-kv-cache", action="store_true",
-                   help="export a full-sequence model (logits only)")
-    p.add_argument("--opset", type=_opset, default=None, help="ONNX opset >= 18 (default: "
-                   "the exporter's)")
+    p.add_argument(
+        "--no-kv-cache", action="store_true", help="export a full-sequence model (logits only)"
+    )
+    p.add_argument(
+        "--opset", type=_opset, default=None, help="ONNX opset >= 18 (default: the exporter's)"
+    )
     p.set_defaults(func=_run_export)
 
 
@@ -113,30 +116,54 @@ def _add_compress(sub) -> None:
     d = CompressConfig()
     p = sub.add_parser("compress", help="build compressed artifacts and judge them vs fp32")
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder")
-    p.add_argument("--methods", default="int8_dynamic,int4_weight_only",
-                   help="comma-separated method names (see SemanticCompressor)")
+    p.add_argument(
+        "--methods",
+        default="int8_dynamic,int4_weight_only",
+        help="comma-separated method names (see SemanticCompressor)",
+    )
     p.add_argument("--digits", type=int, default=None, help="task digits (default: checkpoint's)")
     p.add_argument("--operators", default=None, help="task operators (default: checkpoint's)")
-    p.add_argument("--max-accuracy-drop", type=_points, default=None,
-                   help="accuracy budget in points; picks the best artifact within it and "
-                   "writes it to --out")
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=_points,
+        default=None,
+        help="accuracy budget in points; picks the best artifact within it and writes it to --out",
+    )
     p.add_argument("--prefer", choices=("size", "speed"), default="size")
-    p.add_argument("--out", default=None,
-                   help="where the chosen artifact goes (default: compressed.onnx in the "
-                   "working directory); needs --max-accuracy-drop")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="where the chosen artifact goes (default: compressed.onnx in the "
+        "working directory); needs --max-accuracy-drop",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.add_argument("--eval-samples", type=_positive_int, default=d.eval_samples)
-    p.add_argument("--batch-sizes", type=_int_list, default=",".join(map(str, d.batch_sizes)),
-                   help="comma-separated timing batch sizes (default: %(default)s)")
-    p.add_argument("--repeat", type=_positive_int, default=d.repeat,
-                   help="timing samples per side, >= 3 (default: %(default)s)")
-    p.add_argument("--threads", type=_positive_int, default=d.threads,
-                   help="ONNX Runtime intra-op threads (default: %(default)s)")
+    p.add_argument(
+        "--batch-sizes",
+        type=_int_list,
+        default=",".join(map(str, d.batch_sizes)),
+        help="comma-separated timing batch sizes (default: %(default)s)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=_positive_int,
+        default=d.repeat,
+        help="timing samples per side, >= 3 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=d.threads,
+        help="ONNX Runtime intra-op threads (default: %(default)s)",
+    )
     p.add_argument("--ratio", type=_ratio, default=0.3, help="pruning compression_ratio")
     p.add_argument("--finetune-steps", type=int, default=0, help="recovery fine-tune steps")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="keep every artifact in this folder (default: a temporary folder, "
-                   "deleted at the end)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep every artifact in this folder (default: a temporary folder, deleted at the end)",
+    )
     p.add_argument("--json", default=None, help="write the report here (JSON)")
     p.set_defaults(func=_run_compress)
 
@@ -151,8 +178,10 @@ def _task(checkpoint: Path, digits, operators):
         if cand.is_file():
             found = yaml.safe_load(cand.read_text()) or {}
             break
-    return ArithmeticTask(digits if digits is not None else int(found.get("digits", 3)),
-                          operators if operators is not None else found.get("operators", "+"))
+    return ArithmeticTask(
+        digits if digits is not None else int(found.get("digits", 3)),
+        operators if operators is not None else found.get("operators", "+"),
+    )
 
 
 def _run_compress(args: argparse.Namespace) -> int:
@@ -178,8 +207,7 @@ def _run_compress(args: argparse.Namespace) -> int:
         return _compress(args, methods, Path(tmp), out)
 
 
-def _compress(args: argparse.Namespace, methods: list[str], workdir: Path,
-              out: Path | None) -> int:
+def _compress(args: argparse.Namespace, methods: list[str], workdir: Path, out: Path | None) -> int:
     from rich.console import Console
 
     from ryzen_opt.compress import CompressConfig, PruneConfig, SemanticCompressor
@@ -189,12 +217,15 @@ def _compress(args: argparse.Namespace, methods: list[str], workdir: Path,
     model = load_checkpoint(args.checkpoint)
     task = _task(args.checkpoint, args.digits, args.operators)
     cfg = CompressConfig(
-        eval_samples=args.eval_samples, threads=args.threads, repeat=args.repeat,
+        eval_samples=args.eval_samples,
+        threads=args.threads,
+        repeat=args.repeat,
         batch_sizes=args.batch_sizes,
         prune=PruneConfig(compression_ratio=args.ratio, finetune_steps=args.finetune_steps),
     )
     report = SemanticCompressor(model, task, cfg, workdir=workdir).run(
-        methods, max_accuracy_drop=args.max_accuracy_drop, prefer=args.prefer)
+        methods, max_accuracy_drop=args.max_accuracy_drop, prefer=args.prefer
+    )
     console = Console(width=200)
     console.print(report.table())
     if report.chosen is not None and out is not None:
@@ -206,8 +237,7 @@ def _compress(args: argparse.Namespace, methods: list[str], workdir: Path,
             for r in report.results:
                 r.path = None
         chosen.path = str(out)
-        console.print(f"chosen: {chosen.method} -> wrote {out} "
-                      f"({out.stat().st_size / 1e6:.2f} MB)")
+        console.print(f"chosen: {chosen.method} -> wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
     elif args.workdir is None:
         for r in report.results:
             r.path = None
@@ -221,8 +251,9 @@ _COMMANDS: tuple[Callable, ...] = (_add_export, _add_compress)
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``ryzen-opt`` parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(prog="ryzen-opt", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ryzen-opt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in _COMMANDS:
         add(sub)

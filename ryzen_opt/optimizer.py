@@ -30,10 +30,12 @@ from ryzen_opt.kernels import registry
 from ryzen_opt.kernels.reference import error_floor
 from ryzen_opt.kernels.registry import BackendError
 from ryzen_opt.models.model import SimpleTransformerModel
-from ryzen_opt.optimization import fastpath, hf
+from ryzen_opt.optimization import families, fastpath, hf
 from ryzen_opt.optimization.cache import DecisionCache, device_description, versions
 from ryzen_opt.optimization.config import OptimizeConfig, dtype_name, parse_dtype
 from ryzen_opt.optimization.examples import normalize_example
+from ryzen_opt.optimization.fastpaths import generate as fast_generate
+from ryzen_opt.optimization.fastpaths import hf_select
 from ryzen_opt.optimization.modules import Route
 from ryzen_opt.optimization.report import (
     CandidateResult,
@@ -86,6 +88,7 @@ class OptimizationPlan:
     backends: dict[str, list[str]]
     notes: list[str] = field(default_factory=list)
     hf_impl: str | None = None
+    example: dict[str, Any] | None = None  # the normalised example_inputs (keyword form)
 
     def num_candidates(self) -> int:
         return sum(len(c.candidates) for s in self.sites for c in s.cases)
@@ -330,7 +333,7 @@ class KernelOptimizer:
             allowed = tuple(backends["attention"] + backends["decode_attention"])
             sites += hf_attention_sites(model, records, allowed)
         return OptimizationPlan(
-            model, device, dtype, sites, runs, reference, backends, notes, hf_impl
+            model, device, dtype, sites, runs, reference, backends, notes, hf_impl, example
         )
 
     # ------------------------------------------------------------------ measure
@@ -549,6 +552,42 @@ class KernelOptimizer:
                 ranges.append((b, hi, won[b]))
         return reports, fastpath.FastPaths(ranges, prefill)
 
+    def _decoder_paths(self, plan, model, cache, dev_desc, vers, report, t0) -> list:
+        """The decode-loop paths of a Hugging Face decoder family: measured through
+        ``generate`` (:mod:`ryzen_opt.optimization.fastpaths.hf_select`); the undo list."""
+        cfg = self.config
+        if not hf.is_hf_model(model) or cfg.fast_paths == ():
+            return []
+        fam, reason = families.find(model)
+        if fam is None:
+            return []
+        if reason is not None:
+            report.notes.append(
+                f"{fam.__name__.rsplit('.', 1)[-1]} decode paths: not used: {reason}"
+            )
+            return []
+        if self._over_budget(t0):
+            report.notes.append(self._budget_note("the decoder fast paths"))
+            return []
+        layout = fam.layout(model)
+        swaps = sorted(f"{s.path}:{k}={v}" for s in report.sites for k, v in s.chosen.items())
+        baseline_id = f"{type(model).__name__}[" + ",".join(swaps) + "]"
+        budget = cfg.time_budget_s
+
+        def left() -> float:
+            return math.inf if budget is None else budget - (time.perf_counter() - t0)
+
+        srep, routes = hf_select.select(
+            model, layout, plan.example, cfg, cache, dev_desc, vers, baseline_id, left
+        )
+        report.sites.append(srep)
+        if not routes:
+            return []
+        report.notes.append(
+            "generate: " + "; ".join(f"batch {lo}-{hi}: {name}" for lo, hi, name in routes)
+        )
+        return [fast_generate.install(model, layout, routes)]
+
     def _evaluate_path(self, path, run, state, model, ref, baseline_id, cache, dev_desc, vers):
         """Verify one fast path on one run (two decode steps: the cache writes count), time it."""
         op = f"{path.kind}_step"
@@ -685,6 +724,11 @@ class KernelOptimizer:
                         if s.chosen:
                             s.note = f"reverted ({failure})"
                             s.chosen = {}
+            # A decoder's decode loop is measured through generate() itself, against the
+            # model as the check left it: its own end-to-end comparison is its check.
+            decoder_undo = self._decoder_paths(plan, model, cache, dev_desc, vers, report, t0)
+            undo += decoder_undo
+            report.changed = report.changed or bool(decoder_undo)
         finally:
             model.train(was_training)
             if plan.hf_impl is not None and not any(

@@ -19,8 +19,9 @@ from ryzen_opt.models import ModelConfig, SimpleTransformerModel, save_checkpoin
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=32, embedding_dim=32, num_heads=2, num_layers=1, ff_dim=64,
-                      max_seq_len=32)
+    cfg = ModelConfig(
+        vocab_size=32, embedding_dim=32, num_heads=2, num_layers=1, ff_dim=64, max_seq_len=32
+    )
     model = SimpleTransformerModel(cfg).eval()
     return model, save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "c")
 
@@ -38,15 +39,38 @@ def test_export_writes_a_checked_decoder(checkpoint, tmp_path, capsys):
 
 
 def _compress_argv(ckpt, *extra):
-    return ["compress", "--checkpoint", str(ckpt), "--methods", "int8_dynamic", "--digits",
-            "2", "--eval-samples", "16", "--batch-sizes", "2", "--repeat", "3", *extra]
+    return [
+        "compress",
+        "--checkpoint",
+        str(ckpt),
+        "--methods",
+        "int8_dynamic",
+        "--digits",
+        "2",
+        "--eval-samples",
+        "16",
+        "--batch-sizes",
+        "2",
+        "--repeat",
+        "3",
+        *extra,
+    ]
 
 
 def test_compress_writes_a_report(checkpoint, tmp_path):
     _, ckpt = checkpoint
     js = tmp_path / "r.json"
-    argv = _compress_argv(ckpt, "--max-accuracy-drop", "100", "--workdir", str(tmp_path / "w"),
-                          "--json", str(js), "--out", str(tmp_path / "best.onnx"))
+    argv = _compress_argv(
+        ckpt,
+        "--max-accuracy-drop",
+        "100",
+        "--workdir",
+        str(tmp_path / "w"),
+        "--json",
+        str(js),
+        "--out",
+        str(tmp_path / "best.onnx"),
+    )
     assert main(argv) == 0
     data = json.loads(js.read_text())
     assert [r["method"] for r in data["results"]] == ["fp32", "int8_dynamic"]
@@ -63,14 +87,14 @@ def test_compress_writes_a_report(checkpoint, tmp_path):
         assert not data["speed_trusted"]
         assert details["chosen_variant"] == "ws8" and "noise" in details["note"]
     # --workdir keeps every artifact; the chosen one was also written to --out.
-    assert all(Path(r["path"]).is_file() for r in data["results"]
-               if r["method"] != data["chosen"])
+    assert all(Path(r["path"]).is_file() for r in data["results"] if r["method"] != data["chosen"])
     chosen = next(r for r in data["results"] if r["method"] == data["chosen"])
     assert chosen["path"] == str(tmp_path / "best.onnx")
 
 
 def test_compress_writes_the_chosen_artifact_to_the_working_directory(
-        checkpoint, tmp_path, monkeypatch, capsys):
+    checkpoint, tmp_path, monkeypatch, capsys
+):
     _, ckpt = checkpoint
     work, systmp = tmp_path / "cwd", tmp_path / "systmp"
     work.mkdir()
@@ -108,7 +132,8 @@ def test_export_to_a_folder_or_an_empty_path_is_a_usage_error(checkpoint, tmp_pa
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path)]) == 2
     assert _one_line_error(capsys, "--out", "is a folder") == (
         f"ryzen-opt export: error: --out {str(tmp_path)!r} is a folder; give a file path "
-        f"such as {str(tmp_path / 'model.onnx')!r}")
+        f"such as {str(tmp_path / 'model.onnx')!r}"
+    )
     assert main(["export", "--checkpoint", str(ckpt), "--out", ""]) == 2
     _one_line_error(capsys, "--out must name a file")
     (tmp_path / "f").write_text("x")
@@ -127,19 +152,22 @@ def test_export_refuses_an_existing_file_without_force(checkpoint, tmp_path, cap
     onnx.checker.check_model(str(out), full_check=True)
 
 
-@pytest.mark.parametrize("option,value,message", [
-    ("--batch-sizes", "a,b", "argument --batch-sizes: expected comma-separated integers"),
-    ("--batch-sizes", "1,0", "argument --batch-sizes: expected comma-separated integers"),
-    ("--batch-sizes", "", "argument --batch-sizes: expected comma-separated integers"),
-    ("--repeat", "x", "argument --repeat: expected an integer >= 1, got 'x'"),
-    ("--repeat", "2", "--repeat must be >= 3, got 2"),
-    ("--threads", "0", "argument --threads: expected an integer >= 1"),
-    ("--max-accuracy-drop", "nan", "argument --max-accuracy-drop: expected a number"),
-    ("--ratio", "1.5", "argument --ratio: expected a fraction in [0, 1)"),
-    ("--methods", "int3", "--methods: unknown ['int3']"),
-    ("--out", "", "--out must name a file"),
-    ("--json", ".", "--json '.' is a folder"),
-])
+@pytest.mark.parametrize(
+    "option,value,message",
+    [
+        ("--batch-sizes", "a,b", "argument --batch-sizes: expected comma-separated integers"),
+        ("--batch-sizes", "1,0", "argument --batch-sizes: expected comma-separated integers"),
+        ("--batch-sizes", "", "argument --batch-sizes: expected comma-separated integers"),
+        ("--repeat", "x", "argument --repeat: expected an integer >= 1, got 'x'"),
+        ("--repeat", "2", "--repeat must be >= 3, got 2"),
+        ("--threads", "0", "argument --threads: expected an integer >= 1"),
+        ("--max-accuracy-drop", "nan", "argument --max-accuracy-drop: expected a number"),
+        ("--ratio", "1.5", "argument --ratio: expected a fraction in [0, 1)"),
+        ("--methods", "int3", "--methods: unknown ['int3']"),
+        ("--out", "", "--out must name a file"),
+        ("--json", ".", "--json '.' is a folder"),
+    ],
+)
 def test_compress_bad_options_are_usage_errors(checkpoint, capsys, option, value, message):
     _, ckpt = checkpoint
     argv = ["compress", "--checkpoint", str(ckpt), "--max-accuracy-drop", "1", option, value]
@@ -162,8 +190,10 @@ def test_export_bad_opset_is_a_usage_error(checkpoint, tmp_path, capsys):
 
 
 def test_bad_checkpoint_fails_naming_it(tmp_path, capsys):
-    assert main(["export", "--checkpoint", str(tmp_path / "none"), "--out",
-                 str(tmp_path / "x.onnx")]) == 1
+    assert (
+        main(["export", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "x.onnx")])
+        == 1
+    )
     _one_line_error(capsys, "checkpoint")
 
 

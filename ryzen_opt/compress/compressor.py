@@ -55,8 +55,16 @@ from ryzen_opt.models.model import SimpleTransformerModel
 from ryzen_opt.models.tasks import ArithmeticTask
 from ryzen_opt.timing import Comparison, compare
 
-__all__ = ["ArtifactResult", "CompressConfig", "CompressionReport", "METHODS",
-           "SemanticCompressor", "onnx_accuracy", "select", "torch_accuracy"]
+__all__ = [
+    "ArtifactResult",
+    "CompressConfig",
+    "CompressionReport",
+    "METHODS",
+    "SemanticCompressor",
+    "onnx_accuracy",
+    "select",
+    "torch_accuracy",
+]
 
 METHODS = (
     "fp32",
@@ -125,9 +133,7 @@ class CompressConfig:
     choose_by_measurement: bool = True
     dynamic: QuantizeConfig = field(default_factory=lambda: QuantizeConfig(mode="dynamic"))
     static: QuantizeConfig = field(default_factory=lambda: QuantizeConfig(mode="static"))
-    weight_only: QuantizeConfig = field(
-        default_factory=lambda: QuantizeConfig(mode="weight_only")
-    )
+    weight_only: QuantizeConfig = field(default_factory=lambda: QuantizeConfig(mode="weight_only"))
     prune: PruneConfig = field(default_factory=PruneConfig)
 
     def __post_init__(self) -> None:
@@ -152,8 +158,11 @@ class CompressConfig:
         self.batch_sizes = tuple(self.batch_sizes)
         if not isinstance(self.choose_by_measurement, bool):
             raise ValueError("choose_by_measurement must be a bool")
-        for name, mode in (("dynamic", "dynamic"), ("static", "static"),
-                           ("weight_only", "weight_only")):
+        for name, mode in (
+            ("dynamic", "dynamic"),
+            ("static", "static"),
+            ("weight_only", "weight_only"),
+        ):
             c = getattr(self, name)
             if not isinstance(c, QuantizeConfig) or c.mode != mode:
                 raise ValueError(f"{name} must be a QuantizeConfig with mode={mode!r}")
@@ -209,8 +218,11 @@ class SemanticCompressor:
         self.model = model.cpu().float().eval()
         self.task = task
         self.config = config
-        self.workdir = Path(workdir) if workdir is not None else Path(
-            tempfile.mkdtemp(prefix="ryzen_opt_compress_"))
+        self.workdir = (
+            Path(workdir)
+            if workdir is not None
+            else Path(tempfile.mkdtemp(prefix="ryzen_opt_compress_"))
+        )
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.progress = progress
         self._fp32: Path | None = None
@@ -261,8 +273,13 @@ class SemanticCompressor:
             ids[:, : x.shape[1]] = x.numpy()[:, :width]
             pos = np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape).copy()
             past = gen.empty_past(ids.shape[0])
-            feeds.append({"input_ids": ids, "position_ids": pos,
-                          **dict(zip(gen.past_names, past, strict=True))})
+            feeds.append(
+                {
+                    "input_ids": ids,
+                    "position_ids": pos,
+                    **dict(zip(gen.past_names, past, strict=True)),
+                }
+            )
         return feeds
 
     def _choose_fastest(self, candidates: dict[str, Path]) -> tuple[str, Path, dict[str, Any]]:
@@ -273,22 +290,37 @@ class SemanticCompressor:
         names = list(candidates)
         default = names[0]
         if not self._speed_trusted:
-            return default, candidates[default], {
-                "default_variant": default, "variants_vs_default": {},
-                "chosen_variant": default, "variant_batch": b,
-                "note": "variants not timed: the fp32-vs-fp32 row showed the timing is noise"}
+            return (
+                default,
+                candidates[default],
+                {
+                    "default_variant": default,
+                    "variants_vs_default": {},
+                    "chosen_variant": default,
+                    "variant_batch": b,
+                    "note": "variants not timed: the fp32-vs-fp32 row showed the timing is noise",
+                },
+            )
         base = self._inputs(self._gen(candidates[default]), "decode", b)
         vs: dict[str, Any] = {}
         best, best_speedup = default, 1.0
         for name in names[1:]:
             cand = self._inputs(self._gen(candidates[name]), "decode", b)
             cmp = self._compare(base, cand)
-            vs[name] = {"speedup_vs_default": cmp.speedup, "ci": [cmp.ci_low, cmp.ci_high],
-                        "decode_s": cmp.candidate.median, "default_decode_s": cmp.baseline.median}
+            vs[name] = {
+                "speedup_vs_default": cmp.speedup,
+                "ci": [cmp.ci_low, cmp.ci_high],
+                "decode_s": cmp.candidate.median,
+                "default_decode_s": cmp.baseline.median,
+            }
             if cmp.faster and cmp.speedup > best_speedup:
                 best, best_speedup = name, cmp.speedup
-        info = {"default_variant": default, "variants_vs_default": vs, "chosen_variant": best,
-                "variant_batch": b}
+        info = {
+            "default_variant": default,
+            "variants_vs_default": vs,
+            "chosen_variant": best,
+            "variant_batch": b,
+        }
         return best, candidates[best], info
 
     def _quantized(self, name: str, cfg: QuantizeConfig, src: Path) -> tuple[Path, dict]:
@@ -302,7 +334,8 @@ class SemanticCompressor:
             acts = sorted(("u8", "s8"), key=lambda a: a != cfg.activation_type)
             variants = {
                 f"{f}_a{a}": dataclasses.replace(cfg, quant_format=f, activation_type=a)
-                for f in fmts for a in acts
+                for f in fmts
+                for a in acts
             }
         feeds = self.calibration_feeds(cfg.calibration_samples) if cfg.mode == "static" else None
         paths = {}
@@ -320,13 +353,20 @@ class SemanticCompressor:
     def _structured(self) -> tuple[SimpleTransformerModel, dict[str, Any]]:
         if self._pruned is None:
             pc = self.config.prune
-            pruned = structured_prune(self.model, self.task, pc.compression_ratio,
-                                      pc.calibration_samples, pc.seed)
+            pruned = structured_prune(
+                self.model, self.task, pc.compression_ratio, pc.calibration_samples, pc.seed
+            )
             n0, n1 = prunable_weight_count(self.model), prunable_weight_count(pruned)
             n = min(self.config.eval_samples, 256)
             before = torch_accuracy(pruned, self.task, n, self.config.eval_seed)
-            finetune(pruned, self.task, pc.finetune_steps, pc.finetune_lr,
-                     pc.finetune_batch_size, pc.seed)
+            finetune(
+                pruned,
+                self.task,
+                pc.finetune_steps,
+                pc.finetune_lr,
+                pc.finetune_batch_size,
+                pc.seed,
+            )
             self._pruned = pruned
             self._pruned_details = {
                 "prune": pc.to_dict(),
@@ -365,12 +405,22 @@ class SemanticCompressor:
             pc = c.prune
             pruned, masks = magnitude_prune(self.model, pc.compression_ratio)
             before = torch_accuracy(pruned, self.task, min(c.eval_samples, 256), c.eval_seed)
-            finetune(pruned, self.task, pc.finetune_steps, pc.finetune_lr,
-                     pc.finetune_batch_size, pc.seed, masks=masks)
+            finetune(
+                pruned,
+                self.task,
+                pc.finetune_steps,
+                pc.finetune_lr,
+                pc.finetune_batch_size,
+                pc.seed,
+                masks=masks,
+            )
             path = export_onnx(pruned, self.workdir / f"{method}.onnx")
-            return path, {"prune": pc.to_dict(), "sparsity": sparsity(pruned),
-                          "accuracy_before_finetune": before,
-                          "note": "dense storage: no speed or size gain in ONNX Runtime"}
+            return path, {
+                "prune": pc.to_dict(),
+                "sparsity": sparsity(pruned),
+                "accuracy_before_finetune": before,
+                "note": "dense storage: no speed or size gain in ONNX Runtime",
+            }
         pruned, details = self._structured()
         if "+vocab" in method:
             stem = "structured_prune_vocab"
@@ -407,8 +457,9 @@ class SemanticCompressor:
         cand = self._inputs(self._gen(path), phase, batch)
         return self._compare(base, cand)
 
-    def judge(self, method: str, path: Path, details: dict[str, Any],
-              build_s: float) -> ArtifactResult:
+    def judge(
+        self, method: str, path: Path, details: dict[str, Any], build_s: float
+    ) -> ArtifactResult:
         """Measure one artifact against fp32 (size, latency, accuracy).
 
         Args:
@@ -428,17 +479,26 @@ class SemanticCompressor:
             for phase in ("prefill", "decode"):
                 cmp = self._time(Path(path), phase, b)
                 latency[f"{phase}@{b}"] = {
-                    "median_s": cmp.candidate.median, "iqr_s": cmp.candidate.iqr,
-                    "fp32_median_s": cmp.baseline.median, "fp32_iqr_s": cmp.baseline.iqr,
-                    "n": cmp.candidate.n, "speedup": cmp.speedup,
+                    "median_s": cmp.candidate.median,
+                    "iqr_s": cmp.candidate.iqr,
+                    "fp32_median_s": cmp.baseline.median,
+                    "fp32_iqr_s": cmp.baseline.iqr,
+                    "n": cmp.candidate.n,
+                    "speedup": cmp.speedup,
                     "ci": [cmp.ci_low, cmp.ci_high],
                     "ratio_of_medians": cmp.baseline.median / cmp.candidate.median,
                 }
         acc = onnx_accuracy(self._gen(Path(path)), self.task, c.eval_samples, c.eval_seed)
         return ArtifactResult(
-            method=method, path=str(path), size_bytes=len(data),
-            size_ratio=len(data) / base_size, zipped_bytes=len(zlib.compress(data, 6)),
-            accuracy=acc, accuracy_drop=0.0, latency=latency, build_seconds=round(build_s, 2),
+            method=method,
+            path=str(path),
+            size_bytes=len(data),
+            size_ratio=len(data) / base_size,
+            zipped_bytes=len(zlib.compress(data, 6)),
+            accuracy=acc,
+            accuracy_drop=0.0,
+            latency=latency,
+            build_seconds=round(build_s, 2),
             details=details,
         )
 
@@ -473,11 +533,13 @@ class SemanticCompressor:
         if bad:
             raise ValueError(f"methods has unknown names {bad}; known: {list(METHODS)}")
         if max_accuracy_drop is not None and (
-            isinstance(max_accuracy_drop, bool) or not isinstance(max_accuracy_drop, (int, float))
+            isinstance(max_accuracy_drop, bool)
+            or not isinstance(max_accuracy_drop, (int, float))
             or max_accuracy_drop < 0
         ):
-            raise ValueError(f"max_accuracy_drop must be None or >= 0 points, got "
-                             f"{max_accuracy_drop!r}")
+            raise ValueError(
+                f"max_accuracy_drop must be None or >= 0 points, got {max_accuracy_drop!r}"
+            )
         if prefer not in _PREFER:
             raise ValueError(f"prefer must be one of {_PREFER}, got {prefer!r}")
         order = ["fp32"] + [m for m in dict.fromkeys(methods) if m != "fp32"]
@@ -489,7 +551,8 @@ class SemanticCompressor:
             results.append(res)
             if m == "fp32":  # the opening A/A check: later variant races need its verdict
                 self._speed_trusted, aa_range = aa_verdict(
-                    [v["speedup"] for v in res.latency.values()], self.config.aa_tolerance)
+                    [v["speedup"] for v in res.latency.values()], self.config.aa_tolerance
+                )
             if on_result is not None:
                 on_result(res)
             if self.progress:
@@ -499,25 +562,43 @@ class SemanticCompressor:
             r.accuracy_drop = 100.0 * (base.accuracy - r.accuracy)
         if len(results) > 1:
             # The closing A/A check: load that arrived after the opening one shows here.
-            closing = {f"{ph}@{b}": self._time(self.fp32_path(), ph, b).speedup
-                       for b in self.config.batch_sizes for ph in ("prefill", "decode")}
+            closing = {
+                f"{ph}@{b}": self._time(self.fp32_path(), ph, b).speedup
+                for b in self.config.batch_sizes
+                for ph in ("prefill", "decode")
+            }
             base.details["aa_closing_speedups"] = closing
             opening = [v["speedup"] for v in base.latency.values()]
             self._speed_trusted, aa_range = aa_verdict(
-                opening + list(closing.values()), self.config.aa_tolerance)
+                opening + list(closing.values()), self.config.aa_tolerance
+            )
         chosen = None
         if max_accuracy_drop is not None:
-            chosen = select(results, max_accuracy_drop, prefer, max(self.config.batch_sizes),
-                            use_speed=self._speed_trusted)
-        pt_acc = torch_accuracy(self.model, self.task, self.config.eval_samples,
-                                self.config.eval_seed)
+            chosen = select(
+                results,
+                max_accuracy_drop,
+                prefer,
+                max(self.config.batch_sizes),
+                use_speed=self._speed_trusted,
+            )
+        pt_acc = torch_accuracy(
+            self.model, self.task, self.config.eval_samples, self.config.eval_seed
+        )
         return CompressionReport(
-            results=results, baseline=base, chosen=chosen,
-            max_accuracy_drop=max_accuracy_drop, prefer=prefer,
-            config={**self.config.to_dict(), "task": self.task.to_dict(),
-                    "model": self.model.config.to_dict(),
-                    "prunable_weights": prunable_weight_count(self.model)},
-            environment=environment(self.config.threads), pytorch_accuracy=pt_acc,
-            speed_trusted=self._speed_trusted, aa_range=aa_range,
+            results=results,
+            baseline=base,
+            chosen=chosen,
+            max_accuracy_drop=max_accuracy_drop,
+            prefer=prefer,
+            config={
+                **self.config.to_dict(),
+                "task": self.task.to_dict(),
+                "model": self.model.config.to_dict(),
+                "prunable_weights": prunable_weight_count(self.model),
+            },
+            environment=environment(self.config.threads),
+            pytorch_accuracy=pt_acc,
+            speed_trusted=self._speed_trusted,
+            aa_range=aa_range,
             aa_tolerance=self.config.aa_tolerance,
         )

@@ -156,8 +156,9 @@ def check_output_path(path: str | os.PathLike, name: str = "path", force: bool =
         raise ValueError(f"{name} must name a file, got an empty path")
     p = Path(path)
     if p.is_dir():
-        raise ValueError(f"{name} {str(p)!r} is a folder; give a file path such as "
-                         f"{str(p / 'model.onnx')!r}")
+        raise ValueError(
+            f"{name} {str(p)!r} is a folder; give a file path such as {str(p / 'model.onnx')!r}"
+        )
     for parent in p.parents:
         if parent.exists() and not parent.is_dir():
             raise ValueError(f"{name} {str(p)!r}: {str(parent)!r} is a file, not a folder")
@@ -252,9 +253,14 @@ def export_onnx(
         shapes = (*shapes, tuple(past_shapes))
     with atomic_output(path) as tmp:
         _export(wrapper, tuple(args), tmp, names_in, names_out, opset, shapes)
-        meta = {"max_seq_len": cfg.max_seq_len, "vocab_size": cfg.vocab_size,
-                "num_layers": n_layers, "heads": ",".join(map(str, heads)),
-                "head_dim": head_dim, "producer": "ryzen_opt.compress.export_onnx"}
+        meta = {
+            "max_seq_len": cfg.max_seq_len,
+            "vocab_size": cfg.vocab_size,
+            "num_layers": n_layers,
+            "heads": ",".join(map(str, heads)),
+            "head_dim": head_dim,
+            "producer": "ryzen_opt.compress.export_onnx",
+        }
         set_metadata(tmp, meta)
     return path
 

@@ -18,9 +18,7 @@ def _require_optimum():
         from optimum.onnxruntime import ORTModelForCausalLM, ORTQuantizer
         from optimum.onnxruntime.configuration import AutoQuantizationConfig
     except ImportError as e:  # pragma: no cover - the hf extra is part of the dev install
-        raise ImportError(
-            "the Optimum path needs the hf extra: pip install 'ryzen-opt[hf]'"
-        ) from e
+        raise ImportError("the Optimum path needs the hf extra: pip install 'ryzen-opt[hf]'") from e
     return ORTModelForCausalLM, ORTQuantizer, AutoQuantizationConfig
 
 
@@ -48,8 +46,9 @@ def export_hf_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> 
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"model_dir {str(src)!r} has no config.json")
     out = _check_dir(out_dir, "out_dir", must_exist=False)
-    model = ORTModelForCausalLM.from_pretrained(str(src), export=True, use_cache=True,
-                                                local_files_only=True)
+    model = ORTModelForCausalLM.from_pretrained(
+        str(src), export=True, use_cache=True, local_files_only=True
+    )
     model.save_pretrained(str(out))
     return out
 

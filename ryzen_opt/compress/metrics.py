@@ -28,8 +28,9 @@ def paired_speedup(cmp: Comparison, resamples: int = 2000) -> Comparison:
     boots = np.median(ratios[rng.integers(0, len(ratios), (resamples, len(ratios)))], axis=1)
     alpha = (1 - cmp.confidence) / 2
     lo, hi = np.quantile(boots, [alpha, 1 - alpha])
-    return dataclasses.replace(cmp, speedup=float(np.median(ratios)), ci_low=float(lo),
-                               ci_high=float(hi))
+    return dataclasses.replace(
+        cmp, speedup=float(np.median(ratios)), ci_low=float(lo), ci_high=float(hi)
+    )
 
 
 def onnx_accuracy(gen: OnnxGenerator, task: ArithmeticTask, n: int, seed: int) -> float:

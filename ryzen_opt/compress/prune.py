@@ -70,8 +70,10 @@ class PruneConfig:
         v = self.finetune_steps
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"finetune_steps must be an int >= 0, got {v!r}")
-        if isinstance(self.finetune_lr, bool) or not isinstance(self.finetune_lr, (int, float)) or (
-            not self.finetune_lr > 0
+        if (
+            isinstance(self.finetune_lr, bool)
+            or not isinstance(self.finetune_lr, (int, float))
+            or (not self.finetune_lr > 0)
         ):
             raise ValueError(f"finetune_lr must be > 0, got {self.finetune_lr!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -83,9 +85,12 @@ class PruneConfig:
 
 def check_ratio(ratio: Any, name: str = "compression_ratio") -> float:
     """Validate a pruning ratio in [0, 1); raise naming ``name``."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (
-        0.0 <= ratio < 1.0
-    ) or math.isnan(ratio):
+    if (
+        isinstance(ratio, bool)
+        or not isinstance(ratio, (int, float))
+        or not (0.0 <= ratio < 1.0)
+        or math.isnan(ratio)
+    ):
         raise ValueError(f"{name} must be a float in [0, 1), got {ratio!r}")
     return float(ratio)
 
@@ -284,8 +289,10 @@ def structured_prune(
     _check_model(model)
     _check_task(task)
     ratio = check_ratio(compression_ratio)
-    if isinstance(calibration_samples, bool) or not isinstance(calibration_samples, int) or (
-        calibration_samples < 1
+    if (
+        isinstance(calibration_samples, bool)
+        or not isinstance(calibration_samples, int)
+        or (calibration_samples < 1)
     ):
         raise ValueError(f"calibration_samples must be an int >= 1, got {calibration_samples!r}")
     pruned = copy.deepcopy(model).eval()
@@ -343,8 +350,7 @@ def prune_vocabulary(
     _check_task(task)
     x, y = task.encode_training(task.sample("train", calibration_samples, seed))
     tok = task.tokenizer
-    used = torch.cat([x.flatten(), y[y >= 0].flatten(),
-                      torch.tensor([tok.PAD, tok.BOS, tok.EOS])])
+    used = torch.cat([x.flatten(), y[y >= 0].flatten(), torch.tensor([tok.PAD, tok.BOS, tok.EOS])])
     keep = int(used.max()) + 1
     pruned = copy.deepcopy(model).eval()
     if keep >= pruned.config.vocab_size:
@@ -365,8 +371,11 @@ def prune_vocabulary(
 def architecture(model: SimpleTransformerModel) -> list[dict[str, int]]:
     """Per block: heads, head_dim and FFN width (for reports)."""
     return [
-        {"heads": int(b.attn.num_heads), "head_dim": int(b.attn.head_dim),
-         "ff_dim": int(b.mlp.fc1.out_features)}
+        {
+            "heads": int(b.attn.num_heads),
+            "head_dim": int(b.attn.head_dim),
+            "ff_dim": int(b.mlp.fc1.out_features),
+        }
         for b in model.blocks
     ]
 
@@ -412,14 +421,18 @@ def finetune(
     model.train()
     for step in range(steps):
         frac = (step - warm) / max(1, steps - warm)
-        cur = lr * (step + 1) / warm if step < warm else lr * (
-            0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+        cur = (
+            lr * (step + 1) / warm
+            if step < warm
+            else lr * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+        )
         for g in opt.param_groups:
             g["lr"] = cur
         x, y = task.encode_training(data[step * batch_size : (step + 1) * batch_size])
         logits, _ = model(x.to(dev))
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(dev).reshape(-1),
-                               ignore_index=-100)
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), y.to(dev).reshape(-1), ignore_index=-100
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

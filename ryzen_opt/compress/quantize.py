@@ -254,21 +254,32 @@ def _quantize(src: Path, dst: Path, config: QuantizeConfig, feeds) -> None:
             ops = ["MatMul", "Gather"] if config.quantize_embeddings else ["MatMul"]
             if config.mode == "dynamic":
                 quantize_dynamic(
-                    str(pre), str(dst), op_types_to_quantize=ops, per_channel=config.per_channel,
-                    weight_type=_qtype(config.weight_type), nodes_to_quantize=nodes,
+                    str(pre),
+                    str(dst),
+                    op_types_to_quantize=ops,
+                    per_channel=config.per_channel,
+                    weight_type=_qtype(config.weight_type),
+                    nodes_to_quantize=nodes,
                 )
                 if config.quantize_embeddings:
                     share_tied_table(dst)
             else:
-                method = {"minmax": CalibrationMethod.MinMax,
-                          "entropy": CalibrationMethod.Entropy,
-                          "percentile": CalibrationMethod.Percentile}[config.calibration]
+                method = {
+                    "minmax": CalibrationMethod.MinMax,
+                    "entropy": CalibrationMethod.Entropy,
+                    "percentile": CalibrationMethod.Percentile,
+                }[config.calibration]
                 fmt = QuantFormat.QDQ if config.quant_format == "qdq" else QuantFormat.QOperator
                 quantize_static(
-                    str(pre), str(dst), _FeedReader(feeds), quant_format=fmt,
-                    op_types_to_quantize=ops, per_channel=config.per_channel,
+                    str(pre),
+                    str(dst),
+                    _FeedReader(feeds),
+                    quant_format=fmt,
+                    op_types_to_quantize=ops,
+                    per_channel=config.per_channel,
                     activation_type=_qtype(config.activation_type),
-                    weight_type=_qtype(config.weight_type), nodes_to_quantize=nodes,
+                    weight_type=_qtype(config.weight_type),
+                    nodes_to_quantize=nodes,
                     calibrate_method=method,
                     # Entropy/percentile histograms are collected per tensor in one pass.
                     extra_options={"CalibMovingAverage": False},
@@ -287,14 +298,22 @@ def _weight_only(src: Path, dst: Path, config: QuantizeConfig) -> None:
     # Gather tables are (vocab, dim): blocks run along dim (axis 1), like a MatMul's K.
     axes = (("MatMul", 0), ("Gather", 1))
     algo = DefaultWeightOnlyQuantConfig(
-        block_size=config.block_size, is_symmetric=config.symmetric,
-        accuracy_level=config.accuracy_level, op_types_to_quantize=ops, quant_axes=axes,
+        block_size=config.block_size,
+        is_symmetric=config.symmetric,
+        accuracy_level=config.accuracy_level,
+        op_types_to_quantize=ops,
+        quant_axes=axes,
         bits=config.bits,
     )
     q = MatMulNBitsQuantizer(
-        str(src), bits=config.bits, block_size=config.block_size,
-        is_symmetric=config.symmetric, accuracy_level=config.accuracy_level,
-        op_types_to_quantize=ops, quant_axes=axes, algo_config=algo,
+        str(src),
+        bits=config.bits,
+        block_size=config.block_size,
+        is_symmetric=config.symmetric,
+        accuracy_level=config.accuracy_level,
+        op_types_to_quantize=ops,
+        quant_axes=axes,
+        algo_config=algo,
     )
     q.process()
     with tempfile.TemporaryDirectory() as tmp:
@@ -365,8 +384,9 @@ def share_tied_table(path: str | os.PathLike) -> int:
             del n.attribute[:]
             n.attribute.append(helper.make_attribute("axis", 1))
             dq.input[1], dq.input[2] = bs, bz
-            tr = helper.make_node("Transpose", [mid], [dq.input[0]],
-                                  name=n.name + "_shared_transpose", perm=[1, 2, 0])
+            tr = helper.make_node(
+                "Transpose", [mid], [dq.input[0]], name=n.name + "_shared_transpose", perm=[1, 2, 0]
+            )
             nodes = list(g.node)  # the edits above are done: copying the nodes is safe
             at = next(i for i, m in enumerate(nodes) if m.output[0] == mid)
             nodes.insert(at + 1, tr)
@@ -414,10 +434,22 @@ def share_tied_table_nbits(path: str | os.PathLike) -> int:
     inits = {i.name: i for i in g.initializer}
     arr = lambda name: numpy_helper.to_array(inits[name])
     attrs = lambda n: {a.name: helper.get_attribute_value(a) for a in n.attribute}
-    gathers = [n for n in g.node if n.op_type == "GatherBlockQuantized" and len(n.input) == 3
-               and n.input[0] in inits and attrs(n).get("gather_axis", 0) == 0]
-    heads = [n for n in g.node if n.op_type == "MatMulNBits" and len(n.input) == 3
-             and n.input[1] in inits and attrs(n).get("bits") == 4]
+    gathers = [
+        n
+        for n in g.node
+        if n.op_type == "GatherBlockQuantized"
+        and len(n.input) == 3
+        and n.input[0] in inits
+        and attrs(n).get("gather_axis", 0) == 0
+    ]
+    heads = [
+        n
+        for n in g.node
+        if n.op_type == "MatMulNBits"
+        and len(n.input) == 3
+        and n.input[1] in inits
+        and attrs(n).get("bits") == 4
+    ]
     for gq in gathers:
         table = arr(gq.input[0]).astype(np.float32)
         gs = arr(gq.input[2]).astype(np.float32)
@@ -435,16 +467,26 @@ def share_tied_table_nbits(path: str | os.PathLike) -> int:
             if not np.allclose(deq_b, deq_t, rtol=0, atol=1e-6 * float(np.abs(deq_t).max())):
                 continue
             scales = numpy_helper.from_array(s.reshape(v, -1, 1), gq.input[2] + "_tied")
-            shape = numpy_helper.from_array(np.array([0] * 2 + [-1], np.int64),
-                                            gq.output[0] + "_tied_shape")
+            shape = numpy_helper.from_array(
+                np.array([0] * 2 + [-1], np.int64), gq.output[0] + "_tied_shape"
+            )
             g.initializer.extend([scales, shape])
             blk = gq.output[0] + "_tied_blocks"
             new = [
-                helper.make_node("GatherBlockQuantized", [mm.input[1], gq.input[1], scales.name],
-                                 [blk], name=gq.name + "_tied", domain="com.microsoft",
-                                 gather_axis=0, quantize_axis=2, block_size=block, bits=4),
-                helper.make_node("Reshape", [blk, shape.name], [gq.output[0]],
-                                 name=gq.name + "_tied_reshape"),
+                helper.make_node(
+                    "GatherBlockQuantized",
+                    [mm.input[1], gq.input[1], scales.name],
+                    [blk],
+                    name=gq.name + "_tied",
+                    domain="com.microsoft",
+                    gather_axis=0,
+                    quantize_axis=2,
+                    block_size=block,
+                    bits=4,
+                ),
+                helper.make_node(
+                    "Reshape", [blk, shape.name], [gq.output[0]], name=gq.name + "_tied_reshape"
+                ),
             ]
             old_inputs = (gq.input[0], gq.input[2])
             nodes = list(g.node)

@@ -83,12 +83,16 @@ class CompressionReport:
         lo, hi = self.aa_range
         tol = 100 * self.aa_tolerance
         if self.speed_trusted:
-            return (f"speed: fp32 vs itself (before and after the others) read "
-                    f"{lo:.3f}-{hi:.3f}x, within "
-                    f"+/-{tol:.0f}% (this run's noise floor)")
-        return (f"speed figures are NOISE: fp32 vs itself (before and after the others) read "
-                f"{lo:.3f}-{hi:.3f}x, outside +/-{tol:.0f}% (other work on the machine?); "
-                f"choices use size and accuracy only")
+            return (
+                f"speed: fp32 vs itself (before and after the others) read "
+                f"{lo:.3f}-{hi:.3f}x, within "
+                f"+/-{tol:.0f}% (this run's noise floor)"
+            )
+        return (
+            f"speed figures are NOISE: fp32 vs itself (before and after the others) read "
+            f"{lo:.3f}-{hi:.3f}x, outside +/-{tol:.0f}% (other work on the machine?); "
+            f"choices use size and accuracy only"
+        )
 
     def to_json(self, path: str | os.PathLike) -> Path:
         p = Path(path)
@@ -101,8 +105,10 @@ class CompressionReport:
         from rich.table import Table
 
         bs = self.config["batch_sizes"]
-        t = Table(title="SemanticCompressor: artifacts vs fp32 ONNX (same runtime and inputs)",
-                  caption=self.speed_note())
+        t = Table(
+            title="SemanticCompressor: artifacts vs fp32 ONNX (same runtime and inputs)",
+            caption=self.speed_note(),
+        )
         for col in ("method", "MB", "x size", "zip MB", "acc %", "drop pt"):
             t.add_column(col, justify="right" if col != "method" else "left")
         for b in bs:
@@ -138,8 +144,13 @@ class CompressionReport:
             for r in self.results:
                 x, y = r.size_ratio, r.speedup("decode", batch)
                 ax.scatter([x], [y], s=60)
-                ax.annotate(f"{r.method}\n{100 * r.accuracy:.1f}%", (x, y), fontsize=7,
-                            xytext=(4, 4), textcoords="offset points")
+                ax.annotate(
+                    f"{r.method}\n{100 * r.accuracy:.1f}%",
+                    (x, y),
+                    fontsize=7,
+                    xytext=(4, 4),
+                    textcoords="offset points",
+                )
             ax.axhline(1.0, color="grey", lw=0.8)
             ax.set_xlabel("file size / fp32")
             ax.set_ylabel(f"decode speed-up vs fp32 ONNX (batch {batch})")

@@ -36,11 +36,13 @@ def _is_int(v) -> bool:
 
 def _is_real(v) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
-        v, (bool, np.bool_))
+        v, (bool, np.bool_)
+    )
 
 
-def check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_id, seed,
-                        vocab_size: int | None) -> None:
+def check_sampling_args(
+    max_new_tokens, temperature, top_k, top_p, eos_id, seed, vocab_size: int | None
+) -> None:
     """Validate generation settings with the PyTorch model's rules; raise naming the argument.
 
     ``vocab_size`` bounds ``eos_id`` when the model's vocabulary is known.
@@ -124,8 +126,9 @@ def make_session(
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"path {str(p)!r}: ONNX file does not exist")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
         raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
     if not isinstance(spinning, bool):
         raise TypeError(f"spinning must be a bool, got {spinning!r}")
@@ -136,7 +139,8 @@ def make_session(
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     so.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     so.log_severity_level = 3
@@ -264,8 +268,10 @@ class OnnxGenerator:
         start = past[0].shape[2] if past else 0
         if position_ids is None:
             position_ids = np.broadcast_to(np.arange(start, start + t, dtype=np.int64), (b, t))
-        feeds = {"input_ids": ids,
-                 "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64)}
+        feeds = {
+            "input_ids": ids,
+            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
+        }
         feeds.update(zip(self.past_names, past, strict=True))
         out = self.session.run(None, feeds)
         return out[0], out[1:]
@@ -295,8 +301,9 @@ class OnnxGenerator:
         Returns:
             ``(batch, seq + n)`` int64 ids, ``n <= max_new_tokens``.
         """
-        check_sampling_args(max_new_tokens, temperature, top_k, top_p, eos_id, seed,
-                            self.vocab_size)
+        check_sampling_args(
+            max_new_tokens, temperature, top_k, top_p, eos_id, seed, self.vocab_size
+        )
         ids = check_ids("input_ids", input_ids, self.vocab_size)
         if self.max_seq_len is not None and ids.shape[1] + max_new_tokens > self.max_seq_len:
             raise ValueError(

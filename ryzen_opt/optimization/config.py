@@ -75,10 +75,16 @@ class OptimizeConfig:
         use_cache: read and write the decision cache.
         prefill_shape: ``(batch, seq)`` of the synthetic prefill when no example input is given.
         decode_batches: batch sizes of the synthetic one-token decode steps.
-        fast_paths: model-level fast paths to try for the ``SimpleTransformerModel`` family
-            (``None``: every one that runs on the model's device; ``()``: none). Names:
+        fast_paths: model-level fast paths to try (``None``: every default one that runs on
+            the model's device; ``()``: none). ``SimpleTransformerModel``:
             ``numba_fused_decode[serial]``, ``numba_fused_decode[pool]`` (CPU),
             ``cuda_graph_decode``, ``triton_graph_decode``, ``cuda_graph_prefill`` (CUDA).
+            Hugging Face decoders (Llama/Qwen2/Mistral, GPT-2): ``torch_static_decode``,
+            ``numba_decoder[fp32]`` (CPU), ``cuda_graph_decode``, ``triton_graph_decode``
+            (CUDA), and the opt-in ``numba_decoder[int8]`` (weight-only int8: not
+            numerically equal, so it is tried only when named here; its error is reported).
+        decode_tokens: greedy tokens generated per timed ``generate`` call when choosing a
+            Hugging Face decoder's decode path.
         time_budget_s: measuring stops once this many seconds have passed; sites not yet
             measured keep the original code and the report names them (``None``: no bound).
         progress: show a progress bar (``None``: only when standard error is a terminal).
@@ -116,6 +122,9 @@ class OptimizeConfig:
     prefill_shape: tuple[int, int] = (16, 128)
     decode_batches: tuple[int, ...] = (1, 16)
     fast_paths: tuple[str, ...] | None = None
+    # Long enough that the decode loop, not the prefill, dominates what is timed; short
+    # enough that the eager original's turn stays in seconds on a 0.5B model on 2 cores.
+    decode_tokens: int = 16
     # A bound, not a target: the seed model optimizes in well under a minute on 2 cores, and
     # an unbounded run on a 0.5B-parameter model once took 15 minutes before failing.
     time_budget_s: float | None = 300.0
@@ -177,6 +186,9 @@ class OptimizeConfig:
         ):
             raise ValueError(f"decode_batches must be positive ints, got {d!r}")
         self.decode_batches = tuple(d)
+        n = self.decode_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise ValueError(f"decode_tokens must be an int >= 2, got {n!r}")
         b = self.time_budget_s
         if b is not None and (
             isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < math.inf
@@ -186,10 +198,12 @@ class OptimizeConfig:
             raise ValueError(f"progress must be None or a bool, got {self.progress!r}")
         if self.fast_paths is not None:
             from ryzen_opt.optimization.fastpath import FAST_PATHS
+            from ryzen_opt.optimization.fastpaths.decoder import DECODER_PATHS
 
+            known = tuple(dict.fromkeys(FAST_PATHS + DECODER_PATHS))
             f = self.fast_paths
-            if isinstance(f, str) or any(x not in FAST_PATHS for x in f):
-                raise ValueError(f"fast_paths must be None or drawn from {FAST_PATHS}, got {f!r}")
+            if isinstance(f, str) or any(x not in known for x in f):
+                raise ValueError(f"fast_paths must be None or drawn from {known}, got {f!r}")
             self.fast_paths = tuple(f)
 
     @property

@@ -31,8 +31,9 @@ Prompt = str | Sequence[int] | torch.Tensor
 class Scorer(Protocol):
     """A learned verifier: probability-like scores of (prompt, completion) id pairs."""
 
-    def score(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]
-              ) -> list[float]: ...
+    def score(
+        self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]
+    ) -> list[float]: ...
 
 
 @dataclass
@@ -100,9 +101,14 @@ class BestOfNResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "prompt": self.prompt, "completion": self.completion, "index": self.index,
-            "strategy": self.strategy, "correct": self.correct, "covered": self.covered,
-            "choices": dict(self.choices), "counters": self.counters.to_dict(),
+            "prompt": self.prompt,
+            "completion": self.completion,
+            "index": self.index,
+            "strategy": self.strategy,
+            "correct": self.correct,
+            "covered": self.covered,
+            "choices": dict(self.choices),
+            "counters": self.counters.to_dict(),
             "candidates": [c.to_dict() for c in self.candidates],
         }
 
@@ -209,24 +215,32 @@ class InferenceScalingEngine:
                 if not p:
                     raise ValueError(f"prompts[{i}] is an empty string")
                 text, tok = p, self.verifier.encode(p)
-            elif isinstance(p, torch.Tensor) or (isinstance(p, Sequence)
-                                                 and all(_is_int(t) for t in p)):
+            elif isinstance(p, torch.Tensor) or (
+                isinstance(p, Sequence) and all(_is_int(t) for t in p)
+            ):
                 tok = p.tolist() if isinstance(p, torch.Tensor) else list(p)
                 if isinstance(p, torch.Tensor) and p.dim() != 1:
-                    raise ValueError(f"prompts[{i}] must be 1-D token ids, got shape "
-                                     f"{tuple(p.shape)}")
+                    raise ValueError(
+                        f"prompts[{i}] must be 1-D token ids, got shape {tuple(p.shape)}"
+                    )
                 text = self.verifier.decode(tok)
             else:
-                raise TypeError(f"prompts[{i}] must be a str or a sequence of int token ids, "
-                                f"got {type(p).__name__}")
+                raise TypeError(
+                    f"prompts[{i}] must be a str or a sequence of int token ids, "
+                    f"got {type(p).__name__}"
+                )
             if len(tok) == 0:
                 raise ValueError(f"prompts[{i}] encodes to zero tokens")
             if limit is not None and len(tok) > limit:
-                raise ValueError(f"prompts[{i}] has {len(tok)} tokens, longer than the model's "
-                                 f"max_seq_len={limit}")
+                raise ValueError(
+                    f"prompts[{i}] has {len(tok)} tokens, longer than the model's "
+                    f"max_seq_len={limit}"
+                )
             if limit is not None and len(tok) + max_new_tokens > limit:
-                raise ValueError(f"prompts[{i}] length {len(tok)} + max_new_tokens "
-                                 f"{max_new_tokens} exceeds the model's max_seq_len={limit}")
+                raise ValueError(
+                    f"prompts[{i}] length {len(tok)} + max_new_tokens "
+                    f"{max_new_tokens} exceeds the model's max_seq_len={limit}"
+                )
             texts.append(text)
             ids.append(tok)
         return texts, ids
@@ -240,13 +254,30 @@ class InferenceScalingEngine:
 
     # -- sampling --------------------------------------------------------------------------
     def _sample(
-        self, ids: torch.Tensor, texts: list[str], indices: list[int], n: int,
-        max_new_tokens: int, mode: str, early_exit: bool, chunk: int, stats: DecodeStats,
+        self,
+        ids: torch.Tensor,
+        texts: list[str],
+        indices: list[int],
+        n: int,
+        max_new_tokens: int,
+        mode: str,
+        early_exit: bool,
+        chunk: int,
+        stats: DecodeStats,
     ) -> tuple[list[RowResult], set[int]]:
         cfg, eos = self.sampler, self.eos_id
         if not early_exit:
-            rows = sample_group(self.model, ids, indices, list(range(n)), max_new_tokens, cfg,
-                                eos, mode=mode, stats=stats)
+            rows = sample_group(
+                self.model,
+                ids,
+                indices,
+                list(range(n)),
+                max_new_tokens,
+                cfg,
+                eos,
+                mode=mode,
+                stats=stats,
+            )
             return rows, set()
         solved: set[int] = set()
         seen: dict[tuple[int, tuple[int, ...]], bool] = {}
@@ -266,13 +297,21 @@ class InferenceScalingEngine:
             if not open_:
                 break
             sel = torch.tensor(open_, device=ids.device)
-            sub = (logits.index_select(0, sel),
-                   tuple((k.index_select(0, sel), v.index_select(0, sel)) for k, v in cache))
+            sub = (
+                logits.index_select(0, sel),
+                tuple((k.index_select(0, sel), v.index_select(0, sel)) for k, v in cache),
+            )
             got = sample_group(
-                self.model, ids.index_select(0, sel), [indices[p] for p in open_],
-                list(range(start, min(n, start + chunk))), max_new_tokens, cfg, eos,
+                self.model,
+                ids.index_select(0, sel),
+                [indices[p] for p in open_],
+                list(range(start, min(n, start + chunk))),
+                max_new_tokens,
+                cfg,
+                eos,
                 stop_fn=lambda q, toks, open_=open_: stop_fn(open_[q], toks),
-                stats=stats, prefilled=sub,
+                stats=stats,
+                prefilled=sub,
             )
             for r in got:
                 r.prompt = open_[r.prompt]
@@ -289,12 +328,18 @@ class InferenceScalingEngine:
                 continue
             completion = self.verifier.decode(r.tokens)
             lp = float(sum(r.logprobs))
-            out.append(Candidate(
-                index=r.candidate, completion=completion, token_ids=list(r.tokens), eos=r.eos,
-                answer=self.verifier.extract_answer(completion),
-                verified=self.verifier.verify(text, completion),
-                logprob=lp, mean_logprob=lp / max(1, len(r.tokens)),
-            ))
+            out.append(
+                Candidate(
+                    index=r.candidate,
+                    completion=completion,
+                    token_ids=list(r.tokens),
+                    eos=r.eos,
+                    answer=self.verifier.extract_answer(completion),
+                    verified=self.verifier.verify(text, completion),
+                    logprob=lp,
+                    mean_logprob=lp / max(1, len(r.tokens)),
+                )
+            )
         return out, time.perf_counter() - t0
 
     def _choices(self, cands: list[Candidate]) -> dict[str, int]:
@@ -312,7 +357,8 @@ class InferenceScalingEngine:
             choices["weighted_vote"] = select_weighted_vote(answers, scores, lp)
         else:
             choices["weighted_vote"] = select_weighted_vote(
-                answers, [float(v) for v in verified], lp)
+                answers, [float(v) for v in verified], lp
+            )
         return choices
 
     @torch.no_grad()
@@ -381,21 +427,55 @@ class InferenceScalingEngine:
         results: list[BestOfNResult | None] = [None] * len(ids)
         try:
             for group in self._groups(ids, n):
-                self._run_group(group, texts, ids, n, max_new_tokens, strategy, early_exit,
-                                chunk, index_offset, mode, device, results)
+                self._run_group(
+                    group,
+                    texts,
+                    ids,
+                    n,
+                    max_new_tokens,
+                    strategy,
+                    early_exit,
+                    chunk,
+                    index_offset,
+                    mode,
+                    device,
+                    results,
+                )
         finally:
             self.model.train(was_training)
         return [r for r in results if r is not None]
 
-    def _run_group(self, group, texts, ids, n, max_new_tokens, strategy, early_exit, chunk,
-                   index_offset, mode, device, results) -> None:
+    def _run_group(
+        self,
+        group,
+        texts,
+        ids,
+        n,
+        max_new_tokens,
+        strategy,
+        early_exit,
+        chunk,
+        index_offset,
+        mode,
+        device,
+        results,
+    ) -> None:
         stats = DecodeStats()
         batch = torch.tensor([ids[i] for i in group], dtype=torch.long, device=device)
         g_texts = [texts[i] for i in group]
         _sync(device)
         t0 = time.perf_counter()
-        rows, solved = self._sample(batch, g_texts, [index_offset + i for i in group], n,
-                                    max_new_tokens, mode, early_exit, chunk, stats)
+        rows, solved = self._sample(
+            batch,
+            g_texts,
+            [index_offset + i for i in group],
+            n,
+            max_new_tokens,
+            mode,
+            early_exit,
+            chunk,
+            stats,
+        )
         _sync(device)
         sample_s = (time.perf_counter() - t0) / len(group)
         per_prompt: list[list[RowResult]] = [[] for _ in group]
@@ -410,8 +490,9 @@ class InferenceScalingEngine:
         if self.learned_verifier is not None:
             t0 = time.perf_counter()
             flat = [(p, c) for p in range(len(group)) for c in cands[p]]
-            scores = self.learned_verifier.score([ids[group[p]] for p, _ in flat],
-                                                 [c.token_ids for _, c in flat])
+            scores = self.learned_verifier.score(
+                [ids[group[p]] for p, _ in flat], [c.token_ids for _, c in flat]
+            )
             for (_, c), s in zip(flat, scores, strict=True):
                 c.learned_score = float(s)
             _sync(device)
@@ -424,11 +505,18 @@ class InferenceScalingEngine:
                 generated_tokens=sum(r.sampled for r in per_prompt[p]),
                 candidates=len(cands[p]),
                 early_exit=p in solved and len(cands[p]) < n,
-                sample_s=sample_s, verify_s=verify_s[p], learned_s=learned_s,
+                sample_s=sample_s,
+                verify_s=verify_s[p],
+                learned_s=learned_s,
             )
             choices = self._choices(cands[p])
             k = choices[strategy]
             results[i] = BestOfNResult(
-                prompt=texts[i], completion=cands[p][k].completion, index=k,
-                strategy=strategy, candidates=cands[p], choices=choices, counters=counters,
+                prompt=texts[i],
+                completion=cands[p][k].completion,
+                index=k,
+                strategy=strategy,
+                candidates=cands[p],
+                choices=choices,
+                counters=counters,
             )

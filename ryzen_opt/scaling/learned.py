@@ -53,8 +53,9 @@ class LearnedVerifier(nn.Module):
         1
     """
 
-    def __init__(self, config: ModelConfig, meta: dict[str, Any] | None = None,
-                 hidden: int = 64) -> None:
+    def __init__(
+        self, config: ModelConfig, meta: dict[str, Any] | None = None, hidden: int = 64
+    ) -> None:
         super().__init__()
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
@@ -65,13 +66,15 @@ class LearnedVerifier(nn.Module):
         width = config.embedding_dim + 2
         self.register_buffer("feat_mean", torch.zeros(width))
         self.register_buffer("feat_std", torch.ones(width))
-        self.score_head = nn.Sequential(nn.Linear(width, self.hidden), nn.GELU(),
-                                        nn.Linear(self.hidden, 1))
+        self.score_head = nn.Sequential(
+            nn.Linear(width, self.hidden), nn.GELU(), nn.Linear(self.hidden, 1)
+        )
         self.meta: dict[str, Any] = dict(meta or {})
 
     @classmethod
-    def from_policy(cls, policy: SimpleTransformerModel, vocab_size: int | None = None,
-                    hidden: int = 64) -> LearnedVerifier:
+    def from_policy(
+        cls, policy: SimpleTransformerModel, vocab_size: int | None = None, hidden: int = 64
+    ) -> LearnedVerifier:
         """A verifier whose frozen backbone is a copy of ``policy``'s weights.
 
         Args:
@@ -89,8 +92,9 @@ class LearnedVerifier(nn.Module):
         ver = cls(cfg, hidden=hidden)
         state = {k: t.detach().clone() for k, t in policy.state_dict().items()}
         state["tok_emb.weight"] = state["tok_emb.weight"][:v]
-        state["head.weight"] = state["tok_emb.weight"] if cfg.tie_weights else \
-            state["head.weight"][:v]
+        state["head.weight"] = (
+            state["tok_emb.weight"] if cfg.tie_weights else state["head.weight"][:v]
+        )
         ver.backbone.load_state_dict(state)
         return ver.to(next(policy.parameters()).device)
 
@@ -99,8 +103,9 @@ class LearnedVerifier(nn.Module):
         return self.feat_mean.device
 
     @torch.no_grad()
-    def features(self, ids: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor
-                 ) -> torch.Tensor:
+    def features(
+        self, ids: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor
+    ) -> torch.Tensor:
         """Raw features ``(B, embedding_dim + 2)`` of right-padded pairs (see the class)."""
         bb = self.backbone
         bb.eval()
@@ -126,18 +131,21 @@ class LearnedVerifier(nn.Module):
         """Score logits ``(B,)`` of raw features."""
         return self.score_head((feats - self.feat_mean) / self.feat_std)[:, 0]
 
-    def forward(self, ids: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor
+    ) -> torch.Tensor:
         """Score logits ``(B,)`` for right-padded ``ids`` ``(B, L)``: ``lengths`` tokens each,
         the completion starting at ``starts``."""
         return self.head_logits(self.features(ids, lengths, starts))
 
-    def batch(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(
+        self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded ids, lengths and completion starts, on the verifier's device."""
         if len(prompts) != len(completions):
-            raise ValueError(f"prompts ({len(prompts)}) and completions ({len(completions)}) "
-                             "must pair up")
+            raise ValueError(
+                f"prompts ({len(prompts)}) and completions ({len(completions)}) must pair up"
+            )
         seqs = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
         limit = self.config.max_seq_len
         for i, s in enumerate(seqs):
@@ -154,8 +162,9 @@ class LearnedVerifier(nn.Module):
         return ids.to(self.device), lengths.to(self.device), starts.to(self.device)
 
     @torch.no_grad()
-    def score(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]
-              ) -> list[float]:
+    def score(
+        self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]
+    ) -> list[float]:
         """Probability-like scores in (0, 1) that each completion is correct.
 
         Args:
@@ -193,8 +202,7 @@ class LearnedVerifier(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | Path, map_location: str | torch.device = "cpu"
-             ) -> LearnedVerifier:
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> LearnedVerifier:
         """Load a verifier saved by :meth:`save`; a missing or corrupt file raises naming it.
 
         Args:
@@ -225,6 +233,7 @@ class LearnedVerifier(nn.Module):
         try:
             ver.load_state_dict(state)
         except RuntimeError as e:
-            raise ValueError(f"verifier weights {str(wfile)!r} do not match "
-                             f"{str(meta_file)!r}: {e}") from None
+            raise ValueError(
+                f"verifier weights {str(wfile)!r} do not match {str(meta_file)!r}: {e}"
+            ) from None
         return ver.to(map_location).eval()

@@ -255,11 +255,17 @@ def decode(
     results = []
     for r in range(n_rows):
         end = int(ended[r]) if ended[r] >= 0 else int(last[r])
-        results.append(RowResult(
-            prompt=prompts_host[r], candidate=int(row_candidate[r]),
-            tokens=toks_h[r, : end + 1].tolist(), logprobs=lps_h[r, : end + 1].tolist(),
-            eos=bool(ended[r] >= 0), aborted=bool(aborted[r]), sampled=int(last[r]) + 1,
-        ))
+        results.append(
+            RowResult(
+                prompt=prompts_host[r],
+                candidate=int(row_candidate[r]),
+                tokens=toks_h[r, : end + 1].tolist(),
+                logprobs=lps_h[r, : end + 1].tolist(),
+                eos=bool(ended[r] >= 0),
+                aborted=bool(aborted[r]),
+                sampled=int(last[r]) + 1,
+            )
+        )
     stats.rows.extend(results)
     return results
 
@@ -321,8 +327,18 @@ def sample_group(
                 logits, cache = prefill(model, ids[p : p + 1])
                 stats.prefill_tokens += ids.shape[1]
                 stats.forward_calls += 1
-                row = decode(model, logits, cache, torch.zeros(1, dtype=torch.long,
-                             device=device), [j], u, cfg, eos_id, None, stats)[0]
+                row = decode(
+                    model,
+                    logits,
+                    cache,
+                    torch.zeros(1, dtype=torch.long, device=device),
+                    [j],
+                    u,
+                    cfg,
+                    eos_id,
+                    None,
+                    stats,
+                )[0]
                 row.prompt = p
                 rows.append(row)
         return rows

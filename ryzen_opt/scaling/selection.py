@@ -101,8 +101,7 @@ def select_weighted_vote(
 
     def rank(a: str) -> tuple[float, int, float, int]:
         members = groups[a]
-        return (-sum(weights[i] for i in members), -len(members), -mean_logprobs[reps[a]],
-                reps[a])
+        return (-sum(weights[i] for i in members), -len(members), -mean_logprobs[reps[a]], reps[a])
 
     return reps[min(groups, key=rank)]
 

@@ -47,12 +47,14 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
         return path, run
     if (path / "checkpoint" / "config.yaml").is_file():
         return path / "checkpoint", path
-    raise CheckpointError(f"checkpoint {str(path)!r} has neither config.yaml nor "
-                          "checkpoint/config.yaml")
+    raise CheckpointError(
+        f"checkpoint {str(path)!r} has neither config.yaml nor checkpoint/config.yaml"
+    )
 
 
-def load_policy(path: str | Path, device: str = "cpu"
-                ) -> tuple[SimpleTransformerModel, ArithmeticTask, dict[str, Any]]:
+def load_policy(
+    path: str | Path, device: str = "cpu"
+) -> tuple[SimpleTransformerModel, ArithmeticTask, dict[str, Any]]:
     """Load a trained checkpoint and its task (from the run's ``metrics.json``).
 
     Args:
@@ -65,8 +67,9 @@ def load_policy(path: str | Path, device: str = "cpu"
     wdir, run = resolve_checkpoint(path)
     metrics_file = run / "metrics.json"
     if not metrics_file.is_file():
-        raise CheckpointError(f"{str(metrics_file)!r} (the task's digits and operators) "
-                              "does not exist")
+        raise CheckpointError(
+            f"{str(metrics_file)!r} (the task's digits and operators) does not exist"
+        )
     metrics = json.loads(metrics_file.read_text())
     t = metrics.get("task", {})
     task = ArithmeticTask(int(t.get("digits", 3)), str(t.get("operators", "+")))
@@ -103,7 +106,8 @@ class VerifierTrainConfig:
 def _sample(model, task, split: str, cfg: VerifierTrainConfig, seed: int, count: int):
     problems = task.sample(split, count, seed)
     engine = InferenceScalingEngine(
-        model, task, sampler=SamplingConfig(temperature=cfg.temperature, seed=seed))
+        model, task, sampler=SamplingConfig(temperature=cfg.temperature, seed=seed)
+    )
     res = engine.best_of_n([task.prompt(p) for p in problems], cfg.samples, task.max_answer_len)
     prompts, comps, labels, groups = [], [], [], []
     for g, r in enumerate(res):
@@ -174,20 +178,25 @@ def train_verifier(
     val = _sample(model, task, "validation", cfg, cfg.seed + 2, cfg.val_prompts)
     sample_s = time.perf_counter() - t0
     if log:
-        print(f"sampled {len(train[0])} train / {len(val[0])} validation candidates in "
-              f"{sample_s:.1f}s; train share correct {float(train[2].mean()):.3f}")
+        print(
+            f"sampled {len(train[0])} train / {len(val[0])} validation candidates in "
+            f"{sample_s:.1f}s; train share correct {float(train[2].mean()):.3f}"
+        )
     torch.manual_seed(cfg.seed)
     ver = LearnedVerifier.from_policy(model, vocab_size=task.tokenizer.vocab_size)
     before = _evaluate(ver, val)
     # The backbone is frozen: compute its features once, then train only the head.
     ids, lengths, starts = ver.batch(train[0], train[1])
-    feats = torch.cat([ver.features(ids[i : i + 2048], lengths[i : i + 2048],
-                                    starts[i : i + 2048]) for i in range(0, len(ids), 2048)])
+    feats = torch.cat(
+        [
+            ver.features(ids[i : i + 2048], lengths[i : i + 2048], starts[i : i + 2048])
+            for i in range(0, len(ids), 2048)
+        ]
+    )
     ver.feat_mean.copy_(feats.mean(0))
     ver.feat_std.copy_(feats.std(0).clamp_min(1e-4))
     labels = train[2].to(feats.device)
-    opt = torch.optim.AdamW(ver.score_head.parameters(), lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(ver.score_head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     ver.train()
     t1 = time.perf_counter()
@@ -221,13 +230,21 @@ def train_verifier(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ryzen_opt.scaling.train_verifier",
-                                 description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default="checkpoints/default",
-                    help="run folder (with metrics.json) or its checkpoint folder")
-    ap.add_argument("--out", default="bench/results/cpu/scaling_verifier",
-                    help="folder for verifier.safetensors + verifier.yaml")
+    ap = argparse.ArgumentParser(
+        prog="python -m ryzen_opt.scaling.train_verifier",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--checkpoint",
+        default="checkpoints/default",
+        help="run folder (with metrics.json) or its checkpoint folder",
+    )
+    ap.add_argument(
+        "--out",
+        default="bench/results/cpu/scaling_verifier",
+        help="folder for verifier.safetensors + verifier.yaml",
+    )
     ap.add_argument("--device", default="cpu")
     defaults = VerifierTrainConfig()
     for name in ("prompts", "samples", "val_prompts", "steps", "batch_size", "seed"):
@@ -237,12 +254,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     model, task, info = load_policy(args.checkpoint, args.device)
     cfg = VerifierTrainConfig(
-        prompts=args.prompts, samples=args.samples, val_prompts=args.val_prompts,
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        temperature=args.temperature, seed=args.seed)
+        prompts=args.prompts,
+        samples=args.samples,
+        val_prompts=args.val_prompts,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
     ver = train_verifier(model, task, cfg)
-    ver.meta["policy"] = {"checkpoint": info["checkpoint"],
-                          "weights_sha256": info["weights_sha256"]}
+    ver.meta["policy"] = {
+        "checkpoint": info["checkpoint"],
+        "weights_sha256": info["weights_sha256"],
+    }
     out = ver.save(args.out)
     print(f"saved {out / 'verifier.safetensors'}")
     return 0

@@ -44,8 +44,10 @@ class TaskVerifier:
     ) -> None:
         if not callable(verify):
             raise TypeError(f"verify must be callable, got {type(verify).__name__}")
-        if not (callable(getattr(tokenizer, "encode", None))
-                and callable(getattr(tokenizer, "decode", None))):
+        if not (
+            callable(getattr(tokenizer, "encode", None))
+            and callable(getattr(tokenizer, "decode", None))
+        ):
             raise TypeError("tokenizer must have encode(text) and decode(ids) methods")
         if extract_answer is not None and not callable(extract_answer):
             raise TypeError("extract_answer must be None or callable")

@@ -14,17 +14,26 @@ from ryzen_opt.compress.compressor import select
 @pytest.fixture(scope="module")
 def report(model, task, tmp_path_factory):
     # choose_by_measurement (s8/u8 variants) is exercised by tests/test_cli.py; off here.
-    cfg = CompressConfig(eval_samples=48, batch_sizes=(1, 4), repeat=3,
-                         choose_by_measurement=False,
-                         prune=PruneConfig(calibration_samples=16, finetune_steps=2))
+    cfg = CompressConfig(
+        eval_samples=48,
+        batch_sizes=(1, 4),
+        repeat=3,
+        choose_by_measurement=False,
+        prune=PruneConfig(calibration_samples=16, finetune_steps=2),
+    )
     comp = SemanticCompressor(model, task, cfg, workdir=tmp_path_factory.mktemp("compress"))
-    return comp.run(["int8_dynamic", "int4_weight_only", "structured_prune"],
-                    max_accuracy_drop=100.0)
+    return comp.run(
+        ["int8_dynamic", "int4_weight_only", "structured_prune"], max_accuracy_drop=100.0
+    )
 
 
 def test_report_has_fp32_first_and_every_method(report):
-    assert [r.method for r in report.results] == ["fp32", "int8_dynamic", "int4_weight_only",
-                                                  "structured_prune"]
+    assert [r.method for r in report.results] == [
+        "fp32",
+        "int8_dynamic",
+        "int4_weight_only",
+        "structured_prune",
+    ]
     assert report.baseline.method == "fp32" and report.baseline.accuracy_drop == 0.0
     assert report.baseline.size_ratio == 1.0
 
@@ -40,7 +49,8 @@ def test_sizes_and_latencies_are_measured(report):
             assert lat["ci"][0] <= lat["speedup"] <= lat["ci"][1]
     assert report.result("int8_dynamic").size_ratio < 0.9
     assert report.result("structured_prune").details["removed_fraction"] == pytest.approx(
-        0.3, abs=0.05)
+        0.3, abs=0.05
+    )
 
 
 def test_fp32_onnx_accuracy_equals_pytorch(report):
@@ -68,8 +78,12 @@ def _fake(method, size, drop, speed):
 
 
 def test_select_respects_budget_and_preference():
-    rs = [_fake("fp32", 100, 0.0, 1.0), _fake("small", 20, 3.0, 1.5),
-          _fake("mid", 40, 0.5, 2.5), _fake("fast", 60, 0.9, 3.0)]
+    rs = [
+        _fake("fp32", 100, 0.0, 1.0),
+        _fake("small", 20, 3.0, 1.5),
+        _fake("mid", 40, 0.5, 2.5),
+        _fake("fast", 60, 0.9, 3.0),
+    ]
     assert select(rs, 1.0, "size", 8) == "mid"
     assert select(rs, 1.0, "speed", 8) == "fast"
     assert select(rs, 5.0, "size", 8) == "small"
@@ -94,11 +108,17 @@ def test_run_rejects_bad_arguments(model, task, tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs,field",
-    [({"eval_samples": 0}, "eval_samples"), ({"threads": 0}, "threads"),
-     ({"batch_sizes": ()}, "batch_sizes"), ({"repeat": 2}, "repeat"),
-     ({"prune": {"kind": "structured"}}, "prune"), ({"warmup": -1}, "warmup"),
-     ({"min_sample_s": 0}, "min_sample_s"), ({"aa_tolerance": float("nan")}, "aa_tolerance"),
-     ({"aa_tolerance": 1.5}, "aa_tolerance")],
+    [
+        ({"eval_samples": 0}, "eval_samples"),
+        ({"threads": 0}, "threads"),
+        ({"batch_sizes": ()}, "batch_sizes"),
+        ({"repeat": 2}, "repeat"),
+        ({"prune": {"kind": "structured"}}, "prune"),
+        ({"warmup": -1}, "warmup"),
+        ({"min_sample_s": 0}, "min_sample_s"),
+        ({"aa_tolerance": float("nan")}, "aa_tolerance"),
+        ({"aa_tolerance": 1.5}, "aa_tolerance"),
+    ],
 )
 def test_compress_config_validates(kwargs, field):
     with pytest.raises(ValueError, match=field):

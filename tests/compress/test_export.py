@@ -24,17 +24,27 @@ def test_export_passes_full_checker_and_names_io(fp32_onnx, model):
     proto = onnx.load(str(fp32_onnx))
     ins = [i.name for i in proto.graph.input]
     outs = [o.name for o in proto.graph.output]
-    assert ins == ["input_ids", "position_ids", "past_key_0", "past_value_0", "past_key_1",
-                   "past_value_1"]
-    assert outs == ["logits", "present_key_0", "present_value_0", "present_key_1",
-                    "present_value_1"]
+    assert ins == [
+        "input_ids",
+        "position_ids",
+        "past_key_0",
+        "past_value_0",
+        "past_key_1",
+        "past_value_1",
+    ]
+    assert outs == [
+        "logits",
+        "present_key_0",
+        "present_value_0",
+        "present_key_1",
+        "present_value_1",
+    ]
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["max_seq_len"] == str(model.config.max_seq_len)
 
 
 @pytest.mark.parametrize("batch,prompt_len", [(1, 1), (1, 7), (3, 5), (4, 2)])
-def test_logits_match_pytorch_for_prefill_and_32_decode_steps(fp32_onnx, model, batch,
-                                                              prompt_len):
+def test_logits_match_pytorch_for_prefill_and_32_decode_steps(fp32_onnx, model, batch, prompt_len):
     gen = OnnxGenerator(fp32_onnx)
     g = torch.Generator().manual_seed(batch * 100 + prompt_len)
     ids = torch.randint(0, 32, (batch, prompt_len), generator=g)
@@ -105,8 +115,9 @@ def test_sampling_is_seeded_and_topk1_is_greedy(fp32_onnx):
     c = gen.generate(ids, 12, temperature=1.0, top_p=0.9, seed=8)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
-    np.testing.assert_array_equal(gen.generate(ids, 12, temperature=0.7, top_k=1, seed=1),
-                                  gen.generate(ids, 12))
+    np.testing.assert_array_equal(
+        gen.generate(ids, 12, temperature=0.7, top_k=1, seed=1), gen.generate(ids, 12)
+    )
 
 
 def test_sampler_follows_topk_and_topp_rules():
@@ -173,7 +184,6 @@ def test_runtime_module_runs_without_torch(fp32_onnx, model):
         f"print(json.dumps(g.generate(__import__('numpy').array({ids}), 10).tolist()))\n"
         "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1]) == ref

@@ -48,8 +48,13 @@ def test_killed_export_keeps_the_old_file_and_the_next_export_cleans_up(fp32_onn
     dst = tmp_path / "model.onnx"
     shutil.copy(fp32_onnx, dst)
     good = dst.read_bytes()
-    res = subprocess.run([sys.executable, "-c", _KILLED_CHILD, str(dst)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", _KILLED_CHILD, str(dst)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     assert dst.read_bytes() == good  # the good file survived, byte for byte
     OnnxGenerator(dst)  # and still loads
@@ -63,14 +68,20 @@ def test_killed_export_keeps_the_old_file_and_the_next_export_cleans_up(fp32_onn
     assert _hidden_temporaries(tmp_path) == [live]
     onnx.checker.check_model(str(dst), full_check=True)
     ids = np.array([[3, 4]])
-    np.testing.assert_array_equal(OnnxGenerator(dst).generate(ids, 3),
-                                  OnnxGenerator(fp32_onnx).generate(ids, 3))
+    np.testing.assert_array_equal(
+        OnnxGenerator(dst).generate(ids, 3), OnnxGenerator(fp32_onnx).generate(ids, 3)
+    )
 
 
 def test_killed_first_export_leaves_no_file_at_the_destination(tmp_path):
     dst = tmp_path / "fresh.onnx"
-    res = subprocess.run([sys.executable, "-c", _KILLED_CHILD, str(dst)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", _KILLED_CHILD, str(dst)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     assert not dst.exists()
 
@@ -83,7 +94,8 @@ def _tiny():
 
 @pytest.mark.parametrize("existing", [False, True])
 def test_failure_mid_write_removes_temporaries_and_keeps_the_old_file(
-        fp32_onnx, tmp_path, monkeypatch, existing):
+    fp32_onnx, tmp_path, monkeypatch, existing
+):
     dst = tmp_path / "m.onnx"
     if existing:
         shutil.copy(fp32_onnx, dst)

@@ -16,9 +16,15 @@ from tests.assertions import TOL, assert_close_rel  # noqa: E402
 def llama(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                      max_position_embeddings=64)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
     d = tmp_path_factory.mktemp("llama")
@@ -39,10 +45,12 @@ def test_optimum_export_matches_transformers(llama):
         ref = model(ids, attention_mask=mask).logits
         out = ort_model(input_ids=ids, attention_mask=mask).logits
         assert_close_rel(out, ref, TOL[torch.float32], "optimum logits")
-        g_ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                               pad_token_id=0)
-        g_out = ort_model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                                   pad_token_id=0)
+        g_ref = model.generate(
+            ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0
+        )
+        g_out = ort_model.generate(
+            ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0
+        )
     assert torch.equal(g_ref, g_out)
 
 
@@ -64,8 +72,9 @@ def test_avx512_vnni_quantization_writes_int8_model(llama):
         out = q(input_ids=ids, attention_mask=mask).logits
     rel = float((out - ref).norm() / ref.norm())
     assert rel < 0.15, rel  # int8 weights and activations: ~5% on a random tiny model
-    assert q.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
-                      pad_token_id=0).shape == (2, 9)
+    assert q.generate(
+        ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0
+    ).shape == (2, 9)
 
 
 def test_hf_paths_reject_missing_folders(tmp_path):

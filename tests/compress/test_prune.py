@@ -106,8 +106,9 @@ def test_pruned_model_exports_with_logit_parity(model, task, tmp_path):
     out2, _ = gen.forward(ids[:, :1].numpy(), past=past)
     assert_close_rel(torch.from_numpy(out2), ref2, TOL[torch.float32], "pruned decode")
     with torch.no_grad():
-        np.testing.assert_array_equal(gen.generate(ids.numpy(), 10),
-                                      pruned.generate(ids, 10).numpy())
+        np.testing.assert_array_equal(
+            gen.generate(ids.numpy(), 10), pruned.generate(ids, 10).numpy()
+        )
 
 
 def test_vocabulary_pruning_keeps_the_task_ids_and_their_logits(model, task):
@@ -126,8 +127,9 @@ def _task_loss(m, task, n=64):
     x, y = task.encode_training(task.sample("validation", n, 5))
     with torch.no_grad():
         logits, _ = m(x)
-    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                 ignore_index=-100))
+    return float(
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
+    )
 
 
 def test_finetune_lowers_task_loss_and_keeps_masked_zeros(model, task):
@@ -180,5 +182,6 @@ def test_24_sparse_linears_match_masked_dense_on_gpu():
         for lin in _lins(ref):
             lin.weight.mul_(prune_24_mask(lin.weight))
         ids = torch.randint(3, 32, (32, 16), device="cuda")
-        assert_close_rel(sparse(ids)[0].float(), ref(ids)[0].float(), TOL[torch.float16],
-                         "2:4 logits")
+        assert_close_rel(
+            sparse(ids)[0].float(), ref(ids)[0].float(), TOL[torch.float16], "2:4 logits"
+        )

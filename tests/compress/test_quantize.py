@@ -37,8 +37,13 @@ def feeds(fp32_onnx):
     out = []
     for _ in range(4):
         x = rng.integers(3, 32, (8, 12))
-        out.append({"input_ids": x, "position_ids": np.broadcast_to(np.arange(12), x.shape).copy(),
-                    **dict(zip(gen.past_names, gen.empty_past(8), strict=True))})
+        out.append(
+            {
+                "input_ids": x,
+                "position_ids": np.broadcast_to(np.arange(12), x.shape).copy(),
+                **dict(zip(gen.past_names, gen.empty_past(8), strict=True)),
+            }
+        )
     return out
 
 
@@ -133,10 +138,16 @@ def test_quantize_bad_input_names_argument(fp32_onnx, tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs,field",
-    [({"mode": "fp8"}, "mode"), ({"weight_type": "i8"}, "weight_type"),
-     ({"bits": 3}, "bits"), ({"block_size": 48}, "block_size"),
-     ({"calibration": "mse"}, "calibration"), ({"accuracy_level": 5}, "accuracy_level"),
-     ({"per_channel": 1}, "per_channel"), ({"calibration_samples": 0}, "calibration_samples")],
+    [
+        ({"mode": "fp8"}, "mode"),
+        ({"weight_type": "i8"}, "weight_type"),
+        ({"bits": 3}, "bits"),
+        ({"block_size": 48}, "block_size"),
+        ({"calibration": "mse"}, "calibration"),
+        ({"accuracy_level": 5}, "accuracy_level"),
+        ({"per_channel": 1}, "per_channel"),
+        ({"calibration_samples": 0}, "calibration_samples"),
+    ],
 )
 def test_quantize_config_validates_fields(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -31,10 +31,10 @@ def test_out_of_vocabulary_ids_raise_like_the_torch_model(gen, model, ids):
         model.generate(torch.tensor(ids), 3)
     lo, hi = min(min(r) for r in ids), max(max(r) for r in ids)
     assert str(onnx_err.value) == (
-        f"input_ids token ids must lie in [0, {VOCAB}), got min {lo} max {hi}")
+        f"input_ids token ids must lie in [0, {VOCAB}), got min {lo} max {hi}"
+    )
     # Same wording as the torch model's, whose argument is called idx.
-    assert str(onnx_err.value).removeprefix("input_ids") == str(torch_err.value).removeprefix(
-        "idx")
+    assert str(onnx_err.value).removeprefix("input_ids") == str(torch_err.value).removeprefix("idx")
     msg = re.escape(f"input_ids token ids must lie in [0, {VOCAB})")
     with pytest.raises(ValueError, match=msg):
         gen.forward(np.array(ids))
@@ -67,12 +67,22 @@ def test_tiny_temperature_samples_the_greedy_token(gen):
     assert sample_next_np(logits, 1e-320, 2, 0.5, rng).tolist() == [1]
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    (dict(eos_id=VOCAB), "eos_id"), (dict(eos_id=True), "eos_id"), (dict(eos_id=-1), "eos_id"),
-    (dict(top_k=True), "top_k"), (dict(top_k=0), "top_k"), (dict(top_p=float("nan")), "top_p"),
-    (dict(top_p=True), "top_p"), (dict(seed="abc"), "seed"), (dict(seed=2**70), "seed"),
-    (dict(seed=-1), "seed"), (dict(seed=1.5), "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(eos_id=VOCAB), "eos_id"),
+        (dict(eos_id=True), "eos_id"),
+        (dict(eos_id=-1), "eos_id"),
+        (dict(top_k=True), "top_k"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=float("nan")), "top_p"),
+        (dict(top_p=True), "top_p"),
+        (dict(seed="abc"), "seed"),
+        (dict(seed=2**70), "seed"),
+        (dict(seed=-1), "seed"),
+        (dict(seed=1.5), "seed"),
+    ],
+)
 def test_bad_generation_settings_raise_naming_them(gen, kwargs, name):
     with pytest.raises(ValueError, match=f"^{name} must be"):
         gen.generate(np.array([[3, 4]]), 3, temperature=1.0, **kwargs)
@@ -91,8 +101,10 @@ def test_numpy_integer_settings_are_accepted(gen):
     assert out.shape[1] <= 5
 
 
-@pytest.mark.parametrize("key,value", [("max_seq_len", "48.5"), ("max_seq_len", "abc"),
-                                       ("max_seq_len", "0"), ("vocab_size", "-3")])
+@pytest.mark.parametrize(
+    "key,value",
+    [("max_seq_len", "48.5"), ("max_seq_len", "abc"), ("max_seq_len", "0"), ("vocab_size", "-3")],
+)
 def test_bad_metadata_raises_naming_the_file_and_key(fp32_onnx, tmp_path, key, value):
     path = tmp_path / "m.onnx"
     shutil.copy(fp32_onnx, path)

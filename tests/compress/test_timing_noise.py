@@ -16,8 +16,7 @@ FAKE_SPEEDUP = {"int8_dynamic": 3.0, "int4_weight_only": 1.1}
 
 def _cmp(speedup: float) -> Comparison:
     t = Timing(1e-3, 1e-5, 1e-3, 1e-3, 5, 1, (1e-3,) * 5)
-    c = Timing(1e-3 / speedup, 1e-5, 1e-3 / speedup, 1e-3 / speedup, 5, 1,
-               (1e-3 / speedup,) * 5)
+    c = Timing(1e-3 / speedup, 1e-5, 1e-3 / speedup, 1e-3 / speedup, 5, 1, (1e-3 / speedup,) * 5)
     return Comparison(t, c, speedup, speedup * 0.99, speedup * 1.01, 0.95)
 
 
@@ -44,8 +43,7 @@ def _run(comp, monkeypatch, opening: float, closing: float):
 
     monkeypatch.setattr(SemanticCompressor, "_time", fake_time)
     monkeypatch.setattr(SemanticCompressor, "_compare", fake_compare)
-    report = comp.run(["int8_dynamic", "int4_weight_only"], max_accuracy_drop=100.0,
-                      prefer="speed")
+    report = comp.run(["int8_dynamic", "int4_weight_only"], max_accuracy_drop=100.0, prefer="speed")
     return report, variant_races
 
 
@@ -59,8 +57,7 @@ def test_quiet_timing_lets_speed_choose(comp, monkeypatch):
 
 
 @pytest.mark.parametrize("opening,closing", [(1.30, 1.0), (1.0, 0.90)])
-def test_noisy_ab_row_marks_speed_as_noise_and_chooses_by_size(comp, monkeypatch, opening,
-                                                               closing):
+def test_noisy_ab_row_marks_speed_as_noise_and_chooses_by_size(comp, monkeypatch, opening, closing):
     report, races = _run(comp, monkeypatch, opening, closing)
     assert not report.speed_trusted
     assert report.chosen == "int4_weight_only"  # the smallest; its "speed" is ignored
@@ -73,7 +70,8 @@ def test_noisy_ab_row_marks_speed_as_noise_and_chooses_by_size(comp, monkeypatch
         assert races == [] and details["chosen_variant"] == details["default_variant"]
         assert "noise" in details["note"]
     assert report.baseline.details["aa_closing_speedups"] == {
-        k: closing for k in ("prefill@1", "decode@1", "prefill@4", "decode@4")}
+        k: closing for k in ("prefill@1", "decode@1", "prefill@4", "decode@4")
+    }
 
 
 def test_paired_speedup_is_the_median_of_per_pair_ratios():

@@ -8,8 +8,7 @@ import torch
 from ryzen_opt.models import ModelConfig, SimpleTransformerModel
 from ryzen_opt.scaling import TaskVerifier
 
-TINY = dict(vocab_size=32, embedding_dim=32, num_heads=2, num_layers=1, ff_dim=64,
-            max_seq_len=32)
+TINY = dict(vocab_size=32, embedding_dim=32, num_heads=2, num_layers=1, ff_dim=64, max_seq_len=32)
 EOS = 2
 GOOD = set("ghijklmn")  # completions starting with one of these letters count as correct
 

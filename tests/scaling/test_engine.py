@@ -24,16 +24,21 @@ def _assert_same_candidates(a, b, what):
         assert len(ra.candidates) == len(rb.candidates), f"{what}: prompt {p} count differs"
         for ca, cb in zip(ra.candidates, rb.candidates, strict=True):
             assert ca.token_ids == cb.token_ids, (
-                f"{what}: prompt {p} candidate {ca.index}: {ca.token_ids} != {cb.token_ids}")
+                f"{what}: prompt {p} candidate {ca.index}: {ca.token_ids} != {cb.token_ids}"
+            )
             assert ca.logprob == pytest.approx(cb.logprob, abs=1e-4), (
-                f"{what}: prompt {p} candidate {ca.index} log-prob {ca.logprob} != {cb.logprob}")
+                f"{what}: prompt {p} candidate {ca.index} log-prob {ca.logprob} != {cb.logprob}"
+            )
 
 
-@pytest.mark.parametrize("sampler", [
-    SamplingConfig(temperature=1.0, seed=3),
-    SamplingConfig(temperature=0.7, top_k=5, seed=11),
-    SamplingConfig(temperature=1.3, top_p=0.8, seed=5),
-])
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        SamplingConfig(temperature=1.0, seed=3),
+        SamplingConfig(temperature=0.7, top_k=5, seed=11),
+        SamplingConfig(temperature=1.3, top_p=0.8, seed=5),
+    ],
+)
 def test_shared_prefill_returns_the_same_candidates_as_repeated_prompt_and_separate_calls(
     tiny_model, letter_verifier, prompts, sampler
 ):
@@ -51,9 +56,7 @@ def test_shared_prefill_returns_the_same_candidates_as_repeated_prompt_and_separ
     assert len({c for r in _tokens(shared) for c in r}) > len(prompts)
 
 
-def test_candidates_do_not_depend_on_n_or_on_batching_prompts(
-    tiny_model, letter_verifier, prompts
-):
+def test_candidates_do_not_depend_on_n_or_on_batching_prompts(tiny_model, letter_verifier, prompts):
     eng = InferenceScalingEngine(tiny_model, letter_verifier, sampler=SamplingConfig(seed=2))
     full = eng.best_of_n(prompts, 8, 10)
     fewer = eng.best_of_n(prompts, 3, 10)
@@ -61,8 +64,9 @@ def test_candidates_do_not_depend_on_n_or_on_batching_prompts(
         assert [c.token_ids for c in f.candidates[:3]] == [c.token_ids for c in s.candidates]
     one_by_one = [eng.best_of_n([p], 8, 10, index_offset=i)[0] for i, p in enumerate(prompts)]
     _assert_same_candidates(full, one_by_one, "one call vs one prompt per call")
-    small_batches = InferenceScalingEngine(tiny_model, letter_verifier,
-                                           sampler=SamplingConfig(seed=2), max_batch_rows=8)
+    small_batches = InferenceScalingEngine(
+        tiny_model, letter_verifier, sampler=SamplingConfig(seed=2), max_batch_rows=8
+    )
     _assert_same_candidates(full, small_batches.best_of_n(prompts, 8, 10), "max_batch_rows=8")
 
 
@@ -70,8 +74,7 @@ def test_sampling_is_reproducible_for_a_seed_and_changes_with_it(
     tiny_model, letter_verifier, prompts
 ):
     def run(seed):
-        eng = InferenceScalingEngine(tiny_model, letter_verifier,
-                                     sampler=SamplingConfig(seed=seed))
+        eng = InferenceScalingEngine(tiny_model, letter_verifier, sampler=SamplingConfig(seed=seed))
         return _tokens(eng.best_of_n(prompts, 6, 10))
 
     torch.manual_seed(123)  # the global RNG must not matter
@@ -82,11 +85,12 @@ def test_sampling_is_reproducible_for_a_seed_and_changes_with_it(
 
 
 def test_greedy_candidates_equal_the_baseline_generate(tiny_model, letter_verifier, prompts):
-    eng = InferenceScalingEngine(tiny_model, letter_verifier,
-                                 sampler=SamplingConfig(temperature=0.0))
+    eng = InferenceScalingEngine(
+        tiny_model, letter_verifier, sampler=SamplingConfig(temperature=0.0)
+    )
     res = eng.best_of_n(prompts, 2, 10)
     ids = torch.tensor([letter_verifier.encode(p) for p in prompts])
-    ref = tiny_model.generate(ids, 10, eos_id=EOS)[:, ids.shape[1]:]
+    ref = tiny_model.generate(ids, 10, eos_id=EOS)[:, ids.shape[1] :]
     for r, row in zip(res, ref.tolist(), strict=True):
         end = row.index(EOS) + 1 if EOS in row else len(row)
         for c in r.candidates:
@@ -94,8 +98,9 @@ def test_greedy_candidates_equal_the_baseline_generate(tiny_model, letter_verifi
 
 
 def test_log_probabilities_match_teacher_forcing(tiny_model, letter_verifier, prompts):
-    eng = InferenceScalingEngine(tiny_model, letter_verifier,
-                                 sampler=SamplingConfig(temperature=1.2, seed=1))
+    eng = InferenceScalingEngine(
+        tiny_model, letter_verifier, sampler=SamplingConfig(temperature=1.2, seed=1)
+    )
     for r in eng.best_of_n(prompts, 4, 10):
         pid = letter_verifier.encode(r.prompt)
         for c in r.candidates:
@@ -107,15 +112,17 @@ def test_log_probabilities_match_teacher_forcing(tiny_model, letter_verifier, pr
 
 def test_rows_stop_at_eos_without_changing_the_candidates(tiny_model, letter_verifier, prompts):
     stop = InferenceScalingEngine(tiny_model, letter_verifier, sampler=SamplingConfig(seed=4))
-    full = InferenceScalingEngine(tiny_model, letter_verifier,
-                                  sampler=SamplingConfig(seed=4, stop_at_eos=False))
+    full = InferenceScalingEngine(
+        tiny_model, letter_verifier, sampler=SamplingConfig(seed=4, stop_at_eos=False)
+    )
     a, b = stop.best_of_n(prompts, 8, 12), full.best_of_n(prompts, 8, 12)
     ended = [c for r in a for c in r.candidates if c.eos]
     assert ended, "no candidate produced EOS: the test needs a model that does"
     for ra, rb in zip(a, b, strict=True):
         assert [c.token_ids for c in ra.candidates] == [c.token_ids for c in rb.candidates]
-        assert all(c.token_ids[-1] == EOS and EOS not in c.token_ids[:-1]
-                   for c in ra.candidates if c.eos)
+        assert all(
+            c.token_ids[-1] == EOS and EOS not in c.token_ids[:-1] for c in ra.candidates if c.eos
+        )
         assert ra.counters.generated_tokens == sum(len(c.token_ids) for c in ra.candidates)
         assert rb.counters.generated_tokens == 8 * 12
     assert sum(r.counters.generated_tokens for r in a) < 8 * 12 * len(prompts)
@@ -134,13 +141,15 @@ def test_verifier_choice_is_correct_whenever_a_correct_candidate_exists(
         assert r.correct == r.covered
         assert r.completion == r.candidates[r.index].completion
         if not r.covered:  # nothing verified: the most likely candidate
-            assert r.index == max(range(len(r.candidates)),
-                                  key=lambda i: (r.candidates[i].mean_logprob, -i))
+            assert r.index == max(
+                range(len(r.candidates)), key=lambda i: (r.candidates[i].mean_logprob, -i)
+            )
 
 
 def test_majority_vote_picks_the_mode_of_extracted_answers(tiny_model, letter_verifier, prompts):
-    eng = InferenceScalingEngine(tiny_model, letter_verifier, strategy="majority",
-                                 sampler=SamplingConfig(seed=6))
+    eng = InferenceScalingEngine(
+        tiny_model, letter_verifier, strategy="majority", sampler=SamplingConfig(seed=6)
+    )
     res = eng.best_of_n(prompts, 16, 6)
     nontrivial = 0
     for r in res:
@@ -183,8 +192,7 @@ def test_early_exit_stops_at_a_verified_candidate_with_the_same_seeds(
     assert saved > 0
 
 
-def test_works_with_any_model_with_the_same_forward_and_cache(tiny_model, letter_verifier,
-                                                             prompts):
+def test_works_with_any_model_with_the_same_forward_and_cache(tiny_model, letter_verifier, prompts):
     class Wrapped(torch.nn.Module):  # stands for an optimize(model) result
         def __init__(self, inner):
             super().__init__()
@@ -196,8 +204,9 @@ def test_works_with_any_model_with_the_same_forward_and_cache(tiny_model, letter
 
     cfg = SamplingConfig(seed=12)
     a = InferenceScalingEngine(tiny_model, letter_verifier, sampler=cfg).best_of_n(prompts, 4, 8)
-    b = InferenceScalingEngine(Wrapped(tiny_model), letter_verifier, sampler=cfg
-                               ).best_of_n(prompts, 4, 8)
+    b = InferenceScalingEngine(Wrapped(tiny_model), letter_verifier, sampler=cfg).best_of_n(
+        prompts, 4, 8
+    )
     _assert_same_candidates(a, b, "wrapped model")
 
 

@@ -40,7 +40,8 @@ def test_from_policy_copies_a_frozen_backbone_and_reads_causally(policy, task):
     assert all(0 < s < 1 for s in b)
     # Ids the scorer does not know (a policy's unused vocabulary) are read as padding.
     assert ver.score([[1, 4, 5]], [[30, 2]])[0] == pytest.approx(
-        ver.score([[1, 4, 5]], [[0, 2]])[0], abs=1e-6)
+        ver.score([[1, 4, 5]], [[0, 2]])[0], abs=1e-6
+    )
 
 
 def test_save_and_load_round_trip_without_pickle(policy, task, tmp_path):
@@ -52,7 +53,9 @@ def test_save_and_load_round_trip_without_pickle(policy, task, tmp_path):
     ver.meta = {"task": task.to_dict()}
     ver.save(tmp_path / "v")
     assert sorted(p.name for p in (tmp_path / "v").iterdir()) == [
-        "verifier.safetensors", "verifier.yaml"]
+        "verifier.safetensors",
+        "verifier.yaml",
+    ]
     back = LearnedVerifier.load(tmp_path / "v")
     pairs = ([[1, 4, 5], [1, 6, 7]], [[6, 2], [9, 9, 2]])
     assert back.score(*pairs) == pytest.approx(ver.score(*pairs), abs=1e-7)
@@ -69,19 +72,22 @@ def test_loading_a_corrupt_or_missing_verifier_raises_naming_the_file(policy, ta
 
 
 def test_training_fits_the_head_and_the_engine_uses_the_scores(policy, task, tmp_path):
-    cfg = VerifierTrainConfig(prompts=40, samples=4, val_prompts=10, steps=30, batch_size=32,
-                              lr=1e-3)
+    cfg = VerifierTrainConfig(
+        prompts=40, samples=4, val_prompts=10, steps=30, batch_size=32, lr=1e-3
+    )
     ver = train_verifier(policy, task, cfg, log=False)
     meta = ver.meta
     assert torch.equal(ver.backbone.tok_emb.weight, policy.tok_emb.weight[:17])
     assert meta["train_candidates"] == 160
-    assert 0 <= meta["validation_after"]["best_of_k_accuracy"] <= meta["validation_after"][
-        "coverage"]
+    assert (
+        0 <= meta["validation_after"]["best_of_k_accuracy"] <= meta["validation_after"]["coverage"]
+    )
     json.dumps(meta)
     ver.save(tmp_path / "trained")  # the metadata must be plain YAML
     assert LearnedVerifier.load(tmp_path / "trained").meta["train_candidates"] == 160
-    eng = InferenceScalingEngine(policy, task, learned_verifier=ver, strategy="learned",
-                                 sampler=SamplingConfig(seed=1))
+    eng = InferenceScalingEngine(
+        policy, task, learned_verifier=ver, strategy="learned", sampler=SamplingConfig(seed=1)
+    )
     for r in eng.best_of_n(["3+4=", "1+1=", "9+9="], 6, task.max_answer_len):
         scores = [c.learned_score for c in r.candidates]
         assert None not in scores

@@ -48,5 +48,4 @@ def test_top_k_and_top_p_restrict_the_support():
 def test_zero_temperature_is_argmax():
     logits = torch.randn(7, 11)
     u = torch.rand(7, dtype=torch.float64)
-    assert torch.equal(pick_tokens(logits, u, SamplingConfig(temperature=0.0)),
-                       logits.argmax(-1))
+    assert torch.equal(pick_tokens(logits, u, SamplingConfig(temperature=0.0)), logits.argmax(-1))

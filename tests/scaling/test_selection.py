@@ -67,12 +67,15 @@ def test_select_max_breaks_ties_by_log_probability():
     assert select_max([1.0, 1.0]) == 0
 
 
-@pytest.mark.parametrize("call", [
-    lambda: select_majority([], []),
-    lambda: select_majority(["1"], [0.0, 1.0]),
-    lambda: select_weighted_vote(["1", "2"], [1.0], [0.0, 0.0]),
-    lambda: select_verified([True], []),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: select_majority([], []),
+        lambda: select_majority(["1"], [0.0, 1.0]),
+        lambda: select_weighted_vote(["1", "2"], [1.0], [0.0, 0.0]),
+        lambda: select_verified([True], []),
+    ],
+)
 def test_mismatched_or_empty_lists_raise(call):
     with pytest.raises(ValueError, match="candidate"):
         call()

@@ -1,0 +1,255 @@
+"""Whole-step decode paths for Hugging Face decoders (the families in
+:mod:`ryzen_opt.optimization.families`), behind one small interface.
+
+A *stepper* owns a static KV cache for one batch size and runs one decode step of the
+:class:`~ryzen_opt.optimization.fastpaths.decoder_layout.DecoderLayout` contract:
+
+* ``load(past_key_values, prompt_len, start)``: take over the cache the model's own prefill
+  built (prefill stays the model's code: it is compute-bound and already fast);
+* ``step(ids, t) -> logits``: one token per row at slot ``t`` (writes the cache);
+* ``greedy(ids, t0, n, eos, pad, finished) -> (tokens, steps)``: the greedy loop from slot
+  ``t0``; rows that emitted an eos id continue with ``pad`` (as ``generate`` does).
+
+Paths (``PATHS``, name -> class):
+
+* ``torch_static_decode`` (CPU and CUDA): :func:`reference_step` over the static cache, no
+  per-step cache growth or HF bookkeeping;
+* ``cuda_graph_decode`` (CUDA): the same step captured once in a CUDA graph; the greedy loop
+  captures argmax, the eos/pad update and the position increment in the graph too, so a token
+  costs one graph replay and no host synchronisation (the host checks "all rows done" once
+  every ``SYNC_EVERY`` tokens);
+* ``triton_graph_decode`` (CUDA): the graph over the fused Triton kernels of
+  :mod:`ryzen_opt.kernels.triton.decoder_step`;
+* ``numba_decoder[fp32]`` / ``numba_decoder[int8]`` (CPU): the step and the whole greedy loop
+  in one Numba call each (:mod:`ryzen_opt.kernels.numba.decoder_step`); ``int8`` is opt-in
+  (weight-only, per-output-channel scales) and reports its error.
+
+Every path is checked and timed by :mod:`ryzen_opt.optimization.fastpaths.hf_select` before it
+is used; :mod:`ryzen_opt.optimization.fastpaths.generate` routes ``generate`` to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ryzen_opt.optimization.fastpaths.decoder_layout import DecoderLayout, reference_step
+
+# Host checks for "every row finished" this often in the graph greedy loop: a check costs a
+# synchronisation; a late check costs at most this many wasted steps at the very end.
+SYNC_EVERY = 16
+DEFAULT_PATHS = (
+    "torch_static_decode",
+    "cuda_graph_decode",
+    "triton_graph_decode",
+    "numba_decoder[fp32]",
+)
+OPT_IN_PATHS = ("numba_decoder[int8]",)
+DECODER_PATHS = DEFAULT_PATHS + OPT_IN_PATHS
+
+
+def kv_of(past: Any, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``i``'s ``(k, v)`` ``(batch, kv_heads, len, head_dim)`` of a transformers cache
+    (4.x ``DynamicCache.key_cache``, 5.x ``.layers[i].keys``) or a legacy tuple cache."""
+    layers = getattr(past, "layers", None)
+    if layers is not None and hasattr(layers[i], "keys"):
+        return layers[i].keys, layers[i].values
+    if hasattr(past, "key_cache"):
+        return past.key_cache[i], past.value_cache[i]
+    return past[i][0], past[i][1]
+
+
+def cache_len(needed: int, max_positions: int) -> int:
+    """Slots to allocate for ``needed``: the next power of two >= 256, within the context, so
+    that one buffer (and one captured graph) serves many calls."""
+    n = 256
+    while n < needed:
+        n *= 2
+    return max(needed, min(n, max_positions))
+
+
+class Stepper:
+    """The ``torch_static_decode`` path, and the base of the others."""
+
+    name = "torch_static_decode"
+
+    @staticmethod
+    def why_not(layout: DecoderLayout) -> str | None:
+        return None
+
+    def __init__(self, layout: DecoderLayout, batch: int, max_len: int) -> None:
+        self.layout, self.batch, self.max_len = layout, batch, max_len
+        self.k, self.v = layout.new_cache(batch, max_len)
+        self.start = torch.zeros(batch, dtype=torch.int64, device=layout.device)
+
+    def load(self, past: Any, prompt_len: int, start: torch.Tensor) -> None:
+        for i in range(self.layout.num_layers):
+            k, v = kv_of(past, i)
+            self.k[i, :, :, :prompt_len].copy_(k[:, :, :prompt_len])
+            self.v[i, :, :, :prompt_len].copy_(v[:, :, :prompt_len])
+        self.start.copy_(start)
+
+    def step(self, ids: torch.Tensor, t: int) -> torch.Tensor:
+        tt = torch.tensor([t], dtype=torch.int64, device=self.layout.device)
+        return reference_step(self.layout, ids, self.k, self.v, tt, self.start)
+
+    def greedy(self, ids, t0: int, n: int, eos: torch.Tensor | None, pad: int, finished):
+        """``n`` greedy tokens from slot ``t0`` fed ``ids``; ``(tokens (batch, steps), steps)``."""
+        out = []
+        for j in range(n):
+            nxt = self.step(ids, t0 + j).argmax(-1)
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            out.append(nxt)
+            if eos is not None:
+                finished = finished | torch.isin(nxt, eos)
+                if bool(finished.all()):
+                    break
+            ids = nxt
+        return torch.stack(out, 1), len(out)
+
+
+def _capture(fn: Callable[[], Any], device: torch.device):
+    """Warm ``fn`` up on a side stream (as capture requires), then capture it in a graph."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+class GraphStepper(Stepper):
+    """``cuda_graph_decode``: the step (and the greedy loop body) replayed from CUDA graphs."""
+
+    name = "cuda_graph_decode"
+
+    @staticmethod
+    def why_not(layout: DecoderLayout) -> str | None:
+        if layout.device.type != "cuda":
+            return f"the model is on {layout.device}; CUDA graphs need a CUDA device"
+        return None
+
+    def __init__(self, layout: DecoderLayout, batch: int, max_len: int) -> None:
+        super().__init__(layout, batch, max_len)
+        dev = layout.device
+        self.ids = torch.zeros(batch, dtype=torch.int64, device=dev)
+        self.t = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.tokens = torch.zeros(batch, SYNC_EVERY, dtype=torch.int64, device=dev)
+        self.j = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=dev)
+        self.eos = torch.full((8,), -1, dtype=torch.int64, device=dev)
+        self.pad = torch.zeros(1, dtype=torch.int64, device=dev)
+        self._step_graph = self._loop_graph = None
+        self._logits = None
+
+    def _raw_step(self) -> torch.Tensor:
+        return reference_step(self.layout, self.ids, self.k, self.v, self.t, self.start)
+
+    def _loop_body(self) -> None:
+        logits = self._raw_step()
+        nxt = logits.argmax(-1)
+        nxt = torch.where(self.finished, self.pad.expand_as(nxt), nxt)
+        self.tokens.index_copy_(1, self.j, nxt[:, None])
+        self.finished |= torch.isin(nxt, self.eos)
+        self.ids.copy_(nxt)
+        self.t += 1
+        self.j += 1
+
+    def step(self, ids: torch.Tensor, t: int) -> torch.Tensor:
+        if self._step_graph is None:
+            self.t.fill_(t)
+            self.ids.copy_(ids)
+            # capture writes slot t twice with the same values: harmless (overwritten below)
+            self._step_graph, self._logits = _capture(self._raw_step, self.layout.device)
+        self.ids.copy_(ids)
+        self.t.fill_(t)
+        self._step_graph.replay()
+        return self._logits.clone()
+
+    def greedy(self, ids, t0: int, n: int, eos: torch.Tensor | None, pad: int, finished):
+        if eos is not None and eos.numel() > self.eos.numel():
+            return super().greedy(ids, t0, n, eos, pad, finished)
+        self.eos.fill_(-1)
+        if eos is not None:
+            self.eos[: eos.numel()].copy_(eos)
+        self.pad.fill_(pad)
+        if self._loop_graph is None:
+            self.ids.copy_(ids)
+            self.t.fill_(t0)
+            self.j.zero_()
+            self.finished.zero_()
+            # warm-up and capture advance j, t and finished: reset below
+            self._loop_graph, _ = _capture(self._loop_body, self.layout.device)
+        self.ids.copy_(ids)
+        self.t.fill_(t0)
+        self.finished.copy_(finished)
+        chunks, done = [], 0
+        while done < n:
+            m = min(SYNC_EVERY, n - done)
+            self.j.zero_()
+            for _ in range(m):
+                self._loop_graph.replay()
+            chunks.append(self.tokens[:, :m].clone())
+            done += m
+            if eos is not None and bool(self.finished.all()):
+                break
+        tokens = torch.cat(chunks, 1)
+        if eos is not None:  # trim after the step where the last row finished, as HF stops
+            fin = torch.isin(tokens, eos) | finished[:, None]
+            ever = fin.cummax(1).values.all(0)
+            if bool(ever.any()):
+                steps = int(ever.nonzero()[0, 0]) + 1
+                return tokens[:, :steps], steps
+        return tokens, tokens.shape[1]
+
+
+class TritonGraphStepper(GraphStepper):
+    """``triton_graph_decode``: the graph over :mod:`ryzen_opt.kernels.triton.decoder_step`."""
+
+    name = "triton_graph_decode"
+
+    @staticmethod
+    def why_not(layout: DecoderLayout) -> str | None:
+        reason = GraphStepper.why_not(layout)
+        if reason is not None:
+            return reason
+        try:
+            from ryzen_opt.kernels.triton import decoder_step
+        except Exception as e:  # triton missing or broken: the reason goes into the report
+            return f"triton decoder step unavailable: {type(e).__name__}: {e}"
+        return decoder_step.supports(layout)
+
+    def __init__(self, layout: DecoderLayout, batch: int, max_len: int) -> None:
+        super().__init__(layout, batch, max_len)
+        from ryzen_opt.kernels.triton.decoder_step import DecoderWorkspace
+
+        self.ws = DecoderWorkspace(layout, batch)
+
+    def _raw_step(self) -> torch.Tensor:
+        from ryzen_opt.kernels.triton.decoder_step import decoder_step
+
+        return decoder_step(self.layout, self.ids, self.k, self.v, self.t, self.start, self.ws)
+
+
+PATHS: dict[str, Callable[..., Stepper]] = {
+    Stepper.name: Stepper,
+    GraphStepper.name: GraphStepper,
+    TritonGraphStepper.name: TritonGraphStepper,
+}
+
+
+def register(name: str, factory: Callable[..., Stepper]) -> None:
+    """Add a path (the Numba module registers its own when it imports)."""
+    PATHS[name] = factory
+
+
+def why_not(name: str, layout: DecoderLayout) -> str | None:
+    if name not in PATHS:
+        return f"unknown decoder path {name!r} (known: {', '.join(sorted(PATHS))})"
+    return PATHS[name].why_not(layout)

@@ -1,0 +1,268 @@
+"""Choosing a decode path for a Hugging Face decoder by measuring what the user will run.
+
+For every batch size ``optimize()`` covers (the example's and ``decode_batches``), on one
+prompt (the example's ids, its rows repeated to the batch, or random ids):
+
+1. **verify**: the original ``generate`` runs greedily for ``decode_tokens`` tokens and keeps
+   its logits; each path is prefilled by the model's own forward and then *teacher-forced*
+   along the original's tokens, and every step's logits must match the original's within the
+   dtype tolerance (so the cache writes and every position are checked, not one step);
+   the path's own greedy ``generate`` is then compared token for token and the count of
+   equal tokens is reported;
+2. **time**: the user's call, ``generate(ids, attention_mask=..., max_new_tokens=...,
+   do_sample=False)`` through the original and through the path, interleaved, prefill
+   included;
+3. **choose**: per batch size the fastest path that is faster beyond the noise; a batch
+   between two measured ones runs the lower one's winner when both have one, no batch
+   outside the measured range is routed (it runs the original ``generate``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ryzen_opt.kernels.reference import error_floor, relative_error
+from ryzen_opt.optimization.cache import DecisionCache
+from ryzen_opt.optimization.fastpaths import decoder
+from ryzen_opt.optimization.fastpaths.decoder_layout import DecoderLayout
+from ryzen_opt.optimization.fastpaths.generate import FastGenerate
+from ryzen_opt.optimization.report import CandidateResult, CaseResult, SiteReport
+from ryzen_opt.timing import compare
+
+OP = "generate"
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def path_names(config, device: torch.device) -> list[str]:
+    """The decoder paths to try: ``config.fast_paths`` if given, else the defaults."""
+    names = decoder.DEFAULT_PATHS if config.fast_paths is None else config.fast_paths
+    return [n for n in names if n in decoder.DECODER_PATHS]
+
+
+def prompts(model: nn.Module, layout: DecoderLayout, example, config) -> list[tuple[int, dict]]:
+    """``(batch, generate kwargs)`` per batch size to measure."""
+    dev = layout.device
+    if example is not None and isinstance(example.get("input_ids"), torch.Tensor):
+        ids = example["input_ids"]
+        mask = example.get("attention_mask")
+        batches = sorted({ids.shape[0], *config.decode_batches})
+    else:
+        p = min(config.prefill_shape[1], 64)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, layout.vocab, (1, p), generator=g).to(dev)
+        mask = None
+        batches = sorted(config.decode_batches)
+    out = []
+    for b in batches:
+        reps = -(-b // ids.shape[0])
+        kw = {"input_ids": ids.repeat(reps, 1)[:b].to(dev)}
+        if mask is not None:
+            kw["attention_mask"] = mask.repeat(reps, 1)[:b].to(dev)
+        out.append((b, kw))
+    return out
+
+
+def _greedy_kwargs(model, n: int) -> dict[str, Any]:
+    pad = getattr(model.generation_config, "pad_token_id", None)
+    if pad is None:
+        pad = 0
+    # No eos: both sides generate exactly n tokens (the same work), whatever the weights.
+    return {"max_new_tokens": n, "do_sample": False, "pad_token_id": pad, "eos_token_id": None}
+
+
+def _verify(model, layout, name, b, kw, n, ref_tokens, ref_logits, tol, res) -> bool:
+    """Teacher-forced logits of path ``name`` against the original's; then its own greedy."""
+    ids = kw["input_ids"]
+    p = ids.shape[1]
+    fast = FastGenerate(model, [(b, b, name)])
+    fast._layout = layout
+    st = fast.stepper(b, p + n)
+    mask = kw.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(ids)
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **fast._keep()
+        )
+        st.load(out.past_key_values, p, p - mask.sum(-1))
+        del out
+        steps = [st.step(ref_tokens[:, j], p + j) for j in range(n - 1)]
+    got = torch.stack(steps, 1).float()
+    want = ref_logits[:, 1:].float()
+    floor = error_floor(
+        want.dtype if layout.dtype == torch.float32 else layout.dtype,
+        tol,
+        got.numel(),
+        layout.hidden,
+        1.0,
+    )
+    err = relative_error(got, want, floor)
+    res.rel_error = err
+    res.max_abs_error = float((got - want).abs().max()) if got.numel() else 0.0
+    if not torch.isfinite(got).all():
+        res.status, res.detail = "error", "non-finite logits"
+        return False
+    if err > tol:
+        res.status, res.detail = "error", f"relative error {err:.2e} > {tol:g}"
+        return False
+    with torch.no_grad():
+        mine = fast(**kw, **_greedy_kwargs(model, n))
+    equal = int((mine[:, p:] == ref_tokens).sum())
+    res.detail = f"greedy tokens equal to the original: {equal}/{ref_tokens.numel()}"
+    fast.steppers.clear()
+    return True
+
+
+def select(
+    model: nn.Module,
+    layout: DecoderLayout,
+    example,
+    config,
+    cache: DecisionCache,
+    dev_desc: str,
+    vers: dict,
+    baseline_id: str,
+    budget_left,
+) -> tuple[SiteReport, list]:
+    """Verify and time every decoder path at every batch size; the report and the routes."""
+    dev = layout.device
+    n = max(2, int(getattr(config, "decode_tokens", 16)))
+    srep = SiteReport(
+        "(whole model)",
+        "generate",
+        f"{layout.family}-family decode loop: {n} greedy tokens after the prompt",
+    )
+    names = path_names(config, dev)
+    tol = config.tolerance_for(layout.dtype, dev)
+    winners: dict[int, str] = {}
+    measured: list[int] = []
+    orig = type(model).generate.__get__(model)
+    for b, kw in prompts(model, layout, example, config):
+        if budget_left() <= 0:
+            srep.note = f"time budget spent before batch {b}"
+            break
+        p = kw["input_ids"].shape[1]
+        crep = CaseResult(f"decode b{b}", f"{b}x{p}+{n}")
+        gk = _greedy_kwargs(model, n)
+        if p + n > layout.max_positions:
+            srep.note = f"batch {b}: prompt + {n} tokens exceed the context"
+            continue
+        with torch.no_grad():
+            ref = orig(**kw, **gk, return_dict_in_generate=True, output_logits=True)
+        ref_tokens = ref.sequences[:, p:]
+        ref_logits = torch.stack(ref.logits, 1)
+        del ref
+        measured.append(b)
+        for name in names:
+            res = CandidateResult(name, OP, "unsupported")
+            crep.candidates.append(res)
+            reason = decoder.why_not(name, layout)
+            if reason is not None:
+                res.detail = reason
+                continue
+            try:
+                ok = _verify(model, layout, name, b, kw, n, ref_tokens, ref_logits, tol, res)
+            except Exception as e:  # a path that raises is reported, never shipped
+                res.status, res.detail = "failed", f"{type(e).__name__}: {e}"
+                continue
+            if not ok:
+                continue
+            _time(
+                model,
+                layout,
+                name,
+                b,
+                kw,
+                gk,
+                orig,
+                res,
+                config,
+                cache,
+                dev_desc,
+                vers,
+                baseline_id,
+            )
+        srep.cases.append(crep)
+        best = max(
+            (c for c in crep.candidates if c.status == "faster"),
+            key=lambda c: c.speedup,
+            default=None,
+        )
+        if best is not None:
+            winners[b] = best.backend
+            srep.chosen[crep.case] = best.backend
+        del ref_tokens, ref_logits
+    return srep, routes(measured, winners)
+
+
+def _time(
+    model, layout, name, b, kw, gk, orig, res, config, cache, dev_desc, vers, baseline_id
+) -> None:
+    p = kw["input_ids"].shape[1]
+    key = DecisionCache.key(
+        device=dev_desc,
+        versions=vers,
+        op=OP,
+        candidate=name,
+        baseline=baseline_id,
+        shape=f"{b}x{p}+{gk['max_new_tokens']}",
+        repeat=config.repeat,
+        min_sample_s=config.min_sample_s,
+        confidence=config.confidence,
+    )
+    hit = cache.get(key)
+    if hit is None:
+        fast = FastGenerate(model, [(b, b, name)])
+        fast._layout = layout
+        with torch.no_grad():
+            cmp = compare(
+                lambda: orig(**kw, **gk),
+                lambda: fast(**kw, **gk),
+                repeat=max(3, config.repeat // 2),
+                warmup=max(1, config.warmup),
+                device=layout.device,
+                min_sample_s=config.min_sample_s,
+                confidence=config.confidence,
+            )
+        fast.steppers.clear()
+        hit = {
+            "speedup": cmp.speedup,
+            "ci": [cmp.ci_low, cmp.ci_high],
+            "baseline_s": cmp.baseline.median,
+            "candidate_s": cmp.candidate.median,
+            "n": cmp.baseline.n,
+        }
+        cache.put(key, hit)
+    else:
+        res.cached = True
+    res.speedup, res.ci = hit["speedup"], tuple(hit["ci"])
+    res.baseline_s, res.candidate_s = hit["baseline_s"], hit["candidate_s"]
+    faster = res.ci[0] > 1.0 and res.speedup >= config.min_speedup
+    res.status = "faster" if faster else "slower"
+    if not faster:
+        res.detail += (
+            f"; {res.speedup:.2f}x, CI [{res.ci[0]:.2f}, {res.ci[1]:.2f}] "
+            f"(needs CI > 1 and >= {config.min_speedup:g}x)"
+        )
+
+
+def routes(measured: list[int], winners: dict[int, str]) -> list[tuple[int, int, str]]:
+    """Batch ranges per winner: a batch between two measured ones that both won runs the
+    lower one's winner; nothing outside the measured range is routed."""
+    out = []
+    ms = sorted(measured)
+    for i, b in enumerate(ms):
+        if b not in winners:
+            continue
+        nxt = ms[i + 1] if i + 1 < len(ms) else None
+        hi = nxt - 1 if nxt is not None and nxt in winners else b
+        out.append((b, hi, winners[b]))
+    return out

@@ -1,0 +1,146 @@
+"""The installed ``generate`` of an HF decoder: HF's results through the fast decode loop."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ryzen_opt.optimization import families
+from ryzen_opt.optimization.fastpaths import generate as fgen
+from tests.optimizer.hf_models import left_padded, tiny
+
+FAMILIES = ["llama", "qwen2", "gpt2"]
+
+
+def _fast(model, path="torch_static_decode", lo=1, hi=64):
+    fam, why = families.find(model)
+    assert why is None
+    fgen.install(model, fam.layout(model), [(lo, hi, path)])
+    return model
+
+
+def _original(model):
+    return type(model).generate.__get__(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_equals_the_original_with_left_padding(family):
+    model = _fast(tiny(family))
+    ids, mask = left_padded(3, 9, [0, 3, 6])
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    ref = _original(model)(ids, **kw)
+    out = model.generate(ids, **kw)
+    assert model.generate.last_route == "torch_static_decode"
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_eos_stops_each_row_and_pads_it(family):
+    model = _fast(tiny(family))
+    ids, mask = left_padded(2, 6, [0, 2])
+    kw = dict(attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    free = _original(model)(ids, **kw)
+    # an eos that row 0 emits early: row 0 stops and is padded, row 1 runs on
+    eos = int(free[0, 6 + 2])
+    ref = _original(model)(ids, eos_token_id=eos, **kw)
+    out = model.generate(ids, eos_token_id=eos, **kw)
+    assert model.generate.last_route == "torch_static_decode"
+    assert torch.equal(out, ref)
+    # every row finished: the output is shorter than max_new_tokens, as HF's is
+    both = [int(free[0, 6 + 1]), int(free[1, 6 + 1])]
+    ref = _original(model)(ids, eos_token_id=both, **kw)
+    out = model.generate(ids, eos_token_id=both, **kw)
+    assert out.shape[1] < 6 + 20 and torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sampling_draws_the_same_stream(family):
+    model = _fast(tiny(family))
+    ids, mask = left_padded(2, 5, [0, 1])
+    kw = dict(
+        attention_mask=mask,
+        max_new_tokens=10,
+        do_sample=True,
+        temperature=0.8,
+        top_k=20,
+        top_p=0.9,
+        pad_token_id=0,
+    )
+    torch.manual_seed(5)
+    ref = _original(model)(ids, **kw)
+    torch.manual_seed(5)
+    out = model.generate(ids, **kw)
+    assert model.generate.last_route == "torch_static_decode"
+    assert torch.equal(out, ref)
+
+
+def test_unimplemented_settings_go_to_the_original():
+    model = _fast(tiny("llama"))
+    ids, mask = left_padded(1, 5, [0])
+    kw = dict(attention_mask=mask, max_new_tokens=4, pad_token_id=0)
+    ref = _original(model)(ids, num_beams=2, **kw)
+    out = model.generate(ids, num_beams=2, **kw)
+    assert torch.equal(out, ref)
+    assert "num_beams" in model.generate.last_route
+    model.generate(ids, repetition_penalty=1.3, **kw)
+    assert "repetition_penalty" in model.generate.last_route
+
+
+def test_batches_outside_the_routes_and_right_padding_go_to_the_original():
+    model = _fast(tiny("llama"), lo=1, hi=2)
+    ids, mask = left_padded(3, 5, [0, 0, 0])
+    model.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0)
+    assert "batch 3" in model.generate.last_route
+    ids, mask = ids[:2], mask[:2].clone()
+    mask[1, -1] = 0
+    model.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0)
+    assert "left padding" in model.generate.last_route
+
+
+def test_state_dict_class_and_copies_are_unchanged():
+    model = tiny("qwen2")
+    keys = list(model.state_dict())
+    cls = type(model)
+    _fast(model)
+    assert type(model) is cls and list(model.state_dict()) == keys
+    twin = copy.deepcopy(model)
+    ids, mask = left_padded(1, 5, [0])
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(twin.generate(ids, **kw), model.generate(ids, **kw))
+    assert twin.generate.model is twin
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_optimize_installs_a_measured_decode_path(family):
+    from ryzen_opt import OptimizeConfig, optimize
+
+    model = tiny(family)
+    ids, mask = left_padded(2, 8, [0, 3])
+    cfg = OptimizeConfig(use_cache=False, repeat=4, warmup=1, decode_batches=(1, 2))
+    fast = optimize(model, example_inputs={"input_ids": ids, "attention_mask": mask}, config=cfg)
+    site = next(s for s in fast.optimization_report.sites if s.kind == "generate")
+    cases = {c.case: c for c in site.cases}
+    assert set(cases) == {"decode b1", "decode b2"}
+    for case in cases.values():
+        res = next(c for c in case.candidates if c.backend == "torch_static_decode")
+        assert res.status in ("faster", "slower"), res.detail
+        assert res.rel_error is not None and res.rel_error <= 1e-4
+        assert res.speedup is not None and "equal to the original" in res.detail
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(fast.generate(ids, **kw), _original(model)(ids, **kw))
+    if site.chosen:
+        assert isinstance(fast.__dict__.get("generate"), fgen.FastGenerate)
+    # the caller's model is untouched
+    assert "generate" not in model.__dict__
+
+
+def test_a_refused_family_is_named_in_the_report():
+    from ryzen_opt import OptimizeConfig, optimize
+
+    model = tiny("gpt2", activation_function="relu")
+    ids, _ = left_padded(1, 8, [0])
+    fast = optimize(model, example_inputs=ids, config=OptimizeConfig(use_cache=False, repeat=3))
+    notes = " ".join(fast.optimization_report.notes)
+    assert "gpt2 decode paths: not used: activation_function" in notes
