@@ -211,7 +211,12 @@ def hf_runs(model: nn.Module, example, config, device) -> list[Run]:
 
         def call(m, step, p=p):
             out = m(**step)
-            step["past_key_values"].crop(p)  # undo the step's append: the state stays as set up
+            # Undo the step's append, so the state stays as set up. A negative crop (remove
+            # n tokens) is what transformers 4.x and 5.x both accept without a warning.
+            cache = step["past_key_values"]
+            extra = cache.get_seq_length() - p
+            if extra > 0:
+                cache.crop(-extra)
             return _logits(out)
 
         runs.append(Run("decode", f"{db}x1 after {p}", setup, call))

@@ -144,3 +144,81 @@ def test_a_refused_family_is_named_in_the_report():
     fast = optimize(model, example_inputs=ids, config=OptimizeConfig(use_cache=False, repeat=3))
     notes = " ".join(fast.optimization_report.notes)
     assert "gpt2 decode paths: not used: activation_function" in notes
+
+
+GPU_PATHS = ["cuda_graph_decode", "triton_graph_decode"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", GPU_PATHS)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_paths_generate_like_the_original(family, path, dtype):
+    from ryzen_opt.optimization.fastpaths import decoder
+
+    model = tiny(family, dtype=dtype).cuda()
+    fam = families.find(model)[0]
+    reason = decoder.why_not(path, fam.layout(model))
+    if reason is not None:
+        pytest.skip(reason)
+    fgen.install(model, fam.layout(model), [(1, 64, path)])
+    ids, mask = left_padded(3, 9, [0, 3, 6])
+    ids, mask = ids.cuda(), mask.cuda()
+    kw = dict(attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
+    ref = _original(model)(ids, **kw)
+    out = model.generate(ids, **kw)
+    assert model.generate.last_route == path
+    if dtype == torch.float32:
+        assert torch.equal(out, ref)
+    else:  # bf16 near-ties may flip a token; the logits check is the hf_select test's
+        assert (out == ref).float().mean() > 0.9
+    # eos per row inside the graph loop, and a second call reusing the captured graph
+    eos = int(ref[0, 9 + 3])
+    for extra in ({}, {"min_new_tokens": 6}):
+        ref = _original(model)(ids, eos_token_id=eos, **kw, **extra)
+        out = model.generate(ids, eos_token_id=eos, **kw, **extra)
+        assert model.generate.last_route == path
+        if dtype == torch.float32:
+            assert torch.equal(out, ref), extra
+    torch.manual_seed(3)
+    ref = _original(model)(ids, **{**kw, "do_sample": True, "top_k": 10})
+    torch.manual_seed(3)
+    out = model.generate(ids, **{**kw, "do_sample": True, "top_k": 10})
+    if dtype == torch.float32:
+        assert torch.equal(out, ref)
+
+
+def test_settings_stored_at_their_neutral_values_keep_the_fast_path():
+    model = _fast(tiny("llama"))
+    gc = model.generation_config
+    gc.output_attentions, gc.output_hidden_states, gc.num_beams = False, False, 1
+    gc.repetition_penalty = 1.0
+    ids, mask = left_padded(1, 5, [0])
+    model.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0)
+    assert model.generate.last_route == "torch_static_decode"
+    model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=3,
+        pad_token_id=0,
+        output_hidden_states=True,
+        return_dict_in_generate=True,
+    )
+    assert "output_hidden_states" in model.generate.last_route
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_min_new_tokens_holds_eos_back_as_the_original_does(do_sample):
+    model = _fast(tiny("llama"))
+    ids, mask = left_padded(2, 6, [0, 2])
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=do_sample, pad_token_id=0)
+    torch.manual_seed(0)
+    free = _original(model)(ids, **kw)
+    eos = [int(free[0, 6 + 1]), int(free[1, 6 + 2])]  # both would stop early without min
+    for extra in ({"min_new_tokens": 8}, {"min_length": 6 + 5}):
+        torch.manual_seed(1)
+        ref = _original(model)(ids, eos_token_id=eos, **kw, **extra)
+        torch.manual_seed(1)
+        out = model.generate(ids, eos_token_id=eos, **kw, **extra)
+        assert model.generate.last_route == "torch_static_decode"
+        assert torch.equal(out, ref), extra

@@ -7,8 +7,9 @@ A *stepper* owns a static KV cache for one batch size and runs one decode step o
 * ``load(past_key_values, prompt_len, start)``: take over the cache the model's own prefill
   built (prefill stays the model's code: it is compute-bound and already fast);
 * ``step(ids, t) -> logits``: one token per row at slot ``t`` (writes the cache);
-* ``greedy(ids, t0, n, eos, pad, finished) -> (tokens, steps)``: the greedy loop from slot
-  ``t0``; rows that emitted an eos id continue with ``pad`` (as ``generate`` does).
+* ``greedy(ids, t0, n, eos, pad, finished, block) -> (tokens, steps)``: the greedy loop from
+  slot ``t0``; rows that emitted an eos id continue with ``pad`` (as ``generate`` does); in
+  the first ``block`` steps the eos ids cannot be chosen (``min_new_tokens``).
 
 Paths (``PATHS``, name -> class):
 
@@ -95,11 +96,17 @@ class Stepper:
         tt = torch.tensor([t], dtype=torch.int64, device=self.layout.device)
         return reference_step(self.layout, ids, self.k, self.v, tt, self.start)
 
-    def greedy(self, ids, t0: int, n: int, eos: torch.Tensor | None, pad: int, finished):
-        """``n`` greedy tokens from slot ``t0`` fed ``ids``; ``(tokens (batch, steps), steps)``."""
+    def greedy(
+        self, ids, t0: int, n: int, eos: torch.Tensor | None, pad: int, finished, block: int = 0
+    ):
+        """``n`` greedy tokens from slot ``t0`` fed ``ids``; ``(tokens (batch, steps), steps)``.
+        While fewer than ``block`` steps ran, the ``eos`` ids are masked out of the argmax."""
         out = []
         for j in range(n):
-            nxt = self.step(ids, t0 + j).argmax(-1)
+            logits = self.step(ids, t0 + j)
+            if eos is not None and j < block:
+                logits = logits.index_fill(-1, eos, float("-inf"))
+            nxt = logits.argmax(-1)
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
             out.append(nxt)
             if eos is not None:
@@ -144,6 +151,9 @@ class GraphStepper(Stepper):
         self.j = torch.zeros(1, dtype=torch.int64, device=dev)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=dev)
         self.eos = torch.full((8,), -1, dtype=torch.int64, device=dev)
+        self.eos_mask = torch.zeros(layout.vocab, dtype=torch.bool, device=dev)
+        self.step_no = torch.zeros(1, dtype=torch.int64, device=dev)  # steps of this call
+        self.block = torch.zeros(1, dtype=torch.int64, device=dev)  # eos masked below it
         self.pad = torch.zeros(1, dtype=torch.int64, device=dev)
         self._step_graph = self._loop_graph = None
         self._logits = None
@@ -153,13 +163,15 @@ class GraphStepper(Stepper):
 
     def _loop_body(self) -> None:
         logits = self._raw_step()
-        nxt = logits.argmax(-1)
+        blocked = self.eos_mask & (self.step_no < self.block)
+        nxt = logits.masked_fill(blocked[None, :], float("-inf")).argmax(-1)
         nxt = torch.where(self.finished, self.pad.expand_as(nxt), nxt)
         self.tokens.index_copy_(1, self.j, nxt[:, None])
         self.finished |= torch.isin(nxt, self.eos)
         self.ids.copy_(nxt)
         self.t += 1
         self.j += 1
+        self.step_no += 1
 
     def step(self, ids: torch.Tensor, t: int) -> torch.Tensor:
         if self._step_graph is None:
@@ -172,12 +184,18 @@ class GraphStepper(Stepper):
         self._step_graph.replay()
         return self._logits.clone()
 
-    def greedy(self, ids, t0: int, n: int, eos: torch.Tensor | None, pad: int, finished):
+    def greedy(
+        self, ids, t0: int, n: int, eos: torch.Tensor | None, pad: int, finished, block: int = 0
+    ):
         if eos is not None and eos.numel() > self.eos.numel():
-            return super().greedy(ids, t0, n, eos, pad, finished)
+            return super().greedy(ids, t0, n, eos, pad, finished, block)
         self.eos.fill_(-1)
+        self.eos_mask.zero_()
         if eos is not None:
             self.eos[: eos.numel()].copy_(eos)
+            self.eos_mask[eos] = True
+        self.block.fill_(block)
+        self.step_no.zero_()
         self.pad.fill_(pad)
         if self._loop_graph is None:
             self.ids.copy_(ids)

@@ -36,6 +36,8 @@ from ryzen_opt.optimization.fastpaths.decoder_layout import DecoderLayout
 HANDLED = {
     "max_new_tokens",
     "max_length",
+    "min_new_tokens",
+    "min_length",
     "do_sample",
     "temperature",
     "top_k",
@@ -48,6 +50,33 @@ HANDLED = {
     "_from_model_config",
     "cache_implementation",
 }
+
+
+# Values of settings that leave greedy decoding and sampling as they are (transformers 4.x
+# and 5.x differ in which of them a config stores and which default to None).
+NEUTRAL = {
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "num_return_sequences": 1,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "length_penalty": 1.0,
+    "diversity_penalty": 0.0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "min_length": 0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "early_stopping": False,
+}
+
+
+def _neutral(key: str, value: Any, defaults: Any) -> bool:
+    """Whether a stored setting changes nothing the fast loop does."""
+    if value is None or value is False or value == {} or value == []:
+        return True
+    return value == getattr(defaults, key, None) or (key in NEUTRAL and NEUTRAL[key] == value)
 
 
 def _eos_list(eos: Any) -> list[int]:
@@ -117,9 +146,7 @@ class FastGenerate:
             return None, f"model keyword arguments {sorted(unused)}"
         diff = cfg.to_diff_dict() if hasattr(cfg, "to_diff_dict") else {}
         defaults = GenerationConfig()
-        other = sorted(
-            k for k in diff if k not in HANDLED and getattr(defaults, k, None) != diff[k]
-        )
+        other = sorted(k for k in diff if k not in HANDLED and not _neutral(k, diff[k], defaults))
         if other:
             return None, f"generation settings {other}"
         if cfg.max_new_tokens is None and cfg.max_length is None:
@@ -221,22 +248,24 @@ class FastGenerate:
         eos_t = torch.tensor(eos, dtype=torch.int64, device=dev) if eos else None
         finished = torch.zeros(b, dtype=torch.bool, device=dev)
         warpers = self._warpers(cfg) if cfg.do_sample else None
+        # min_new_tokens / min_length: eos cannot be chosen before that many new tokens.
+        min_new = max(cfg.min_new_tokens or 0, (cfg.min_length or 0) - p) if eos else 0
         seq = ids
-        first = self._choose(logits, seq, warpers)
+        first = self._choose(logits, seq, warpers, eos_t if min_new > 0 else None)
         new = [first[:, None]]
         if eos_t is not None:
             finished = torch.isin(first, eos_t)
         if max_new > 1 and not (eos_t is not None and bool(finished.all())):
             if warpers is None:
-                tokens, _ = st.greedy(
-                    first, p, max_new - 1, eos_t, pad if pad is not None else 0, finished
-                )
+                pad_id = pad if pad is not None else 0
+                tokens, _ = st.greedy(first, p, max_new - 1, eos_t, pad_id, finished, min_new - 1)
                 new.append(tokens)
             else:
                 nxt = first
                 for j in range(max_new - 1):
                     seq = torch.cat([ids] + new, 1)
-                    nxt = self._choose(st.step(nxt, p + j), seq, warpers)
+                    blocked = eos_t if j + 1 < min_new else None
+                    nxt = self._choose(st.step(nxt, p + j), seq, warpers, blocked)
                     if pad is not None:
                         nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
                     new.append(nxt[:, None])
@@ -270,8 +299,10 @@ class FastGenerate:
         return out
 
     @staticmethod
-    def _choose(logits: torch.Tensor, seq: torch.Tensor, warpers) -> torch.Tensor:
+    def _choose(logits: torch.Tensor, seq: torch.Tensor, warpers, blocked=None) -> torch.Tensor:
         scores = logits.to(dtype=torch.float32, copy=True)
+        if blocked is not None:
+            scores.index_fill_(-1, blocked, float("-inf"))
         if warpers is None:
             return scores.argmax(-1)
         scores = warpers(seq, scores)
