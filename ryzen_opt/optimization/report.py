@@ -152,7 +152,12 @@ class OptimizationReport:
         """One line: what changed, or why the model came back unchanged."""
         if self.changed:
             n = sum(1 for s in self.sites if s.chosen)
-            return f"optimized: {n} of {len(self.sites)} sites use a faster verified backend"
+            line = f"optimized: {n} of {len(self.sites)} sites use a faster verified backend"
+            loops = [s for s in self.sites if s.kind == "generate" and s.chosen]
+            if loops:
+                picks = ", ".join(f"{c.split()[-1]} {b}" for c, b in loops[0].chosen.items())
+                line += f"; generate() runs the fast decode loop ({picks})"
+            return line
         if not any(self.backends.values()):
             return f"unchanged: no allowed backend runs on {self.device} for any op here"
         return "unchanged: no candidate was both within tolerance and faster than the original"

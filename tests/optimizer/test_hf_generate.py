@@ -132,6 +132,7 @@ def test_optimize_installs_a_measured_decode_path(family):
     assert torch.equal(fast.generate(ids, **kw), _original(model)(ids, **kw))
     if site.chosen:
         assert isinstance(fast.__dict__.get("generate"), fgen.FastGenerate)
+        assert "generate() runs the fast decode loop (b" in fast.optimization_report.summary
     # the caller's model is untouched
     assert "generate" not in model.__dict__
 
