@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +155,7 @@ class Runner:
     build_s: float = 0.0
     build_peak_bytes: int | None = None
     note: str = ""
+    details: dict = field(default_factory=dict)  # recorded in the JSON as is
 
 
 def _eager(model, device, example, workdir: Path) -> Runner:
@@ -212,7 +213,17 @@ def _optimize(model, device, example, workdir: Path) -> Runner:
     note = "chose " + (
         ", ".join(f"{k} x{c}" for k, c in chosen.items()) if chosen else "nothing (unchanged)"
     )
-    return Runner("optimize", gen, build_s, peak, note)
+    # What the decode-loop selection measured, path by path, goes into the JSON and the log.
+    loops = [site.to_dict() for site in report.sites if site.kind == "generate"]
+    for site in loops:
+        for case in site["cases"]:
+            for c in case["candidates"]:
+                speed = f"{c['speedup']:.2f}x" if c["speedup"] is not None else "-"
+                print(
+                    f"  optimize {case['case']} {c['backend']}: {c['status']} {speed} {c['detail']}"
+                )
+    details = {"generate_sites": loops, "report_notes": list(report.notes)}
+    return Runner("optimize", gen, build_s, peak, note, details)
 
 
 def _onnxruntime(model, device, example, workdir: Path) -> Runner:
@@ -390,6 +401,7 @@ def _run(args, workdir: Path) -> dict[str, Any]:
         res["warmup_s"] = warm[v]
         r = runners[v]
         res["build_s"], res["build_peak_bytes"], res["note"] = r.build_s, r.build_peak_bytes, r.note
+        res.update(r.details)
         results[v] = res
     return {
         "environment": environment(device),

@@ -169,6 +169,11 @@ def test_gpu_paths_generate_like_the_original(family, path, dtype):
     ref = _original(model)(ids, **kw)
     out = model.generate(ids, **kw)
     assert model.generate.last_route == path
+    # the first call captured the graphs; a replayed call must give the same tokens
+    assert torch.equal(
+        model.generate(ids, **{**kw, "min_new_tokens": 40, "eos_token_id": 1}),
+        model.generate(ids, **{**kw, "min_new_tokens": 40, "eos_token_id": 1}),
+    )
     if dtype == torch.float32:
         assert torch.equal(out, ref)
     else:  # bf16 near-ties may flip a token; the logits check is the hf_select test's

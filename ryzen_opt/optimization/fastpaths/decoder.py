@@ -202,8 +202,9 @@ class GraphStepper(Stepper):
             self.t.fill_(t0)
             self.j.zero_()
             self.finished.zero_()
-            # warm-up and capture advance j, t and finished: reset below
+            # warm-up and capture advance j, t, step_no and finished: reset below
             self._loop_graph, _ = _capture(self._loop_body, self.layout.device)
+        self.step_no.zero_()
         self.ids.copy_(ids)
         self.t.fill_(t0)
         self.finished.copy_(finished)
