@@ -577,7 +577,7 @@ class KernelOptimizer:
         def left() -> float:
             return math.inf if budget is None else budget - (time.perf_counter() - t0)
 
-        srep, routes = hf_select.select(
+        srep, routes, shared = hf_select.select(
             model, layout, plan.example, cfg, cache, dev_desc, vers, baseline_id, left
         )
         report.sites.append(srep)
@@ -586,7 +586,7 @@ class KernelOptimizer:
         report.notes.append(
             "generate: " + "; ".join(f"batch {lo}-{hi}: {name}" for lo, hi, name in routes)
         )
-        return [fast_generate.install(model, layout, routes)]
+        return [fast_generate.install(model, layout, routes, shared)]
 
     def _evaluate_path(self, path, run, state, model, ref, baseline_id, cache, dev_desc, vers):
         """Verify one fast path on one run (two decode steps: the cache writes count), time it."""

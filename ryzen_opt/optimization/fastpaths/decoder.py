@@ -80,8 +80,13 @@ class Stepper:
     def why_not(layout: DecoderLayout) -> str | None:
         return None
 
-    def __init__(self, layout: DecoderLayout, batch: int, max_len: int) -> None:
+    def __init__(
+        self, layout: DecoderLayout, batch: int, max_len: int, shared: dict | None = None
+    ) -> None:
+        # ``shared``: state every batch size's stepper of one model reuses (a Numba decoder
+        # and its int8 weights), owned by the caller so it dies with the model.
         self.layout, self.batch, self.max_len = layout, batch, max_len
+        self.shared = {} if shared is None else shared
         self.k, self.v = layout.new_cache(batch, max_len)
         self.start = torch.zeros(batch, dtype=torch.int64, device=layout.device)
 
@@ -142,8 +147,10 @@ class GraphStepper(Stepper):
             return f"the model is on {layout.device}; CUDA graphs need a CUDA device"
         return None
 
-    def __init__(self, layout: DecoderLayout, batch: int, max_len: int) -> None:
-        super().__init__(layout, batch, max_len)
+    def __init__(
+        self, layout: DecoderLayout, batch: int, max_len: int, shared: dict | None = None
+    ) -> None:
+        super().__init__(layout, batch, max_len, shared)
         dev = layout.device
         self.ids = torch.zeros(batch, dtype=torch.int64, device=dev)
         self.t = torch.zeros(1, dtype=torch.int64, device=dev)
@@ -244,8 +251,10 @@ class TritonGraphStepper(GraphStepper):
             return f"triton decoder step unavailable: {type(e).__name__}: {e}"
         return decoder_step.supports(layout)
 
-    def __init__(self, layout: DecoderLayout, batch: int, max_len: int) -> None:
-        super().__init__(layout, batch, max_len)
+    def __init__(
+        self, layout: DecoderLayout, batch: int, max_len: int, shared: dict | None = None
+    ) -> None:
+        super().__init__(layout, batch, max_len, shared)
         from ryzen_opt.kernels.triton.decoder_step import DecoderWorkspace
 
         self.ws = DecoderWorkspace(layout, batch)
@@ -256,10 +265,68 @@ class TritonGraphStepper(GraphStepper):
         return decoder_step(self.layout, self.ids, self.k, self.v, self.t, self.start, self.ws)
 
 
+class NumbaStepper(Stepper):
+    """``numba_decoder[fp32]`` / ``numba_decoder[int8]``: the step and the greedy loop in one
+    Numba call each (:class:`ryzen_opt.kernels.numba.decoder_step.NumbaDecoder`). The
+    decoder (and, for int8, its quantised weights) is built once per layout and shared by
+    every batch size's stepper."""
+
+    weights = "fp32"
+
+    @classmethod
+    def why_not(cls, layout: DecoderLayout) -> str | None:
+        if layout.device.type != "cpu":
+            return f"the model is on {layout.device}; the Numba decoder runs on the CPU"
+        try:
+            from ryzen_opt.kernels.numba import decoder_step
+        except Exception as e:  # numba missing or broken: the reason goes into the report
+            return f"numba decoder step unavailable: {type(e).__name__}: {e}"
+        return decoder_step.supports(layout, cls.weights)
+
+    def __init__(
+        self, layout: DecoderLayout, batch: int, max_len: int, shared: dict | None = None
+    ) -> None:
+        super().__init__(layout, batch, max_len, shared)
+        from ryzen_opt.kernels.numba.decoder_step import NumbaDecoder
+
+        key = ("numba_decoder", self.weights)
+        dec = self.shared.get(key)
+        if dec is None or dec.layout is not layout or not dec.current():
+            dec = self.shared[key] = NumbaDecoder(layout, weights=self.weights)
+        self.dec = dec
+        self.kn, self.vn = self.k.numpy(), self.v.numpy()
+
+    def step(self, ids: torch.Tensor, t: int) -> torch.Tensor:
+        out = self.dec.step(ids.numpy(), self.kn, self.vn, t, self.start.numpy())
+        return torch.from_numpy(out)
+
+    def greedy(
+        self, ids, t0: int, n: int, eos: torch.Tensor | None, pad: int, finished, block: int = 0
+    ):
+        # The one-call loop knows no already-finished rows and no held-back eos; those calls
+        # take the per-token loop over the same fused step.
+        if bool(finished.any()) or (eos is not None and block > 0):
+            return super().greedy(ids, t0, n, eos, pad, finished, block)
+        eos_ids = () if eos is None else [int(e) for e in eos.tolist()]
+        tokens, steps = self.dec.greedy(
+            ids.numpy(), self.kn, self.vn, t0, self.start.numpy(), n, eos_ids, pad
+        )
+        return torch.from_numpy(tokens[:, :steps]), steps
+
+
+class NumbaInt8Stepper(NumbaStepper):
+    name = "numba_decoder[int8]"
+    weights = "int8"
+
+
+NumbaStepper.name = "numba_decoder[fp32]"
+
 PATHS: dict[str, Callable[..., Stepper]] = {
     Stepper.name: Stepper,
     GraphStepper.name: GraphStepper,
     TritonGraphStepper.name: TritonGraphStepper,
+    NumbaStepper.name: NumbaStepper,
+    NumbaInt8Stepper.name: NumbaInt8Stepper,
 }
 
 

@@ -94,6 +94,7 @@ class FastGenerate:
         self.model, self.routes = model, list(routes)
         self._layout: DecoderLayout | None = None
         self.steppers: dict[int, decoder.Stepper] = {}
+        self.shared: dict = {}  # what every batch size's stepper reuses (decoders, int8)
         self.last_route = ""
         self.__doc__ = type(model).generate.__doc__
 
@@ -130,7 +131,8 @@ class FastGenerate:
         if st is None or st.name != name or st.max_len < needed:
             self.steppers.pop(batch, None)  # free the old buffers before the new ones
             length = decoder.cache_len(needed, self.layout.max_positions)
-            st = self.steppers[batch] = decoder.PATHS[name](self.layout, batch, length)
+            st = decoder.PATHS[name](self.layout, batch, length, self.shared)
+            self.steppers[batch] = st
         return st
 
     # ------------------------------------------------------------------ settings
@@ -310,10 +312,14 @@ class FastGenerate:
         return torch.multinomial(probs, num_samples=1).squeeze(1)
 
 
-def install(model: nn.Module, layout: DecoderLayout, routes) -> Callable[[], None]:
-    """Route ``model.generate`` through :class:`FastGenerate`; returns the undo."""
+def install(
+    model: nn.Module, layout: DecoderLayout, routes, shared: dict | None = None
+) -> Callable[[], None]:
+    """Route ``model.generate`` through :class:`FastGenerate`; returns the undo. ``shared``:
+    what the selection already built for the paths (reused, not rebuilt)."""
     fast = FastGenerate(model, routes)
     fast._layout = layout
+    fast.shared = {} if shared is None else shared
     model.generate = fast
 
     def undo() -> None:

@@ -77,12 +77,18 @@ def _greedy_kwargs(model, n: int) -> dict[str, Any]:
     return {"max_new_tokens": n, "do_sample": False, "pad_token_id": pad, "eos_token_id": None}
 
 
-def _verify(model, layout, name, b, kw, n, ref_tokens, ref_logits, tol, res) -> bool:
+def _fast(model, layout, name: str, b: int, shared: dict) -> FastGenerate:
+    """A generate routed to path ``name`` at batch ``b`` (``shared``: its reusable state)."""
+    fast = FastGenerate(model, [(b, b, name)])
+    fast._layout, fast.shared = layout, shared
+    return fast
+
+
+def _verify(model, layout, name, b, kw, n, ref_tokens, ref_logits, tol, res, shared) -> bool:
     """Teacher-forced logits of path ``name`` against the original's; then its own greedy."""
     ids = kw["input_ids"]
     p = ids.shape[1]
-    fast = FastGenerate(model, [(b, b, name)])
-    fast._layout = layout
+    fast = _fast(model, layout, name, b, shared)
     st = fast.stepper(b, p + n)
     mask = kw.get("attention_mask")
     if mask is None:
@@ -131,8 +137,9 @@ def select(
     vers: dict,
     baseline_id: str,
     budget_left,
-) -> tuple[SiteReport, list]:
-    """Verify and time every decoder path at every batch size; the report and the routes."""
+) -> tuple[SiteReport, list, dict]:
+    """Verify and time every decoder path at every batch size; the report, the routes and the
+    state the paths built (a Numba decoder, int8 weights) for :func:`generate.install`."""
     dev = layout.device
     n = max(2, int(getattr(config, "decode_tokens", 16)))
     srep = SiteReport(
@@ -143,6 +150,7 @@ def select(
     names = path_names(config, dev)
     tol = config.tolerance_for(layout.dtype, dev)
     winners: dict[int, str] = {}
+    shared: dict = {}  # state the paths reuse across batch sizes (and the installed generate)
     measured: list[int] = []
     orig = type(model).generate.__get__(model)
     for b, kw in prompts(model, layout, example, config):
@@ -169,7 +177,9 @@ def select(
                 res.detail = reason
                 continue
             try:
-                ok = _verify(model, layout, name, b, kw, n, ref_tokens, ref_logits, tol, res)
+                ok = _verify(
+                    model, layout, name, b, kw, n, ref_tokens, ref_logits, tol, res, shared
+                )
             except Exception as e:  # a path that raises is reported, never shipped
                 res.status, res.detail = "failed", f"{type(e).__name__}: {e}"
                 continue
@@ -189,6 +199,7 @@ def select(
                 dev_desc,
                 vers,
                 baseline_id,
+                shared,
             )
         srep.cases.append(crep)
         best = max(
@@ -200,11 +211,11 @@ def select(
             winners[b] = best.backend
             srep.chosen[crep.case] = best.backend
         del ref_tokens, ref_logits
-    return srep, routes(measured, winners)
+    return srep, routes(measured, winners), shared
 
 
 def _time(
-    model, layout, name, b, kw, gk, orig, res, config, cache, dev_desc, vers, baseline_id
+    model, layout, name, b, kw, gk, orig, res, config, cache, dev_desc, vers, baseline_id, shared
 ) -> None:
     p = kw["input_ids"].shape[1]
     key = DecisionCache.key(
@@ -220,8 +231,7 @@ def _time(
     )
     hit = cache.get(key)
     if hit is None:
-        fast = FastGenerate(model, [(b, b, name)])
-        fast._layout = layout
+        fast = _fast(model, layout, name, b, shared)
         with torch.no_grad():
             cmp = compare(
                 lambda: orig(**kw, **gk),
