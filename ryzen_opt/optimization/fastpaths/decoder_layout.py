@@ -211,12 +211,11 @@ def reference_step(
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_cache[i].index_copy_(2, t, k[:, :, None, :])
         v_cache[i].index_copy_(2, t, v[:, :, None, :])
-        kk, vv = k_cache[i], v_cache[i]
-        if group > 1:
-            kk = kk.repeat_interleave(group, dim=1)
-            vv = vv.repeat_interleave(group, dim=1)
+        # Grouped-query attention without copying the cache: the ``group`` query heads of
+        # one kv head are that head's ``group`` queries (no mask between them).
+        qg = q.view(b, lay.kv_heads, group, lay.head_dim)
         y = F.scaled_dot_product_attention(
-            q[:, :, None, :], kk, vv, attn_mask=mask, scale=lay.attn_scale
+            qg, k_cache[i], v_cache[i], attn_mask=mask, scale=lay.attn_scale
         )
         x = x + layer.o(y.reshape(b, lay.heads * lay.head_dim))
         h = layer.mlp_norm(x)
