@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("triton")
 pytest.importorskip("transformers")
 
+from ryzen_opt.kernels.triton import _common  # noqa: E402
 from ryzen_opt.kernels.triton import decoder_step as tds  # noqa: E402
 from ryzen_opt.optimization import families  # noqa: E402
 from ryzen_opt.optimization.fastpaths.decoder_layout import reference_step  # noqa: E402
@@ -43,26 +44,31 @@ def _double(obj):
         return tuple(_double(o) for o in obj)
     if dataclasses.is_dataclass(obj):
         keep = ("rope_inv_freq",)  # float32 in the model too
-        return dataclasses.replace(obj, **{
-            f.name: _double(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-            if f.name not in keep})
+        return dataclasses.replace(
+            obj,
+            **{
+                f.name: _double(getattr(obj, f.name))
+                for f in dataclasses.fields(obj)
+                if f.name not in keep
+            },
+        )
     return obj
 
 
 def _stress(n, k, batch, *, sms, accumulators=1, transposed=False, divides=None):
-    """Small tiles and three K splits: several K tiles a split, a ragged last split, and
-    (where K is short) empty splits; rows in groups of 2 on the FMA path."""
-    c = tds._config(n, k, batch, sms=sms, accumulators=accumulators, transposed=transposed,
-                    divides=divides)
+    """Short K tiles and three K splits: several tiles a split, a ragged last split and (where
+    K is short) an empty one; rows in groups of 2 on the FMA path."""
+    c = tds._config(
+        n, k, batch, sms=sms, accumulators=accumulators, transposed=transposed, divides=divides
+    )
     if c.dot:
         return dataclasses.replace(c, block_k=16, split_k=3)
-    block_n = 4 if divides is None else min(4, divides & -divides)
-    return dataclasses.replace(c, block_b=min(c.block_b, 2), block_n=block_n, block_k=16,
-                               split_k=3)
+    block_n = 16 if divides is None else min(16, divides & -divides)  # fewer programs
+    return dataclasses.replace(c, block_b=min(c.block_b, 2), block_n=block_n, block_k=32, split_k=3)
 
 
 def _stress_attn(batch, kv_heads, head_dim, t_max, *, sms):
-    return tds.AttnConfig(block_t=16, splits=3)
+    return tds.AttnConfig(block_t=16, splits=3)  # t >= 5: one to two tiles a split
 
 
 def _ramp_norms(model):
@@ -90,6 +96,12 @@ def _run_steps(family, dtype, starts, t0, steps, t_max, config, attn_config, **o
     start = torch.tensor(starts, dtype=torch.int64)
     ws = tds.DecoderWorkspace(lay, b, config=config, attn_config=attn_config)
     tol = TOL[dtype]
+    if dtype == torch.bfloat16 and _common.INTERPRET:
+        # Triton 3.9's interpreter truncates fp32 -> bf16 casts (round toward zero: mean
+        # relative error 2.7e-3 against 1.4e-3 for round-to-nearest, measured), so each
+        # rounding point of the step errs twice as much as on the GPU: llama measured 1.06e-2
+        # against float64, where torch's own bf16 reference_step is at 4.9e-3.
+        tol = 2 * tol
     for step in range(steps):
         ids = torch.randint(1, lay.vocab, (b,), generator=g)
         t = torch.tensor([t0 + step])
@@ -108,6 +120,7 @@ def _run_steps(family, dtype, starts, t0, steps, t_max, config, attn_config, **o
 
 DEFAULT = (tds._config, tds._attn_config)
 STRESS = (_stress, _stress_attn)
+ONE_LAYER = dict(num_hidden_layers=1)  # the interpreter runs a split program in ~30 ms
 
 
 @pytest.mark.parametrize(
@@ -115,54 +128,90 @@ STRESS = (_stress, _stress_attn)
     [
         # batch 1; head_dim 16, 4 heads over 2 kv heads, cache of 21 slots (tiles of 32)
         ("llama", torch.float32, [0], 21, DEFAULT, {}),
-        # left padding, split-K everywhere, three attention splits of 16-slot tiles
-        ("llama", torch.float32, [0, 2, 4], 21, STRESS, {}),
-        # head_dim 32 and 64, one kv head; hidden 96 / intermediate 100: no tile multiples
-        ("llama", torch.float32, [3, 0, 1], 37, STRESS,
-         dict(hidden_size=96, num_attention_heads=3, num_key_value_heads=1,
-              intermediate_size=100)),
-        ("llama", torch.float16, [1, 0, 4], 37, DEFAULT,
-         dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1)),
+        # left padding, split-K everywhere, rows in groups of 2, three attention splits
+        ("llama", torch.float32, [0, 2, 4], 21, STRESS, ONE_LAYER),
+        # head_dim 32, one kv head for 3 heads; hidden 96 and intermediate 100 are no
+        # multiples of the tiles (128, and 32 under STRESS)
+        (
+            "llama",
+            torch.float32,
+            [3, 0, 1],
+            37,
+            DEFAULT,
+            dict(
+                hidden_size=96,
+                num_attention_heads=3,
+                num_key_value_heads=1,
+                intermediate_size=100,
+                num_hidden_layers=1,
+            ),
+        ),
+        # head_dim 64
+        (
+            "llama",
+            torch.float16,
+            [1, 0, 4],
+            37,
+            STRESS,
+            dict(
+                hidden_size=128, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1
+            ),
+        ),
+        ("llama", torch.bfloat16, [0, 2, 4], 21, DEFAULT, {}),
         # Qwen2: q/k/v biases, tied head
-        ("qwen2", torch.float32, [0, 2, 4], 21, STRESS, {}),
-        ("qwen2", torch.float16, [0, 2, 4], 21, DEFAULT, {}),
-        ("llama", torch.bfloat16, [0, 2, 4], 21, STRESS, {}),
+        ("qwen2", torch.float16, [0, 2, 4], 21, STRESS, ONE_LAYER),
         # GPT-2: LayerNorm, learned positions, Conv1D (in, out) strided weights, GELU-tanh
-        ("gpt2", torch.float32, [0], 21, DEFAULT, {}),
-        ("gpt2", torch.float32, [0, 2, 4], 21, STRESS, {}),
-        ("gpt2", torch.float16, [0, 2, 4], 21, DEFAULT, {}),
+        ("gpt2", torch.float32, [0, 2, 4], 21, STRESS, dict(n_layer=1)),
+        ("gpt2", torch.float16, [2], 21, DEFAULT, {}),
         # 5 rows: the tl.dot path (rows padded to 16), default and split
         ("llama", torch.float32, [0, 1, 2, 3, 4], 21, DEFAULT, {}),
-        ("gpt2", torch.bfloat16, [0, 1, 2, 3, 4], 21, STRESS, {}),
+        ("gpt2", torch.bfloat16, [0, 1, 2, 3, 4], 21, STRESS, dict(n_layer=1)),
     ],
 )
 def test_steps_match_the_reference_step(family, dtype, starts, t_max, configs, overrides):
-    _run_steps(family, dtype, starts, t0=5, steps=3, t_max=t_max, config=configs[0],
-               attn_config=configs[1], **overrides)
+    _run_steps(
+        family,
+        dtype,
+        starts,
+        t0=5,
+        steps=3,
+        t_max=t_max,
+        config=configs[0],
+        attn_config=configs[1],
+        **overrides,
+    )
 
 
 def test_config_fills_the_gpu_on_llama_1b_shapes():
     # Llama 1.2B: every matmul launches >= 2 programs per SM at batch 1 and 16.
     for batch in (1, 3, 16):
-        for n, k, accs, div in [(3072, 2048, 1, 64), (2048, 2048, 1, None),
-                                (8192, 2048, 2, None), (2048, 8192, 1, None),
-                                (32000, 2048, 1, None)]:
+        for n, k, accs, div in [
+            (3072, 2048, 1, 64),
+            (2048, 2048, 1, None),
+            (8192, 2048, 2, None),
+            (2048, 8192, 1, None),
+            (32000, 2048, 1, None),
+        ]:
             c = tds._config(n, k, batch, sms=132, accumulators=accs, divides=div)
             programs = -(-n // c.block_n) * c.split_k * -(-batch // c.block_b)
             assert programs >= 264, (n, k, batch, c)
             assert c.block_b * c.block_n * c.block_k * accs <= 4096 or c.dot, c
-    assert tds._attn_config(1, 8, 64, 4096, sms=132).splits == 32
+    for batch in (1, 16):
+        a = tds._attn_config(batch, 8, 64, 4096, sms=132)
+        assert batch * 8 * a.splits >= 264 and a.splits * a.block_t <= 4096, a
 
 
 def test_supports_gives_reasons():
     lay = _layout(tiny("llama"))
     assert tds.supports(lay) is None
-    assert "head_dim" in tds.supports(_layout(tiny("llama", num_attention_heads=8,
-                                                   num_key_value_heads=8)))
-    assert "dtype" in tds.supports(_layout(tiny("llama", torch.float64)))
+    assert "head_dim" in tds.supports(
+        _layout(tiny("llama", num_attention_heads=8, num_key_value_heads=8))
+    )
+    assert "dtype" in tds.supports(_double(lay))
     assert "family" in tds.supports(dataclasses.replace(lay, family="bert"))
     assert "norm kind" in tds.supports(
-        dataclasses.replace(lay, final_norm=dataclasses.replace(lay.final_norm, kind="group")))
+        dataclasses.replace(lay, final_norm=dataclasses.replace(lay.final_norm, kind="group"))
+    )
     with pytest.raises(ValueError, match="layout: .*head_dim"):
         tds.DecoderWorkspace(_layout(tiny("llama", num_attention_heads=8)), 1)
 

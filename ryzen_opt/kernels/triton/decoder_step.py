@@ -105,7 +105,7 @@ def _config(n: int, k: int, batch: int, *, sms: int = 132, accumulators: int = 1
     elif dot:
         block_k, block_n, min_n = 256, 16, 16
     else:
-        block_k = min(512, max(128, 1024 // block_b))
+        block_k = min(512, max(128, 1024 // block_b), max(16, _pow2(k)))
         block_n = max(2, 4096 // (block_b * block_k * accumulators))
         min_n = 2 if block_b > 1 else 4
     block_k = min(block_k, max(16, _pow2(k)))
