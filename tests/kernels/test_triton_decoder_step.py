@@ -202,18 +202,18 @@ def test_config_fills_the_gpu_on_llama_1b_shapes():
 
 
 def test_supports_gives_reasons():
-    lay = _layout(tiny("llama"))
+    lay = _layout(tiny("llama").to(DEVICE))
     assert tds.supports(lay) is None
-    assert "head_dim" in tds.supports(
-        _layout(tiny("llama", num_attention_heads=8, num_key_value_heads=8))
-    )
+    narrow = tiny("llama", num_attention_heads=8, num_key_value_heads=8).to(DEVICE)
+    assert "head_dim" in tds.supports(_layout(narrow))
     assert "dtype" in tds.supports(_double(lay))
     assert "family" in tds.supports(dataclasses.replace(lay, family="bert"))
-    assert "norm kind" in tds.supports(
-        dataclasses.replace(lay, final_norm=dataclasses.replace(lay.final_norm, kind="group"))
-    )
+    odd_norm = dataclasses.replace(lay.final_norm, kind="group")
+    assert "norm kind" in tds.supports(dataclasses.replace(lay, final_norm=odd_norm))
+    if DEVICE == "cuda" or not _common.INTERPRET:
+        assert "CUDA" in tds.supports(_layout(tiny("llama")))  # a CPU model, no interpreter
     with pytest.raises(ValueError, match="layout: .*head_dim"):
-        tds.DecoderWorkspace(_layout(tiny("llama", num_attention_heads=8)), 1)
+        tds.DecoderWorkspace(_layout(narrow), 1)
 
 
 def test_bad_arguments_name_the_argument():

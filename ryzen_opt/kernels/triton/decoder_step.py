@@ -579,10 +579,6 @@ def supports(layout) -> str | None:
     return None
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return _common.dot_precision(dtype)
-
-
 class DecoderWorkspace:
     """The activations of one batch size's step, allocated once (a CUDA graph needs fixed
     addresses), and the tiles every launch uses.
@@ -664,9 +660,9 @@ class DecoderWorkspace:
         self.counters = torch.zeros(max(tiles, b * lay.kv_heads), device=dev, dtype=torch.int32)
         self.block_g = max(16, _pow2(lay.heads // lay.kv_heads))
         self._attn_parts_for = None
-        self.qkv_bias = self._qkv_bias(layer)
+        self.qkv_bias = self._qkv_bias()
 
-    def _qkv_bias(self, layer):
+    def _qkv_bias(self):
         """q/k/v biases per layer, zeros standing in for a missing one when others exist."""
         out = []
         for ly in self.layout.layers:
@@ -732,7 +728,8 @@ def _linear(ws, c: LinearConfig, x, lin1, out, *, lin2=None, norm=None, act=0, r
         s1o, s1i, s2o, s2i,
         NORM=kind, ACT=act, HAS_BIAS=has_bias, HAS_RES=res is not None,
         BLOCK_B=c.block_b, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k, DOT=c.dot,
-        UPCAST=_common.upcast_dot(dt), DOT_PRECISION=_dot_precision(dt), num_warps=c.num_warps,
+        UPCAST=_common.upcast_dot(dt), DOT_PRECISION=_common.dot_precision(dt),
+        num_warps=c.num_warps,
     )
     # fmt: on
     return out
@@ -772,7 +769,7 @@ def decoder_step(layout, ids, k_cache, v_cache, t, start, ws: DecoderWorkspace):
     t_max = k_cache.shape[3]
     ac = ws.bind(t_max)
     dt = lay.dtype
-    upcast, prec = _common.upcast_dot(dt), _dot_precision(dt)
+    upcast, prec = _common.upcast_dot(dt), _common.dot_precision(dt)
     qc = ws.cfg["qkv"]
     nq = (lay.heads + 2 * lay.kv_heads) * lay.head_dim
     w = lay.embed
