@@ -61,9 +61,10 @@ class Linear:
         return (s1, s0) if self.transposed else (s0, s1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # Weights are widened to the activations' dtype (the float32 check of a bf16 model).
         w = self.weight if self.transposed else self.weight.t()
-        y = x @ w
-        return y + self.bias if self.bias is not None else y
+        y = x @ w.to(x.dtype)
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
 
 
 @dataclass(frozen=True)
@@ -76,12 +77,14 @@ class Norm:
     eps: float
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype)
         if self.kind == "layer":
-            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+            b = None if self.bias is None else self.bias.to(x.dtype)
+            return F.layer_norm(x, (x.shape[-1],), w, b, self.eps)
         # HF's Llama/Qwen2 RMSNorm: float32 statistics, weight applied in the input dtype.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return w * xf.to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -188,14 +191,16 @@ def reference_step(
     t: torch.Tensor,
     start: torch.Tensor,
 ) -> torch.Tensor:
-    """Logits ``(batch, vocab)`` (model dtype) of one token per row; writes slot ``t`` of the
-    caches. Graph-safe: no host reads of ``t`` or ``start``."""
+    """Logits ``(batch, vocab)`` of one token per row; writes slot ``t`` of the caches.
+    Graph-safe: no host reads of ``t`` or ``start``. The math runs in the caches' dtype: the
+    model's (the fast path), or float32 caches over a bf16/fp16 model's weights, widened op by
+    op (the near-exact answer the selection measures both the model and a path against)."""
     lay = layout
     b = ids.shape[0]
     positions = t - start  # (b,)
-    x = lay.embed[ids]
+    x = lay.embed[ids].to(k_cache.dtype)
     if lay.pos_embed is not None:
-        x = x + lay.pos_embed[positions]
+        x = x + lay.pos_embed[positions].to(x.dtype)
     if lay.rope_inv_freq is not None:
         cos, sin = rope_cos_sin(lay, positions, x.dtype)
     slots = torch.arange(k_cache.shape[3], device=ids.device)

@@ -247,6 +247,9 @@ class FastGenerate:
         logits = out.logits[:, -1]
         del out
         dev = ids.device
+        # An eos id outside the vocabulary can never be produced (tiny test configs keep
+        # GPT-2's 50256): it stops nothing, and it must not index the logits.
+        eos = [e for e in eos if 0 <= e < self.layout.vocab]
         eos_t = torch.tensor(eos, dtype=torch.int64, device=dev) if eos else None
         finished = torch.zeros(b, dtype=torch.bool, device=dev)
         warpers = self._warpers(cfg) if cfg.do_sample else None
