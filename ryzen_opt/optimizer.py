@@ -30,7 +30,7 @@ from ryzen_opt.kernels import registry
 from ryzen_opt.kernels.reference import error_floor
 from ryzen_opt.kernels.registry import BackendError
 from ryzen_opt.models.model import SimpleTransformerModel
-from ryzen_opt.optimization import families, fastpath, hf
+from ryzen_opt.optimization import families, fastpaths, hf
 from ryzen_opt.optimization.cache import DecisionCache, device_description, versions
 from ryzen_opt.optimization.config import OptimizeConfig, dtype_name, parse_dtype
 from ryzen_opt.optimization.examples import normalize_example
@@ -485,14 +485,14 @@ class KernelOptimizer:
         if not isinstance(model, SimpleTransformerModel) or cfg.fast_paths == ():
             return [], None
         dev = plan.device
-        names = fastpath.FAST_PATHS if cfg.fast_paths is None else cfg.fast_paths
+        names = fastpaths.FAST_PATHS if cfg.fast_paths is None else cfg.fast_paths
         # The decision depends on what the model runs now (kernel swaps included).
         swaps = sorted(f"{s.path}:{k}={v}" for s in report.sites for k, v in s.chosen.items())
         baseline_id = "SimpleTransformerModel[" + ",".join(swaps) + "]"
         reports, decode, prefill, measured_batches = [], [], {}, set()
         for kind in ("prefill", "decode"):
             runs = [r for r in plan.runs if r.label == kind]
-            paths = [fastpath.make_path(n) for n in names if fastpath.make_path(n).kind == kind]
+            paths = [fastpaths.make_path(n) for n in names if fastpaths.make_path(n).kind == kind]
             if not runs or not paths:
                 continue
             srep = SiteReport(
@@ -550,7 +550,7 @@ class KernelOptimizer:
                 nxt = measured[i + 1] if i + 1 < len(measured) else None
                 hi = nxt - 1 if nxt is not None and nxt in won else b
                 ranges.append((b, hi, won[b]))
-        return reports, fastpath.FastPaths(ranges, prefill)
+        return reports, fastpaths.FastPaths(ranges, prefill)
 
     def _decoder_paths(self, plan, model, cache, dev_desc, vers, report, t0) -> list:
         """The decode-loop paths of a Hugging Face decoder family: measured through
@@ -709,7 +709,7 @@ class KernelOptimizer:
                     )
             report.sites += fast_reports
             if paths is not None:
-                undo.append(fastpath.install(model, paths))
+                undo.append(fastpaths.install(model, paths))
                 report.notes.append("fast paths: " + "; ".join(paths.describe()))
             report.changed = bool(undo)
             if undo and cfg.model_check and plan.reference is not None:
