@@ -10,6 +10,10 @@ if the whole bootstrap interval of the speed-up lies above 1 and the median reac
 the original parameters and ``state_dict`` keys, and whole-model runs then check the
 optimized model against the original once more. If nothing is faster, or the whole model is
 wrong or slower, the model comes back unchanged and the report says why.
+
+This module is the front door: :meth:`KernelOptimizer.plan` finds the sites and captures
+their inputs, :meth:`KernelOptimizer.apply` hands them to the measuring engine
+(:mod:`ryzen_opt.optimization.engine`), installs the winners and records the report.
 """
 
 from __future__ import annotations
