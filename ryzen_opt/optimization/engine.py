@@ -253,25 +253,12 @@ class Engine:
                     min_sample_s=cfg.min_sample_s,
                     confidence=cfg.confidence,
                 )
-            hit = {
-                "speedup": cmp.speedup,
-                "ci": [cmp.ci_low, cmp.ci_high],
-                "baseline_s": cmp.baseline.median,
-                "candidate_s": cmp.candidate.median,
-                "n": cmp.baseline.n,
-            }
+            hit = DecisionCache.record(cmp)
             self.cache.put(key, hit)
         else:
             res.cached = True
-        res.speedup, res.ci = hit["speedup"], tuple(hit["ci"])
-        res.baseline_s, res.candidate_s = hit["baseline_s"], hit["candidate_s"]
-        faster = res.ci[0] > 1.0 and res.speedup >= cfg.min_speedup
-        res.status = "faster" if faster else "slower"
-        if not faster:
-            res.detail = (
-                f"{res.speedup:.2f}x, CI [{res.ci[0]:.2f}, {res.ci[1]:.2f}]"
-                f" (needs CI > 1 and >= {cfg.min_speedup:g}x)"
-            )
+        if not res.record_timing(hit, cfg.min_speedup):
+            res.detail = res.slower_detail(cfg.min_speedup)
 
     def decide(
         self, site: Site, results: list[tuple[Case, CaseResult]]

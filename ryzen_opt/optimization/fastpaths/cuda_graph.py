@@ -37,7 +37,7 @@ class _Graph:
         self.binding = binding
 
 
-def _capture(fn: Callable[[], Any], device: torch.device):
+def capture(fn: Callable[[], Any], device: torch.device):
     """Warm ``fn`` up on a side stream (as capture requires), then capture it in a graph."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -94,7 +94,7 @@ class CudaGraphDecode(_CudaGraphPath):
         pos = torch.zeros(1, dtype=torch.int64, device=dev)
         step, extra = self._make_step(model, b, buf, ids, pos)
         with torch.no_grad():
-            graph, logits = _capture(step, dev)
+            graph, logits = capture(step, dev)
         inputs = {"ids": ids, "pos": pos, "buffer": buf, **extra}
         return _Graph(graph, inputs, logits, Binding(model))
 
@@ -219,7 +219,7 @@ class CudaGraphPrefill(_CudaGraphPath):
         dev = model.tok_emb.weight.device
         idx = torch.zeros(shape, dtype=torch.int64, device=dev)
         with torch.no_grad():
-            graph, out = _capture(lambda: SimpleTransformerModel._forward(model, idx, None, 0), dev)
+            graph, out = capture(lambda: SimpleTransformerModel._forward(model, idx, None, 0), dev)
         return _Graph(graph, {"idx": idx}, out, Binding(model))
 
     def prepare_shape(self, model, shape: tuple[int, int]) -> _Graph:
