@@ -12,7 +12,9 @@ to launch than to run. The fast paths here replace the whole step:
   (:data:`~.layout.STM_LAYOUT`) and which models it describes (:func:`structure_reason`);
 * :mod:`.routing`: the registry of paths by name (:data:`PATHS`), and
   :class:`FastPathTransformer`, which routes an optimized model's served shapes to them;
-* :mod:`.decoder_layout`: the same contract for the Hugging Face decoder families.
+* :mod:`.decoder_layout`: the same contract for the Hugging Face decoder families, and
+  :mod:`.decoder` (steppers over a static cache), :mod:`.generate` (HF's ``generate`` API
+  over them) and :mod:`.hf_select` (their measurement through ``generate``).
 
 ``optimize()`` treats each path like a kernel candidate: it verifies the logits (two
 consecutive decode steps, so the cache writes are checked too) against the model, times it
