@@ -35,7 +35,7 @@ from bench.common import (
     write_json,
 )
 from ryzen_opt.models import ModelConfig, SimpleTransformerModel
-from ryzen_opt.optimization.fastpath import CudaGraphDecode, NumbaFusedDecode, TritonGraphDecode
+from ryzen_opt.optimization.fastpaths import CudaGraphDecode, NumbaFusedDecode, TritonGraphDecode
 from ryzen_opt.timing import compare
 
 

@@ -10,14 +10,16 @@ if the whole bootstrap interval of the speed-up lies above 1 and the median reac
 the original parameters and ``state_dict`` keys, and whole-model runs then check the
 optimized model against the original once more. If nothing is faster, or the whole model is
 wrong or slower, the model comes back unchanged and the report says why.
+
+This module is the front door: :meth:`KernelOptimizer.plan` finds the sites and captures
+their inputs, :meth:`KernelOptimizer.apply` hands them to the measuring engine
+(:mod:`ryzen_opt.optimization.engine`), installs the winners and records the report.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,25 +29,20 @@ import torch
 import torch.nn as nn
 
 from ryzen_opt.kernels import registry
-from ryzen_opt.kernels.reference import error_floor
-from ryzen_opt.kernels.registry import BackendError
 from ryzen_opt.models.model import SimpleTransformerModel
-from ryzen_opt.optimization import families, fastpath, hf
-from ryzen_opt.optimization.cache import DecisionCache, device_description, versions
+from ryzen_opt.optimization import families, fastpaths, hf
+from ryzen_opt.optimization.cache import DecisionCache
 from ryzen_opt.optimization.config import OptimizeConfig, dtype_name, parse_dtype
+from ryzen_opt.optimization.engine import (
+    Engine,
+    check_whole_model,
+    progress_bar,
+    weight_sharing_copy,
+)
 from ryzen_opt.optimization.examples import normalize_example
 from ryzen_opt.optimization.fastpaths import generate as fast_generate
-from ryzen_opt.optimization.fastpaths import hf_select
-from ryzen_opt.optimization.modules import Route
-from ryzen_opt.optimization.report import (
-    CandidateResult,
-    CaseResult,
-    ModelCheck,
-    OptimizationReport,
-    SiteReport,
-)
+from ryzen_opt.optimization.report import OptimizationReport
 from ryzen_opt.optimization.sites import (
-    Case,
     Run,
     Site,
     capture,
@@ -59,7 +56,7 @@ from ryzen_opt.optimization.sites import (
     stm_attention_site,
     stm_runs,
 )
-from ryzen_opt.timing import PeakMemory, compare
+from ryzen_opt.timing import PeakMemory
 
 __all__ = ["KernelOptimizer", "OptimizationPlan", "OptimizeConfig", "optimize"]
 
@@ -94,7 +91,7 @@ class OptimizationPlan:
         return sum(len(c.candidates) for s in self.sites for c in s.cases)
 
 
-def _check_model(model: Any) -> None:
+def _require_module(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
@@ -118,74 +115,6 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
         if p.is_floating_point():
             return p.device, p.dtype
     return torch.device("cpu"), torch.float32
-
-
-def _rel_error(out: torch.Tensor, ref: torch.Tensor, tol: float) -> tuple[float, float]:
-    """``||out - ref|| / max(||ref||, floor)`` and the largest absolute difference.
-
-    The floor (:func:`ryzen_opt.kernels.reference.error_floor`) keeps a reference that
-    cancels to near zero from turning rounding into a "relative error" of 1. Computed on the
-    tensors' device (a CPU copy of a model's logits would cost more than the check). A
-    non-finite output where the reference is finite is an infinite error.
-    """
-    o, r = out.detach().double(), ref.detach().double()
-    if not bool(torch.isfinite(o)[torch.isfinite(r)].all()):
-        return math.inf, math.inf
-    o, r = torch.nan_to_num(o), torch.nan_to_num(r)
-    diff = o - r
-    num = float(diff.norm())
-    den = max(float(r.norm()), error_floor(ref.dtype, tol, ref.numel()))
-    mx = float(diff.abs().max()) if diff.numel() else 0.0
-    return (num / den if den else num), mx
-
-
-@contextlib.contextmanager
-def _progress(config: OptimizeConfig, total: int):
-    """A rich progress bar over the sites (on a terminal, or when ``config.progress``)."""
-    show = config.progress if config.progress is not None else sys.stderr.isatty()
-    if not show:
-        yield lambda what: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    cols = (
-        TextColumn("optimize()"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-    )
-    with Progress(*cols, transient=True, console=Console(stderr=True)) as bar:
-        task = bar.add_task("", total=total)
-        state = {"started": False}
-
-        def advance(what: str) -> None:
-            bar.update(task, advance=1 if state["started"] else 0, description=what)
-            state["started"] = True
-
-        yield advance
-        bar.update(task, completed=total)
-
-
-def weight_sharing_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose Parameters are new objects over the same weight storage.
-
-    The whole-model check's reference: optimizing replaces modules and may rebind a
-    Parameter's ``.data`` (the fused CPU decode step moves weights into its arena), but
-    never writes into the original storage, so the reference keeps the original values at
-    no cost in memory (a deep copy doubled the weights: 10.1 GB peak for a 2.2 GB bf16
-    Llama). Tied weights stay tied; buffers are copied.
-    """
-    memo: dict[int, Any] = {}
-    for p in model.parameters():  # deduplicated: a tied weight maps once
-        memo[id(p)] = nn.Parameter(p.data, requires_grad=p.requires_grad)
-    return copy.deepcopy(model, memo)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class KernelOptimizer:
@@ -260,7 +189,7 @@ class KernelOptimizer:
         Returns:
             An :class:`OptimizationPlan` for :meth:`apply`.
         """
-        _check_model(model)
+        _require_module(model)
         device, dtype = _model_device_dtype(model)
         example = normalize_example(model, example_inputs, device)
         notes = [f"backend module failed to import: {e}" for e in registry.import_errors().values()]
@@ -336,316 +265,6 @@ class KernelOptimizer:
             model, device, dtype, sites, runs, reference, backends, notes, hf_impl, example
         )
 
-    # ------------------------------------------------------------------ measure
-
-    def _evaluate(self, cand, case: Case, ref, site: Site, dev, cache, dev_desc, vers):
-        backend = registry.backends(cand.op)[cand.backend]
-        res = CandidateResult(cand.name, cand.op, "unsupported")
-        reason = backend.why_not(dev.type, *cand.args)
-        if reason is not None:
-            res.detail = reason
-            return res
-        try:
-            with torch.no_grad():
-                out = cand.call()
-            _sync(dev)
-        except BackendError as e:
-            res.detail = str(e)
-            return res
-        except Exception as e:
-            res.status, res.detail = "failed", f"{type(e).__name__}: {e}"
-            return res
-        if not self._matches(res, out, ref, dev):
-            return res
-        self._time(
-            res,
-            cand.op,
-            cand.name,
-            site.baseline_id,
-            case.key,
-            case.baseline,
-            cand.call,
-            dev,
-            cache,
-            dev_desc,
-            vers,
-        )
-        return res
-
-    def _matches(self, res: CandidateResult, out, ref: torch.Tensor, dev) -> bool:
-        """Record the error of ``out`` against ``ref``; ``False`` (status "error") if too large."""
-        if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
-            res.status = "error"
-            res.detail = f"output shape {getattr(out, 'shape', None)} != {tuple(ref.shape)}"
-            return False
-        tol = self.config.tolerance_for(ref.dtype, dev)
-        err, max_abs = _rel_error(out, ref, tol)
-        res.rel_error = err if res.rel_error is None else max(res.rel_error, err)
-        res.max_abs_error = (
-            max_abs if res.max_abs_error is None else max(res.max_abs_error, max_abs)
-        )
-        if not torch.isfinite(out).all() and torch.isfinite(ref).all():
-            res.status, res.detail = "error", "non-finite output"
-            return False
-        if err > tol:
-            res.status, res.detail = "error", f"relative error {err:.2e} > {tol:g}"
-            return False
-        return True
-
-    def _time(self, res, op, name, baseline_id, shape, baseline, call, dev, cache, dev_desc, vers):
-        """Time ``call`` against ``baseline`` (or reuse the cached decision); set the verdict."""
-        cfg = self.config
-        key = DecisionCache.key(
-            device=dev_desc,
-            versions=vers,
-            op=op,
-            candidate=name,
-            baseline=baseline_id,
-            shape=shape,
-            repeat=cfg.repeat,
-            min_sample_s=cfg.min_sample_s,
-            confidence=cfg.confidence,
-        )
-        hit = cache.get(key)
-        if hit is None:
-            with torch.no_grad():
-                cmp = compare(
-                    baseline,
-                    call,
-                    repeat=cfg.repeat,
-                    warmup=cfg.warmup,
-                    device=dev,
-                    min_sample_s=cfg.min_sample_s,
-                    confidence=cfg.confidence,
-                )
-            hit = {
-                "speedup": cmp.speedup,
-                "ci": [cmp.ci_low, cmp.ci_high],
-                "baseline_s": cmp.baseline.median,
-                "candidate_s": cmp.candidate.median,
-                "n": cmp.baseline.n,
-            }
-            cache.put(key, hit)
-        else:
-            res.cached = True
-        res.speedup, res.ci = hit["speedup"], tuple(hit["ci"])
-        res.baseline_s, res.candidate_s = hit["baseline_s"], hit["candidate_s"]
-        faster = res.ci[0] > 1.0 and res.speedup >= cfg.min_speedup
-        res.status = "faster" if faster else "slower"
-        if not faster:
-            res.detail = (
-                f"{res.speedup:.2f}x, CI [{res.ci[0]:.2f}, {res.ci[1]:.2f}]"
-                f" (needs CI > 1 and >= {cfg.min_speedup:g}x)"
-            )
-
-    def _decide(self, site: Site, results: list[tuple[Case, CaseResult]], dev, dtype):
-        """Per case label: the backend faster at every shape of it (best geometric mean)."""
-        routes: list[Route] = []
-        chosen: dict[str, str] = {}
-        for label in dict.fromkeys(c.label for c, _ in results):
-            group = [(c, r) for c, r in results if c.label == label]
-            names = [cand.name for cand in group[0][0].candidates]
-            best, best_score = None, 0.0
-            for name in names:
-                hits = [
-                    next((x for x in r.candidates if x.backend == name), None) for _, r in group
-                ]
-                if any(h is None or h.status != "faster" for h in hits):
-                    continue
-                score = math.exp(sum(math.log(h.speedup) for h in hits) / len(hits))
-                if score > best_score:
-                    best, best_score = name, score
-            if best is None:
-                continue
-            cand = next(x for x in group[0][0].candidates if x.name == best)
-            dims = sorted({d for c, _ in group for d in c.dims})
-            bounds = tuple(
-                (d, min(c.dims[d] for c, _ in group), max(c.dims[d] for c, _ in group))
-                for d in dims
-            )
-            routes.append(
-                Route(
-                    site.route_case(label),
-                    cand.op,
-                    cand.backend,
-                    dev.type,
-                    dtype_name(dtype),
-                    bounds,
-                    cand.packed,
-                )
-            )
-            chosen[label] = best
-        return routes, chosen
-
-    # ------------------------------------------------------------------ fast paths
-
-    def _fast_paths(self, plan, model, cache, dev_desc, vers, report):
-        """Verify and time the model-level fast paths; the winners as :class:`FastPaths`."""
-        cfg = self.config
-        if not isinstance(model, SimpleTransformerModel) or cfg.fast_paths == ():
-            return [], None
-        dev = plan.device
-        names = fastpath.FAST_PATHS if cfg.fast_paths is None else cfg.fast_paths
-        # The decision depends on what the model runs now (kernel swaps included).
-        swaps = sorted(f"{s.path}:{k}={v}" for s in report.sites for k, v in s.chosen.items())
-        baseline_id = "SimpleTransformerModel[" + ",".join(swaps) + "]"
-        reports, decode, prefill, measured_batches = [], [], {}, set()
-        for kind in ("prefill", "decode"):
-            runs = [r for r in plan.runs if r.label == kind]
-            paths = [fastpath.make_path(n) for n in names if fastpath.make_path(n).kind == kind]
-            if not runs or not paths:
-                continue
-            srep = SiteReport(
-                "(whole model)", f"{kind} step", "model-level fast path: the whole step at once"
-            )
-            groups: dict[tuple, list[CaseResult]] = {}
-            for run in runs:
-                state = run.setup(model)
-                ids = state if kind == "prefill" else state[0]
-                group = tuple(ids.shape) if kind == "prefill" else (ids.shape[0],)
-                label = (
-                    f"{kind} {'x'.join(map(str, group))}"
-                    if kind == "prefill"
-                    else (f"decode b{group[0]}")
-                )
-                with torch.no_grad():
-                    ref = run.call(model, state)
-                _sync(dev)
-                crep = CaseResult(label, run.shape)
-                for path in paths:
-                    crep.candidates.append(
-                        self._evaluate_path(
-                            path, run, state, model, ref, baseline_id, cache, dev_desc, vers
-                        )
-                    )
-                srep.cases.append(crep)
-                groups.setdefault(group, []).append(crep)
-            for group, creps in groups.items():
-                best, best_score = None, 0.0
-                for path in paths:
-                    hits = [next(c for c in r.candidates if c.backend == path.name) for r in creps]
-                    if any(h.status != "faster" for h in hits):
-                        continue
-                    score = math.exp(sum(math.log(h.speedup) for h in hits) / len(hits))
-                    if score > best_score:
-                        best, best_score = path, score
-                if best is not None:
-                    srep.chosen[creps[0].case] = best.name
-                    if kind == "prefill":
-                        prefill[group] = best
-                    else:
-                        decode.append((group[0], best))
-                if kind == "decode":
-                    measured_batches.add(group[0])
-            reports.append(srep)
-        if not decode and not prefill:
-            return reports, None
-        # A batch between two measured ones runs the lower one's winner; none runs outside
-        # the measured range.
-        measured = sorted(measured_batches)
-        won = dict(decode)
-        ranges = []
-        for i, b in enumerate(measured):
-            if b in won:
-                nxt = measured[i + 1] if i + 1 < len(measured) else None
-                hi = nxt - 1 if nxt is not None and nxt in won else b
-                ranges.append((b, hi, won[b]))
-        return reports, fastpath.FastPaths(ranges, prefill)
-
-    def _decoder_paths(self, plan, model, cache, dev_desc, vers, report, t0) -> list:
-        """The decode-loop paths of a Hugging Face decoder family: measured through
-        ``generate`` (:mod:`ryzen_opt.optimization.fastpaths.hf_select`); the undo list."""
-        cfg = self.config
-        if not hf.is_hf_model(model) or cfg.fast_paths == ():
-            return []
-        fam, reason = families.find(model)
-        if fam is None:
-            return []
-        if reason is not None:
-            report.notes.append(
-                f"{fam.__name__.rsplit('.', 1)[-1]} decode paths: not used: {reason}"
-            )
-            return []
-        if self._over_budget(t0):
-            report.notes.append(self._budget_note("the decoder fast paths"))
-            return []
-        layout = fam.layout(model)
-        swaps = sorted(f"{s.path}:{k}={v}" for s in report.sites for k, v in s.chosen.items())
-        baseline_id = f"{type(model).__name__}[" + ",".join(swaps) + "]"
-        budget = cfg.time_budget_s
-
-        def left() -> float:
-            return math.inf if budget is None else budget - (time.perf_counter() - t0)
-
-        srep, routes, shared = hf_select.select(
-            model, layout, plan.example, cfg, cache, dev_desc, vers, baseline_id, left
-        )
-        report.sites.append(srep)
-        if not routes:
-            return []
-        report.notes.append(
-            "generate: " + "; ".join(f"batch {lo}-{hi}: {name}" for lo, hi, name in routes)
-        )
-        return [fast_generate.install(model, layout, routes, shared)]
-
-    def _evaluate_path(self, path, run, state, model, ref, baseline_id, cache, dev_desc, vers):
-        """Verify one fast path on one run (two decode steps: the cache writes count), time it."""
-        op = f"{path.kind}_step"
-        res = CandidateResult(path.name, op, "unsupported")
-        reason = path.why_not(model)
-        if reason is not None:
-            res.detail = reason
-            return res
-        dev = ref.device
-        try:
-            with torch.no_grad():
-                if path.kind == "prefill":
-                    out = path(model, state, None, 0)[0]
-                    ok = self._matches(res, out, ref, dev)
-                    del out
-
-                    def call(m=model, x=state):
-                        return path(m, x, None, 0)[0]
-
-                else:
-                    ids, tup = state
-                    p = tup[0][0].shape[2]
-                    static = path.adopt(model, tup)
-                    if static is None:
-                        raise RuntimeError("the static KV buffer is in use")
-                    out, after = path(model, ids, static, p)
-                    ok = self._matches(res, out, ref, dev)
-                    if ok and p + 1 < model.config.max_seq_len:
-                        nxt = ref[:, -1].argmax(-1, keepdim=True)
-                        ref2 = model(nxt, model(ids, tup)[1])[0]
-                        out2 = path(model, nxt, after, p + 1)[0]
-                        ok = self._matches(res, out2, ref2, dev)
-                    del out, after  # a live longer view would make every timed step copy
-
-                    def call(m=model, x=ids, c=static, n=p):
-                        return path(m, x, c, n)[0]
-
-            _sync(dev)
-        except Exception as e:
-            res.status, res.detail = "failed", f"{type(e).__name__}: {e}"
-            return res
-        if not ok:
-            return res
-        self._time(
-            res,
-            op,
-            path.name,
-            baseline_id,
-            run.shape,
-            lambda: run.call(model, state),
-            call,
-            dev,
-            cache,
-            dev_desc,
-            vers,
-        )
-        return res
-
     # ------------------------------------------------------------------ apply
 
     def apply(
@@ -664,7 +283,7 @@ class KernelOptimizer:
         Returns:
             ``model``, optimized where a verified faster backend exists, else unchanged.
         """
-        _check_model(model)
+        _require_module(model)
         t0 = time.perf_counter()
         if plan is None:
             plan = self.plan(model, example_inputs)
@@ -673,14 +292,14 @@ class KernelOptimizer:
         cfg = self.config
         dev, dtype = plan.device, plan.dtype
         cache = DecisionCache(cfg.resolved_cache_dir, cfg.use_cache)
-        dev_desc, vers = device_description(dev), versions()
+        engine = Engine(cfg, dev, dtype, cache)
         report = OptimizationReport(
             type(model).__name__,
             str(dev),
             dtype_name(dtype),
             backends=plan.backends,
             notes=list(plan.notes),
-            environment={"device": dev_desc, "versions": vers},
+            environment={"device": engine.device_description, "versions": engine.versions},
             config=cfg.to_dict(),
         )
         report.notes += cache.notes
@@ -688,13 +307,13 @@ class KernelOptimizer:
         was_training = model.training
         model.eval()
         try:
-            with _progress(cfg, len(plan.sites) + 1) as advance:
+            with progress_bar(cfg, len(plan.sites) + 1) as advance:
                 for site in plan.sites:
                     advance(f"{site.kind} {site.path}")
                     if self._over_budget(t0):
                         report.notes.append(self._budget_note(site.path))
                         continue
-                    srep, routes = self._measure_site(site, dev, dtype, cache, dev_desc, vers)
+                    srep, routes = engine.measure_site(site)
                     if routes:
                         undo.append(site.install(model, routes))
                     report.sites.append(srep)
@@ -704,16 +323,16 @@ class KernelOptimizer:
                     if isinstance(model, SimpleTransformerModel) and cfg.fast_paths != ():
                         report.notes.append(self._budget_note("the whole-model fast paths"))
                 else:
-                    fast_reports, paths = self._fast_paths(
-                        plan, model, cache, dev_desc, vers, report
-                    )
+                    fast_reports, paths = engine.fast_paths(model, plan.runs, report.sites)
             report.sites += fast_reports
             if paths is not None:
-                undo.append(fastpath.install(model, paths))
+                undo.append(fastpaths.install(model, paths))
                 report.notes.append("fast paths: " + "; ".join(paths.describe()))
             report.changed = bool(undo)
             if undo and cfg.model_check and plan.reference is not None:
-                failure = self._check_model(plan, model, report)
+                failure = check_whole_model(
+                    cfg, plan.reference, model, plan.runs, plan.device, report
+                )
                 if failure:
                     for u in reversed(undo):
                         u()
@@ -726,7 +345,7 @@ class KernelOptimizer:
                             s.chosen = {}
             # A decoder's decode loop is measured through generate() itself, against the
             # model as the check left it: its own end-to-end comparison is its check.
-            decoder_undo = self._decoder_paths(plan, model, cache, dev_desc, vers, report, t0)
+            decoder_undo = self._decoder_paths(plan, model, engine, report, t0)
             undo += decoder_undo
             report.changed = report.changed or bool(decoder_undo)
         finally:
@@ -746,23 +365,37 @@ class KernelOptimizer:
         model.optimization_report = report
         return model
 
-    def _measure_site(self, site: Site, dev, dtype, cache, dev_desc, vers):
-        """Verify and time every candidate of every case of ``site``; its report and routes."""
-        srep = SiteReport(site.path, site.kind, site.detail)
-        results = []
-        for case in site.cases:
-            with torch.no_grad():
-                ref = case.baseline()
-            _sync(dev)
-            crep = CaseResult(case.label, case.shape)
-            for cand in case.candidates:
-                crep.candidates.append(
-                    self._evaluate(cand, case, ref, site, dev, cache, dev_desc, vers)
-                )
-            srep.cases.append(crep)
-            results.append((case, crep))
-        routes, srep.chosen = self._decide(site, results, dev, dtype)
-        return srep, routes
+    def _decoder_paths(self, plan, model, engine: Engine, report, t0: float) -> list:
+        """The decode-loop paths of a Hugging Face decoder family: measured through
+        ``generate`` (:meth:`Engine.decoder_paths`); the undo list."""
+        cfg = self.config
+        if not hf.is_hf_model(model) or cfg.fast_paths == ():
+            return []
+        fam, reason = families.find(model)
+        if fam is None:
+            return []
+        if reason is not None:
+            report.notes.append(
+                f"{fam.__name__.rsplit('.', 1)[-1]} decode paths: not used: {reason}"
+            )
+            return []
+        if self._over_budget(t0):
+            report.notes.append(self._budget_note("the decoder fast paths"))
+            return []
+        layout = fam.layout(model)
+        budget = cfg.time_budget_s
+
+        def left() -> float:
+            return math.inf if budget is None else budget - (time.perf_counter() - t0)
+
+        srep, routes, shared = engine.decoder_paths(model, layout, plan.example, report.sites, left)
+        report.sites.append(srep)
+        if not routes:
+            return []
+        report.notes.append(
+            "generate: " + "; ".join(f"batch {lo}-{hi}: {name}" for lo, hi, name in routes)
+        )
+        return [fast_generate.install(model, layout, routes, shared)]
 
     def _over_budget(self, t0: float) -> bool:
         budget = self.config.time_budget_s
@@ -773,56 +406,6 @@ class KernelOptimizer:
             f"{what}: not measured, the time budget of {self.config.time_budget_s:g} s "
             "(OptimizeConfig.time_budget_s) was spent; it keeps the original code"
         )
-
-    def _check_model(
-        self, plan: OptimizationPlan, model: nn.Module, report: OptimizationReport
-    ) -> str | None:
-        """Whole-model check of every run; the first failure's description, or ``None``."""
-        cfg = self.config
-        ref_model = plan.reference
-        was = ref_model.training
-        ref_model.eval()
-        failure = None
-        timed: set[str] = set()
-        try:
-            with torch.no_grad():
-                for run in plan.runs:
-                    s_ref, s_opt = run.setup(ref_model), run.setup(model)
-                    out_ref, out_opt = run.call(ref_model, s_ref), run.call(model, s_opt)
-                    tol = cfg.tolerance_for(out_ref.dtype, plan.device)
-                    err, _ = _rel_error(out_opt, out_ref, tol)
-                    check = ModelCheck(run.label, run.shape, err, tol)
-                    # Time one run per label and batch (the longest cache for decode).
-                    tkey = f"{run.label}:{run.shape.split(' ')[0]}"
-                    later = [r for r in plan.runs if f"{r.label}:{r.shape.split(' ')[0]}" == tkey]
-                    if tkey not in timed and run is later[-1]:
-                        timed.add(tkey)
-                        cmp = compare(
-                            lambda r=run, s=s_ref: r.call(ref_model, s),
-                            lambda r=run, s=s_opt: r.call(model, s),
-                            repeat=cfg.repeat,
-                            warmup=cfg.warmup,
-                            device=plan.device,
-                            min_sample_s=cfg.min_sample_s,
-                            confidence=cfg.confidence,
-                        )
-                        check.speedup, check.ci = cmp.speedup, (cmp.ci_low, cmp.ci_high)
-                    if err > tol:
-                        check.verdict = "error"
-                        failure = failure or f"{run.label} {run.shape}: relative error {err:.2e}"
-                    elif check.ci is not None and check.ci[1] < 1.0:
-                        check.verdict = "slower"
-                        failure = failure or (
-                            f"{run.label} {run.shape}: whole model slower ({check.speedup:.2f}x)"
-                        )
-                    elif check.ci is not None and check.ci[0] > 1.0:
-                        check.verdict = "faster"
-                    else:
-                        check.verdict = "ok" if check.ci is None else "no significant change"
-                    report.model_checks.append(check)
-        finally:
-            ref_model.train(was)
-        return failure
 
 
 def optimize(
@@ -865,7 +448,7 @@ def optimize(
         >>> print(fast.optimization_report.summary)  # doctest: +ELLIPSIS
         ...
     """
-    _check_model(model)
+    _require_module(model)
     dev = _parse_device(device)
     dt = parse_dtype(dtype, "dtype")
     if config is None:

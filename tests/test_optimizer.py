@@ -331,7 +331,7 @@ def test_rejections_name_a_faster_loser_and_what_beat_it():
 
 
 def test_optimizer_error_metric_has_a_floor_for_cancelled_references():
-    from ryzen_opt.optimizer import _rel_error
+    from ryzen_opt.optimization.engine import _rel_error
 
     # A reference that cancels to ~0 (one output, -8.7e-8) against a correct fp32 -0.0: the
     # plain ratio called this a relative error of 1.

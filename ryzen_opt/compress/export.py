@@ -19,7 +19,6 @@ import copy
 import glob
 import io
 import logging
-import math
 import os
 import secrets
 import warnings
@@ -29,6 +28,8 @@ from pathlib import Path
 import onnx
 import torch
 import torch.nn as nn
+
+from ryzen_opt.models.attention import causal_self_attention, explicit_core
 
 INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"
@@ -54,27 +55,6 @@ def _check_model(model: nn.Module) -> None:
         )
 
 
-def _attend(attn: nn.Module, x: torch.Tensor, past_k, past_v):
-    b, t, _ = x.shape
-    h, d = attn.num_heads, attn.head_dim
-    q, k, v = attn.qkv(x).split(h * d, dim=2)
-    q = q.reshape(b, t, h, d).transpose(1, 2)
-    k = k.reshape(b, t, h, d).transpose(1, 2)
-    v = v.reshape(b, t, h, d).transpose(1, 2)
-    if past_k is not None:
-        k = torch.cat([past_k, k], dim=2)
-        v = torch.cat([past_v, v], dim=2)
-    total = k.shape[2]
-    # Query i (absolute position past + i) sees keys 0..past + i.
-    qi = torch.arange(t, device=x.device)[:, None] + (total - t)
-    kj = torch.arange(total, device=x.device)[None, :]
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(d))
-    scores = scores.masked_fill(kj > qi, float("-inf"))
-    y = torch.matmul(torch.softmax(scores, dim=-1), v)
-    y = y.transpose(1, 2).reshape(b, t, h * d)
-    return attn.proj(y), k, v
-
-
 class DecoderWrapper(nn.Module):
     """Flat-tensor decoder around a ``SimpleTransformerModel`` for export.
 
@@ -94,9 +74,13 @@ class DecoderWrapper(nn.Module):
         x = m.tok_emb(input_ids) + m.pos_emb(position_ids)
         presents: list[torch.Tensor] = []
         for i, block in enumerate(m.blocks):
-            pk = past[2 * i] if self.with_kv_cache else None
-            pv = past[2 * i + 1] if self.with_kv_cache else None
-            a, k, v = _attend(block.attn, block.ln1(x), pk, pv)
+            kv = (past[2 * i], past[2 * i + 1]) if self.with_kv_cache else None
+            # The explicit core, not the model's SDPA calls: those pick is_causal or a mask
+            # by the input's shape in Python, which the exporter would freeze into the graph;
+            # here the mask is computed from the shapes, so one graph serves every length.
+            a, (k, v) = causal_self_attention(
+                block.attn, block.ln1(x), kv, core=explicit_core, dropout_p=0.0
+            )
             x = x + a
             x = x + block.mlp(block.ln2(x))
             presents += [k, v]

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ryzen_opt.models.attention import causal_self_attention, qkv_heads
 from ryzen_opt.models.model import SimpleTransformerModel
 from ryzen_opt.models.tasks import ArithmeticTask
 
@@ -175,27 +176,7 @@ class PrunedAttention(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, past=None):
-        b, t, _ = x.shape
-        h, d = self.num_heads, self.head_dim
-        q, k, v = self.qkv(x).split(h * d, dim=2)
-        q = q.view(b, t, h, d).transpose(1, 2)
-        k = k.view(b, t, h, d).transpose(1, 2)
-        v = v.view(b, t, h, d).transpose(1, 2)
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)
-            v = torch.cat([past[1], v], dim=2)
-        p = self.dropout if self.training else 0.0
-        if past is None or past[0].shape[2] == 0:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=t > 1)
-        elif t == 1:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        else:
-            past_len = k.shape[2] - t
-            i = torch.arange(t, device=x.device)[:, None]
-            j = torch.arange(k.shape[2], device=x.device)[None, :]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=j <= i + past_len, dropout_p=p)
-        y = y.transpose(1, 2).reshape(b, t, h * d)
-        return self.proj(y), (k, v)
+        return causal_self_attention(self, x, past)
 
 
 def _calibration_batch(task: ArithmeticTask, n: int, seed: int, device) -> torch.Tensor:
@@ -229,9 +210,9 @@ def importance_scores(
         attn = block.attn
         h, d = attn.num_heads, attn.head_dim
         a_in = block.ln1(x)
-        b_, _, _ = a_in.shape
-        q, k, v = attn.qkv(a_in).split(h * d, dim=2)
-        q, k, v = (z.view(b_, t, h, d).transpose(1, 2) for z in (q, k, v))
+        q, k, v = qkv_heads(attn, a_in)
+        # The heads' outputs before they are merged and projected (each head's share of the
+        # residual is scored), so not causal_self_attention, which returns them merged.
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, h, t, d)
         w = attn.proj.weight.view(-1, h, d)  # (C, h, d)
         contrib = torch.einsum("bhtd,chd->bhtc", y, w)

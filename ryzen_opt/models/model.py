@@ -1,7 +1,8 @@
 """``SimpleTransformerModel``: the untouched plain-PyTorch baseline.
 
 A pre-LayerNorm GPT-style decoder: learned token and position embeddings, ``num_layers``
-blocks of (LayerNorm -> causal self-attention through ``scaled_dot_product_attention`` ->
+blocks of (LayerNorm -> causal self-attention through ``scaled_dot_product_attention``
+(:mod:`ryzen_opt.models.attention`) ->
 residual, LayerNorm -> Linear/GELU/Linear -> residual), a final LayerNorm and an output head
 tied to the token embedding (``tie_weights=True``, the default).
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ryzen_opt.models.attention import causal_self_attention
 from ryzen_opt.models.config import ModelConfig
 
 KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
@@ -40,27 +42,7 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        b, t, c = x.shape
-        q, k, v = self.qkv(x).split(c, dim=2)
-        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)
-            v = torch.cat([past[1], v], dim=2)
-        p = self.dropout if self.training else 0.0
-        if past is None or past[0].shape[2] == 0:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=t > 1)
-        elif t == 1:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        else:  # a chunk after a cache: query i sees keys up to past_len + i
-            past_len = k.shape[2] - t
-            i = torch.arange(t, device=x.device)[:, None]
-            j = torch.arange(k.shape[2], device=x.device)[None, :]
-            mask = j <= i + past_len
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        y = y.transpose(1, 2).reshape(b, t, c)
-        return self.proj(y), (k, v)
+        return causal_self_attention(self, x, past)
 
 
 class MLP(nn.Module):

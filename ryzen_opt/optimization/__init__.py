@@ -1,6 +1,7 @@
 """Internals of :func:`ryzen_opt.optimize`: config, sites, replacement modules, report, cache.
 
-The public names are re-exported from :mod:`ryzen_opt.optimizer`. ``python -m
+The public names are re-exported by the front door, ``optimize()`` and ``KernelOptimizer``
+(nothing here imports it back), which drives :mod:`.engine`, the measuring engine. ``python -m
 ryzen_opt.optimization`` optimizes the reference model on this machine and prints the report.
 """
 

@@ -12,8 +12,10 @@ import sys
 
 import torch
 
+# An entry point (nothing imports it): it drives the public front door, as a user would.
+from ryzen_opt import optimize
 from ryzen_opt.models import ModelConfig, SimpleTransformerModel
-from ryzen_opt.optimizer import OptimizeConfig, optimize
+from ryzen_opt.optimization.config import OptimizeConfig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -206,6 +206,17 @@ class DecisionCache:
         """A stable string key from JSON-able parts."""
         return json.dumps(parts, sort_keys=True, default=str)
 
+    @staticmethod
+    def record(cmp) -> dict[str, Any]:
+        """What is stored of one :func:`ryzen_opt.timing.compare` result."""
+        return {
+            "speedup": cmp.speedup,
+            "ci": [cmp.ci_low, cmp.ci_high],
+            "baseline_s": cmp.baseline.median,
+            "candidate_s": cmp.candidate.median,
+            "n": cmp.baseline.n,
+        }
+
     def get(self, key: str) -> dict[str, Any] | None:
         return self._entries.get(key)
 

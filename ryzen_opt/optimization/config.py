@@ -197,7 +197,7 @@ class OptimizeConfig:
         if self.progress is not None and not isinstance(self.progress, bool):
             raise ValueError(f"progress must be None or a bool, got {self.progress!r}")
         if self.fast_paths is not None:
-            from ryzen_opt.optimization.fastpath import FAST_PATHS
+            from ryzen_opt.optimization.fastpaths import FAST_PATHS
             from ryzen_opt.optimization.fastpaths.decoder import DECODER_PATHS
 
             known = tuple(dict.fromkeys(FAST_PATHS + DECODER_PATHS))

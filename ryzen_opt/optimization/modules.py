@@ -12,6 +12,7 @@ definition of how a backend is invoked: the optimizer verifies and times exactly
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from ryzen_opt.kernels import registry
 from ryzen_opt.kernels.reference import apply_activation
+from ryzen_opt.models.attention import attention_case, causal_self_attention, sdpa_core
 
 
 @dataclass(frozen=True)
@@ -234,35 +236,6 @@ class FusedMLP(nn.Module):
         return self.fc2(self.fc1(x))
 
 
-def stm_qkv(attn: nn.Module, x: torch.Tensor, past) -> tuple[torch.Tensor, ...]:
-    """q, k, v (with the cache appended) exactly as the baseline's attention builds them."""
-    b, t, c = x.shape
-    q, k, v = attn.qkv(x).split(c, dim=2)
-    q = q.view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
-    k = k.view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
-    v = v.view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
-    if past is not None:
-        k = torch.cat([past[0], k], dim=2)
-        v = torch.cat([past[1], v], dim=2)
-    return q, k, v
-
-
-def stm_case(t: int, past) -> str | None:
-    """``"prefill"`` (no cache), ``"decode"`` (one token after a cache), else ``None``."""
-    if past is None or past[0].shape[2] == 0:
-        return "prefill"
-    return "decode" if t == 1 else None
-
-
-def stm_core_baseline(q, k, v, case: str, dropout_p: float = 0.0):
-    """The baseline's SDPA call for a prefill or decode step."""
-    if case == "prefill":
-        return F.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout_p, is_causal=q.shape[2] > 1
-        )
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-
-
 class OptimizedSelfAttention(nn.Module):
     """The baseline's causal self-attention with the attention core served by a backend.
 
@@ -283,23 +256,16 @@ class OptimizedSelfAttention(nn.Module):
         self._router = _Router.build(self.routes)
 
     def forward(self, x: torch.Tensor, past=None):
-        b, t, c = x.shape
-        q, k, v = stm_qkv(self, x, past)
-        p = self.dropout if self.training else 0.0
-        case = stm_case(t, past)
-        hit = None
-        if case is not None and p == 0.0 and not _needs_autograd(q, k, v):
-            dims = {"batch": b, "kv_len": k.shape[2]}
+        return causal_self_attention(self, x, past, core=functools.partial(self._core, x))
+
+    def _core(self, x: torch.Tensor, q, k, v, dropout_p: float) -> torch.Tensor:
+        """The chosen backend where a route serves this call, else the baseline's SDPA."""
+        case = attention_case(q.shape[2], k.shape[2] - q.shape[2])
+        if case is not None and dropout_p == 0.0 and not _needs_autograd(q, k, v):
+            dims = {"batch": x.shape[0], "kv_len": k.shape[2]}
             hit = self._router.find(case, x.device.type, x.dtype, dims)
-        if hit is not None:
-            route, launcher = hit
-            y = attention_call(route.op, launcher, q, k, v, causal=case == "prefill" and t > 1)
-        elif case is not None:
-            y = stm_core_baseline(q, k, v, case, p)
-        else:  # a chunk after a cache: query i sees keys up to past_len + i
-            past_len = k.shape[2] - t
-            i = torch.arange(t, device=x.device)[:, None]
-            j = torch.arange(k.shape[2], device=x.device)[None, :]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=j <= i + past_len, dropout_p=p)
-        y = y.transpose(1, 2).reshape(b, t, c)
-        return self.proj(y), (k, v)
+            if hit is not None:
+                route, launcher = hit
+                causal = case == "prefill" and q.shape[2] > 1
+                return attention_call(route.op, launcher, q, k, v, causal=causal)
+        return sdpa_core(q, k, v, dropout_p)

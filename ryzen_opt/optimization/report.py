@@ -39,6 +39,23 @@ class CandidateResult:
     candidate_s: float | None = None
     cached: bool = False
 
+    def record_timing(self, hit: dict[str, Any], min_speedup: float) -> bool:
+        """Take a timing (:meth:`DecisionCache.record`) and set the verdict: "faster" only if
+        the whole interval of the speed-up lies above 1 and the median reaches
+        ``min_speedup``, else "slower". Returns whether it was faster."""
+        self.speedup, self.ci = hit["speedup"], tuple(hit["ci"])
+        self.baseline_s, self.candidate_s = hit["baseline_s"], hit["candidate_s"]
+        faster = self.ci[0] > 1.0 and self.speedup >= min_speedup
+        self.status = "faster" if faster else "slower"
+        return faster
+
+    def slower_detail(self, min_speedup: float) -> str:
+        """Why a timed candidate was not kept, in numbers."""
+        return (
+            f"{self.speedup:.2f}x, CI [{self.ci[0]:.2f}, {self.ci[1]:.2f}]"
+            f" (needs CI > 1 and >= {min_speedup:g}x)"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["ci"] = list(self.ci) if self.ci else None

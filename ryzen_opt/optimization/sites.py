@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ryzen_opt.kernels import registry
 from ryzen_opt.kernels.reference import apply_activation
+from ryzen_opt.models.attention import attention_case, qkv_heads, sdpa_core
 from ryzen_opt.models.model import MLP, CausalSelfAttention, SimpleTransformerModel
 from ryzen_opt.optimization import hf
 from ryzen_opt.optimization.modules import (
@@ -32,9 +33,6 @@ from ryzen_opt.optimization.modules import (
     layer_norm_call,
     linear_args,
     linear_call,
-    stm_case,
-    stm_core_baseline,
-    stm_qkv,
 )
 
 
@@ -425,10 +423,10 @@ def stm_attention_site(model, path, mod: CausalSelfAttention, captured, allowed)
     with torch.no_grad():
         for _label, args in captured:
             x, past = args[0], (args[1] if len(args) > 1 else None)
-            kind = stm_case(x.shape[1], past)
+            kind = attention_case(x.shape[1], 0 if past is None else past[0].shape[2])
             if kind is None:
                 continue
-            q, k, v = stm_qkv(mod, x, past)
+            q, k, v = qkv_heads(mod, x, past)
             shape = f"q{tuple(q.shape)} k{tuple(k.shape)}"
             key = ("stm_attention", kind, tuple(q.shape), tuple(k.shape), str(q.dtype))
             if any(c.key == key for c in cases):
@@ -439,7 +437,7 @@ def stm_attention_site(model, path, mod: CausalSelfAttention, captured, allowed)
                 shape,
                 key,
                 {"batch": q.shape[0], "kv_len": k.shape[2]},
-                lambda q=q, k=k, v=v, kind=kind: stm_core_baseline(q, k, v, kind),
+                lambda q=q, k=k, v=v: sdpa_core(q, k, v),
             )
 
             def call_for(op, fn, q=q, k=k, v=v, causal=causal):

@@ -7,7 +7,7 @@ pytest.importorskip("triton")
 
 from ryzen_opt.kernels.triton import decode_step as tds  # noqa: E402
 from ryzen_opt.models import ModelConfig, SimpleTransformerModel  # noqa: E402
-from ryzen_opt.optimization.fastpath import _param_slots  # noqa: E402
+from ryzen_opt.optimization.fastpaths import param_slots as _param_slots  # noqa: E402
 from ryzen_opt.optimization.kvcache import KVBuffer  # noqa: E402
 from tests.assertions import TOL, assert_close_rel  # noqa: E402
 

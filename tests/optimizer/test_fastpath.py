@@ -7,7 +7,7 @@ import torch
 
 from ryzen_opt import OptimizeConfig, optimize
 from ryzen_opt.models import ModelConfig, SimpleTransformerModel
-from ryzen_opt.optimization.fastpath import (
+from ryzen_opt.optimization.fastpaths import (
     FastPaths,
     FastPathTransformer,
     NumbaFusedDecode,
@@ -299,7 +299,7 @@ def test_one_thread_pool_mode_runs_serially():
 @pytest.mark.parametrize("decode", ["cuda_graph_decode", "triton_graph_decode"])
 @pytest.mark.parametrize("batch", [1, 5])
 def test_cuda_graph_paths_match_the_model(batch, decode):
-    from ryzen_opt.optimization.fastpath import CudaGraphPrefill, make_path
+    from ryzen_opt.optimization.fastpaths import CudaGraphPrefill, make_path
 
     model, ref = _model().cuda(), _model().cuda()
     dec, pre = make_path(decode), CudaGraphPrefill()

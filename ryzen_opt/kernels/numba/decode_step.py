@@ -7,7 +7,7 @@ proj + residual -> LayerNorm -> fc1 + GELU -> fc2 + residual, final LayerNorm, h
 call into compiled code that reuses the matmul and LayerNorm kernels of this backend.
 
 The weights are read from one float32 *arena* (every parameter of the model laid out back to
-back, see ``ryzen_opt.optimization.fastpath``) through offset tables, so the call has a
+back, see ``ryzen_opt.optimization.fastpaths.cpu``) through offset tables, so the call has a
 dozen arguments instead of two dozen arrays (Numba's dispatcher type-checks every argument
 on every call). The KV cache is a preallocated ``(layers, batch, heads, max_seq_len,
 head_dim)`` pair; a step writes position ``pos`` and attends to ``0..pos``.
@@ -27,7 +27,7 @@ from ryzen_opt.kernels.numba._common import JIT, MR, NR, _dot1x4, _exp, _fma_row
 from ryzen_opt.kernels.numba.layer_norm import _layer_norm_row
 from ryzen_opt.kernels.numba.matmul import _epilogue
 
-# The offset tables follow ryzen_opt.optimization.fastpath.LAYER_PARAMS / GLOBAL_PARAMS:
+# The offset tables follow ryzen_opt.optimization.fastpaths.layout.STM_LAYOUT (layer, model):
 # per layer ln1 w/b, qkv w/b, proj w/b, ln2 w/b, fc1 w/b, fc2 w/b; then token embedding,
 # position embedding, final LayerNorm w/b, head weight.
 _GELU = 1  # _common.ACT_CODES["gelu"]
@@ -323,8 +323,8 @@ def decode_step(
 
     Args:
         arena: every parameter, float32, back to back.
-        layer_offsets: ``(layers, 12)`` int64 start of each ``fastpath.LAYER_PARAMS`` entry.
-        global_offsets: ``(5,)`` int64 start of each ``fastpath.GLOBAL_PARAMS`` entry.
+        layer_offsets: ``(layers, 12)`` int64 start of each ``STM_LAYOUT.layer`` entry.
+        global_offsets: ``(5,)`` int64 start of each ``STM_LAYOUT.model`` entry.
         heads: attention heads.
         ff_dim: width of the MLP's hidden layer.
         eps: LayerNorm epsilon (one for every norm).

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from ryzen_opt.optimization.fastpaths.cuda_graph import capture
 from ryzen_opt.optimization.fastpaths.decoder_layout import DecoderLayout, reference_step
 
 # Host checks for "every row finished" this often in the graph greedy loop: a check costs a
@@ -122,20 +123,6 @@ class Stepper:
         return torch.stack(out, 1), len(out)
 
 
-def _capture(fn: Callable[[], Any], device: torch.device):
-    """Warm ``fn`` up on a side stream (as capture requires), then capture it in a graph."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
 class GraphStepper(Stepper):
     """``cuda_graph_decode``: the step (and the greedy loop body) replayed from CUDA graphs."""
 
@@ -185,7 +172,7 @@ class GraphStepper(Stepper):
             self.t.fill_(t)
             self.ids.copy_(ids)
             # capture writes slot t twice with the same values: harmless (overwritten below)
-            self._step_graph, self._logits = _capture(self._raw_step, self.layout.device)
+            self._step_graph, self._logits = capture(self._raw_step, self.layout.device)
         self.ids.copy_(ids)
         self.t.fill_(t)
         self._step_graph.replay()
@@ -210,7 +197,7 @@ class GraphStepper(Stepper):
             self.j.zero_()
             self.finished.zero_()
             # warm-up and capture advance j, t, step_no and finished: reset below
-            self._loop_graph, _ = _capture(self._loop_body, self.layout.device)
+            self._loop_graph, _ = capture(self._loop_body, self.layout.device)
         self.step_no.zero_()
         self.ids.copy_(ids)
         self.t.fill_(t0)

@@ -307,25 +307,12 @@ def _time(
                 confidence=config.confidence,
             )
         fast.steppers.clear()
-        hit = {
-            "speedup": cmp.speedup,
-            "ci": [cmp.ci_low, cmp.ci_high],
-            "baseline_s": cmp.baseline.median,
-            "candidate_s": cmp.candidate.median,
-            "n": cmp.baseline.n,
-        }
+        hit = DecisionCache.record(cmp)
         cache.put(key, hit)
     else:
         res.cached = True
-    res.speedup, res.ci = hit["speedup"], tuple(hit["ci"])
-    res.baseline_s, res.candidate_s = hit["baseline_s"], hit["candidate_s"]
-    faster = res.ci[0] > 1.0 and res.speedup >= config.min_speedup
-    res.status = "faster" if faster else "slower"
-    if not faster:
-        res.detail += (
-            f"; {res.speedup:.2f}x, CI [{res.ci[0]:.2f}, {res.ci[1]:.2f}] "
-            f"(needs CI > 1 and >= {config.min_speedup:g}x)"
-        )
+    if not res.record_timing(hit, config.min_speedup):
+        res.detail += "; " + res.slower_detail(config.min_speedup)
 
 
 def routes(measured: list[int], winners: dict[int, str]) -> list[tuple[int, int, str]]:

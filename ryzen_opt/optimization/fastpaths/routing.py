@@ -1,0 +1,181 @@
+"""Routing a ``SimpleTransformerModel``'s calls to the fast paths ``optimize()`` installed.
+
+:data:`PATHS` names every fast path (:data:`FAST_PATHS`, the names ``OptimizeConfig`` takes)
+with the factory that makes a fresh one. Installing switches the model's class to
+:class:`FastPathTransformer` (a subclass: same ``state_dict`` keys, same
+``forward``/``generate`` contract), which routes the served shapes (:class:`FastPaths`) to
+the fast path and everything else to the ordinary code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ryzen_opt.models.model import SimpleTransformerModel
+from ryzen_opt.optimization.fastpaths.cpu import NumbaFusedDecode
+from ryzen_opt.optimization.fastpaths.cuda_graph import (
+    CudaGraphDecode,
+    CudaGraphPrefill,
+    TritonGraphDecode,
+)
+
+# Every fast path by name, with the factory of a fresh one (a path holds per-model state:
+# workspaces, captured graphs).
+PATHS: dict[str, Callable[[], Any]] = {
+    "numba_fused_decode[serial]": lambda: NumbaFusedDecode("serial"),
+    "numba_fused_decode[pool]": lambda: NumbaFusedDecode("pool"),
+    "cuda_graph_decode": CudaGraphDecode,
+    "triton_graph_decode": TritonGraphDecode,
+    "cuda_graph_prefill": CudaGraphPrefill,
+}
+FAST_PATHS = tuple(PATHS)
+
+
+def make_path(name: str):
+    """A fresh fast path by name (one of :data:`FAST_PATHS`)."""
+    factory = PATHS.get(name)
+    if factory is None:
+        raise ValueError(f"unknown fast path {name!r}; known: {FAST_PATHS}")
+    return factory()
+
+
+def _no_autograd(model: SimpleTransformerModel) -> bool:
+    return not (torch.is_grad_enabled() and model.tok_emb.weight.requires_grad)
+
+
+class FastPaths:
+    """The installed fast paths of one model and the shapes each serves.
+
+    Args:
+        decode: ``(lowest batch, highest batch, path)`` ranges, from measured batches.
+        prefill: ``{(batch, seq): path}`` for measured prefill shapes.
+    """
+
+    def __init__(
+        self,
+        decode: list[tuple[int, int, Any]] | None = None,
+        prefill: dict[tuple[int, int], Any] | None = None,
+    ) -> None:
+        self.decode = list(decode or [])
+        self.prefill = dict(prefill or {})
+
+    def describe(self) -> list[str]:
+        out = [f"decode batch {lo}-{hi}: {p.name}" for lo, hi, p in self.decode]
+        out += [f"prefill {b}x{t}: {p.name}" for (b, t), p in self.prefill.items()]
+        return out
+
+    def decode_path(self, batch: int):
+        """The decode fast path serving ``batch`` rows, or ``None``."""
+        for lo, hi, path in self.decode:
+            if lo <= batch <= hi:
+                return path
+        return None
+
+    def greedy(
+        self,
+        model: SimpleTransformerModel,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        eos_id: int | None = None,
+    ):
+        """``generate(idx, max_new_tokens, eos_id=eos_id)`` under greedy decoding with the whole
+        token loop in the decode path (one call for every step), or ``None`` if that path has
+        no such loop (then ``generate`` runs its ordinary per-token loop over the same step).
+
+        The caller has validated the arguments (``_check_generation``); the prompt runs
+        through :meth:`run`'s routing.
+        """
+        path = self.decode_path(idx.shape[0])
+        if path is None or not hasattr(path, "greedy") or max_new_tokens < 2:
+            return None  # (generate never records autograd: no autograd check here)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                logits, cache = model._forward(idx, None, 0)
+                first = logits[:, -1].argmax(dim=-1)
+                if eos_id is not None and bool((first == eos_id).all()):
+                    return torch.cat([idx, first[:, None]], dim=1)  # every row stopped at once
+                rest = path.greedy(
+                    model, first, cache, idx.shape[1], max_new_tokens - 1, eos_id=eos_id
+                )
+        finally:
+            model.train(was_training)
+        if rest is None:  # the path declined (its buffer is in use): the ordinary loop
+            return None
+        return torch.cat([idx, first[:, None], rest.to(first.device)], dim=1)
+
+    def run(self, model: SimpleTransformerModel, idx: torch.Tensor, kv_cache, past_len: int):
+        """The fast path's ``(logits, cache)`` for this call, or ``None`` to run the model."""
+        if model.training or not _no_autograd(model):
+            return None
+        if kv_cache is None:
+            path = self.prefill.get((idx.shape[0], idx.shape[1]))
+            return None if path is None else path(model, idx, None, 0)
+        if idx.shape[1] != 1 or past_len >= model.config.max_seq_len:
+            return None
+        path = self.decode_path(idx.shape[0])
+        return None if path is None else path(model, idx, kv_cache, past_len)
+
+
+class FastPathTransformer(SimpleTransformerModel):
+    """A ``SimpleTransformerModel`` whose measured shapes run a model-level fast path.
+
+    ``optimize()`` switches a model to this class when a fast path won; its parameters,
+    ``state_dict`` keys, ``forward``/``generate`` contract and outputs (within the dtype
+    tolerance) are the original's. Calls outside the served shapes, in training mode or
+    with autograd on run the ordinary code. The KV cache it returns from a fast step is a
+    :class:`~ryzen_opt.optimization.kvcache.StaticKVCache`, which indexes like the tuple
+    cache.
+    """
+
+    def _forward(self, idx, kv_cache, past_len):
+        paths = self.__dict__.get("_fast_paths")
+        if paths is not None:
+            out = paths.run(self, idx, kv_cache, past_len)
+            if out is not None:
+                return out
+        return super()._forward(idx, kv_cache, past_len)
+
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        seed: int | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """As ``SimpleTransformerModel.generate``; greedy decoding runs the whole token loop
+        (``eos_id`` included) in the decode fast path where it has one (the fused Numba step)."""
+        paths = self.__dict__.get("_fast_paths")
+        if paths is not None and temperature == 0 and use_cache:
+            self._check_generation(idx, max_new_tokens, temperature, top_k, top_p, eos_id, seed)
+            out = paths.greedy(self, idx, max_new_tokens, eos_id)
+            if out is not None:
+                return out
+        return super().generate(
+            idx, max_new_tokens, temperature, top_k, top_p, eos_id, seed, use_cache
+        )
+
+
+def install(model: SimpleTransformerModel, paths: FastPaths) -> Callable[[], None]:
+    """Route ``model``'s served shapes to ``paths``; returns the undo function."""
+    old_cls = model.__class__
+    old = model.__dict__.get("_fast_paths")
+    model.__class__ = FastPathTransformer
+    model.__dict__["_fast_paths"] = paths
+
+    def undo() -> None:
+        model.__class__ = old_cls
+        if old is None:
+            model.__dict__.pop("_fast_paths", None)
+        else:
+            model.__dict__["_fast_paths"] = old
+
+    return undo
