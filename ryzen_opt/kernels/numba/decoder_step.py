@@ -516,9 +516,9 @@ def supports(layout: DecoderLayout, weights: str = "fp32") -> str | None:
             return f"{name} is on {t.device}, the Numba decoder step runs on cpu"
         if t.dtype != torch.float32:
             return f"{name} is {t.dtype}: the Numba decoder step reads float32 models only"
-        if t.dim() == 1 or name.endswith(("embed", "pos_embed")):
-            if not t.is_contiguous():
-                return f"{name} is not contiguous"
+        needs_rows = t.dim() == 1 or name.endswith(("embed", "pos_embed"))
+        if needs_rows and not t.is_contiguous():
+            return f"{name} is not contiguous"
     for name, lin in _linears(layout):
         so, si = lin.strides()
         if si != 1 and so != 1:
