@@ -56,6 +56,7 @@ _V_PER_LAYER = 4
 # Integer config.
 _C_LAYERS, _C_HIDDEN, _C_HEADS, _C_KV, _C_HD, _C_INTER, _C_VOCAB, _C_GPT2, _C_MAXPOS = range(9)
 _SILU, _GELU_TANH = 3, 2  # _common.ACT_CODES
+_TASKS_PER_THREAD = 8
 
 
 @intrinsic
@@ -248,9 +249,9 @@ def _gemv(mats, i0, i1, x, y, add, threads):
     for i in range(i0, i1):
         total += mats[i, _N]
     if threads > 1 and total >= 64:
-        # One block per thread (the pool schedules statically anyway), 16-aligned so the
+        # TASKS_PER_THREAD blocks a thread (at least 64 outputs each), 16-aligned so the
         # column form's segments start on a cache line of a 64-byte-aligned matrix.
-        blk = (-(-total // threads) + 15) // 16 * 16
+        blk = max(64, (-(-total // (threads * _TASKS_PER_THREAD)) + 15) // 16 * 16)
         tasks = -(-total // blk)
         _gemv_parallel(mats, i0, i1, x, y, add, total, blk, tasks)
     else:
@@ -463,7 +464,7 @@ def _argmax(row):
 
 @njit(**JIT)
 def _greedy(
-    mats, vecs, eps, cfg, fl, inv_freq, ids, kc, vc, t0, start, logits, ws, threads, eos, pad, out
+    mats, vecs, eps, cfg, fl, inv_freq, ids, kc, vc, t0, start, logits, ws, eos, pad, out, threads
 ):
     """Up to out.shape[1] greedy steps from slot t0; ``ids`` (overwritten) is fed first. A row
     that emitted one of ``eos`` produces ``pad`` afterwards (fed back as its input, like HF
@@ -694,8 +695,18 @@ class NumbaDecoder:
             self._ws = {key: np.zeros(n, dtype=np.float32)}  # one size kept: the latest
         return self._ws[key]
 
-    def _threads(self) -> int:
-        return set_threads() if self.parallel else 1
+    def _run(self, kernel, *args):
+        if not self.parallel:
+            return kernel(*self._args(), *args, 1)
+        # Tasks handed out one at a time (numba's default splits a prange evenly up front):
+        # on a shared machine one thread's core may be busy, and an even split would make
+        # every GEMV wait for that thread. Set from Python: inside jitted code the call
+        # would make the kernels uncacheable. Thread-local, restored after the call.
+        old = numba.set_parallel_chunksize(1)
+        try:
+            return kernel(*self._args(), *args, set_threads())
+        finally:
+            numba.set_parallel_chunksize(old)
 
     def _check(self, ids, k_cache, v_cache, t, start, steps: int = 1):
         lay = self.layout
@@ -752,7 +763,7 @@ class NumbaDecoder:
         ids, kc, vc, t, start = self._check(ids, k_cache, v_cache, t, start)
         logits = np.empty((ids.shape[0], self.layout.vocab), dtype=np.float32)
         ws = self._workspace(ids.shape[0], kc.shape[3])
-        _step(*self._args(), ids, kc, vc, t, start, logits, ws, self._threads())
+        self._run(_step, ids, kc, vc, t, start, logits, ws)
         return logits
 
     def greedy(
@@ -776,20 +787,7 @@ class NumbaDecoder:
         out = np.full((ids.shape[0], n_new), int(pad_id), dtype=np.int64)
         logits = np.empty((ids.shape[0], self.layout.vocab), dtype=np.float32)
         ws = self._workspace(ids.shape[0], kc.shape[3])
-        steps = _greedy(
-            *self._args(),
-            ids,
-            kc,
-            vc,
-            t0,
-            start,
-            logits,
-            ws,
-            self._threads(),
-            eos,
-            int(pad_id),
-            out,
-        )
+        steps = self._run(_greedy, ids, kc, vc, t0, start, logits, ws, eos, int(pad_id), out)
         return out, int(steps)
 
     def _args(self):
