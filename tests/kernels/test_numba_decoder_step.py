@@ -235,3 +235,14 @@ def test_unsupported_inputs_are_refused_with_the_reason():
     # Torch tensors are read in place through .numpy().
     out = dec.step(torch.tensor([1, 2]), kc, vc, 0, torch.tensor([0, 0]))
     assert out.shape == (2, VOCAB) and kc[:, :, :, 0].abs().sum() > 0
+
+
+def test_default_mode_is_chosen_by_timing_both():
+    _, lay, _ = _pair("gpt2")
+    dec = NumbaDecoder(lay)
+    assert dec.parallel is None
+    kc, vc = lay.new_cache(1, 4)
+    dec.step(np.array([3]), kc.numpy(), vc.numpy(), 0, np.array([0]))
+    assert dec.parallel in (True, False)
+    times = dec.calibrate(repeats=1)
+    assert set(times) == {"serial", "pool"} and dec.parallel == (times["pool"] < times["serial"])

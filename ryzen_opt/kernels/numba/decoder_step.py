@@ -27,9 +27,16 @@ token). A tied head (Qwen2) is quantised as the head; the embedding gather stays
 **Threads.** ``parallel=True`` runs each GEMV (q/k/v together, o, gate/up together, down,
 head) as one ``prange`` region over blocks of output features, with as many threads as
 ``torch.get_num_threads()`` at call time; ``parallel=False`` runs on the calling thread.
+Neither always wins: on an idle 2-core VM the pool streamed GPT-2 at 38 tokens/s against 25
+serially, but with other processes on the cores every one of the ~100 fork-joins a token
+waits for a descheduled worker, and serial was 3.7x faster (17 vs 4.6 tokens/s). So the
+default, ``parallel=None``, times both on the first call (:meth:`NumbaDecoder.calibrate`)
+and keeps the faster.
 """
 
 from __future__ import annotations
+
+import time
 
 import numba
 import numpy as np
@@ -580,8 +587,9 @@ class NumbaDecoder:
         weights: ``"fp32"`` reads the model's weights in place (no copy); ``"int8"``
             quantises every matrix per output channel into int8 the decoder owns (1/4 of the
             float32 bytes) and reads those instead.
-        parallel: spread each GEMV over ``torch.get_num_threads()`` Numba threads; ``False``
-            runs on the calling thread.
+        parallel: ``True`` spreads each GEMV over ``torch.get_num_threads()`` Numba
+            threads; ``False`` runs on the calling thread; ``None`` (default) picks the
+            faster of the two by timing them (:meth:`calibrate`) on first use.
 
     Example:
         >>> dec = NumbaDecoder(families.llama.layout(model), weights="int8")  # doctest: +SKIP
@@ -589,7 +597,7 @@ class NumbaDecoder:
         >>> logits = dec.step(ids, kc.numpy(), vc.numpy(), t, start)  # doctest: +SKIP
     """
 
-    def __init__(self, layout: DecoderLayout, weights: str = "fp32", parallel: bool = True):
+    def __init__(self, layout: DecoderLayout, weights: str = "fp32", parallel: bool | None = None):
         reason = supports(layout, weights)
         if reason is not None:
             raise ValueError(f"layout: {reason}")
@@ -695,7 +703,25 @@ class NumbaDecoder:
             self._ws = {key: np.zeros(n, dtype=np.float32)}  # one size kept: the latest
         return self._ws[key]
 
+    def calibrate(self, repeats: int = 3) -> dict[str, float]:
+        """Time the serial and the pooled step (interleaved, best of ``repeats`` each, on a
+        one-slot scratch cache) and keep the faster; returns the seconds of each."""
+        lay = self.layout
+        kc, vc = (np.zeros((lay.num_layers, 1, lay.kv_heads, 1, lay.head_dim), np.float32),) * 2
+        ids, start = np.zeros(1, np.int64), np.zeros(1, np.int64)
+        best = {False: np.inf, True: np.inf}
+        for _ in range(repeats):
+            for mode in (False, True):
+                self.parallel = mode
+                t0 = time.perf_counter()
+                self.step(ids, kc, vc, 0, start)
+                best[mode] = min(best[mode], time.perf_counter() - t0)
+        self.parallel = best[True] < best[False]
+        return {"serial": best[False], "pool": best[True]}
+
     def _run(self, kernel, *args):
+        if self.parallel is None:
+            self.calibrate()
         if not self.parallel:
             return kernel(*self._args(), *args, 1)
         # Tasks handed out one at a time (numba's default splits a prange evenly up front):
