@@ -798,6 +798,17 @@ class NumbaDecoder:
         """Greedy decoding in one call: ``ids_last`` is fed at slot ``t0``, each step's argmax
         at the next slot.
 
+        Args:
+            ids_last: ``(batch,)`` int64, the last prompt token of each row (its k/v not yet
+                in the cache).
+            k_cache, v_cache: as in :meth:`step`, holding slots ``start..t0 - 1``; slots
+                ``t0..t0 + n_new - 1`` must fit.
+            t0: the slot of ``ids_last``.
+            start: ``(batch,)`` int64 first valid slot per row.
+            n_new: tokens to generate per row.
+            eos_ids: ids that end a row (an int or an iterable; empty: never).
+            pad_id: what a finished row emits (and is fed).
+
         Returns:
             ``(tokens, steps)``: ``tokens`` ``(batch, n_new)`` int64; once a row emitted one of
             ``eos_ids`` its later tokens are ``pad_id`` (HF generate's rule); the loop stops
@@ -807,6 +818,8 @@ class NumbaDecoder:
         n_new = int(n_new)
         if n_new < 1:
             raise ValueError(f"n_new: expected >= 1, got {n_new}")
+        if not 0 <= int(pad_id) < self.layout.vocab:
+            raise ValueError(f"pad_id: {pad_id} is not a token id in [0, {self.layout.vocab})")
         ids, kc, vc, t0, start = self._check(ids_last, k_cache, v_cache, t0, start, n_new)
         ids = ids.copy()
         eos = np.asarray(list(eos_ids) if not np.isscalar(eos_ids) else [eos_ids], np.int64)
