@@ -64,6 +64,7 @@ _V_PER_LAYER = 4
 _C_LAYERS, _C_HIDDEN, _C_HEADS, _C_KV, _C_HD, _C_INTER, _C_VOCAB, _C_GPT2, _C_MAXPOS = range(9)
 _SILU, _GELU_TANH = 3, 2  # _common.ACT_CODES
 _TASKS_PER_THREAD = 8
+_K_BLOCKS = 16  # most input blocks of the parallel column form (partial sums to add up)
 
 
 @intrinsic
@@ -195,24 +196,55 @@ def _rows_i8(d, x, y, add, col, j0, j1):
 
 
 @njit(**JIT)
-def _cols_f32(d, x, y, add, col, j0, j1):
-    """Column-major W (``SO == 1``, GPT-2's (in, out) Conv1D): for each input feature p, the
-    contiguous segment W[j0:j1, p] is added times x[b, p] into the outputs (axpy), so the
-    matrix streams row by row of its (in, out) storage with no strided loads."""
-    nb, k = x.shape
+def _cols_f32(d, x, y, add, col, j0, j1, p0, p1):
+    """Column-major W (``SO == 1``, GPT-2's (in, out) Conv1D): y[b, col+j] (+)= sum over
+    p in [p0, p1) of x[b, p] * W(j, p), j in [j0, j1), as axpys over the contiguous rows of
+    the (in, out) storage, four at a time (one load/store of y per four weight rows)."""
+    nb = x.shape[0]
     si = d[_SI]
     w = numba.carray(_f32_at(d[_ADDR]), (d[_SPAN],))
     if not add:
         for b in range(nb):
             for j in range(j0, j1):
                 y[b, col + j] = 0.0
-    for p in range(k):
-        seg = w[p * si + j0 : p * si + j1]
+    p = p0
+    while p + 4 <= p1:
+        o = p * si
+        r0 = w[o + j0 : o + j1]
+        r1 = w[o + si + j0 : o + si + j1]
+        r2 = w[o + 2 * si + j0 : o + 2 * si + j1]
+        r3 = w[o + 3 * si + j0 : o + 3 * si + j1]
         for b in range(nb):
-            xv = x[b, p]
+            x0, x1, x2, x3 = x[b, p], x[b, p + 1], x[b, p + 2], x[b, p + 3]
             yb = y[b, col + j0 : col + j1]
             for j in range(j1 - j0):
-                yb[j] += xv * seg[j]
+                yb[j] += x0 * r0[j] + x1 * r1[j] + x2 * r2[j] + x3 * r3[j]
+        p += 4
+    while p < p1:
+        r0 = w[p * si + j0 : p * si + j1]
+        for b in range(nb):
+            x0 = x[b, p]
+            yb = y[b, col + j0 : col + j1]
+            for j in range(j1 - j0):
+                yb[j] += x0 * r0[j]
+        p += 1
+
+
+@njit(parallel=True, **JIT)
+def _cols_parallel(mats, i0, i1, x, part, kb):
+    """part[q, :, cols of W_i] = x[:, block q of k] @ W_i[block q]: the column form split
+    over its input rows, so every task streams whole contiguous rows of the (in, out)
+    storage (split over outputs, a task read 256-byte pieces of rows 3 KiB apart)."""
+    for t in prange((i1 - i0) * kb):
+        i = i0 + t // kb
+        q = t % kb
+        col = 0
+        for e in range(i0, i):
+            col += mats[e, _N]
+        k = mats[i, _K]
+        step = -(-k // kb)
+        p0 = min(k, q * step)
+        _cols_f32(mats[i], x, part[q], False, col, 0, mats[i, _N], p0, min(k, p0 + step))
 
 
 @njit(**JIT)
@@ -222,7 +254,7 @@ def _matrix_rows(d, x, y, add, col, j0, j1):
     elif d[_SI] == 1:
         _rows_f32(d, x, y, add, col, j0, j1)
     else:
-        _cols_f32(d, x, y, add, col, j0, j1)
+        _cols_f32(d, x, y, add, col, j0, j1, 0, x.shape[1])
     if d[_BIAS] != 0:
         bias = numba.carray(_f32_at(d[_BIAS]), (d[_N],))
         for b in range(x.shape[0]):
@@ -250,12 +282,36 @@ def _gemv_parallel(mats, i0, i1, x, y, add, total, blk, tasks):
 
 
 @njit(**JIT)
-def _gemv(mats, i0, i1, x, y, add, threads):
-    """y (+)= x @ [W_i0; ...; W_i1-1].T (+ biases): one fork-join region when threaded."""
+def _gemv(mats, i0, i1, x, y, add, threads, pbuf):
+    """y (+)= x @ [W_i0; ...; W_i1-1].T (+ biases): one fork-join region when threaded
+    (``pbuf``: scratch for the column form's partial sums)."""
+    nb = x.shape[0]
     total = 0
     for i in range(i0, i1):
         total += mats[i, _N]
-    if threads > 1 and total >= 64:
+    cols = mats[i0, _SCALE] == 0 and mats[i0, _SI] != 1
+    kb = min(threads * 4, _K_BLOCKS)
+    if threads > 1 and cols and kb * nb * total <= pbuf.shape[0]:
+        part = pbuf[: kb * nb * total].reshape((kb, nb, total))
+        _cols_parallel(mats, i0, i1, x, part, kb)
+        for b in range(nb):
+            yb = y[b]
+            if not add:
+                yb[:total] = 0.0
+            for q in range(kb):
+                pq = part[q, b]
+                for j in range(total):
+                    yb[j] += pq[j]
+        col = 0
+        for i in range(i0, i1):
+            n = mats[i, _N]
+            if mats[i, _BIAS] != 0:
+                bias = numba.carray(_f32_at(mats[i, _BIAS]), (n,))
+                for b in range(nb):
+                    for j in range(n):
+                        y[b, col + j] += bias[j]
+            col += n
+    elif threads > 1 and total >= 64:
         # TASKS_PER_THREAD blocks a thread (at least 64 outputs each), 16-aligned so the
         # column form's segments start on a cache line of a 64-byte-aligned matrix.
         blk = max(64, (-(-total // (threads * _TASKS_PER_THREAD)) + 15) // 16 * 16)
@@ -391,6 +447,8 @@ def _step(mats, vecs, eps, cfg, fl, inv_freq, ids, kc, vc, t, start, logits, ws,
     rot = ws[o : o + nb * 2 * hd].reshape((nb, 2 * hd))
     o += nb * 2 * hd
     scores = ws[o : o + nb * heads * t_max].reshape((nb * heads, t_max))
+    o += nb * heads * t_max
+    pbuf = ws[o:]
 
     n_vec = vecs.shape[0]
     emb = numba.carray(_f32_at(vecs[n_vec - 2]), (cfg[_C_VOCAB] * c,))
@@ -421,7 +479,7 @@ def _step(mats, vecs, eps, cfg, fl, inv_freq, ids, kc, vc, t, start, logits, ws,
         mi = layer * _PER_LAYER
         vi = layer * _V_PER_LAYER
         _norm(vecs, vi, vi + 1, eps[2 * layer], x, h, not gpt2)
-        _gemv(mats, mi, mi + 3, h, qkv, False, threads)
+        _gemv(mats, mi, mi + 3, h, qkv, False, threads, pbuf)
         for b in range(nb):
             qb = qkv[b]
             if not gpt2:
@@ -434,22 +492,22 @@ def _step(mats, vecs, eps, cfg, fl, inv_freq, ids, kc, vc, t, start, logits, ws,
         else:
             for task in range(nb * heads):
                 _attend(qkv, kc, vc, layer, t, start, heads, kvh, hd, attn_scale, att, scores, task)
-        _gemv(mats, mi + 3, mi + 4, att, x, True, threads)
+        _gemv(mats, mi + 3, mi + 4, att, x, True, threads, pbuf)
         _norm(vecs, vi + 2, vi + 3, eps[2 * layer + 1], x, h, not gpt2)
         if gpt2:
-            _gemv(mats, mi + 5, mi + 6, h, ff, False, threads)
+            _gemv(mats, mi + 5, mi + 6, h, ff, False, threads, pbuf)
             for b in range(nb):
                 for j in range(inter):
                     m[b, j] = _activate(ff[b, j], _GELU_TANH)
         else:
-            _gemv(mats, mi + 4, mi + 6, h, ff, False, threads)
+            _gemv(mats, mi + 4, mi + 6, h, ff, False, threads, pbuf)
             for b in range(nb):
                 for j in range(inter):
                     m[b, j] = _activate(ff[b, j], _SILU) * ff[b, inter + j]
-        _gemv(mats, mi + 6, mi + 7, m, x, True, threads)
+        _gemv(mats, mi + 6, mi + 7, m, x, True, threads, pbuf)
     fi = n_layers * _V_PER_LAYER
     _norm(vecs, fi, fi + 1, eps[2 * n_layers], x, h, not gpt2)
-    _gemv(mats, n_layers * _PER_LAYER, n_layers * _PER_LAYER + 1, h, logits, False, threads)
+    _gemv(mats, n_layers * _PER_LAYER, n_layers * _PER_LAYER + 1, h, logits, False, threads, pbuf)
 
 
 @njit(**JIT)
@@ -699,6 +757,7 @@ class NumbaDecoder:
                 + 3 * inter
                 + 2 * hd
                 + lay.heads * t_max
+                + _K_BLOCKS * max((lay.heads + 2 * lay.kv_heads) * hd, inter, c)
             )
             self._ws = {key: np.zeros(n, dtype=np.float32)}  # one size kept: the latest
         return self._ws[key]
