@@ -27,9 +27,9 @@ token). A tied head (Qwen2) is quantised as the head; the embedding gather stays
 **Threads.** ``parallel=True`` runs each GEMV (q/k/v together, o, gate/up together, down,
 head) as one ``prange`` region over blocks of output features, with as many threads as
 ``torch.get_num_threads()`` at call time; ``parallel=False`` runs on the calling thread.
-Neither always wins: on an idle 2-core VM the pool streamed GPT-2 at 38 tokens/s against 25
-serially, but with other processes on the cores every one of the ~100 fork-joins a token
-waits for a descheduled worker, and serial was 3.7x faster (17 vs 4.6 tokens/s). So the
+Neither always wins: on a quiet 2-core VM the pool ran the Qwen2-0.5B-shaped step at 13.7
+tokens/s against 7.7 serially, but with other processes on the cores every one of the ~100
+fork-joins a token waits for a descheduled worker, and serial won 7.6 to 1.5. So the
 default, ``parallel=None``, times both on the first call (:meth:`NumbaDecoder.calibrate`)
 and keeps the faster.
 """
