@@ -11,8 +11,9 @@ small work done between them, inside the same compiled call.
 parameters and views of them) through a table of addresses and strides: no copy, no
 re-pointing of ``param.data``, so the model's memory does not grow and its parameters stay
 what they were. GPT-2's ``(in, out)`` Conv1D views (the three strided slices of ``c_attn``)
-are read with the loop order that streams them contiguously: an axpy over the rows of the
-``(in, out)`` matrix into a block of outputs, instead of strided dot products. The decoder
+are read with the loop order that streams them contiguously: axpys over whole rows of the
+``(in, out)`` storage, four rows a pass, instead of strided dot products; in parallel each
+task takes a block of input rows and the partial sums are added after. The decoder
 keeps the layout (so the tensors stay alive); if the model's parameters are replaced
 (``param.data = ...``) build a new decoder (:meth:`NumbaDecoder.current` tells).
 
