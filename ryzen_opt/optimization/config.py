@@ -85,6 +85,8 @@ class OptimizeConfig:
             numerically equal, so it is tried only when named here; its error is reported).
         decode_tokens: greedy tokens generated per timed ``generate`` call when choosing a
             Hugging Face decoder's decode path.
+        lossy_tolerance: relative logit error allowed for an opt-in lossy decode path
+            (``numba_decoder[int8]``), which cannot meet the dtype tolerance by design.
         time_budget_s: measuring stops once this many seconds have passed; sites not yet
             measured keep the original code and the report names them (``None``: no bound).
         progress: show a progress bar (``None``: only when standard error is a terminal).
@@ -125,6 +127,10 @@ class OptimizeConfig:
     # Long enough that the decode loop, not the prefill, dominates what is timed; short
     # enough that the eager original's turn stays in seconds on a 0.5B model on 2 cores.
     decode_tokens: int = 16
+    # The bound on an opt-in lossy path's relative logit error (weight-only int8 measured
+    # 0.9-1.2% on small Llama/Qwen2/GPT-2 configs): numerically different by design, so it
+    # is held to this instead of the dtype tolerance, and its error is in the report.
+    lossy_tolerance: float = 2e-2
     # A bound, not a target: the seed model optimizes in well under a minute on 2 cores, and
     # an unbounded run on a 0.5B-parameter model once took 15 minutes before failing.
     time_budget_s: float | None = 300.0
@@ -186,6 +192,9 @@ class OptimizeConfig:
         ):
             raise ValueError(f"decode_batches must be positive ints, got {d!r}")
         self.decode_batches = tuple(d)
+        lt = self.lossy_tolerance
+        if isinstance(lt, bool) or not isinstance(lt, (int, float)) or not 0 < lt < 1:
+            raise ValueError(f"lossy_tolerance must be a float in (0, 1), got {lt!r}")
         n = self.decode_tokens
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ValueError(f"decode_tokens must be an int >= 2, got {n!r}")

@@ -12,6 +12,7 @@ from ryzen_opt.optimization.fastpaths import generate as fgen
 from tests.optimizer.hf_models import left_padded, tiny
 
 FAMILIES = ["llama", "qwen2", "gpt2"]
+CPU_PATHS = ["torch_static_decode", "numba_decoder[fp32]"]
 
 
 def _fast(model, path="torch_static_decode", lo=1, hi=64):
@@ -25,20 +26,22 @@ def _original(model):
     return type(model).generate.__get__(model)
 
 
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_equals_the_original_with_left_padding(family):
-    model = _fast(tiny(family))
+def test_greedy_equals_the_original_with_left_padding(family, path):
+    model = _fast(tiny(family), path)
     ids, mask = left_padded(3, 9, [0, 3, 6])
     kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
     ref = _original(model)(ids, **kw)
     out = model.generate(ids, **kw)
-    assert model.generate.last_route == "torch_static_decode"
+    assert model.generate.last_route == path
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_eos_stops_each_row_and_pads_it(family):
-    model = _fast(tiny(family))
+def test_eos_stops_each_row_and_pads_it(family, path):
+    model = _fast(tiny(family), path)
     ids, mask = left_padded(2, 6, [0, 2])
     kw = dict(attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
     free = _original(model)(ids, **kw)
@@ -46,7 +49,7 @@ def test_eos_stops_each_row_and_pads_it(family):
     eos = int(free[0, 6 + 2])
     ref = _original(model)(ids, eos_token_id=eos, **kw)
     out = model.generate(ids, eos_token_id=eos, **kw)
-    assert model.generate.last_route == "torch_static_decode"
+    assert model.generate.last_route == path
     assert torch.equal(out, ref)
     # every row finished: the output is shorter than max_new_tokens, as HF's is
     both = [int(free[0, 6 + 1]), int(free[1, 6 + 1])]
@@ -55,9 +58,10 @@ def test_eos_stops_each_row_and_pads_it(family):
     assert out.shape[1] < 6 + 20 and torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_sampling_draws_the_same_stream(family):
-    model = _fast(tiny(family))
+def test_sampling_draws_the_same_stream(family, path):
+    model = _fast(tiny(family), path)
     ids, mask = left_padded(2, 5, [0, 1])
     kw = dict(
         attention_mask=mask,
@@ -72,7 +76,7 @@ def test_sampling_draws_the_same_stream(family):
     ref = _original(model)(ids, **kw)
     torch.manual_seed(5)
     out = model.generate(ids, **kw)
-    assert model.generate.last_route == "torch_static_decode"
+    assert model.generate.last_route == path
     assert torch.equal(out, ref)
 
 
@@ -213,9 +217,10 @@ def test_settings_stored_at_their_neutral_values_keep_the_fast_path():
     assert "output_hidden_states" in model.generate.last_route
 
 
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("do_sample", [False, True])
-def test_min_new_tokens_holds_eos_back_as_the_original_does(do_sample):
-    model = _fast(tiny("llama"))
+def test_min_new_tokens_holds_eos_back_as_the_original_does(do_sample, path):
+    model = _fast(tiny("llama"), path)
     ids, mask = left_padded(2, 6, [0, 2])
     kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=do_sample, pad_token_id=0)
     torch.manual_seed(0)
@@ -226,7 +231,7 @@ def test_min_new_tokens_holds_eos_back_as_the_original_does(do_sample):
         ref = _original(model)(ids, eos_token_id=eos, **kw, **extra)
         torch.manual_seed(1)
         out = model.generate(ids, eos_token_id=eos, **kw, **extra)
-        assert model.generate.last_route == "torch_static_decode"
+        assert model.generate.last_route == path
         assert torch.equal(out, ref), extra
 
 
@@ -260,3 +265,29 @@ def test_bf16_paths_are_judged_against_float32_like_the_model():
     assert (exact - want).norm() / want.norm() < 2e-2
     orig_err = (torch.stack(ref.logits, 1)[:, 1:].float() - exact).norm() / exact.norm()
     assert 0 < orig_err < 5e-2
+
+
+def test_int8_is_opt_in_and_its_error_is_reported_and_bounded():
+    from ryzen_opt import OptimizeConfig, optimize
+
+    model = tiny("qwen2")
+    ids, _ = left_padded(1, 8, [0])
+    base = dict(use_cache=False, repeat=3, warmup=1, decode_batches=(1,))
+    fast = optimize(model, example_inputs=ids, config=OptimizeConfig(**base))
+    site = next(s for s in fast.optimization_report.sites if s.kind == "generate")
+    assert not any(c.backend == "numba_decoder[int8]" for r in site.cases for c in r.candidates)
+    cfg = OptimizeConfig(**base, fast_paths=("numba_decoder[int8]",))
+    fast = optimize(model, example_inputs=ids, config=cfg)
+    site = next(s for s in fast.optimization_report.sites if s.kind == "generate")
+    res = site.cases[0].candidates[0]
+    assert res.backend == "numba_decoder[int8]" and res.status in ("faster", "slower")
+    assert 1e-4 < res.rel_error <= 2e-2 and "lossy (weight-only int8)" in res.detail
+    tight = OptimizeConfig(**base, fast_paths=("numba_decoder[int8]",), lossy_tolerance=1e-4)
+    site = next(
+        s
+        for s in optimize(model, example_inputs=ids, config=tight).optimization_report.sites
+        if s.kind == "generate"
+    )
+    assert site.cases[0].candidates[0].status == "error"
+    with pytest.raises(ValueError, match="lossy_tolerance"):
+        OptimizeConfig(lossy_tolerance=0)

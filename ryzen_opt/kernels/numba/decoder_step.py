@@ -530,13 +530,32 @@ def _argmax(row):
 
 @njit(**JIT)
 def _greedy(
-    mats, vecs, eps, cfg, fl, inv_freq, ids, kc, vc, t0, start, logits, ws, eos, pad, out, threads
+    mats,
+    vecs,
+    eps,
+    cfg,
+    fl,
+    inv_freq,
+    ids,
+    kc,
+    vc,
+    t0,
+    start,
+    logits,
+    ws,
+    eos,
+    pad,
+    out,
+    done,
+    block,
+    threads,
 ):
     """Up to out.shape[1] greedy steps from slot t0; ``ids`` (overwritten) is fed first. A row
     that emitted one of ``eos`` produces ``pad`` afterwards (fed back as its input, like HF
-    generate); the loop stops once every row has. Returns the number of steps run."""
+    generate); the loop stops once every row has. ``done`` (updated): rows already finished;
+    in the first ``block`` steps the ``eos`` ids cannot be chosen (``min_new_tokens``).
+    Returns the number of steps run."""
     nb = ids.shape[0]
-    done = np.zeros(nb, dtype=np.bool_)
     for s in range(out.shape[1]):
         _step(mats, vecs, eps, cfg, fl, inv_freq, ids, kc, vc, t0 + s, start, logits, ws, threads)
         finished = True
@@ -544,6 +563,9 @@ def _greedy(
             if done[b]:
                 tok = pad
             else:
+                if s < block:
+                    for e in eos:
+                        logits[b, e] = -np.inf
                 tok = _argmax(logits[b])
                 for e in eos:
                     if tok == e:
@@ -853,7 +875,17 @@ class NumbaDecoder:
         return logits
 
     def greedy(
-        self, ids_last, k_cache, v_cache, t0: int, start, n_new: int, eos_ids=(), pad_id=0
+        self,
+        ids_last,
+        k_cache,
+        v_cache,
+        t0: int,
+        start,
+        n_new: int,
+        eos_ids=(),
+        pad_id=0,
+        finished=None,
+        block: int = 0,
     ) -> tuple[np.ndarray, int]:
         """Greedy decoding in one call: ``ids_last`` is fed at slot ``t0``, each step's argmax
         at the next slot.
@@ -868,6 +900,9 @@ class NumbaDecoder:
             n_new: tokens to generate per row.
             eos_ids: ids that end a row (an int or an iterable; empty: never).
             pad_id: what a finished row emits (and is fed).
+            finished: ``(batch,)`` bool, rows already finished (they emit ``pad_id``).
+            block: in the first ``block`` steps the ``eos_ids`` cannot be chosen (HF's
+                ``min_new_tokens``).
 
         Returns:
             ``(tokens, steps)``: ``tokens`` ``(batch, n_new)`` int64; once a row emitted one of
@@ -886,7 +921,15 @@ class NumbaDecoder:
         out = np.full((ids.shape[0], n_new), int(pad_id), dtype=np.int64)
         logits = np.empty((ids.shape[0], self.layout.vocab), dtype=np.float32)
         ws = self._workspace(ids.shape[0], kc.shape[3])
-        steps = self._run(_greedy, ids, kc, vc, t0, start, logits, ws, eos, int(pad_id), out)
+        nb = ids.shape[0]
+        done = np.zeros(nb, np.bool_) if finished is None else np.array(_np(finished), np.bool_)
+        if done.shape != (nb,):
+            raise ValueError(f"finished: expected shape ({nb},), got {done.shape}")
+        # eos ids outside the vocabulary can never be produced (and must not index logits)
+        eos = eos[(eos >= 0) & (eos < self.layout.vocab)]
+        steps = self._run(
+            _greedy, ids, kc, vc, t0, start, logits, ws, eos, int(pad_id), out, done, int(block)
+        )
         return out, int(steps)
 
     def _args(self):

@@ -290,13 +290,18 @@ class NumbaStepper(Stepper):
     def greedy(
         self, ids, t0: int, n: int, eos: torch.Tensor | None, pad: int, finished, block: int = 0
     ):
-        # The one-call loop knows no already-finished rows and no held-back eos; those calls
-        # take the per-token loop over the same fused step.
-        if bool(finished.any()) or (eos is not None and block > 0):
-            return super().greedy(ids, t0, n, eos, pad, finished, block)
         eos_ids = () if eos is None else [int(e) for e in eos.tolist()]
         tokens, steps = self.dec.greedy(
-            ids.numpy(), self.kn, self.vn, t0, self.start.numpy(), n, eos_ids, pad
+            ids.numpy(),
+            self.kn,
+            self.vn,
+            t0,
+            self.start.numpy(),
+            n,
+            eos_ids,
+            pad,
+            finished.numpy(),
+            block if eos is not None else 0,
         )
         return torch.from_numpy(tokens[:, :steps]), steps
 

@@ -239,11 +239,16 @@ def select(
                     n,
                     ref_tokens,
                     ref_logits,
-                    tol,
+                    config.lossy_tolerance if name in decoder.OPT_IN_PATHS else tol,
                     res,
                     shared,
                     exact,
                 )
+                if ok and name in decoder.OPT_IN_PATHS:
+                    res.detail = (
+                        f"lossy (weight-only int8): relative logit error {res.rel_error:.2e}"
+                        f" within lossy_tolerance={config.lossy_tolerance:g}; " + res.detail
+                    )
             except Exception as e:  # a path that raises is reported, never shipped
                 res.status, res.detail = "failed", f"{type(e).__name__}: {e}"
                 continue
