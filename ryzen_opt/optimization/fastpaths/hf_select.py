@@ -302,10 +302,13 @@ def _time(
     if hit is None:
         fast = _fast(model, layout, name, b, shared)
         with torch.no_grad():
+            # A generate() call lasts 0.1-3 s where a kernel call lasts microseconds: a quarter
+            # of the kernel sample count (>= 5 a side) keeps a 0.5B model's selection near a
+            # minute on 2 cores; too few samples can only reject a path, never ship one.
             cmp = compare(
                 lambda: orig(**kw, **gk),
                 lambda: fast(**kw, **gk),
-                repeat=max(3, config.repeat // 2),
+                repeat=max(5, config.repeat // 4),
                 warmup=max(1, config.warmup),
                 device=layout.device,
                 min_sample_s=config.min_sample_s,
