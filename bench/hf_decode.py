@@ -14,6 +14,9 @@ no download), the same random prompts (seed 1) for every variant:
   ``reduce-overhead`` mode, CUDA graphs); its compile time is paid in the warm-up, untimed.
 * ``optimize``: ``ryzen_opt.optimize(model, example_inputs=<the decode prompt at the largest
   batch>)``, a copy; its own cost (seconds, peak memory) is recorded.
+* ``optimize_int8`` (CPU, only when named): ``optimize()`` offered the opt-in weight-only
+  int8 decode loop (``OptimizeConfig(fast_paths=("numba_decoder[int8]",))``); not
+  numerically equal, its greedy tokens are compared like every column's.
 * ``onnxruntime`` (CPU): Optimum's ``ORTModelForCausalLM`` export of the same weights.
 
 Workloads, every variant on identical inputs, greedy (``do_sample=False``):
@@ -100,7 +103,9 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
         ),
     ),
 }
-VARIANTS = ("eager", "static_compile", "optimize", "onnxruntime")
+VARIANTS = ("eager", "static_compile", "optimize", "optimize_int8", "onnxruntime")
+# Opt-in variants: run only when named in --variants.
+OPT_IN_VARIANTS = ("optimize_int8",)
 
 
 def build_model(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -189,13 +194,14 @@ def _static_compile(model, device, example, workdir: Path) -> Runner:
     return Runner("static_compile", gen, note=f"CompileConfig(mode={cc.mode!r})")
 
 
-def _optimize(model, device, example, workdir: Path) -> Runner:
+def _optimize(model, device, example, workdir: Path, config=None, name="optimize") -> Runner:
     from ryzen_opt import optimize
 
     t0 = time.perf_counter()
     holder = {}
     peak = timing.peak_memory(
-        lambda: holder.setdefault("m", optimize(model, example_inputs=example)), device
+        lambda: holder.setdefault("m", optimize(model, example_inputs=example, config=config)),
+        device,
     )
     fast = holder["m"]
     build_s = time.perf_counter() - t0
@@ -223,7 +229,17 @@ def _optimize(model, device, example, workdir: Path) -> Runner:
                     f"  optimize {case['case']} {c['backend']}: {c['status']} {speed} {c['detail']}"
                 )
     details = {"generate_sites": loops, "report_notes": list(report.notes)}
-    return Runner("optimize", gen, build_s, peak, note, details)
+    return Runner(name, gen, build_s, peak, note, details)
+
+
+def _optimize_int8(model, device, example, workdir: Path) -> Runner:
+    """optimize() offered only the opt-in weight-only int8 decode loop (CPU)."""
+    from ryzen_opt import OptimizeConfig
+
+    if device != "cpu":
+        raise RuntimeError("the weight-only int8 decode loop runs on the CPU only")
+    cfg = OptimizeConfig(fast_paths=("numba_decoder[int8]",))
+    return _optimize(model, device, example, workdir, cfg, "optimize_int8")
 
 
 def _onnxruntime(model, device, example, workdir: Path) -> Runner:
@@ -253,6 +269,7 @@ BUILDERS = {
     "eager": _eager,
     "static_compile": _static_compile,
     "optimize": _optimize,
+    "optimize_int8": _optimize_int8,
     "onnxruntime": _onnxruntime,
 }
 
@@ -509,7 +526,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dtype is None:
         args.dtype = "bf16" if args.device == "cuda" else "fp32"
     if args.variants is None:
-        args.variants = [v for v in VARIANTS if args.device == "cpu" or v != "onnxruntime"]
+        args.variants = [
+            v
+            for v in VARIANTS
+            if v not in OPT_IN_VARIANTS and (args.device == "cpu" or v != "onnxruntime")
+        ]
     if args.new_tokens < 2:
         ap.error("--new-tokens must be >= 2 (decode time is t(n) - t(1))")
     if args.repeat < 1 or args.prompt_len < 1 or args.decode_prompt_len < 1:

@@ -291,3 +291,32 @@ def test_int8_is_opt_in_and_its_error_is_reported_and_bounded():
     assert site.cases[0].candidates[0].status == "error"
     with pytest.raises(ValueError, match="lossy_tolerance"):
         OptimizeConfig(lossy_tolerance=0)
+
+
+def test_a_reverted_site_swap_keeps_the_measured_decode_loop(monkeypatch):
+    import ryzen_opt.optimizer as front
+    from ryzen_opt import OptimizeConfig, optimize
+
+    monkeypatch.setattr(front, "check_whole_model", lambda *a, **k: "forced failure")
+    model = tiny("gpt2")
+    ids, _ = left_padded(1, 8, [0])
+    cfg = OptimizeConfig(use_cache=False, repeat=4, warmup=1, decode_batches=(1,))
+    fast = optimize(model, example_inputs=ids, config=cfg)
+    rep = fast.optimization_report
+    site = next(s for s in rep.sites if s.kind == "generate")
+    if site.chosen:  # the loop won its own generate() comparison: the revert leaves it
+        assert isinstance(fast.__dict__.get("generate"), fgen.FastGenerate)
+        assert rep.changed and not site.note
+    assert not any(s.chosen for s in rep.sites if s.kind != "generate")
+
+
+def test_the_time_budget_bounds_the_decode_loop_selection():
+    from ryzen_opt import OptimizeConfig, optimize
+
+    model = tiny("llama")
+    ids, _ = left_padded(1, 8, [0])
+    cfg = OptimizeConfig(use_cache=False, repeat=4, warmup=1, time_budget_s=1e-6)
+    fast = optimize(model, example_inputs=ids, config=cfg)
+    notes = " ".join(fast.optimization_report.notes)
+    assert "the decoder fast paths: not measured, the time budget" in notes
+    assert "generate" not in fast.__dict__

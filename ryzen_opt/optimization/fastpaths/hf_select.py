@@ -229,6 +229,9 @@ def select(
             if reason is not None:
                 res.detail = reason
                 continue
+            if budget_left() <= 0:
+                res.detail = "not measured: the time budget was spent"
+                continue
             try:
                 ok = _verify(
                     model,
@@ -309,7 +312,7 @@ def _time(
                 lambda: orig(**kw, **gk),
                 lambda: fast(**kw, **gk),
                 repeat=max(5, config.repeat // 4),
-                warmup=max(1, config.warmup),
+                warmup=1,  # the check above already ran both (JIT, graphs, allocator)
                 device=layout.device,
                 min_sample_s=config.min_sample_s,
                 confidence=config.confidence,
