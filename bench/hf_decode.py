@@ -15,8 +15,9 @@ no download), the same random prompts (seed 1) for every variant:
 * ``optimize``: ``ryzen_opt.optimize(model, example_inputs=<the decode prompt at the largest
   batch>)``, a copy; its own cost (seconds, peak memory) is recorded.
 * ``optimize_int8`` (CPU, only when named): ``optimize()`` offered the opt-in weight-only
-  int8 decode loop (``OptimizeConfig(fast_paths=("numba_decoder[int8]",))``); not
-  numerically equal, its greedy tokens are compared like every column's.
+  int8 decode loop (``OptimizeConfig(fast_paths=("numba_decoder[int8]",),
+  lossy_tolerance=0.05)``); not numerically equal, its greedy tokens are compared like every
+  column's.
 * ``onnxruntime`` (CPU): Optimum's ``ORTModelForCausalLM`` export of the same weights.
 
 Workloads, every variant on identical inputs, greedy (``do_sample=False``):
@@ -106,6 +107,10 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
 VARIANTS = ("eager", "static_compile", "optimize", "optimize_int8", "onnxruntime")
 # Opt-in variants: run only when named in --variants.
 OPT_IN_VARIANTS = ("optimize_int8",)
+# The int8 column's accepted relative logit error: above the library's 2e-2 default, which a
+# full-size Qwen2-0.5B's int8 loop exceeds (3.2e-2 at batch 1, 2.9e-2 at 16; commit e8d36eb
+# run, bench/results/cpu/hf_decode-qwen2-0.5b-int8.md), so that its speed is measured.
+INT8_TOLERANCE = 5e-2
 
 
 def build_model(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -238,7 +243,7 @@ def _optimize_int8(model, device, example, workdir: Path) -> Runner:
 
     if device != "cpu":
         raise RuntimeError("the weight-only int8 decode loop runs on the CPU only")
-    cfg = OptimizeConfig(fast_paths=("numba_decoder[int8]",))
+    cfg = OptimizeConfig(fast_paths=("numba_decoder[int8]",), lossy_tolerance=INT8_TOLERANCE)
     return _optimize(model, device, example, workdir, cfg, "optimize_int8")
 
 
