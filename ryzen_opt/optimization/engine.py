@@ -353,16 +353,7 @@ class Engine:
             reports.append(srep)
         if not decode and not prefill:
             return reports, None
-        # A batch between two measured ones runs the lower one's winner; none runs outside
-        # the measured range.
-        measured = sorted(measured_batches)
-        won = dict(decode)
-        ranges = []
-        for i, b in enumerate(measured):
-            if b in won:
-                nxt = measured[i + 1] if i + 1 < len(measured) else None
-                hi = nxt - 1 if nxt is not None and nxt in won else b
-                ranges.append((b, hi, won[b]))
+        ranges = fastpaths.routing.batch_ranges(measured_batches, dict(decode))
         return reports, fastpaths.FastPaths(ranges, prefill)
 
     def decoder_paths(

@@ -46,7 +46,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ryzen_opt.kernels.numba._common import JIT, _activate, _exp, set_threads
+from ryzen_opt.kernels.numba._common import JIT, _activate, _dot1x4, _exp, set_threads
 from ryzen_opt.optimization.fastpaths.decoder_layout import FAMILIES, DecoderLayout, Linear
 
 __all__ = ["WEIGHTS", "NumbaDecoder", "supports"]
@@ -113,14 +113,7 @@ def _rows_f32(d, x, y, add, col, j0, j1):
         r2 = w[o + 2 * so : o + 2 * so + k]
         r3 = w[o + 3 * so : o + 3 * so + k]
         for b in range(nb):
-            xb = x[b]
-            s0 = s1 = s2 = s3 = np.float32(0.0)
-            for p in range(k):
-                xv = xb[p]
-                s0 += xv * r0[p]
-                s1 += xv * r1[p]
-                s2 += xv * r2[p]
-                s3 += xv * r3[p]
+            s0, s1, s2, s3 = _dot1x4(x[b], r0, r1, r2, r3, k)
             yb = y[b]
             if add:
                 yb[col + j] += s0

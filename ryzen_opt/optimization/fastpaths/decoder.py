@@ -63,6 +63,15 @@ def kv_of(past: Any, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     return past[i][0], past[i][1]
 
 
+def load_cache(k: torch.Tensor, v: torch.Tensor, past: Any, prompt_len: int) -> None:
+    """Copy the first ``prompt_len`` positions of a transformers cache into the contract's
+    ``(layers, batch, kv_heads, T, head_dim)`` buffers (converting the dtype if they differ)."""
+    for i in range(k.shape[0]):
+        pk, pv = kv_of(past, i)
+        k[i, :, :, :prompt_len].copy_(pk[:, :, :prompt_len])
+        v[i, :, :, :prompt_len].copy_(pv[:, :, :prompt_len])
+
+
 def cache_len(needed: int, max_positions: int) -> int:
     """Slots to allocate for ``needed``: the next power of two >= 256, within the context, so
     that one buffer (and one captured graph) serves many calls."""
@@ -92,10 +101,7 @@ class Stepper:
         self.start = torch.zeros(batch, dtype=torch.int64, device=layout.device)
 
     def load(self, past: Any, prompt_len: int, start: torch.Tensor) -> None:
-        for i in range(self.layout.num_layers):
-            k, v = kv_of(past, i)
-            self.k[i, :, :, :prompt_len].copy_(k[:, :, :prompt_len])
-            self.v[i, :, :, :prompt_len].copy_(v[:, :, :prompt_len])
+        load_cache(self.k, self.v, past, prompt_len)
         self.start.copy_(start)
 
     def step(self, ids: torch.Tensor, t: int) -> torch.Tensor:

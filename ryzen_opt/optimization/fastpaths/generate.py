@@ -93,6 +93,7 @@ class FastGenerate:
     def __init__(self, model: nn.Module, routes: list[tuple[int, int, str]]) -> None:
         self.model, self.routes = model, list(routes)
         self._layout: DecoderLayout | None = None
+        self._keep_kw: dict[str, int] | None = None
         self.steppers: dict[int, decoder.Stepper] = {}
         self.shared: dict = {}  # what every batch size's stepper reuses (decoders, int8)
         self.last_route = ""
@@ -281,8 +282,11 @@ class FastGenerate:
         return torch.cat([ids] + new, 1)
 
     def _keep(self) -> dict[str, int]:
-        params = inspect.signature(self.model.forward).parameters
-        return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        """``logits_to_keep=1`` where the model's forward takes it (looked up once)."""
+        if self._keep_kw is None:
+            params = inspect.signature(self.model.forward).parameters
+            self._keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        return self._keep_kw
 
     @staticmethod
     def _warpers(cfg):

@@ -32,6 +32,7 @@ from ryzen_opt.optimization.cache import DecisionCache
 from ryzen_opt.optimization.fastpaths import decoder
 from ryzen_opt.optimization.fastpaths.decoder_layout import DecoderLayout, reference_step
 from ryzen_opt.optimization.fastpaths.generate import FastGenerate
+from ryzen_opt.optimization.fastpaths.routing import batch_ranges
 from ryzen_opt.optimization.report import CandidateResult, CaseResult, SiteReport
 from ryzen_opt.timing import compare
 
@@ -119,10 +120,7 @@ def exact_logits(model, layout: DecoderLayout, kw: dict, n: int, ref_tokens) -> 
     shape = (layout.num_layers, b, layout.kv_heads, p + n, layout.head_dim)
     kc = torch.zeros(shape, device=layout.device, dtype=torch.float32)
     vc = torch.zeros_like(kc)
-    for i in range(layout.num_layers):
-        k, v = decoder.kv_of(past, i)
-        kc[i, :, :, :p].copy_(k[:, :, :p])
-        vc[i, :, :, :p].copy_(v[:, :, :p])
+    decoder.load_cache(kc, vc, past, p)
     del past
     steps = []
     for j in range(n - 1):
@@ -283,7 +281,7 @@ def select(
             winners[b] = best.backend
             srep.chosen[crep.case] = best.backend
         del ref_tokens, ref_logits, exact
-    return srep, routes(measured, winners), shared
+    return srep, batch_ranges(measured, winners), shared
 
 
 def _time(
@@ -324,17 +322,3 @@ def _time(
         res.cached = True
     if not res.record_timing(hit, config.min_speedup):
         res.detail += "; " + res.slower_detail(config.min_speedup)
-
-
-def routes(measured: list[int], winners: dict[int, str]) -> list[tuple[int, int, str]]:
-    """Batch ranges per winner: a batch between two measured ones that both won runs the
-    lower one's winner; nothing outside the measured range is routed."""
-    out = []
-    ms = sorted(measured)
-    for i, b in enumerate(ms):
-        if b not in winners:
-            continue
-        nxt = ms[i + 1] if i + 1 < len(ms) else None
-        hi = nxt - 1 if nxt is not None and nxt in winners else b
-        out.append((b, hi, winners[b]))
-    return out

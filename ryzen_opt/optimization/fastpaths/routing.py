@@ -179,3 +179,17 @@ def install(model: SimpleTransformerModel, paths: FastPaths) -> Callable[[], Non
             model.__dict__["_fast_paths"] = old
 
     return undo
+
+
+def batch_ranges(measured, winners: dict) -> list[tuple[int, int, Any]]:
+    """``(lowest, highest, winner)`` batch ranges: a batch between two measured ones that
+    both won runs the lower one's winner; nothing outside the measured range is routed."""
+    out = []
+    ms = sorted(measured)
+    for i, b in enumerate(ms):
+        if b not in winners:
+            continue
+        nxt = ms[i + 1] if i + 1 < len(ms) else None
+        hi = nxt - 1 if nxt is not None and nxt in winners else b
+        out.append((b, hi, winners[b]))
+    return out
