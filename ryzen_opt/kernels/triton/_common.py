@@ -48,6 +48,15 @@ def check_device(name: str, t: torch.Tensor) -> None:
         raise ValueError(reason)
 
 
+@functools.lru_cache(maxsize=8)
+def pdl_supported(device_index: int) -> bool:
+    """Programmatic dependent launch (a kernel starts while the previous one finishes, and
+    waits in ``gdc_wait`` for its results): Hopper (sm90) and newer, not the interpreter."""
+    if INTERPRET or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
 def upcast_dot(dtype: torch.dtype) -> bool:
     return UPCAST_BF16_DOT and dtype == torch.bfloat16
 

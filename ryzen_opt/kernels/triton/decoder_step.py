@@ -67,6 +67,7 @@ class LinearConfig:
     split_k: int  # programs sharing one feature block's K
     dot: bool  # tl.dot (rows padded to 16) instead of FMA tiles
     num_warps: int = 4
+    num_stages: int = 3  # software-pipelined K tiles in flight (Triton's default on CUDA)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class AttnConfig:
     block_t: int  # cache slots a tile spans
     splits: int  # programs sharing one (row, kv head)'s slots
     num_warps: int = 4
+    num_stages: int = 3
 
 
 def _pow2(n: int) -> int:
@@ -85,42 +87,43 @@ def _config(n: int, k: int, batch: int, *, sms: int = 132, accumulators: int = 1
     """Tiles of one matmul ``(batch, k) @ (k, n)``; ``divides``: ``block_n`` must divide it
     (QKV tiles stay inside one head); ``accumulators``: 2 for the gate/up pair.
 
-    Untuned (no GPU where this was written). The reasoning, for an H100/H200 (132 SMs):
-    * Enough programs: at least 2 per SM (``target``), so every SM has two CTAs streaming and
-      one's tail overlaps the next's start. Narrower feature blocks come first (no partial
-      traffic), split-K only below ``min_n`` features (Llama-1.2B's 2048x2048 o projection at
-      batch 1: 8 features -> 256 blocks, 4 -> 512).
-    * FMA path (<= 4 rows): the accumulator is ``[block_b, block_n, block_k]`` fp32, kept to
-      4096 elements (32 registers a thread at 4 warps) over all accumulators; ``block_k``
-      512 at 1-2 rows is 1 KB of a bf16 weight row per tile row, 16-byte vector loads.
-    * tl.dot path (5..16 rows): mma needs 16 rows and 16 features, so ``block_n`` = 16 and
-      split-K supplies the programs (2048x2048 at 16 rows: 128 blocks x 4 splits).
+    From a sweep of the whole step on an H200 (``python -m bench.decoder_step_tune --sweep``,
+    Llama 1.2B bf16; ``bench/results/h200/decoder_step_tune-llama-1b.md``):
+    * FMA path (<= 4 rows): every program requests its next weight tile before using the
+      current one; ``block_k`` 1024 beat 512 (gate/up 1073 vs 1095 us a step at batch 1) and
+      256 (1181 us). A program owns about 16K weights (32 KB of bf16) over all of K: the
+      down projection (K 8192) ran 1003 us at 2 features against 1073 us at 4 and 1099 us
+      at 8, the qkv projection (K 2048) 929 us at 8 features against 956 us at 2, the gate/up
+      pair 1073 us at 4 against 1099 us at 2 and 8. Feature blocks narrow further only to
+      keep 2 programs per SM (QKV tiles keep 2 lanes for the rotary pairs).
+    * tl.dot path (5..16 rows): mma needs 16 rows; 32 features beat 16 on every matmul at
+      batch 16 (gate/up 1116 vs 1277 us a step) and split-K fills the SMs once (o and down
+      projections: 4 splits).
     * Conv1D weights (GPT-2, ``transposed``): N is the contiguous axis, so tiles are wide in N
       (64 features = 128 contiguous bytes in bf16) and short in K.
     """
     dot = batch > 4
     block_b = MAX_ROWS_PER_PROGRAM if dot else _pow2(batch)
     if transposed:
-        block_k, block_n, min_n = 64, 64, 16
+        block_k, block_n, min_n, target = 64, 64, 16, 2 * sms
     elif dot:
-        block_k, block_n, min_n = 256, 16, 16
+        block_k, block_n, min_n, target = 256, 32, 32, sms
     else:
-        block_k = min(512, max(128, 1024 // block_b), max(16, _pow2(k)))
-        block_n = max(2, 4096 // (block_b * block_k * accumulators))
-        min_n = 2 if block_b > 1 else 4
+        block_k = min(1024 if block_b <= 2 else 512, max(16, _pow2(k)))
+        block_n = max(1, 16384 // (block_b * _pow2(k) * accumulators))
+        min_n, target = (2 if divides is not None else 1), 2 * sms
     block_k = min(block_k, max(16, _pow2(k)))
     if divides is not None:
         block_n = min(block_n, divides & -divides)  # largest power of two dividing it
         min_n = min(min_n, block_n)
-    target = 2 * sms
     row_groups = triton.cdiv(batch, block_b)
     while triton.cdiv(n, block_n) * row_groups < target and block_n > min_n:
         block_n //= 2
     tiles = triton.cdiv(n, block_n) * row_groups
     k_tiles = triton.cdiv(k, block_k)
     split_k = 1
-    while tiles * split_k < target and split_k * 4 <= k_tiles:  # >= 2 K tiles a split
-        split_k *= 2
+    while tiles * split_k < min(target, 2 * sms) and split_k * 4 <= k_tiles:
+        split_k *= 2  # >= 2 K tiles a split
     return LinearConfig(block_b, block_n, block_k, split_k, dot)
 
 
@@ -128,12 +131,13 @@ def _attn_config(batch: int, kv_heads: int, head_dim: int, t_max: int, *,
                  sms: int = 132) -> AttnConfig:
     """Slots per tile and splits of the attention. ``block_t`` 64 at head_dim <= 64 (a bf16
     K or V tile is 8 KB), 32 above; splits double until (row, kv head, split) programs reach
-    2 per SM, or each split would get less than a tile of the longest cache (Llama-1.2B at
-    batch 1: 8 kv heads x 32 splits)."""
+    half the SMs, or each split would get less than two tiles of the cache: merging splits
+    costs more than it saves beyond that (batch 16, 8 kv heads, 256 slots on an H200: 1054
+    us a step at 1 split, 1073 at 2, 1083 at 4)."""
     block_t = 64 if head_dim <= 64 else 32
     block_t = min(block_t, max(16, _pow2(t_max)))
     splits = 1
-    while batch * kv_heads * splits < 2 * sms and splits * 2 * block_t <= t_max:
+    while batch * kv_heads * splits < sms // 2 and splits * 2 * block_t <= t_max:
         splits *= 2
     return AttnConfig(block_t, splits)
 
@@ -202,27 +206,33 @@ def _normalize(x, mean, rstd, nw_ptr, nb_ptr, offs_k, k_mask, NORM: tl.constexpr
 
 
 @triton.jit
-def _mac(acc, x, w_ptr, offs_n, n_mask, offs_k, k_mask, so, si,
-         DOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``acc += x @ W[offs_n, offs_k].T``; ``acc`` is ``[B, N]`` (tl.dot) or ``[B, N, K]``
-    (FMA tile, reduced by the caller once the K loop is done)."""
-    w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * so + offs_k[None, :].to(tl.int64) * si,
-                mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+def _load_w(w_ptr, offs_n, n_mask, offs_k, k_mask, so, si):
+    """The weight tile ``W[offs_n, offs_k]`` (masked lanes 0)."""
+    return tl.load(w_ptr + offs_n[:, None].to(tl.int64) * so + offs_k[None, :].to(tl.int64) * si,
+                   mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _mac(acc, x, w, DOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``acc [B, N] += x [B, K] @ w [N, K].T``: tl.dot, or (few rows) FMA products reduced
+    over the tile's K at once."""
     if DOT:
         a = x.to(w.dtype)
         if UPCAST:  # the interpreter multiplies bf16 tiles wrongly (_common.UPCAST_BF16_DOT)
             a, w = a.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
     else:
-        acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
+        acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], 2)
     return acc
 
 
 @triton.jit
-def _finish(acc, DOT: tl.constexpr):
-    if not DOT:
-        acc = tl.sum(acc, 2)
-    return acc
+def _wait_prior(PDL: tl.constexpr):
+    """With programmatic dependent launch: wait until the previous kernel of the step has
+    finished (its stores visible), then let the next one start its own weight loads."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -303,7 +313,7 @@ def _qkv_kernel(
     NORM: tl.constexpr, EMBED: tl.constexpr, HAS_BIAS: tl.constexpr, ROPE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
     pid_n, pid_k, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # Feature block -> (section: q 0, k 1, v 2; head in it; lanes of the head).
@@ -328,22 +338,26 @@ def _qkv_kernel(
 
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
+    # The first weight tile is requested before waiting on the previous kernel (weights never
+    # depend on it); each iteration then requests the next tile before using the current one.
+    offs_k = k_lo + tl.arange(0, BLOCK_K)
+    w = _load_w(w_ptr, offs_n, n_mask, offs_k, offs_k < k_hi, so, si)
+    _wait_prior(PDL)
     t = tl.load(t_ptr)
     pos = t - tl.load(start_ptr + rows, mask=row_mask, other=0)
     mean = tl.zeros([BLOCK_B], dtype=tl.float32)
     rstd = mean
     if NORM != 0:
         mean, rstd = _row_stats(x_ptr, ids_ptr, emb_ptr, pe_ptr, pos, rows, row_mask, K, eps,
-                                NORM, EMBED, BLOCK_K)
-    if DOT:
-        acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    k_lo = pid_k * K_PER
-    k_hi = tl.minimum(k_lo + K_PER, K)
+                                NORM, EMBED, BLOCK_S)
+    acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_hi
+        w_next = _load_w(w_ptr, offs_n, n_mask, offs_k + BLOCK_K, offs_k + BLOCK_K < k_hi, so,
+                         si)
         x = _x_raw(x_ptr, ids_ptr, emb_ptr, pe_ptr, pos, rows, row_mask, offs_k, k_mask, K,
                    EMBED)
         if EMBED != 0:  # noqa: SIM102 (constexpr, then runtime)
@@ -351,9 +365,8 @@ def _qkv_kernel(
                 tl.store(x_ptr + rows[:, None] * K + offs_k[None, :],
                          x.to(x_ptr.dtype.element_ty), mask=row_mask[:, None] & k_mask[None, :])
         x = _normalize(x, mean, rstd, nw_ptr, nb_ptr, offs_k, k_mask, NORM)
-        acc = _mac(acc, x, w_ptr, offs_n, n_mask, offs_k, k_mask, so, si, DOT, UPCAST,
-                   DOT_PRECISION)
-    acc = _finish(acc, DOT)
+        acc = _mac(acc, x, w, DOT, UPCAST, DOT_PRECISION)
+        w = w_next
     if SPLIT_K > 1:
         mask = row_mask[:, None] & n_mask[None, :]
         N_ALL = (HEADS + 2 * KV_HEADS) * HEAD_DIM
@@ -382,8 +395,10 @@ def _attention_kernel(
     # meta-parameters
     SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     b, kvh, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    _wait_prior(PDL)
     t = tl.load(t_ptr)
     lo = tl.load(start_ptr + b)
     # This split's share of the valid slots lo..t, in whole tiles.
@@ -493,7 +508,7 @@ def _linear_kernel(
     NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
     pid_n, pid_k, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -501,30 +516,36 @@ def _linear_kernel(
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     GATED: tl.constexpr = ACT == 3
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
+    # Weight tiles requested ahead, as in _qkv_kernel.
+    offs_k = k_lo + tl.arange(0, BLOCK_K)
+    w1 = _load_w(w1_ptr, offs_n, n_mask, offs_k, offs_k < k_hi, s1_o, s1_i)
+    w2 = w1
+    if GATED:
+        w2 = _load_w(w2_ptr, offs_n, n_mask, offs_k, offs_k < k_hi, s2_o, s2_i)
+    _wait_prior(PDL)
     mean = tl.zeros([BLOCK_B], dtype=tl.float32)
     rstd = mean
     if NORM != 0:
         mean, rstd = _row_stats(x_ptr, x_ptr, x_ptr, x_ptr, rows, rows, row_mask, K, eps,
-                                NORM, 0, BLOCK_K)
-    if DOT:
-        acc1 = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-    else:
-        acc1 = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], dtype=tl.float32)
+                                NORM, 0, BLOCK_S)
+    acc1 = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
     acc2 = acc1
-    k_lo = pid_k * K_PER
-    k_hi = tl.minimum(k_lo + K_PER, K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_hi
+        nk = offs_k + BLOCK_K
+        w1_next = _load_w(w1_ptr, offs_n, n_mask, nk, nk < k_hi, s1_o, s1_i)
+        w2_next = w1_next
+        if GATED:
+            w2_next = _load_w(w2_ptr, offs_n, n_mask, nk, nk < k_hi, s2_o, s2_i)
         x = _x_raw(x_ptr, x_ptr, x_ptr, x_ptr, rows, rows, row_mask, offs_k, k_mask, K, 0)
         x = _normalize(x, mean, rstd, nw_ptr, nb_ptr, offs_k, k_mask, NORM)
-        acc1 = _mac(acc1, x, w1_ptr, offs_n, n_mask, offs_k, k_mask, s1_o, s1_i, DOT, UPCAST,
-                    DOT_PRECISION)
+        acc1 = _mac(acc1, x, w1, DOT, UPCAST, DOT_PRECISION)
         if GATED:
-            acc2 = _mac(acc2, x, w2_ptr, offs_n, n_mask, offs_k, k_mask, s2_o, s2_i, DOT,
-                        UPCAST, DOT_PRECISION)
-    acc1 = _finish(acc1, DOT)
-    acc2 = _finish(acc2, DOT)
+            acc2 = _mac(acc2, x, w2, DOT, UPCAST, DOT_PRECISION)
+        w1, w2 = w1_next, w2_next
     mask = row_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:
         ACCS: tl.constexpr = 2 if GATED else 1
@@ -588,9 +609,11 @@ class DecoderWorkspace:
         batch: rows per step.
         config, attn_config: tile choosers with :func:`_config`'s and :func:`_attn_config`'s
             signatures (tests force split-K and small tiles through them).
+        pdl: launch with programmatic dependent launch (sm90+; measured slower, see below).
     """
 
-    def __init__(self, layout, batch: int, *, config=_config, attn_config=_attn_config):
+    def __init__(self, layout, batch: int, *, config=_config, attn_config=_attn_config,
+                 pdl: bool = False):
         reason = supports(layout)
         if reason is not None:
             raise ValueError(f"layout: {reason}")
@@ -600,6 +623,16 @@ class DecoderWorkspace:
         self.batch = b = batch
         dev, dt = layout.device, layout.dtype
         sms = _common.num_sms(_common.device_index(layout.embed))
+        # Programmatic dependent launch (``pdl=True``, sm90+): each kernel's programs start
+        # while the previous kernel finishes and request their first weight tiles before
+        # waiting for its results. Off by default: measured slower on an H200 (Llama 1.2B
+        # bf16 step: 988 vs 944 us at batch 1, 1138 vs 1098 us at batch 16,
+        # bench/results/h200/decoder_step_tune-llama-1b-pdl.md; not yet explained: waiting
+        # programs holding SM slots is one candidate).
+        if pdl and not _common.pdl_supported(_common.device_index(layout.embed)):
+            raise ValueError("pdl: programmatic dependent launch needs an sm90+ GPU")
+        self.pdl = bool(pdl)
+        self.launch = {"launch_pdl": True} if self.pdl else {}
         qd, kvd = lay.heads * lay.head_dim, lay.kv_heads * lay.head_dim
         layer = lay.layers[0]
 
@@ -700,6 +733,13 @@ def _grid(c: LinearConfig, n_blocks: int, batch: int):
     return (n_blocks, c.split_k, triton.cdiv(batch, c.block_b))
 
 
+def _stats_block(k: int, c: LinearConfig) -> int:
+    """K elements a norm-statistics load spans: the whole row in one load where it fits
+    (one round trip before the first product instead of ``k / block_k``), within 4096
+    elements of fp32 registers over the program's rows."""
+    return max(c.block_k, min(_pow2(k), 4096 // c.block_b))
+
+
 def _k_per(c: LinearConfig, k: int) -> int:
     return triton.cdiv(triton.cdiv(k, c.block_k), c.split_k) * c.block_k
 
@@ -729,7 +769,8 @@ def _linear(ws, c: LinearConfig, x, lin1, out, *, lin2=None, norm=None, act=0, r
         NORM=kind, ACT=act, HAS_BIAS=has_bias, HAS_RES=res is not None,
         BLOCK_B=c.block_b, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k, DOT=c.dot,
         UPCAST=_common.upcast_dot(dt), DOT_PRECISION=_common.dot_precision(dt),
-        num_warps=c.num_warps,
+        BLOCK_S=_stats_block(k, c), PDL=ws.pdl, num_warps=c.num_warps,
+        num_stages=c.num_stages, **ws.launch,
     )
     # fmt: on
     return out
@@ -791,15 +832,16 @@ def decoder_step(layout, ids, k_cache, v_cache, t, start, ws: DecoderWorkspace):
             NORM=kind, EMBED=embed, HAS_BIAS=bias is not None,
             ROPE=lay.rope_inv_freq is not None, BLOCK_B=qc.block_b, BLOCK_N=qc.block_n,
             BLOCK_K=qc.block_k, SPLIT_K=qc.split_k, DOT=qc.dot, UPCAST=upcast,
-            DOT_PRECISION=prec, num_warps=qc.num_warps,
+            DOT_PRECISION=prec, BLOCK_S=_stats_block(lay.hidden, qc), PDL=ws.pdl,
+            num_warps=qc.num_warps, num_stages=qc.num_stages, **ws.launch,
         )
         _attention_kernel[(b, lay.kv_heads, ac.splits)](
             ws.q, k_cache[i], v_cache[i], t, start, ws.y, ws.attn_o, ws.attn_ml, ws.counters,
             lay.heads, lay.kv_heads, lay.heads // lay.kv_heads, t_max, lay.head_dim,
             lay.attn_scale,
             SPLITS=ac.splits, BLOCK_G=ws.block_g, BLOCK_T=ac.block_t,
-            BLOCK_D=_pow2(lay.head_dim), UPCAST=upcast, DOT_PRECISION=prec,
-            num_warps=ac.num_warps,
+            BLOCK_D=_pow2(lay.head_dim), UPCAST=upcast, DOT_PRECISION=prec, PDL=ws.pdl,
+            num_warps=ac.num_warps, num_stages=ac.num_stages, **ws.launch,
         )
         # fmt: on
         _linear(ws, ws.cfg["o"], ws.y, layer.o, ws.x, res=ws.x)
