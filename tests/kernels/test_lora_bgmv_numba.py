@@ -51,20 +51,31 @@ def test_lora_matches_reference_on_mixed_batches(rows, n_in, n_out, rank, n_adap
     _check(x, a, b, s, idx, f"{rows, n_in, n_out, rank, n_adapters}")
 
 
-@pytest.mark.parametrize("rows", [8, 16, 23, 40])
-def test_large_groups_take_the_register_tile_and_match(rows):
+@pytest.mark.parametrize("rank", [3, 16, 21])
+@pytest.mark.parametrize("rows", [12, 16, 23, 40])
+def test_large_groups_take_the_register_tile_and_match(rows, rank):
     # One adapter for every row: groups of up to 16 rows, >= TILE_ROWS expand through the
     # register tile; 97 outputs leave a partial MR tile at the end.
-    x, a, b, s = _inputs(rows, 130, 97, 16, 2)
+    x, a, b, s = _inputs(rows, 130, 97, rank, 2)
     idx = torch.ones(rows, dtype=torch.int64)
-    order, tasks = nl._plan(idx.numpy(), 2, nl.ROWS_PER_TASK)
+    order, tasks, _ = nl._plan(idx.numpy(), 2, nl.ROWS_PER_TASK)
     assert max(tasks[:, 2] - tasks[:, 1]) >= nl.TILE_ROWS
     _check(x, a, b, s, idx, f"{rows} rows on one adapter")
 
 
+@pytest.mark.parametrize("rank", [1, 8, 13, 24])
+@pytest.mark.parametrize("n_out", [1, 8, 9, 63])
+def test_small_groups_take_the_eight_output_dots_and_match(n_out, rank):
+    # Groups below TILE_ROWS: _dot8 over the multiple-of-8 part of rank and of the outputs,
+    # scalar tails for the rest.
+    x, a, b, s = _inputs(5, 40, n_out, rank, 2)
+    idx = torch.tensor([1, 0, 1, 1, 0])
+    _check(x, a, b, s, idx, f"n_out {n_out} rank {rank}")
+
+
 def test_plan_groups_every_row_once_by_adapter():
     idx = torch.tensor([2, -1, 0, 2, 2, -1, 1, 0] * 5)
-    order, tasks = nl._plan(idx.numpy(), 3, 4)
+    order, tasks, _ = nl._plan(idx.numpy(), 3, 4)
     assert sorted(order.tolist()) == list(range(len(idx)))
     seen = []
     for ad, lo, hi in tasks.tolist():
@@ -131,6 +142,12 @@ def test_index_out_of_range_raises_naming_indices():
         nl.lora_bgmv(x, a, b, s, torch.tensor([0, 4, 1]))
     with pytest.raises(ValueError, match="indices must lie"):
         nl.lora_bgmv(x, a, b, s, torch.tensor([0, -3, 1]))
+    # Checked before any row is computed: out is left as it was.
+    out = torch.randn(3, 6)
+    base = out.clone()
+    with pytest.raises(ValueError, match=r"got 9 at row 2"):
+        nl.lora_bgmv(x, a, b, s, torch.tensor([0, 1, 9], dtype=torch.int32), out=out)
+    assert torch.equal(out, base)
 
 
 @settings(max_examples=30, deadline=None)
