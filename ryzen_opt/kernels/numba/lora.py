@@ -131,8 +131,11 @@ ROWS_PER_TASK = NR
 # call, best of two runs on the loaded 2-core box): 8 rows 36.3 us by _dot8 vs 40.9 us by
 # the tile, 12 rows 47.0 vs 47.7, 16 rows 56.3 vs 53.1.
 TILE_ROWS = 12
-# Serial below this many multiply-adds (rows * rank * (in + out)).
-SERIAL_BELOW = 1 << 18
+# Serial below this many multiply-adds (rows * rank * (in + out)): 4M is ~250 us of serial
+# work, where halving it repays a pool wake-up. Decode batches stay below (16 rows at 2048 x
+# 2048, rank 16, are 1M: 68 us serial). Measured on the shared 2-core box under load (load
+# average 5): that call took 13 ms through the prange driver, its workers descheduled.
+SERIAL_BELOW = 1 << 22
 
 
 @njit(**JIT)
@@ -279,6 +282,10 @@ def _expand_tile(t, bw, rows, out, accumulate):
 @njit(parallel=True, **JIT)
 def _bgmv_parallel(x, a, b, scales, idx, out, accumulate):
     order, tasks, bad = _plan(idx, a.shape[0], ROWS_PER_TASK)
+    if tasks.shape[0] < 2:  # one group (all rows on one adapter): no pool wake-up
+        for task in range(tasks.shape[0]):
+            _task(x, a, b, scales, order, tasks, out, accumulate, task)
+        return bad
     for task in prange(tasks.shape[0]):
         _task(x, a, b, scales, order, tasks, out, accumulate, task)
     return bad
