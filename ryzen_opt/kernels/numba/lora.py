@@ -15,6 +15,12 @@ rather than once per row:
 PEFT's layouts are used as they are: no weight is transposed or copied per call. Tasks run in
 a ``prange`` when there are at least two and enough work; otherwise serially (waking the
 OpenMP pool costs more than a small call: see ``numba/NOTES.md``).
+
+Measured (shared 2-core AVX-512 VM under load, one thread for torch and numba, fp32, rank 16,
+in = out = 2048, ``ryzen_opt.timing.time_interleaved``, 21 values, medians): 16 rows over 4
+adapters 65.7-70.6 us vs the same rows on one adapter 56-56.8 us (1.17-1.27x over three
+runs; the reference: 207-213 us vs 91-112 us); one row 18.5 us, about 2% of the 2048 x 2048
+``F.linear`` it adapts (712-875 us here, bandwidth-bound); the reference's row 48-52 us.
 """
 
 from __future__ import annotations
