@@ -47,16 +47,23 @@ _MAX_RANK = 256
 def _tile_config(rows: int, in_features: int, out_features: int, rank: int, sms: int) -> dict:
     """Tile sizes and the split of ``in_features`` for one call (shapes only, never values).
 
-    * A tile of ``BLOCK_R x BLOCK_K`` (and B's ``BLOCK_N x BLOCK_R``) holds at most 4096 fp32
-      values: 32 registers a thread at 4 warps, room for the loads in flight; rank 16 gets
-      256-wide K steps (1 KiB of bf16 A per row of the tile, full 128-byte sectors).
+    * A's tile (``BLOCK_R x BLOCK_K``) holds 4096 values at rank <= 16 and 2048 above.
+      Registers from ptxas for sm_90a (bf16 inputs, 4 warps, no spills either way): 16 x
+      256 uses 64, but 4096-value tiles at rank >= 32 jump to 161-209 (32 x 128, 64 x 64,
+      128 x 32, 256 x 16), a third of the occupancy for a kernel that lives on loads in
+      flight, while every 2048-value tile from 32 x 64 to 256 x 8 uses 80 (fp32 inputs:
+      64 at 16 x 256, 80 at 64 x 32 and 256 x 8). Rank 16
+      gets 256-wide K steps (512 bytes of bf16 A per tile row: whole 128-byte lines).
+    * B's tile (``BLOCK_N x BLOCK_R``) holds at most 4096 values: 48-66 registers for every
+      shape from 256 x 16 to 16 x 256.
     * Programs: decode has 1..64 rows, and one program per row would leave most of an
       H100/H200's 132 SMs idle while each streams ``rank * in_features`` of A. The K split
       aims at ~2 programs per SM; the expand narrows its tiles (down to 32 outputs) for the
       same reason. These follow from the arithmetic above; no GPU timing is behind them yet.
     """
     block_r = triton.next_power_of_2(max(rank, 1))
-    block_k = max(16, min(512, 4096 // block_r, triton.next_power_of_2(max(in_features, 1))))
+    budget = 4096 if block_r <= 16 else 2048
+    block_k = max(8, min(512, budget // block_r, triton.next_power_of_2(max(in_features, 1))))
     k_blocks = triton.cdiv(max(in_features, 1), block_k)
     splits = max(1, min(k_blocks, triton.cdiv(2 * sms, max(rows, 1))))
     k_per_split = triton.cdiv(k_blocks, splits) * block_k
