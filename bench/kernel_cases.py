@@ -120,6 +120,38 @@ def _layer_norm_case(rows, n, dtype, label, seed=3) -> Case:
     return Case("layer_norm", label, dtype, make, torch_fn, 8.0 * rows * n, esize * 4 * rows * n)
 
 
+def _lora_case(rows, hidden, rank, n_adapters, dtype, label, seed=5) -> Case:
+    """A LoRA delta over a mixed decode batch: row r uses adapter r % n_adapters."""
+
+    def make(device):
+        g = _gen(seed)
+        x = _rand(rows, hidden, dtype=dtype, device=device, gen=g)
+        a = _rand(n_adapters, rank, hidden, dtype=dtype, device=device, gen=g) / math.sqrt(hidden)
+        b = _rand(n_adapters, hidden, rank, dtype=dtype, device=device, gen=g) / math.sqrt(rank)
+        dev = device.split(":")[-1]
+        scales = torch.full((n_adapters,), 2.0, device=dev)  # alpha / rank = 32 / 16
+        indices = torch.arange(rows, device=dev) % n_adapters
+        return (x, a, b, scales, indices)
+
+    def torch_fn(x, a, b, scales, indices):
+        # What PEFT does for a mixed batch: a pair of matmuls per adapter over its rows.
+        from ryzen_opt.kernels import reference
+
+        return reference.lora_bgmv(x, a, b, scales, indices)
+
+    esize = torch.finfo(dtype).bits // 8
+    used = min(rows, n_adapters)
+    return Case(
+        "lora_bgmv",
+        label,
+        dtype,
+        make,
+        torch_fn,
+        4.0 * rows * rank * hidden,
+        esize * (2 * used * rank * hidden + 2 * rows * hidden),
+    )
+
+
 def _copy_case(nbytes: int, dtype: torch.dtype, device: str) -> Case:
     """Memory-bandwidth ceiling: a device-to-device copy (bytes read + written)."""
     numel = nbytes // (torch.finfo(dtype).bits // 8)
@@ -165,6 +197,12 @@ def cases(device: str, quick: bool) -> list[Case]:
             for length in (4096,) if quick else (128, 1024, 4096):
                 out.append(_decode_case(b, 4, length, 64, f32, f"b{b} h4 cache{length} d64"))
         out.append(_layer_norm_case(2048, 256, f32, "2048x256 +residual"))
+        # Mixed-batch LoRA at decode: the seed model's width and a 2048-wide layer.
+        for rows in (1, 16):
+            for hidden in (2048,) if quick else (256, 2048):
+                for n in (4,) if quick else (1, 4, 16):
+                    label = f"rows{rows} {hidden}x{hidden} r16 adapters{n}"
+                    out.append(_lora_case(rows, hidden, 16, n, f32, label))
         out.append(_copy_case(64 << 20, f32, device))
     else:
         bf16 = torch.bfloat16
@@ -185,5 +223,9 @@ def cases(device: str, quick: bool) -> list[Case]:
                     continue
                 out.append(_decode_case(b, 8, length, 128, bf16, f"b{b} h8 cache{length} d128"))
         out.append(_layer_norm_case(16384, 4096, bf16, "16384x4096 +residual"))
+        for rows in (1, 16, 64):
+            for n in (4,) if quick else (1, 4, 16):
+                label = f"rows{rows} 4096x4096 r16 adapters{n}"
+                out.append(_lora_case(rows, 4096, 16, n, bf16, label))
         out.append(_copy_case(1 << 30, bf16, device))
     return out

@@ -5,7 +5,8 @@
 
 For each case (op, shape, dtype) the "torch" column is what a PyTorch user already has
 (``torch.matmul``/``addmm`` + activation, ``scaled_dot_product_attention``,
-``F.layer_norm``), and every backend registered for the op that can serve the input on this
+``F.layer_norm``; for ``lora_bgmv`` PEFT's one-pair-of-matmuls-per-adapter loop, which is
+the reference), and every backend registered for the op that can serve the input on this
 device gets a column with its speed-up over torch. All columns of a case run on identical
 inputs (one seed per case), with the same thread count. Before timing, each candidate is
 called once on the case's inputs; its first-call time (JIT compilation or autotuning

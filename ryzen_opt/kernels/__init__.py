@@ -20,6 +20,7 @@ __all__ = [
     "backends",
     "decode_attention",
     "layer_norm",
+    "lora_bgmv",
     "matmul",
 ]
 
@@ -76,3 +77,18 @@ def layer_norm(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LayerNorm with an optional fused residual add (see :func:`reference.layer_norm`)."""
     return dispatch("layer_norm", backend, x, weight, bias, eps, residual)
+
+
+def lora_bgmv(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scales: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Mixed-batch LoRA delta: row ``r`` uses adapter ``indices[r]`` (-1: none); with ``out``
+    the delta is added into it in place (see :func:`reference.lora_bgmv`)."""
+    return dispatch("lora_bgmv", backend, x, a, b, scales, indices, out=out)

@@ -476,3 +476,112 @@ def layer_norm(
     h = x if residual is None else x + residual
     out = F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
     return out if residual is None else (out, h)
+
+
+def check_lora_args(x, a, b, scales, indices, out=None, check_range=True) -> None:
+    """Validate ``lora_bgmv`` arguments; raise naming the offending argument.
+
+    The range check of ``indices`` reads their values, so it runs for CPU ``indices`` only
+    (on CUDA it would be a host sync per call; see the Triton backend for what its kernel
+    does with an index out of range), and only with ``check_range`` (a backend that reads
+    the indices anyway checks them itself).
+    """
+    for name, t in (("x", x), ("a", a), ("b", b), ("scales", scales), ("indices", indices)):
+        _check_tensor(name, t)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (rows, in_features), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    rows, in_features = x.shape
+    if a.dim() != 3 or a.shape[2] != in_features:
+        raise ValueError(
+            f"a must be (n_adapters, rank, in_features={in_features}) (lora_A weights "
+            f"stacked), got shape {tuple(a.shape)}"
+        )
+    n_adapters, rank = a.shape[0], a.shape[1]
+    if b.dim() != 3 or b.shape[0] != n_adapters or b.shape[2] != rank:
+        raise ValueError(
+            f"b must be (n_adapters={n_adapters}, out_features, rank={rank}) (lora_B weights "
+            f"stacked), got shape {tuple(b.shape)}"
+        )
+    if scales.shape != (n_adapters,) or not scales.is_floating_point():
+        raise ValueError(
+            f"scales must be a floating tensor of shape ({n_adapters},), got "
+            f"{scales.dtype} {tuple(scales.shape)}"
+        )
+    if indices.shape != (rows,) or indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"indices must be an int64 (or int32) tensor of shape ({rows},), got "
+            f"{indices.dtype} {tuple(indices.shape)}"
+        )
+    if not (x.dtype == a.dtype == b.dtype):
+        raise TypeError(f"x, a, b must share a dtype, got {x.dtype}, {a.dtype}, {b.dtype}")
+    for name, t in (("a", a), ("b", b), ("scales", scales), ("indices", indices)):
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+    if out is not None:
+        _check_tensor("out", out)
+        if tuple(out.shape) != (rows, b.shape[1]):
+            raise ValueError(
+                f"out must have shape ({rows}, {b.shape[1]}) (rows, out_features), got "
+                f"{tuple(out.shape)}"
+            )
+        if out.dtype != x.dtype:
+            raise TypeError(f"out must have x's dtype {x.dtype}, got {out.dtype}")
+        if out.device != x.device:
+            raise ValueError(f"out must be on x's device {x.device}, got {out.device}")
+    if check_range and rows and indices.device.type == "cpu":
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < -1 or hi >= n_adapters:
+            raise ValueError(
+                f"indices must lie in [-1, {n_adapters - 1}] (-1 = no adapter; a holds "
+                f"{n_adapters} adapters), got min {lo} max {hi}"
+            )
+
+
+def lora_bgmv(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scales: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mixed-batch LoRA delta (BGMV): row ``r`` uses adapter ``indices[r]``, or none for -1.
+
+    ``delta[r] = scales[i] * b[i] @ (a[i] @ x[r])`` with ``i = indices[r] >= 0``, zeros where
+    ``indices[r] == -1``. Computed as PEFT computes a mixed batch: one pair of matmuls per
+    adapter present, over the rows that use it.
+
+    Args:
+        x: ``(rows, in_features)``; decode tokens or flattened prefill tokens.
+        a: ``(n_adapters, rank, in_features)``, PEFT's ``lora_A`` weights stacked.
+        b: ``(n_adapters, out_features, rank)``, PEFT's ``lora_B`` weights stacked.
+        scales: ``(n_adapters,)`` floating, each adapter's ``alpha / rank``.
+        indices: ``(rows,)`` int64 (or int32), values in ``[-1, n_adapters)``; this
+            reference checks the range on any device (it reads the indices anyway).
+        out: optional ``(rows, out_features)`` tensor of ``x``'s dtype (the base layer's
+            output): the delta is added into it in place and ``out`` is returned.
+
+    Returns:
+        The ``(rows, out_features)`` delta in ``x.dtype``, or ``out`` with the delta added.
+    """
+    check_lora_args(x, a, b, scales, indices, out)
+    n_adapters = a.shape[0]
+    idx = indices.to(device=x.device, dtype=torch.int64)
+    if idx.device.type != "cpu" and idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < -1 or hi >= n_adapters:
+            raise ValueError(
+                f"indices must lie in [-1, {n_adapters - 1}] (-1 = no adapter), "
+                f"got min {lo} max {hi}"
+            )
+    delta = x.new_zeros((x.shape[0], b.shape[1]))
+    for i in torch.unique(idx).tolist():
+        if i < 0:
+            continue
+        rows = (idx == i).nonzero().squeeze(1)
+        t = x.index_select(0, rows) @ a[i].t()
+        delta.index_copy_(0, rows, (t @ b[i].t()) * scales[i].to(x.dtype))
+    return delta if out is None else out.add_(delta)

@@ -26,13 +26,16 @@ import torch
 
 from ryzen_opt.kernels import reference
 
-OPS = ("matmul", "attention", "decode_attention", "layer_norm")
+OPS = ("matmul", "attention", "decode_attention", "layer_norm", "lora_bgmv")
+
+# The backend module of each op is ``<backend>/<module>.py``: the op's name unless listed.
+_MODULE_OF = {"lora_bgmv": "lora"}
 
 # Modules that register backends when imported. A module that fails to import (toolchain
 # missing) is recorded as unavailable, never fatal.
 _BACKEND_MODULES = {
-    "numba": [f"ryzen_opt.kernels.numba.{op}" for op in OPS],
-    "triton": [f"ryzen_opt.kernels.triton.{op}" for op in OPS],
+    backend: [f"ryzen_opt.kernels.{backend}.{_MODULE_OF.get(op, op)}" for op in OPS]
+    for backend in ("numba", "triton")
 }
 
 
@@ -122,6 +125,7 @@ _REFERENCE = {
     "attention": reference.attention,
     "decode_attention": reference.decode_attention,
     "layer_norm": reference.layer_norm,
+    "lora_bgmv": reference.lora_bgmv,
 }
 
 
@@ -139,6 +143,9 @@ _CHECKS: dict[str, Callable[..., None]] = {
     ),
     "layer_norm": lambda x, weight, bias, eps=1e-5, residual=None: reference.check_layer_norm_args(
         x, weight, bias, residual, eps
+    ),
+    "lora_bgmv": lambda x, a, b, scales, indices, out=None: reference.check_lora_args(
+        x, a, b, scales, indices, out
     ),
 }
 
