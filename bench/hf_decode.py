@@ -14,10 +14,10 @@ no download), the same random prompts (seed 1) for every variant:
   ``reduce-overhead`` mode, CUDA graphs); its compile time is paid in the warm-up, untimed.
 * ``optimize``: ``ryzen_opt.optimize(model, example_inputs=<the decode prompt at the largest
   batch>)``, a copy; its own cost (seconds, peak memory) is recorded.
-* ``optimize_int8`` (CPU, only when named): ``optimize()`` offered the opt-in weight-only
-  int8 decode loop (``OptimizeConfig(fast_paths=("numba_decoder[int8]",),
-  lossy_tolerance=0.05)``); not numerically equal, its greedy tokens are compared like every
-  column's.
+* ``optimize_int8`` / ``optimize_bf16`` (CPU, only when named): ``optimize()`` offered the
+  opt-in int8 or bf16 weight decode loop (``OptimizeConfig(fast_paths=("numba_decoder[int8]",),
+  lossy_tolerance=0.05)``, likewise ``numba_decoder[bf16]`` at the default tolerance); not
+  numerically equal, their greedy tokens are compared like every column's.
 * ``onnxruntime`` (CPU): Optimum's ``ORTModelForCausalLM`` export of the same weights.
 
 Workloads, every variant on identical inputs, greedy (``do_sample=False``):
@@ -104,9 +104,9 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
         ),
     ),
 }
-VARIANTS = ("eager", "static_compile", "optimize", "optimize_int8", "onnxruntime")
+VARIANTS = ("eager", "static_compile", "optimize", "optimize_int8", "optimize_bf16", "onnxruntime")
 # Opt-in variants: run only when named in --variants.
-OPT_IN_VARIANTS = ("optimize_int8",)
+OPT_IN_VARIANTS = ("optimize_int8", "optimize_bf16")
 # The int8 column's accepted relative logit error: above the library's 2e-2 default, which a
 # full-size Qwen2-0.5B's int8 loop exceeds (3.2e-2 at batch 1, 2.9e-2 at 16; commit e8d36eb
 # run, bench/results/cpu/hf_decode-qwen2-0.5b-int8.md), so that its speed is measured.
@@ -247,6 +247,16 @@ def _optimize_int8(model, device, example, workdir: Path) -> Runner:
     return _optimize(model, device, example, workdir, cfg, "optimize_int8")
 
 
+def _optimize_bf16(model, device, example, workdir: Path) -> Runner:
+    """optimize() offered only the opt-in bf16-weight decode loop (CPU with AVX512-BF16)."""
+    from ryzen_opt import OptimizeConfig
+
+    if device != "cpu":
+        raise RuntimeError("the bf16-weight decode loop runs on the CPU only")
+    cfg = OptimizeConfig(fast_paths=("numba_decoder[bf16]",))
+    return _optimize(model, device, example, workdir, cfg, "optimize_bf16")
+
+
 def _onnxruntime(model, device, example, workdir: Path) -> Runner:
     if device != "cpu":
         raise RuntimeError("the ONNX Runtime column runs on the CPU only")
@@ -275,6 +285,7 @@ BUILDERS = {
     "static_compile": _static_compile,
     "optimize": _optimize,
     "optimize_int8": _optimize_int8,
+    "optimize_bf16": _optimize_bf16,
     "onnxruntime": _onnxruntime,
 }
 

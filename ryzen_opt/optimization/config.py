@@ -81,12 +81,14 @@ class OptimizeConfig:
             ``cuda_graph_decode``, ``triton_graph_decode``, ``cuda_graph_prefill`` (CUDA).
             Hugging Face decoders (Llama/Qwen2/Mistral, GPT-2): ``torch_static_decode``,
             ``numba_decoder[fp32]`` (CPU), ``cuda_graph_decode``, ``triton_graph_decode``
-            (CUDA), and the opt-in ``numba_decoder[int8]`` (weight-only int8: not
-            numerically equal, so it is tried only when named here; its error is reported).
+            (CUDA), and the opt-in ``numba_decoder[int8]`` / ``numba_decoder[bf16]`` (weights
+            in int8 or bfloat16: not numerically equal, so they are tried only when named
+            here; their error is reported).
         decode_tokens: greedy tokens generated per timed ``generate`` call when choosing a
             Hugging Face decoder's decode path.
         lossy_tolerance: relative logit error allowed for an opt-in lossy decode path
-            (``numba_decoder[int8]``), which cannot meet the dtype tolerance by design.
+            (``numba_decoder[int8]``, ``numba_decoder[bf16]``), which cannot meet the dtype
+            tolerance by design.
         time_budget_s: measuring stops once this many seconds have passed; sites not yet
             measured keep the original code and the report names them (``None``: no bound).
         progress: show a progress bar (``None``: only when standard error is a terminal).

@@ -281,7 +281,7 @@ def test_int8_is_opt_in_and_its_error_is_reported_and_bounded():
     site = next(s for s in fast.optimization_report.sites if s.kind == "generate")
     res = site.cases[0].candidates[0]
     assert res.backend == "numba_decoder[int8]" and res.status in ("faster", "slower")
-    assert 1e-4 < res.rel_error <= 2e-2 and "lossy (weight-only int8)" in res.detail
+    assert 1e-4 < res.rel_error <= 2e-2 and "lossy (int8 weights)" in res.detail
     tight = OptimizeConfig(**base, fast_paths=("numba_decoder[int8]",), lossy_tolerance=1e-4)
     site = next(
         s
@@ -291,6 +291,33 @@ def test_int8_is_opt_in_and_its_error_is_reported_and_bounded():
     assert site.cases[0].candidates[0].status == "error"
     with pytest.raises(ValueError, match="lossy_tolerance"):
         OptimizeConfig(lossy_tolerance=0)
+
+
+def test_bf16_weights_are_opt_in_and_offered_only_with_avx512_bf16(monkeypatch):
+    from ryzen_opt import OptimizeConfig, cpu_info, optimize
+
+    model = tiny("qwen2")
+    ids, _ = left_padded(1, 8, [0])
+    cfg = OptimizeConfig(
+        use_cache=False,
+        repeat=3,
+        warmup=1,
+        decode_batches=(1,),
+        fast_paths=("numba_decoder[bf16]",),
+    )
+
+    def candidate(flags):
+        monkeypatch.setattr(cpu_info, "cpu_flags", lambda *a: flags)
+        fast = optimize(model, example_inputs=ids, config=cfg)
+        site = next(s for s in fast.optimization_report.sites if s.kind == "generate")
+        return site.cases[0].candidates[0]
+
+    res = candidate({"avx2", "fma"})
+    assert res.status == "unsupported" and "AVX512-BF16" in res.detail and "AVX2" in res.detail
+    res = candidate({"avx2", "fma", "avx512f", "avx512_bf16"})
+    assert res.backend == "numba_decoder[bf16]" and res.status in ("faster", "slower")
+    # bf16 rounding of the weights (2^-9 relative) shows, well inside the lossy bound.
+    assert 1e-5 < res.rel_error <= 2e-2 and "lossy (bf16 weights)" in res.detail
 
 
 def test_a_reverted_site_swap_keeps_the_measured_decode_loop(monkeypatch):

@@ -1,5 +1,5 @@
 """One-token decode step of the Hugging Face decoders (Llama/Qwen2/Mistral, GPT-2) in one
-Numba call, and the whole greedy loop in one more, in float32 or with int8 weights.
+Numba call, and the whole greedy loop in one more, in float32 or with int8 or bf16 weights.
 
 At batch 1 a decode step reads every weight once (Qwen2-0.5B: 2 GB of float32 per token),
 so it is bound by memory bandwidth: the GEMVs stream each weight row once for all batch
@@ -24,6 +24,11 @@ to float32 in the dot product and the row sum is multiplied by its scale). The f
 weights stay in the model, the decoder owns the extra quarter. Norms, biases, embeddings and
 learned positions are read in float32 from the model (the embedding gather reads one row a
 token). A tied head (Qwen2) is quantised as the head; the embedding gather stays float32.
+
+**bf16** (``weights="bf16"``): the same, with every matrix rounded to bfloat16 (nearest
+even) instead of quantised: half the float32 bytes, each weight widened to float32 exactly
+(its 16 bits shifted into a float32's high half) inside the dot product, activations and
+accumulation in float32. The widening needs no bf16 instructions, so it runs on any CPU.
 
 **Threads.** ``parallel=True`` runs each GEMV (q/k/v together, o, gate/up together, down,
 head) as one ``prange`` region over blocks of output features, with as many threads as
@@ -51,12 +56,13 @@ from ryzen_opt.optimization.fastpaths.decoder_layout import FAMILIES, DecoderLay
 
 __all__ = ["WEIGHTS", "NumbaDecoder", "supports"]
 
-WEIGHTS = ("fp32", "int8")
+WEIGHTS = ("fp32", "int8", "bf16")
 
 # Columns of the matrix table (one int64 row per matrix): data address, element strides of
-# W(n, k) (n*SO + k*SI), out and in features, bias address (0: none), scale address (0:
-# float32 weights, else int8 weights with one float32 scale per row), elements spanned.
-_ADDR, _SO, _SI, _N, _K, _BIAS, _SCALE, _SPAN = range(8)
+# W(n, k) (n*SO + k*SI), out and in features, bias address (0: none), scale address (one
+# float32 a row: int8 and bf16 weights; 0 for float32), elements spanned, weight kind.
+_ADDR, _SO, _SI, _N, _K, _BIAS, _SCALE, _SPAN, _KIND = range(9)
+_KIND_CODES = {"fp32": 0, "int8": 1, "bf16": 2}
 _PER_LAYER = 7  # q, k, v, o, gate, up, down (gate has N = 0 without a gated MLP)
 # Vector table: per layer attn-norm weight/bias, mlp-norm weight/bias; then final norm
 # weight/bias, token embedding, learned positions (0 when absent).
@@ -92,6 +98,41 @@ def _i8_at(typingctx, addr):
         return builder.inttoptr(args[0], ir.PointerType(ir.IntType(8)))
 
     return sig, codegen
+
+
+@intrinsic
+def _u16_at(typingctx, addr):
+    """The uint16 (bf16 bits) pointer at integer address ``addr``."""
+    if not isinstance(addr, types.Integer):
+        return None
+    sig = types.CPointer(types.uint16)(addr)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], ir.PointerType(ir.IntType(16)))
+
+    return sig, codegen
+
+
+@intrinsic
+def _widen(typingctx, v):
+    """A stored weight as float32: an int8 converted, or bf16 bits shifted into the high
+    half of a float32 (exact)."""
+    if v == types.int8:
+
+        def codegen(context, builder, sig, args):
+            return builder.sitofp(args[0], ir.FloatType())
+
+    elif v == types.uint16:
+
+        def codegen(context, builder, sig, args):
+            wide = builder.shl(
+                builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16)
+            )
+            return builder.bitcast(wide, ir.FloatType())
+
+    else:
+        return None
+    return types.float32(v), codegen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,11 +182,11 @@ def _rows_f32(d, x, y, add, col, j0, j1):
 
 
 @njit(**JIT)
-def _rows_i8(d, x, y, add, col, j0, j1):
-    """int8 row-major W: each int8 widened to float32, one scale per row after the sum."""
+def _rows_q(w, d, x, y, add, col, j0, j1):
+    """Row-major W stored narrow (``w``: int8 or bf16 bits): each weight widened to float32,
+    one scale per row after the sum (1 for bf16)."""
     nb, k = x.shape
     so = d[_SO]
-    w = numba.carray(_i8_at(d[_ADDR]), (d[_SPAN],))
     sc = numba.carray(_f32_at(d[_SCALE]), (d[_N],))
     j = j0
     while j + 4 <= j1:
@@ -159,10 +200,10 @@ def _rows_i8(d, x, y, add, col, j0, j1):
             s0 = s1 = s2 = s3 = np.float32(0.0)
             for p in range(k):
                 xv = xb[p]
-                s0 += xv * np.float32(r0[p])
-                s1 += xv * np.float32(r1[p])
-                s2 += xv * np.float32(r2[p])
-                s3 += xv * np.float32(r3[p])
+                s0 += xv * _widen(r0[p])
+                s1 += xv * _widen(r1[p])
+                s2 += xv * _widen(r2[p])
+                s3 += xv * _widen(r3[p])
             yb = y[b]
             if add:
                 yb[col + j] += s0 * sc[j]
@@ -181,7 +222,7 @@ def _rows_i8(d, x, y, add, col, j0, j1):
             xb = x[b]
             s0 = np.float32(0.0)
             for p in range(k):
-                s0 += xb[p] * np.float32(r0[p])
+                s0 += xb[p] * _widen(r0[p])
             if add:
                 y[b, col + j] += s0 * sc[j]
             else:
@@ -243,8 +284,10 @@ def _cols_parallel(mats, i0, i1, x, part, kb):
 
 @njit(**JIT)
 def _matrix_rows(d, x, y, add, col, j0, j1):
-    if d[_SCALE] != 0:
-        _rows_i8(d, x, y, add, col, j0, j1)
+    if d[_KIND] == 1:
+        _rows_q(numba.carray(_i8_at(d[_ADDR]), (d[_SPAN],)), d, x, y, add, col, j0, j1)
+    elif d[_KIND] == 2:
+        _rows_q(numba.carray(_u16_at(d[_ADDR]), (d[_SPAN],)), d, x, y, add, col, j0, j1)
     elif d[_SI] == 1:
         _rows_f32(d, x, y, add, col, j0, j1)
     else:
@@ -283,7 +326,7 @@ def _gemv(mats, i0, i1, x, y, add, threads, pbuf):
     total = 0
     for i in range(i0, i1):
         total += mats[i, _N]
-    cols = mats[i0, _SCALE] == 0 and mats[i0, _SI] != 1
+    cols = mats[i0, _KIND] == 0 and mats[i0, _SI] != 1
     kb = min(threads * 4, _K_BLOCKS)
     if threads > 1 and cols and kb * nb * total <= pbuf.shape[0]:
         part = pbuf[: kb * nb * total].reshape((kb, nb, total))
@@ -653,6 +696,16 @@ def _quantise(lin: Linear, q_out: np.ndarray, s_out: np.ndarray, rows: int = 819
         s_out[r : r + rows] = scale.numpy()
 
 
+def _to_bf16(lin: Linear, out: np.ndarray, rows: int = 8192) -> None:
+    """lin's (out, in) weight rounded to bfloat16 (nearest even), its bits into ``out``
+    (uint16), in row blocks as :func:`_quantise`."""
+    w = lin.weight.detach()
+    if lin.transposed:
+        w = w.t()
+    for r in range(0, w.shape[0], rows):
+        out[r : r + rows] = w[r : r + rows].to(torch.bfloat16).view(torch.int16).numpy()
+
+
 class NumbaDecoder:
     """The fused decode step and greedy loop of one :class:`DecoderLayout`.
 
@@ -660,7 +713,8 @@ class NumbaDecoder:
         layout: from ``families.<name>.layout(model)``; float32 on the CPU.
         weights: ``"fp32"`` reads the model's weights in place (no copy); ``"int8"``
             quantises every matrix per output channel into int8 the decoder owns (1/4 of the
-            float32 bytes) and reads those instead.
+            float32 bytes) and reads those instead; ``"bf16"`` rounds them to bfloat16 (1/2
+            of the bytes) likewise.
         parallel: ``True`` spreads each GEMV over ``torch.get_num_threads()`` Numba
             threads; ``False`` runs on the calling thread; ``None`` (default) picks the
             faster of the two by timing them (:meth:`calibrate`) on first use.
@@ -678,12 +732,13 @@ class NumbaDecoder:
         self.layout, self.weights, self.parallel = layout, weights, parallel
         lins = list(_linears(layout))
         n_layers = layout.num_layers
-        mats = np.zeros((n_layers * _PER_LAYER + 1, 8), dtype=np.int64)
-        self.int8 = self.scales = None
-        if weights == "int8":
+        mats = np.zeros((n_layers * _PER_LAYER + 1, _KIND + 1), dtype=np.int64)
+        # The narrow copy of every matrix (int8 or bf16 bits) and one float32 scale a row.
+        self.narrow = self.scales = None
+        if weights != "fp32":
             sizes = [lin.out_features * lin.in_features for _, lin in lins]
-            self.int8 = np.empty(sum(sizes), dtype=np.int8)
-            self.scales = np.empty(sum(lin.out_features for _, lin in lins), dtype=np.float32)
+            self.narrow = np.empty(sum(sizes), dtype=np.int8 if weights == "int8" else np.uint16)
+            self.scales = np.ones(sum(lin.out_features for _, lin in lins), dtype=np.float32)
         qo = so_ = 0
         slot = 0
         for i, lay in enumerate(layout.layers):
@@ -735,10 +790,14 @@ class NumbaDecoder:
         n, k = lin.out_features, lin.in_features
         row[_N], row[_K] = n, k
         row[_BIAS] = 0 if lin.bias is None else lin.bias.data_ptr()
-        if self.weights == "int8":
-            q = self.int8[qo : qo + n * k].reshape(n, k)
+        row[_KIND] = _KIND_CODES[self.weights]
+        if self.weights != "fp32":
+            q = self.narrow[qo : qo + n * k].reshape(n, k)
             s = self.scales[so_ : so_ + n]
-            _quantise(lin, q, s)
+            if self.weights == "int8":
+                _quantise(lin, q, s)
+            else:
+                _to_bf16(lin, q)
             row[_ADDR], row[_SO], row[_SI], row[_SPAN] = q.ctypes.data, k, 1, n * k
             row[_SCALE] = s.ctypes.data
             return qo + n * k, so_ + n
@@ -757,9 +816,9 @@ class NumbaDecoder:
     @property
     def owned_bytes(self) -> int:
         """Weight bytes the decoder holds itself (0 for fp32: it reads the model's)."""
-        if self.int8 is None:
+        if self.narrow is None:
             return 0
-        return self.int8.nbytes + self.scales.nbytes
+        return self.narrow.nbytes + self.scales.nbytes
 
     def _workspace(self, batch: int, t_max: int) -> np.ndarray:
         lay = self.layout

@@ -21,9 +21,10 @@ Paths (``PATHS``, name -> class):
   every ``SYNC_EVERY`` tokens);
 * ``triton_graph_decode`` (CUDA): the graph over the fused Triton kernels of
   :mod:`ryzen_opt.kernels.triton.decoder_step`;
-* ``numba_decoder[fp32]`` / ``numba_decoder[int8]`` (CPU): the step and the whole greedy loop
-  in one Numba call each (:mod:`ryzen_opt.kernels.numba.decoder_step`); ``int8`` is opt-in
-  (weight-only, per-output-channel scales) and reports its error.
+* ``numba_decoder[fp32]`` / ``numba_decoder[int8]`` / ``numba_decoder[bf16]`` (CPU): the step
+  and the whole greedy loop in one Numba call each (:mod:`ryzen_opt.kernels.numba.decoder_step`);
+  ``int8`` (weight-only, per-output-channel scales) and ``bf16`` (weights rounded to bfloat16,
+  offered on CPUs with AVX512-BF16 only) are opt-in and report their error.
 
 Every path is checked and timed by :mod:`ryzen_opt.optimization.fastpaths.hf_select` before it
 is used; :mod:`ryzen_opt.optimization.fastpaths.generate` routes ``generate`` to it.
@@ -48,7 +49,7 @@ DEFAULT_PATHS = (
     "triton_graph_decode",
     "numba_decoder[fp32]",
 )
-OPT_IN_PATHS = ("numba_decoder[int8]",)
+OPT_IN_PATHS = ("numba_decoder[int8]", "numba_decoder[bf16]")
 DECODER_PATHS = DEFAULT_PATHS + OPT_IN_PATHS
 
 
@@ -317,6 +318,26 @@ class NumbaInt8Stepper(NumbaStepper):
     weights = "int8"
 
 
+class NumbaBf16Stepper(NumbaStepper):
+    """bf16 weights: offered where the CPU has AVX512-BF16, as the project's CPU policy says
+    (the widening kernel itself runs anywhere; on other CPUs the path is named with why)."""
+
+    name = "numba_decoder[bf16]"
+    weights = "bf16"
+
+    @classmethod
+    def why_not(cls, layout: DecoderLayout) -> str | None:
+        from ryzen_opt import cpu_info
+
+        flags = cpu_info.cpu_flags()
+        if flags is None or "avx512_bf16" not in flags:
+            return (
+                "bf16 weights are offered on CPUs with AVX512-BF16 only; this CPU has "
+                f"{cpu_info.isa_from_flags(flags or ())}"
+            )
+        return super().why_not(layout)
+
+
 NumbaStepper.name = "numba_decoder[fp32]"
 
 PATHS: dict[str, Callable[..., Stepper]] = {
@@ -325,6 +346,7 @@ PATHS: dict[str, Callable[..., Stepper]] = {
     TritonGraphStepper.name: TritonGraphStepper,
     NumbaStepper.name: NumbaStepper,
     NumbaInt8Stepper.name: NumbaInt8Stepper,
+    NumbaBf16Stepper.name: NumbaBf16Stepper,
 }
 
 

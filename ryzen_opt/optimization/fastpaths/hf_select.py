@@ -247,7 +247,8 @@ def select(
                 )
                 if ok and name in decoder.OPT_IN_PATHS:
                     res.detail = (
-                        f"lossy (weight-only int8): relative logit error {res.rel_error:.2e}"
+                        f"lossy ({getattr(decoder.PATHS[name], 'weights', 'narrow')} weights):"
+                        f" relative logit error {res.rel_error:.2e}"
                         f" within lossy_tolerance={config.lossy_tolerance:g}; " + res.detail
                     )
             except Exception as e:  # a path that raises is reported, never shipped
