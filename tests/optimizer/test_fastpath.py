@@ -196,6 +196,37 @@ def test_installed_paths_route_only_served_calls():
     assert type(model) is SimpleTransformerModel and "_fast_paths" not in model.__dict__
 
 
+class _Shifted(torch.nn.Module):
+    """A linear with a fixed update added, standing in for a LoRA layer wrapped in later."""
+
+    def __init__(self, base: torch.nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.delta = torch.nn.Parameter(torch.full((base.out_features,), 0.5))
+
+    def forward(self, x):
+        return self.base(x) + self.delta
+
+
+def test_a_module_swapped_in_after_install_runs_the_model_code():
+    model, ref = _model(), _model()
+    install(model, FastPaths([(1, 4, NumbaFusedDecode("serial"))]))
+    x = torch.randint(0, 97, (2, 4))
+    assert torch.equal(model.generate(x, 6), ref.generate(x, 6))
+    for m in (model, ref):
+        m.blocks[1].mlp.fc1 = _Shifted(m.blocks[1].mlp.fc1)
+        with torch.no_grad():
+            m.blocks[1].mlp.fc1.base.weight.mul_(2.0)  # the arena's values change too
+    with pytest.warns(UserWarning, match="modules changed"):
+        out = model.generate(x, 6)
+    assert torch.equal(out, ref.generate(x, 6))
+    with torch.no_grad():
+        _, cache = ref(x)
+        want, _ = ref(x[:, :1], cache)
+        got, _ = model(x[:, :1], cache)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("mode", ["serial", "pool"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_greedy_generate_runs_the_whole_loop_in_one_call(mode, batch):

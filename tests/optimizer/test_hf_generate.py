@@ -347,3 +347,45 @@ def test_the_time_budget_bounds_the_decode_loop_selection():
     notes = " ".join(fast.optimization_report.notes)
     assert "the decoder fast paths: not measured, the time budget" in notes
     assert "generate" not in fast.__dict__
+
+
+class _Shifted(torch.nn.Module):
+    """A linear with a fixed update added, standing in for a LoRA layer wrapped in later."""
+
+    def __init__(self, base: torch.nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.delta = torch.nn.Parameter(torch.full((base.out_features,), 0.5))
+
+    def forward(self, x):
+        return self.base(x) + self.delta
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_a_module_swapped_in_after_install_runs_the_original_code(path):
+    model = _fast(tiny("llama"), path)
+    ids, mask = left_padded(2, 7, [0, 2])
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    before = model.generate(ids, **kw)
+    assert model.generate.last_route == path
+    attn = model.model.layers[0].self_attn
+    attn.q_proj = _Shifted(attn.q_proj)
+    out = model.generate(ids, **kw)
+    assert "modules changed" in model.generate.last_route
+    assert torch.equal(out, _original(model)(ids, **kw)) and not torch.equal(out, before)
+
+
+@pytest.mark.parametrize("weights", ["int8", "bf16"])
+def test_narrow_weights_follow_in_place_edits_of_the_model(weights):
+    model = _fast(tiny("qwen2"), f"numba_decoder[{weights}]")
+    ids, mask = left_padded(1, 7, [0])
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    model.generate(ids, **kw)
+    dec = model.generate.steppers[1].dec
+    with torch.no_grad():  # a merged adapter or load_state_dict edits a weight in place
+        model.model.layers[1].mlp.down_proj.weight.mul_(-3.0)
+    assert not dec.current()
+    out = model.generate(ids, **kw)
+    assert model.generate.steppers[1].dec is not dec  # converted again from the new values
+    fresh = _fast(copy.deepcopy(model), f"numba_decoder[{weights}]")
+    assert torch.equal(out, fresh.generate(ids, **kw))

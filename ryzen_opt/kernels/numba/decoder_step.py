@@ -807,10 +807,16 @@ class NumbaDecoder:
         return qo, so_
 
     def _fingerprint(self) -> tuple[int, ...]:
-        return tuple(t.data_ptr() for _, t in _tensors(self.layout))
+        ptrs = tuple(t.data_ptr() for _, t in _tensors(self.layout))
+        if self.weights == "fp32":
+            return ptrs  # read in place: edits of the values are seen
+        # The narrow copies are stale once a matrix is edited in place (a merged adapter,
+        # load_state_dict): its version counter moves.
+        return ptrs + tuple(lin.weight._version for _, lin in _linears(self.layout))
 
     def current(self) -> bool:
-        """Whether the layout's tensors are still where the decoder read their addresses."""
+        """Whether the layout's tensors are still where the decoder read their addresses
+        (and, for int8/bf16 weights, unedited since they were converted)."""
         return self._fingerprint() == self._ptrs
 
     @property
@@ -903,7 +909,10 @@ class NumbaDecoder:
         if lay.family == "gpt2" and last - int(start.min()) >= lay.max_positions:
             raise ValueError(f"t: position beyond max_positions={lay.max_positions}")
         if not self.current():
-            raise RuntimeError("the model's weights moved since the decoder was built")
+            raise RuntimeError(
+                "the model's weights moved (or, for int8/bf16 weights, changed) since the "
+                "decoder was built"
+            )
         return ids, k_cache, v_cache, t, start
 
     def step(self, ids, k_cache, v_cache, t: int, start) -> np.ndarray:

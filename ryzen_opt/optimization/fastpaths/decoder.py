@@ -105,6 +105,11 @@ class Stepper:
         load_cache(self.k, self.v, past, prompt_len)
         self.start.copy_(start)
 
+    def stale(self) -> bool:
+        """Whether the stepper must be rebuilt before use (what it prepared from the weights
+        no longer matches them)."""
+        return False
+
     def step(self, ids: torch.Tensor, t: int) -> torch.Tensor:
         tt = torch.tensor([t], dtype=torch.int64, device=self.layout.device)
         return reference_step(self.layout, ids, self.k, self.v, tt, self.start)
@@ -289,6 +294,9 @@ class NumbaStepper(Stepper):
             dec = self.shared[key] = NumbaDecoder(layout, weights=self.weights)
         self.dec = dec
         self.kn, self.vn = self.k.numpy(), self.v.numpy()
+
+    def stale(self) -> bool:
+        return not self.dec.current()
 
     def step(self, ids: torch.Tensor, t: int) -> torch.Tensor:
         out = self.dec.step(ids.numpy(), self.kn, self.vn, t, self.start.numpy())

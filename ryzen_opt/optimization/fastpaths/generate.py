@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from ryzen_opt.optimization.fastpaths import decoder
 from ryzen_opt.optimization.fastpaths.decoder_layout import DecoderLayout
+from ryzen_opt.optimization.fastpaths.layout import ModuleTree
 
 # Generation settings the fast loop implements; any other setting that differs from
 # transformers' defaults sends the call to the original generate.
@@ -97,6 +98,7 @@ class FastGenerate:
         self.steppers: dict[int, decoder.Stepper] = {}
         self.shared: dict = {}  # what every batch size's stepper reuses (decoders, int8)
         self.last_route = ""
+        self.tree = ModuleTree(model)  # the modules the layout was read from
         self.__doc__ = type(model).generate.__doc__
 
     @property
@@ -117,8 +119,15 @@ class FastGenerate:
 
     def __deepcopy__(self, memo):
         # Steppers hold this model's buffers and graphs; the copy builds its own lazily (the
-        # copied model may still be under construction here).
-        return FastGenerate(copy.deepcopy(self.model, memo), self.routes)
+        # copied model may still be under construction here: the tree is copied through the
+        # same memo rather than read from it).
+        new = FastGenerate.__new__(FastGenerate)
+        new.model, new.routes = copy.deepcopy(self.model, memo), list(self.routes)
+        new._layout, new._keep_kw, new.steppers, new.shared = None, None, {}, {}
+        new.last_route = ""
+        new.tree = copy.deepcopy(self.tree, memo)
+        new.__doc__ = self.__doc__
+        return new
 
     def path_for(self, batch: int) -> str | None:
         for lo, hi, name in self.routes:
@@ -129,7 +138,7 @@ class FastGenerate:
     def stepper(self, batch: int, needed: int) -> decoder.Stepper:
         name = self.path_for(batch)
         st = self.steppers.get(batch)
-        if st is None or st.name != name or st.max_len < needed:
+        if st is None or st.name != name or st.max_len < needed or st.stale():
             self.steppers.pop(batch, None)  # free the old buffers before the new ones
             length = decoder.cache_len(needed, self.layout.max_positions)
             st = decoder.PATHS[name](self.layout, batch, length, self.shared)
@@ -182,6 +191,11 @@ class FastGenerate:
             return f"input_ids is on {input_ids.device}, the model on {self.layout.device}"
         if self.model.training and torch.is_grad_enabled():
             return "the model is in training mode"
+        if not self.tree.same():
+            return (
+                "the model's modules changed after optimize() (e.g. LoRA layers added); "
+                "call optimize() again"
+            )
         if self.path_for(input_ids.shape[0]) is None:
             return f"no fast path was chosen for batch {input_ids.shape[0]}"
         for k in (

@@ -119,6 +119,28 @@ def served_reason(model: nn.Module, device_type: str, needs: str) -> str | None:
     return reason
 
 
+class ModuleTree:
+    """The modules that hold a model's parameters, where they were when a fast path was
+    installed: a fast path re-implements the forward, so a module swapped in afterwards (a
+    LoRA layer wrapping a linear, a user's patch) would be silently skipped. :meth:`same`
+    tells; the routers run the model's own code when it says no.
+
+    Checked per call: one identity test per parameter-holding module (a few microseconds).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.dicts, self.names, self.children = [], [], []
+        for parent in model.modules():
+            for name, child in parent._modules.items():
+                if child is not None and child._parameters:
+                    self.dicts.append(parent._modules)
+                    self.names.append(name)
+                    self.children.append(child)
+
+    def same(self) -> bool:
+        return all(map(operator.is_, map(dict.get, self.dicts, self.names), self.children))
+
+
 class Binding:
     """The parameter objects a fast path was built from, to notice when they change.
 

@@ -9,6 +9,7 @@ the fast path and everything else to the ordinary code.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from ryzen_opt.optimization.fastpaths.cuda_graph import (
     CudaGraphPrefill,
     TritonGraphDecode,
 )
+from ryzen_opt.optimization.fastpaths.layout import ModuleTree
 
 # Every fast path by name, with the factory of a fresh one (a path holds per-model state:
 # workspaces, captured graphs).
@@ -61,6 +63,22 @@ class FastPaths:
     ) -> None:
         self.decode = list(decode or [])
         self.prefill = dict(prefill or {})
+        self.tree: ModuleTree | None = None  # set by install()
+        self.warned = False
+
+    def unchanged(self) -> bool:
+        """Whether the model's modules are the ones the paths were installed over (else the
+        model's own code runs, and a warning says so once)."""
+        if self.tree is None or self.tree.same():
+            return True
+        if not self.warned:
+            self.warned = True
+            warnings.warn(
+                "the model's modules changed after optimize() (e.g. LoRA layers added): its "
+                "fast paths are off and the model's own code runs; call optimize() again",
+                stacklevel=4,
+            )
+        return False
 
     def describe(self) -> list[str]:
         out = [f"decode batch {lo}-{hi}: {p.name}" for lo, hi, p in self.decode]
@@ -91,6 +109,8 @@ class FastPaths:
         path = self.decode_path(idx.shape[0])
         if path is None or not hasattr(path, "greedy") or max_new_tokens < 2:
             return None  # (generate never records autograd: no autograd check here)
+        if not self.unchanged():
+            return None
         was_training = model.training
         model.eval()
         try:
@@ -110,7 +130,7 @@ class FastPaths:
 
     def run(self, model: SimpleTransformerModel, idx: torch.Tensor, kv_cache, past_len: int):
         """The fast path's ``(logits, cache)`` for this call, or ``None`` to run the model."""
-        if model.training or not _no_autograd(model):
+        if model.training or not _no_autograd(model) or not self.unchanged():
             return None
         if kv_cache is None:
             path = self.prefill.get((idx.shape[0], idx.shape[1]))
@@ -168,6 +188,7 @@ def install(model: SimpleTransformerModel, paths: FastPaths) -> Callable[[], Non
     """Route ``model``'s served shapes to ``paths``; returns the undo function."""
     old_cls = model.__class__
     old = model.__dict__.get("_fast_paths")
+    paths.tree = ModuleTree(model)
     model.__class__ = FastPathTransformer
     model.__dict__["_fast_paths"] = paths
 
