@@ -12,6 +12,13 @@ dozen arguments instead of two dozen arrays (Numba's dispatcher type-checks ever
 on every call). The KV cache is a preallocated ``(layers, batch, heads, max_seq_len,
 head_dim)`` pair; a step writes position ``pos`` and attends to ``0..pos``.
 
+**LoRA.** With adapters that are not merged (:mod:`ryzen_opt.adapters`), each of a layer's
+four linears adds ``scaling * B (A x)`` per row before its activation, from tables built by
+the caller: ``lora_t[layer, slot, row] = (A offset, B offset, rank)`` into the flat ``lora_a``
+/ ``lora_b`` arrays and ``lora_s[layer, slot, row]`` the scaling (rank 0: no adapter for that
+row). Each row may use its own adapter (a mixed batch). Shrink and expand are plain dot
+loops: at rank 16 they are ~1/16 of the base matmul's multiply-adds each.
+
 ``parallel=True`` spreads each matmul's column blocks and the (batch, head) attention tasks
 over Numba's thread pool (one fork-join region per op, ~2 us each when the pool is hot);
 ``False`` runs everything on the calling thread. Which one is faster depends on the batch
@@ -31,6 +38,14 @@ from ryzen_opt.kernels.numba.matmul import _epilogue
 # per layer ln1 w/b, qkv w/b, proj w/b, ln2 w/b, fc1 w/b, fc2 w/b; then token embedding,
 # position embedding, final LayerNorm w/b, head weight.
 _GELU = 1  # _common.ACT_CODES["gelu"]
+MAX_LORA_RANK = 256  # the scratch of a LoRA shrink (ranks above it are refused by the caller)
+# No LoRA: empty tables (typed like real ones, so one compiled signature serves both).
+NO_LORA = (
+    np.zeros(0, np.float32),
+    np.zeros(0, np.float32),
+    np.zeros((0, 4, 1, 3), np.int64),
+    np.zeros((0, 4, 1), np.float32),
+)
 
 
 @njit(**JIT)
@@ -155,6 +170,35 @@ def _linear(w, o_w, o_b, has_b, a, n, c, res, has_res, act, threads, xt_buf, acc
 
 
 @njit(**JIT)
+def _lora_add(x, out, la, lb, lt, ls, layer, slot, t):
+    """``out[b] += ls * B (A x[b])`` for each row ``b`` with an adapter at ``(layer, slot)``;
+    ``t``: rank-wide scratch. True if any row had one."""
+    k, n = x.shape[1], out.shape[1]
+    any_row = False
+    for b in range(x.shape[0]):
+        r = lt[layer, slot, b, 2]
+        if r == 0:
+            continue
+        any_row = True
+        oa, ob, sc = lt[layer, slot, b, 0], lt[layer, slot, b, 1], ls[layer, slot, b]
+        xb = x[b]
+        for q in range(r):
+            acc = np.float32(0.0)
+            row = oa + q * k
+            for p in range(k):
+                acc += xb[p] * la[row + p]
+            t[q] = acc
+        yb = out[b]
+        for j in range(n):
+            acc = np.float32(0.0)
+            row = ob + j * r
+            for q in range(r):
+                acc += t[q] * lb[row + q]
+            yb[j] += acc * sc
+    return any_row
+
+
+@njit(**JIT)
 def _layer_norm(w, o_w, o_b, x, out, eps):
     for i in range(x.shape[0]):
         _layer_norm_row(x, x, False, x, w[o_w:], True, w[o_b:], True, out, eps, i)
@@ -207,8 +251,12 @@ def _attend_parallel(qkv, kc, vc, layer, pos, heads, out, scores):
 
 
 @njit(**JIT)
-def _decode_step(w, loff, goff, heads, f, eps, ids, pos, kc, vc, logits, ws, threads):
-    """Logits (B, V) of one token per row at position ``pos``; kc/vc updated at ``pos``."""
+def _decode_step(w, loff, goff, heads, f, eps, ids, pos, kc, vc, logits, ws, threads, lora):
+    """Logits (B, V) of one token per row at position ``pos``; kc/vc updated at ``pos``.
+    ``lora``: ``(lora_a, lora_b, lora_t, lora_s)`` (see the module docstring); an empty
+    ``lora_t`` (no layers) adds nothing."""
+    la, lb, lt, ls = lora
+    has_lora = lt.shape[0] > 0
     nb = ids.shape[0]
     n_layers = loff.shape[0]
     t_max = kc.shape[3]
@@ -232,6 +280,8 @@ def _decode_step(w, loff, goff, heads, f, eps, ids, pos, kc, vc, logits, ws, thr
     o += nb * heads * t_max
     acc = ws[o : o + MR * NR]
     o += MR * NR
+    t_lora = ws[o : o + MAX_LORA_RANK]
+    o += MAX_LORA_RANK
     xt_buf = ws[o:]
 
     tok, pe = goff[0], goff[1] + pos * c
@@ -243,21 +293,34 @@ def _decode_step(w, loff, goff, heads, f, eps, ids, pos, kc, vc, logits, ws, thr
         off = loff[layer]
         _layer_norm(w, off[0], off[1], x, h, eps)
         _linear(w, off[2], off[3], True, h, 3 * c, qkv, x, False, 0, threads, xt_buf, acc)
+        if has_lora:
+            _lora_add(h, qkv, la, lb, lt, ls, layer, 0, t_lora)
         if threads > 1 and nb * heads > 1:
             _attend_parallel(qkv, kc, vc, layer, pos, heads, att, scores)
         else:
             for task in range(nb * heads):
                 _attend(qkv, kc, vc, layer, pos, heads, att, scores, task)
         _linear(w, off[4], off[5], True, att, c, x2, x, True, 0, threads, xt_buf, acc)
+        if has_lora:
+            _lora_add(att, x2, la, lb, lt, ls, layer, 1, t_lora)
         _layer_norm(w, off[6], off[7], x2, h, eps)
-        _linear(w, off[8], off[9], True, h, f, ff, x, False, _GELU, threads, xt_buf, acc)
+        if has_lora and lt[layer, 2, :, 2].max() > 0:  # GELU after the update
+            _linear(w, off[8], off[9], True, h, f, ff, x, False, 0, threads, xt_buf, acc)
+            _lora_add(h, ff, la, lb, lt, ls, layer, 2, t_lora)
+            _epilogue(ff, 0, nb, 0, f, w, False, ff, False, _GELU)
+        else:
+            _linear(w, off[8], off[9], True, h, f, ff, x, False, _GELU, threads, xt_buf, acc)
         _linear(w, off[10], off[11], True, ff, c, x, x2, True, 0, threads, xt_buf, acc)
+        if has_lora:
+            _lora_add(ff, x, la, lb, lt, ls, layer, 3, t_lora)
     _layer_norm(w, goff[2], goff[3], x, h, eps)
     _linear(w, goff[4], goff[4], False, h, vocab, logits, x, False, 0, threads, xt_buf, acc)
 
 
 @njit(**JIT)
-def _greedy_steps(w, loff, goff, heads, f, eps, ids, pos, n, kc, vc, logits, ws, threads, eos, out):
+def _greedy_steps(
+    w, loff, goff, heads, f, eps, ids, pos, n, kc, vc, logits, ws, threads, eos, out, lora
+):
     """Up to ``n`` greedy steps: feed ``ids`` at ``pos``, ``pos + 1``, ...; ``out[:, s]`` is the
     argmax of step ``s``'s logits (the first maximum, NaN counting as the maximum, like
     ``torch.argmax``), which becomes the next step's input. With ``eos >= 0`` a row that has
@@ -270,7 +333,7 @@ def _greedy_steps(w, loff, goff, heads, f, eps, ids, pos, n, kc, vc, logits, ws,
         for b in range(nb):
             done[b] = ids[b] == eos
     for s in range(n):
-        _decode_step(w, loff, goff, heads, f, eps, ids, pos + s, kc, vc, logits, ws, threads)
+        _decode_step(w, loff, goff, heads, f, eps, ids, pos + s, kc, vc, logits, ws, threads, lora)
         finished = eos >= 0
         for b in range(nb):
             best = 0
@@ -298,10 +361,11 @@ def _greedy_steps(w, loff, goff, heads, f, eps, ids, pos, n, kc, vc, logits, ws,
 
 
 def workspace_size(batch: int, dim: int, ff_dim: int, heads: int, max_seq_len: int) -> int:
-    """Floats of scratch one step needs (``x, x2, h, att, qkv, ff, scores``, tile, X^T)."""
+    """Floats of scratch one step needs (``x, x2, h, att, qkv, ff, scores``, tile, LoRA,
+    X^T)."""
     panels = -(-batch // NR)
     acts = batch * (7 * dim + ff_dim + heads * max_seq_len)
-    return acts + MR * NR + panels * NR * max(dim, ff_dim)
+    return acts + MR * NR + MAX_LORA_RANK + panels * NR * max(dim, ff_dim)
 
 
 def decode_step(
@@ -318,6 +382,7 @@ def decode_step(
     logits: np.ndarray,
     workspace: np.ndarray,
     threads: int,
+    lora: tuple = NO_LORA,
 ) -> None:
     """Run one fused decode step (unchecked: the caller owns validation).
 
@@ -334,6 +399,8 @@ def decode_step(
         logits: ``(batch, vocab)`` float32 output.
         workspace: float32 scratch of at least :func:`workspace_size` floats.
         threads: 1 runs serially; more uses Numba's pool (sized by the caller).
+        lora: ``(lora_a, lora_b, lora_t, lora_s)`` LoRA updates (module docstring), or
+            :data:`NO_LORA`.
     """
     _decode_step(
         arena,
@@ -349,6 +416,7 @@ def decode_step(
         logits,
         workspace,
         threads,
+        lora,
     )
 
 
@@ -369,6 +437,7 @@ def greedy_steps(
     threads: int,
     out: np.ndarray,
     eos_id: int | None = None,
+    lora: tuple = NO_LORA,
 ) -> int:
     """Up to ``steps`` greedy decode steps in one call (unchecked, like :func:`decode_step`).
 
@@ -395,4 +464,5 @@ def greedy_steps(
         threads,
         -1 if eos_id is None else eos_id,
         out,
+        lora,
     )

@@ -5,7 +5,8 @@ per token runs every layer (:mod:`ryzen_opt.kernels.numba.decode_step`), reading
 from one arena laid out in :data:`~ryzen_opt.optimization.fastpaths.layout.STM_LAYOUT` order
 and writing a preallocated KV cache; ``serial`` stays on the calling thread, ``pool`` spreads
 each matmul over Numba's threads. Greedy ``generate`` runs its whole token loop, argmax and
-``eos_id`` included, in one Numba call.
+``eos_id`` included, in one Numba call. Unmerged LoRA adapters (one active, or one per row)
+are added inside the same call (:mod:`ryzen_opt.optimization.fastpaths.lora`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ryzen_opt.optimization.fastpaths.layout import (
     param_slots,
     served_reason,
 )
+from ryzen_opt.optimization.fastpaths.lora import LoraTables
 from ryzen_opt.optimization.kvcache import StaticKVCache
 
 
@@ -63,6 +65,9 @@ class _Arena:
         self.global_offsets = np.array(ids[n_layers * n_layer :], dtype=np.int64)
         assert len(self.global_offsets) == len(GLOBAL_PARAMS)
         self.binding = Binding(model)
+        from ryzen_opt.kernels.numba.decode_step import MAX_LORA_RANK
+
+        self.lora = LoraTables(model, MAX_LORA_RANK)
 
 
 class NumbaFusedDecode:
@@ -74,6 +79,7 @@ class NumbaFusedDecode:
     """
 
     kind = "decode"
+    serves_lora = True  # unmerged adapters are added inside the step
 
     def __init__(self, mode: str) -> None:
         if mode not in ("serial", "pool"):
@@ -145,6 +151,11 @@ class NumbaFusedDecode:
             arena = model.__dict__["_ryzen_arena"]
         return arena
 
+    def _lora(self, model: SimpleTransformerModel, b: int) -> tuple:
+        from ryzen_opt.kernels.numba.decode_step import NO_LORA
+
+        return self._arena(model).lora.get(b, NO_LORA)
+
     def greedy(
         self,
         model: SimpleTransformerModel,
@@ -168,7 +179,7 @@ class NumbaFusedDecode:
         k_arr, v_arr = cache.buffer.arrays
         ran = greedy_steps(
             *head, ids.numpy(), past_len, steps, k_arr, v_arr, logits.numpy(), *tail,
-            out.numpy(), eos_id,
+            out.numpy(), eos_id, self._lora(model, b),
         )  # fmt: skip
         return out[:, :ran]
 
@@ -185,6 +196,6 @@ class NumbaFusedDecode:
         k_arr, v_arr = cache.buffer.arrays
         decode_step(
             *head, idx.numpy().reshape(b), past_len, k_arr, v_arr,
-            logits.numpy().reshape(b, -1), *tail,
+            logits.numpy().reshape(b, -1), *tail, self._lora(model, b),
         )  # fmt: skip
         return logits, cache.advanced()

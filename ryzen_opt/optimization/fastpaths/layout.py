@@ -41,11 +41,12 @@ class WeightLayout:
         return out + list(self.model)
 
     def slots(self, model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-        """``(name, owning module, attribute)`` of every parameter, in table order."""
+        """``(name, owning module, attribute)`` of every parameter, in table order (a LoRA
+        layer's parameters are its base layer's)."""
         out = []
         for name in self.names(len(model.blocks)):
             path, _, attr = name.rpartition(".")
-            out.append((name, model.get_submodule(path), attr))
+            out.append((name, base_of(model.get_submodule(path)), attr))
         return out
 
 
@@ -68,6 +69,24 @@ STM_LAYOUT = WeightLayout(
 )
 LAYER_PARAMS = STM_LAYOUT.layer
 GLOBAL_PARAMS = STM_LAYOUT.model
+# The linears of a layer a LoRA adapter may wrap, in the fused step's order.
+LORA_SLOTS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+def is_lora(module: nn.Module) -> bool:
+    """A LoRA layer (:class:`ryzen_opt.adapters.LoraLinear`): a ``base_layer`` and adapters."""
+    return hasattr(module, "base_layer") and hasattr(module, "configs")
+
+
+def base_of(module: nn.Module) -> nn.Module:
+    """The module whose parameters a fused step reads: a LoRA layer's base, else itself."""
+    return module.base_layer if is_lora(module) else module
+
+
+def lora_needs_delta(layer: nn.Module) -> bool:
+    """Whether a LoRA layer adds anything to its base's output now (an active unmerged
+    adapter, or a mixed batch); merged or inactive layers compute exactly their base."""
+    return layer._mixed is not None or (layer.active is not None and layer.merged is None)
 
 
 def param_slots(model: SimpleTransformerModel) -> list[tuple[str, nn.Module, str]]:
@@ -103,6 +122,7 @@ def structure_reason(model: nn.Module) -> str | None:
         if not exact_gelu:
             return f"blocks.{i}.mlp is a {type(mlp).__name__} with an unknown activation"
         for lin in (b.attn.qkv, b.attn.proj, mlp.fc1, mlp.fc2):
+            lin = base_of(lin)
             if not isinstance(lin, nn.Linear) or lin.bias is None:
                 return f"blocks.{i} has a Linear without bias"
     if model.head.bias is not None:

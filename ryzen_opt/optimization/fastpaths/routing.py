@@ -22,7 +22,7 @@ from ryzen_opt.optimization.fastpaths.cuda_graph import (
     CudaGraphPrefill,
     TritonGraphDecode,
 )
-from ryzen_opt.optimization.fastpaths.layout import ModuleTree
+from ryzen_opt.optimization.fastpaths.layout import ModuleTree, is_lora, lora_needs_delta
 
 # Every fast path by name, with the factory of a fresh one (a path holds per-model state:
 # workspaces, captured graphs).
@@ -64,6 +64,7 @@ class FastPaths:
         self.decode = list(decode or [])
         self.prefill = dict(prefill or {})
         self.tree: ModuleTree | None = None  # set by install()
+        self.loras: list[torch.nn.Module] = []  # the model's LoRA layers (install())
         self.warned = False
 
     def unchanged(self) -> bool:
@@ -109,7 +110,7 @@ class FastPaths:
         path = self.decode_path(idx.shape[0])
         if path is None or not hasattr(path, "greedy") or max_new_tokens < 2:
             return None  # (generate never records autograd: no autograd check here)
-        if not self.unchanged():
+        if not self.unchanged() or not self._serves_lora(path):
             return None
         was_training = model.training
         model.eval()
@@ -134,11 +135,20 @@ class FastPaths:
             return None
         if kv_cache is None:
             path = self.prefill.get((idx.shape[0], idx.shape[1]))
-            return None if path is None else path(model, idx, None, 0)
+            if path is None or not self._serves_lora(path):
+                return None
+            return path(model, idx, None, 0)
         if idx.shape[1] != 1 or past_len >= model.config.max_seq_len:
             return None
         path = self.decode_path(idx.shape[0])
-        return None if path is None else path(model, idx, kv_cache, past_len)
+        if path is None or not self._serves_lora(path):
+            return None
+        return path(model, idx, kv_cache, past_len)
+
+    def _serves_lora(self, path) -> bool:
+        """A path that does not add LoRA updates runs only while no LoRA layer needs one
+        (merged adapters are in the weights it reads)."""
+        return getattr(path, "serves_lora", False) or not any(map(lora_needs_delta, self.loras))
 
 
 class FastPathTransformer(SimpleTransformerModel):
@@ -189,6 +199,7 @@ def install(model: SimpleTransformerModel, paths: FastPaths) -> Callable[[], Non
     old_cls = model.__class__
     old = model.__dict__.get("_fast_paths")
     paths.tree = ModuleTree(model)
+    paths.loras = [m for m in model.modules() if is_lora(m)]
     model.__class__ = FastPathTransformer
     model.__dict__["_fast_paths"] = paths
 

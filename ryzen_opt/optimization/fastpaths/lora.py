@@ -1,0 +1,123 @@
+"""LoRA updates inside the fused decode step of the ``SimpleTransformerModel`` family.
+
+A model with LoRA layers (:mod:`ryzen_opt.adapters`) keeps its fast paths: merged or
+inactive layers compute their base exactly, and the base weights are what the fused step
+reads. Unmerged adapters (one active adapter, or a mixed batch where each row has its own)
+add ``scaling * B (A x)`` to a linear's output: :func:`tables` turns the model's LoRA state
+into the flat arrays and per-row tables that
+:func:`ryzen_opt.kernels.numba.decode_step.decode_step` takes (``lora=``), and caches them
+until an adapter is switched, merged, or its weights are edited.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ryzen_opt.optimization.fastpaths.layout import LORA_SLOTS, is_lora, lora_needs_delta
+
+
+def lora_layers(model: nn.Module) -> list[list[nn.Module | None]]:
+    """Per block, the LoRA layer at each of :data:`LORA_SLOTS` (``None`` where the linear
+    is not wrapped)."""
+    out = []
+    for blk in model.blocks:
+        row = []
+        for path in LORA_SLOTS:
+            m = blk.get_submodule(path)
+            row.append(m if is_lora(m) else None)
+        out.append(row)
+    return out
+
+
+def _state(layer: nn.Module) -> tuple:
+    """What the tables depend on: the adapter state and the weights' versions."""
+    if not lora_needs_delta(layer):
+        return (None,)
+    if layer._mixed is not None:
+        a, b, s, idx = layer._mixed
+        return (id(layer._mixed), a._version, b._version, s._version, idx._version)
+    name = layer.active
+    a, b = layer._parameters[f"lora_A__{name}"], layer._parameters[f"lora_B__{name}"]
+    return (name, layer.configs[name].scaling, id(a), a._version, id(b), b._version)
+
+
+def _updates(layer: nn.Module, batch: int):
+    """``(A (rank, in), B (out, rank), scaling, rows)`` of each adapter the batch uses."""
+    if layer._mixed is not None:
+        a, b, scales, idx = layer._mixed
+        if idx.shape[0] != batch:
+            raise ValueError(
+                f"mixed batch: {idx.shape[0]} adapter indices for a decode batch of {batch}"
+            )
+        for i in sorted({int(v) for v in idx.tolist() if v >= 0}):
+            rows = [r for r in range(batch) if int(idx[r]) == i]
+            yield a[i], b[i], float(scales[i]), rows
+        return
+    name = layer.active
+    a, b = layer._parameters[f"lora_A__{name}"], layer._parameters[f"lora_B__{name}"]
+    yield a, b, layer.configs[name].scaling, range(batch)
+
+
+def tables(layers: list[list[nn.Module | None]], batch: int, max_rank: int):
+    """``(lora_a, lora_b, lora_t, lora_s)`` for ``batch`` rows (the decode step's ``lora``
+    argument).
+
+    Raises:
+        ValueError: a rank above ``max_rank``, a mixed batch of another size, or LoRA
+            weights that are not float32.
+    """
+    n_layers = len(layers)
+    lt = np.zeros((n_layers, len(LORA_SLOTS), batch, 3), np.int64)
+    ls = np.zeros((n_layers, len(LORA_SLOTS), batch), np.float32)
+    parts_a: list[np.ndarray] = []
+    parts_b: list[np.ndarray] = []
+    oa = ob = 0
+    for li, row in enumerate(layers):
+        for si, layer in enumerate(row):
+            if layer is None or not lora_needs_delta(layer):
+                continue
+            if layer.fan_in_fan_out:
+                raise ValueError("LoRA on a Conv1D base is not served by the fused step")
+            for a, b, scale, rows in _updates(layer, batch):
+                rank = a.shape[0]
+                if rank > max_rank:
+                    raise ValueError(f"LoRA rank {rank} is above the fused step's {max_rank}")
+                if a.dtype != torch.float32 or b.dtype != torch.float32:
+                    raise ValueError(f"LoRA weights are {a.dtype}; the fused step reads float32")
+                parts_a.append(a.detach().contiguous().numpy().ravel())
+                parts_b.append(b.detach().contiguous().numpy().ravel())
+                for r in rows:
+                    lt[li, si, r] = (oa, ob, rank)
+                    ls[li, si, r] = scale
+                oa += parts_a[-1].size
+                ob += parts_b[-1].size
+    la = np.concatenate(parts_a) if parts_a else np.zeros(0, np.float32)
+    lb = np.concatenate(parts_b) if parts_b else np.zeros(0, np.float32)
+    return la, lb, lt, ls
+
+
+class LoraTables:
+    """The tables of one model, rebuilt only when its LoRA state changes (checked per call:
+    a few attribute reads per LoRA layer; nothing at all for a model without one)."""
+
+    def __init__(self, model: nn.Module, max_rank: int) -> None:
+        self.layers = lora_layers(model)
+        self.flat = [m for row in self.layers for m in row if m is not None]
+        self.max_rank = max_rank
+        self._key: tuple | None = None
+        self._tables = None
+
+    def get(self, batch: int, none):
+        """The tables for ``batch`` rows, or ``none`` when no layer adds anything."""
+        if not self.flat:
+            return none
+        key = (batch, *map(_state, self.flat))
+        if key != self._key:
+            if all(k == (None,) for k in key[1:]):
+                self._tables = none
+            else:
+                self._tables = tables(self.layers, batch, self.max_rank)
+            self._key = key
+        return self._tables
