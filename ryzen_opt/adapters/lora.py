@@ -125,6 +125,7 @@ class LoraLinear(nn.Module):
         self.merged: str | None = None
         self._backup: torch.Tensor | None = None  # the exact base weight while merged
         self._mixed: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.train(base.training)  # a wrapper made for an eval-mode model stays in eval mode
 
     def add(self, name: str, config: LoraConfig, init: bool = True) -> None:
         """Add adapter ``name`` (``A`` Kaiming-uniform and ``B`` zeros if ``init``)."""
