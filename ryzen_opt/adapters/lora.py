@@ -148,21 +148,22 @@ class LoraLinear(nn.Module):
     # -- merge -------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self, name: str) -> None:
-        """Fold adapter ``name`` into the base weight in place (unmerging another first)."""
+        """Fold adapter ``name`` into the base weight in place (replacing a merged one)."""
         if self.merged == name:
             return
-        if self.merged is not None:
-            self.unmerge()
         w = self.base_layer.weight
-        if self._backup is None:
-            self._backup = w.detach().clone()
-        else:
-            self._backup.copy_(w)
+        if self.merged is None:  # w holds the base weight: keep an exact copy for unmerge
+            if self._backup is None:
+                self._backup = w.detach().clone()
+            else:
+                self._backup.copy_(w)
         a, b, s = self.lora_A[name], self.lora_B[name], self.configs[name].scaling
+        # w = base + s * B @ A in one pass from the saved copy: a switch between merged
+        # adapters needs no restore first (one write of w instead of two).
         if self.fan_in_fan_out:
-            w.addmm_(a.t(), b.t(), alpha=s)
+            torch.addmm(self._backup, a.t(), b.t(), alpha=s, out=w)
         else:
-            w.addmm_(b, a, alpha=s)
+            torch.addmm(self._backup, b, a, alpha=s, out=w)
         self.merged = self.active = name
 
     @torch.no_grad()

@@ -27,15 +27,17 @@ from tests.assertions import TOL, assert_close_rel
 
 
 class RecordAllocations(TorchDispatchMode):
-    """Every tensor any aten op produces inside the block: ``(op, numel)``."""
+    """Every tensor any aten op produces inside the block: ``(op, numel, data_ptr)``."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.made: list[tuple[str, int]] = []
+        self.made: list[tuple[str, int, int]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.made += [(str(func), t.numel()) for t in tree_flatten(out)[0] if torch.is_tensor(t)]
+        self.made += [
+            (str(func), t.numel(), t.data_ptr()) for t in tree_flatten(out)[0] if torch.is_tensor(t)
+        ]
         return out
 
 

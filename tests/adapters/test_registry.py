@@ -120,7 +120,10 @@ def test_switching_never_moves_or_copies_the_base_weights(folders, merged):
         assert layer.base_layer.weight.data_ptr() == ptrs[path][1]
     big = [m for m in rec.made if m[1] >= smallest]
     if merged:
-        assert big  # merging writes into the base weights (in place; the pointers held)
+        # Merging writes base-size results, each into a base weight or its saved copy.
+        in_place = {p for _, p in ptrs.values()}
+        in_place |= {layer._backup.data_ptr() for layer in layers.values()}
+        assert big and all(m[2] in in_place for m in big), big
     else:
         assert not big, big
 
