@@ -39,7 +39,20 @@ def make_llama(seed: int = 0, hidden: int = 32):
     return LlamaForCausalLM(cfg).eval()
 
 
-MODELS = {"stm": (make_stm, STM_TARGETS), "llama": (make_llama, LLAMA_TARGETS)}
+def make_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+GPT2_TARGETS = ("c_attn", "c_fc", "c_proj")  # transformers' Conv1D (weight stored in x out)
+MODELS = {
+    "stm": (make_stm, STM_TARGETS),
+    "llama": (make_llama, LLAMA_TARGETS),
+    "gpt2": (make_gpt2, GPT2_TARGETS),
+}
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,14 @@ def test_an_adapter_saved_here_loads_in_peft_with_the_same_logits(family, tmp_pa
 def test_an_adapter_made_by_peft_loads_here_with_the_same_logits(family, tmp_path):
     make, targets = family
     base = make()
-    cfg = peft.LoraConfig(r=4, lora_alpha=12, target_modules=list(targets[:3]), lora_dropout=0.1)
+    conv1d = make.__name__ == "make_gpt2"  # PEFT's flag for GPT-2's (in, out) weights
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=12,
+        target_modules=list(targets[:3]),
+        lora_dropout=0.1,
+        fan_in_fan_out=conv1d,
+    )
     theirs = peft.get_peft_model(fresh_copy(base), cfg)
     with torch.no_grad():
         for n, p in theirs.named_parameters():
