@@ -118,8 +118,9 @@ class LoraLinear(nn.Module):
         )
         for p in base.parameters():
             p.requires_grad_(False)
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
+        # Parameters are registered as ``lora_A__<name>`` / ``lora_B__<name>``, not in a
+        # ParameterDict: its keys share the namespace of its methods, so an adapter named
+        # "copy" or "update" could not be added.
         self.configs: dict[str, LoraConfig] = {}
         self.active: str | None = None
         self.merged: str | None = None
@@ -134,16 +135,27 @@ class LoraLinear(nn.Module):
         b = torch.zeros(self.out_features, config.rank, dtype=w.dtype, device=w.device)
         if init:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's init of lora_A
-        self.lora_A[name] = nn.Parameter(a)
-        self.lora_B[name] = nn.Parameter(b)
+        self.register_parameter(f"lora_A__{name}", nn.Parameter(a))
+        self.register_parameter(f"lora_B__{name}", nn.Parameter(b))
         self.configs[name] = config
+
+    @property
+    def lora_A(self) -> dict[str, nn.Parameter]:
+        """``{adapter: A}``, each ``(rank, in)``."""
+        return {n: self._parameters[f"lora_A__{n}"] for n in self.configs}
+
+    @property
+    def lora_B(self) -> dict[str, nn.Parameter]:
+        """``{adapter: B}``, each ``(out, rank)``."""
+        return {n: self._parameters[f"lora_B__{n}"] for n in self.configs}
 
     def remove(self, name: str) -> None:
         if self.merged == name:
             self.unmerge()
         if self.active == name:
             self.active = None
-        del self.lora_A[name], self.lora_B[name], self.configs[name]
+        del self._parameters[f"lora_A__{name}"], self._parameters[f"lora_B__{name}"]
+        del self.configs[name]
 
     # -- merge -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -153,11 +165,17 @@ class LoraLinear(nn.Module):
             return
         w = self.base_layer.weight
         if self.merged is None:  # w holds the base weight: keep an exact copy for unmerge
-            if self._backup is None:
+            kept = self._backup
+            if kept is None or (kept.dtype, kept.device, kept.shape) != (
+                w.dtype,
+                w.device,
+                w.shape,
+            ):
                 self._backup = w.detach().clone()
             else:
                 self._backup.copy_(w)
-        a, b, s = self.lora_A[name], self.lora_B[name], self.configs[name].scaling
+        a, b = self._parameters[f"lora_A__{name}"], self._parameters[f"lora_B__{name}"]
+        s = self.configs[name].scaling
         # w = base + s * B @ A in one pass from the saved copy: a switch between merged
         # adapters needs no restore first (one write of w instead of two).
         if self.fan_in_fan_out:
@@ -179,6 +197,11 @@ class LoraLinear(nn.Module):
         y = self.base_layer(x)
         if self._mixed is not None:
             a, b, scales, row_idx = self._mixed
+            if x.dim() < 2 or x.shape[0] != row_idx.shape[0]:
+                raise AdapterError(
+                    f"mixed_batch was given {row_idx.shape[0]} adapters (one per row) but "
+                    f"this forward has input of shape {tuple(x.shape)}"
+                )
             per_row = x.numel() // max(x.shape[0] * x.shape[-1], 1) if x.dim() > 2 else 1
             idx = row_idx.repeat_interleave(per_row) if per_row != 1 else row_idx
             delta = lora_bgmv(x.reshape(-1, x.shape[-1]), a, b, scales, idx)
@@ -188,7 +211,8 @@ class LoraLinear(nn.Module):
             return y
         cfg = self.configs[name]
         h = F.dropout(x, cfg.dropout, self.training) if cfg.dropout else x
-        return y + F.linear(F.linear(h, self.lora_A[name]), self.lora_B[name]) * cfg.scaling
+        a, b = self._parameters[f"lora_A__{name}"], self._parameters[f"lora_B__{name}"]
+        return y + F.linear(F.linear(h, a), b) * cfg.scaling
 
     def extra_repr(self) -> str:
         return (
@@ -199,7 +223,7 @@ class LoraLinear(nn.Module):
 
 # -- the model level ------------------------------------------------------------------------
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
-    """The model's LoRA layers by module path."""
+    """The model's LoRA layers by module path (``{"blocks.0.attn.qkv": LoraLinear, ...}``)."""
     return {p: m for p, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
@@ -311,6 +335,22 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
 
     A merged adapter is unmerged first (exact restore of the base weight). Only names change:
     no weight is copied or allocated unless a merged one must be restored.
+
+    Args:
+        model: a model holding adapters (:func:`add_lora`, :func:`load_adapter`).
+        name: the adapter to run with, or ``None`` for the base model.
+
+    Raises:
+        AdapterError: the model has no adapter ``name``.
+
+    Example:
+        >>> import torch
+        >>> from ryzen_opt.adapters import LoraConfig, add_lora, merge_adapter, set_adapter
+        >>> from ryzen_opt.models import ModelConfig, SimpleTransformerModel
+        >>> m = add_lora(SimpleTransformerModel(ModelConfig(num_layers=1)), LoraConfig(), "a")
+        >>> set_adapter(m, "a")        # unmerged: base(x) + scaling * B(A(x))
+        >>> merge_adapter(m, "a")      # folded into the base weights
+        >>> set_adapter(m, None)       # the base model, weights restored bit for bit
     """
     layers = lora_layers(model) if name is None else _require(model, name)
     activate_layers(layers.values(), name)
@@ -325,8 +365,21 @@ def activate_layers(layers: Iterable[LoraLinear], name: str | None) -> None:
 
 
 def merge_adapter(model: nn.Module, name: str) -> None:
-    """Fold adapter ``name`` into the base weights (zero-overhead serving); see
-    :meth:`LoraLinear.merge`. Layers without it are restored to their base weights."""
+    """Fold adapter ``name`` into the base weights (zero-overhead serving).
+
+    See :meth:`LoraLinear.merge`; layers without the adapter keep (or get back) their base
+    weights. :func:`set_adapter` or :func:`unmerge_adapter` restore the base exactly.
+
+    Args:
+        model: a model holding adapter ``name``.
+        name: the adapter to merge (replacing a merged one).
+
+    Raises:
+        AdapterError: the model has no adapter ``name``.
+
+    Example:
+        See :func:`set_adapter`.
+    """
     merge_layers(_require(model, name).values(), name)
 
 
@@ -347,7 +400,11 @@ def unmerge_adapter(model: nn.Module) -> None:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Drop adapter ``name`` (unmerging it first if it is merged)."""
+    """Drop adapter ``name`` (unmerging it first if it is merged); the wrappers stay.
+
+    Raises:
+        AdapterError: the model has no adapter ``name``.
+    """
     for layer in _require(model, name).values():
         if name in layer.configs:
             layer.remove(name)
@@ -404,7 +461,11 @@ def mixed_batch(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[No
 
 
 def lora_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
-    """The ``A`` and ``B`` parameters of adapter ``name`` (what training updates)."""
+    """The ``A`` and ``B`` parameters of adapter ``name`` (what training updates).
+
+    Returns:
+        ``[A, B, A, B, ...]``, one pair per layer holding the adapter, in module order.
+    """
     out: list[nn.Parameter] = []
     for layer in _require(model, name).values():
         if name in layer.configs:

@@ -116,7 +116,7 @@ def train_adapter(
         >>> from ryzen_opt.adapters import AdapterTrainConfig, LoraConfig, train_adapter
         >>> from ryzen_opt.models import ModelConfig, SimpleTransformerModel
         >>> m = SimpleTransformerModel(ModelConfig(num_layers=1))
-        >>> out = train_adapter(m, LoraConfig(rank=4), AdapterTrainConfig(steps=2))
+        >>> out = train_adapter(m, LoraConfig(rank=4), AdapterTrainConfig(steps=2, warmup_steps=1))
         >>> len(out["losses"])
         2
     """

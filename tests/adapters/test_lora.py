@@ -234,3 +234,19 @@ def test_lora_dropout_applies_in_training_only():
     assert torch.equal(eval_out, logits(model, x))
     model.train()
     assert not torch.equal(logits(model, x), eval_out)
+
+
+def test_adapter_names_that_shadow_module_methods_work():
+    # "copy", "train", "update": names of nn.Module / ParameterDict methods.
+    model = make_stm()
+    x = torch.randint(0, 64, (1, 4))
+    for i, name in enumerate(("copy", "train", "update", "forward")):
+        add_lora(model, LoraConfig(rank=2, target_modules=("fc1",)), name)
+        randomize(model, name, seed=30 + i)
+    outs = {}
+    for name in ("copy", "train", "update", "forward"):
+        set_adapter(model, name)
+        outs[name] = logits(model, x)
+    assert len({tuple(o.flatten().tolist()) for o in outs.values()}) == 4
+    delete_adapter(model, "copy")
+    assert sorted(lora_layers(model)["blocks.0.mlp.fc1"].configs) == ["forward", "train", "update"]
