@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ class AdapterTrainConfig:
     digits: int = 2
     # "*": the default checkpoint's weakest operator (0% test exact match at 2 and 3 digits).
     operators: str = "*"
-    steps: int = 1500
+    steps: int = 10000
     batch_size: int = 64
     # 3e-3: LoRA usually wants a higher rate than full fine-tuning (1e-3 here).
     lr: float = 3e-3
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "checkpoint": str(args.checkpoint),
+        "command": " ".join(["python -m ryzen_opt.adapters.train", *(argv or sys.argv[1:])]),
         "lora": lora.to_dict(),
         "train": cfg.to_dict(),
     }
