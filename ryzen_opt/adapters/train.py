@@ -5,8 +5,10 @@ Command line (prints the skill's test accuracy before and after, saves the adapt
     python -m ryzen_opt.adapters.train --checkpoint checkpoints/default \\
         --digits 2 --operators '*' --out runs/lora_mul2
 
-The default checkpoint (3-digit ``+-*``) answers no 2-digit multiplication correctly (0% on
-the test split); the default settings here teach it that skill in a few minutes on 2 cores.
+The default checkpoint (3-digit ``+-*``) answers no 2-digit multiplication correctly (0% of
+512 test problems); the default settings (rank 16 on every block linear, 10000 steps of 64
+problems) bring it to 32.0% in 459 s on a shared 2-core machine (3000 steps: 18.8% in 73 s
+with the machine idle). The result is committed as ``checkpoints/lora_mul2``.
 """
 
 from __future__ import annotations
