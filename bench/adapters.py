@@ -16,6 +16,9 @@ On the trained default checkpoint (``checkpoints/default``), in one process:
   as entries there.
 * **accuracy**: greedy exact match on the adapter's task, test split, base vs adapter.
 
+Writes ``bench/results/cpu/adapters.json`` (every sample) and ``.md`` (the tables), and the
+timings as a pyperf suite, ``adapters-pyperf.json`` (``python -m pyperf show`` reads it).
+
 The adapter comes from ``--adapter`` (a PEFT-format folder; ``checkpoints/lora_mul2`` by
 default, trained by ``python -m ryzen_opt.adapters.train``) or, with ``--train-steps N``, from
 a short training run in this process; the output says which.
@@ -36,6 +39,7 @@ import numpy as np
 import torch
 
 from bench.common import RESULTS, ROOT, environment, markdown_table, print_table, where, write_json
+from bench.inprocess import pyperf_benchmark, write_suite
 from ryzen_opt.adapters import (
     AdapterRegistry,
     delete_adapter,
@@ -258,6 +262,14 @@ def main(argv: list[str] | None = None) -> int:
             "accuracy": {**acc, "task": task.to_dict(), "eval_samples": a.eval_samples},
         },
     )
+    suite = [
+        pyperf_benchmark(
+            f"adapters.{kind}.{name}", t, {"kind": kind, "threads": env["torch_threads"]}
+        )
+        for kind, table in (("operation", ops), ("decode", decode))
+        for name, t in table.items()
+    ]
+    write_suite(out.with_name(out.stem + "-pyperf.json"), suite)
     out.with_suffix(".md").write_text(
         f"# {title}\n\nAdapter: {source} ({lora})\n\n"
         + markdown_table(["operation", "median", "IQR", "n", "goal", "met"], op_rows)

@@ -107,7 +107,8 @@ def train_adapter(
     unmerged, and the model in eval mode.
 
     Args:
-        model: a ``SimpleTransformerModel`` (its ``forward`` returns ``(logits, cache)``).
+        model: a ``SimpleTransformerModel`` or an HF causal LM whose vocabulary holds the
+            task's 17 character ids (``forward(ids)`` gives ``(logits, ...)`` or ``.logits``).
         config: the adapter's shape (used when the adapter is new).
         train_config: steps, learning rate, task (default: :class:`AdapterTrainConfig`).
         name: the adapter to train.
@@ -151,7 +152,8 @@ def train_adapter(
             x, y = (t.to(device) for t in task.encode_training(batch))
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)
-            logits, _ = model(x)
+            out = model(x)
+            logits = out[0] if isinstance(out, tuple) else out.logits  # ours, or an HF LM
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()

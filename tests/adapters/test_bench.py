@@ -34,6 +34,10 @@ def test_one_run_writes_operations_decode_and_accuracy(inputs):
     assert set(data["accuracy"]) >= {"base", "adapter", "task"}
     assert data["adapter_source"].startswith("saved adapter")
     assert out.with_suffix(".md").read_text().startswith("# bench.adapters")
+    import pyperf
+
+    suite = pyperf.BenchmarkSuite.load(str(inputs / "adapters-pyperf.json"))
+    assert "adapters.decode.peft" in suite.get_benchmark_names()
 
 
 @pytest.mark.parametrize(

@@ -75,3 +75,16 @@ def test_the_command_line_reports_accuracy_and_saves_a_loadable_adapter(tmp_path
     assert 0 <= metrics["test_exact_match_after"] <= 1
     assert "test_exact_match_after" in capsys.readouterr().out
     load_adapter(make_stm(), tmp_path / "ad")
+
+
+def test_an_hf_llama_trains_through_the_same_function():
+    from tests.adapters.conftest import LLAMA_TARGETS, make_llama
+
+    model = make_llama()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = AdapterTrainConfig(**{**FAST, "steps": 5, "warmup_steps": 1})
+    out = train_adapter(model, LoraConfig(rank=2, target_modules=LLAMA_TARGETS), cfg)
+    assert len(out["losses"]) == 5 and out["trainable_parameters"] > 0
+    for n, p in model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[n.replace(".base_layer", "")]), n
