@@ -189,17 +189,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32.0)
     args = ap.parse_args(argv)
-    cfg = AdapterTrainConfig(
-        digits=args.digits,
-        operators=args.operators,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup_steps=min(defaults.warmup_steps, args.steps),
-        seed=args.seed,
-        eval_samples=args.eval_samples,
-    )
-    lora = LoraConfig(rank=args.rank, alpha=args.alpha)
+    try:
+        cfg = AdapterTrainConfig(
+            digits=args.digits,
+            operators=args.operators,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            warmup_steps=min(defaults.warmup_steps, args.steps),
+            seed=args.seed,
+            eval_samples=args.eval_samples,
+        )
+        lora = LoraConfig(rank=args.rank, alpha=args.alpha)
+    except AdapterError as e:
+        ap.error(str(e))  # exits 2 naming the option's field
     model = load_checkpoint(args.checkpoint)
     task = cfg.task()
     before = evaluate(model, task, "test", cfg.eval_samples, seed=4321)

@@ -88,3 +88,10 @@ def test_an_hf_llama_trains_through_the_same_function():
     for n, p in model.named_parameters():
         if "lora_" not in n:
             assert torch.equal(p, base[n.replace(".base_layer", "")]), n
+
+
+@pytest.mark.parametrize("args, word", [(["--rank", "0"], "rank"), (["--steps", "0"], "steps")])
+def test_the_command_line_names_a_bad_option(tmp_path, capsys, args, word):
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "ad"), *args])
+    assert e.value.code == 2 and word in capsys.readouterr().err
