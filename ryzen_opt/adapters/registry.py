@@ -186,8 +186,14 @@ class AdapterRegistry:
             **kwargs: passed to the model's ``generate`` (``max_new_tokens``, ...).
 
         Returns:
-            What the model's ``generate`` returns (prompt and new ids).
+            What the model's ``generate`` returns (prompt and new ids). A named adapter stays
+            active afterwards (the next request for it switches nothing).
+
+        Raises:
+            AdapterError: the model has no ``generate``, or ``adapter`` is not registered.
         """
+        if not callable(getattr(self.model, "generate", None)):
+            raise AdapterError(f"model: a {type(self.model).__name__} has no generate method")
         with self._serving(adapter):
             return self.model.generate(prompt_ids, **kwargs)
 

@@ -172,3 +172,26 @@ def test_registry_serves_an_hf_llama_with_its_own_generate(tmp_path):
     assert torch.equal(out, reference.generate(prompt, **kw))
     streamed = torch.stack(list(reg.generate_stream(prompt, adapter="l", **kw)), dim=1)
     assert torch.equal(streamed, out[:, prompt.shape[1] :])
+
+
+def test_a_mixed_batch_on_an_hf_llama_matches_each_row_alone(tmp_path):
+    from tests.adapters.conftest import make_llama
+
+    src = add_lora(make_llama(), LoraConfig(rank=4, target_modules=("q_proj", "up_proj")))
+    randomize(src, "default", seed=21, std=0.5)
+    save_adapter(src, tmp_path)
+    reg = AdapterRegistry(make_llama())
+    reg.register("l", tmp_path)
+    prompt = torch.randint(0, 64, (3, 5))
+    # min_new_tokens: no row stops early at Llama's eos (id 2), so rows compare whole.
+    kw = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    rows = ["l", None, "l"]
+    out = reg.generate(prompt, adapter=rows, **kw)
+    for i, name in enumerate(rows):
+        assert torch.equal(out[i : i + 1], reg.generate(prompt[i : i + 1], adapter=name, **kw))
+
+
+def test_a_model_without_generate_is_named():
+    reg = AdapterRegistry(torch.nn.Linear(2, 2))
+    with pytest.raises(AdapterError, match="no generate"):
+        reg.generate(torch.zeros(1, 2))
