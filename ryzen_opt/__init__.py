@@ -4,6 +4,7 @@ Public names::
 
     from ryzen_opt import optimize, KernelOptimizer, SemanticCompressor, \
         InferenceScalingEngine, SimpleTransformerModel
+    from ryzen_opt import LoraConfig, add_lora, save_adapter, load_adapter, AdapterRegistry
 
 The names load on first use (PEP 562): ``import ryzen_opt`` imports nothing heavy, so the
 edge install (``ryzen-opt-edge``: numpy and onnxruntime, no torch) can import
@@ -23,26 +24,43 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _LAZY = {
+    "AdapterRegistry": "ryzen_opt.adapters",
     "InferenceScalingEngine": "ryzen_opt.scaling",
     "KernelOptimizer": "ryzen_opt.optimizer",
+    "LoraConfig": "ryzen_opt.adapters",
     "ModelConfig": "ryzen_opt.models",
     "OptimizeConfig": "ryzen_opt.optimizer",
     "SemanticCompressor": "ryzen_opt.compress",
     "SimpleTransformerModel": "ryzen_opt.models",
+    "add_lora": "ryzen_opt.adapters",
+    "load_adapter": "ryzen_opt.adapters",
     "optimize": "ryzen_opt.optimizer",
+    "save_adapter": "ryzen_opt.adapters",
 }
 
 __all__ = [
+    "AdapterRegistry",
     "InferenceScalingEngine",
     "KernelOptimizer",
+    "LoraConfig",
     "ModelConfig",
     "OptimizeConfig",
     "SemanticCompressor",
     "SimpleTransformerModel",
+    "add_lora",
+    "load_adapter",
     "optimize",
+    "save_adapter",
 ]
 
 if TYPE_CHECKING:  # type checkers and IDEs see the eager imports
+    from ryzen_opt.adapters import (
+        AdapterRegistry,
+        LoraConfig,
+        add_lora,
+        load_adapter,
+        save_adapter,
+    )
     from ryzen_opt.compress import SemanticCompressor
     from ryzen_opt.models import ModelConfig, SimpleTransformerModel
     from ryzen_opt.optimizer import KernelOptimizer, OptimizeConfig, optimize

@@ -1,0 +1,287 @@
+"""LoRA adapters on the seed model: load, switch, decode speed and the skill they add.
+
+    python -m bench.adapters [--adapter FOLDER | --train-steps N] [--new-tokens 32] [-o out.json]
+
+On the trained default checkpoint (``checkpoints/default``), in one process:
+
+* **operations**: loading an adapter from disk (files in the page cache) into a model whose
+  layers are already wrapped (what a registry reload costs) and into a plain model (the first
+  load also wraps the layers); switching between two resident adapters with
+  ``AdapterRegistry.activate``, unmerged (names only) and merged (exact restore of the base
+  weights, then fold the next adapter in). Goals: load <= 2.5 ms, switch <= 0.5 ms.
+* **decode**: greedy ``generate`` at batch 1 (a task prompt, then ``--new-tokens`` tokens,
+  prefill included), every variant timed interleaved on the same prompt: the base model,
+  the adapter merged, unmerged, and the same adapter under ``peft`` (``PeftModel``). A
+  variant is one entry of :data:`DECODE_VARIANTS`; fused and mixed-batch LoRA kernels join
+  as entries there.
+* **accuracy**: greedy exact match on the adapter's task, test split, base vs adapter.
+
+Writes ``bench/results/cpu/adapters.json`` (every sample) and ``.md`` (the tables), and the
+timings as a pyperf suite, ``adapters-pyperf.json`` (``python -m pyperf show`` reads it).
+
+The adapter comes from ``--adapter`` (a PEFT-format folder; ``checkpoints/lora_mul2`` by
+default, trained by ``python -m ryzen_opt.adapters.train``) or, with ``--train-steps N``, from
+a short training run in this process; the output says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import RESULTS, ROOT, environment, markdown_table, print_table, where, write_json
+from bench.inprocess import pyperf_benchmark, write_suite
+from ryzen_opt.adapters import (
+    AdapterRegistry,
+    delete_adapter,
+    load_adapter,
+    merge_adapter,
+    read_config,
+    remove_lora,
+    set_adapter,
+)
+from ryzen_opt.models import load_checkpoint
+from ryzen_opt.models.tasks import ArithmeticTask
+from ryzen_opt.models.train import evaluate
+from ryzen_opt.timing import Timing, time_fn, time_interleaved
+
+DEFAULT_ADAPTER = ROOT / "checkpoints" / "lora_mul2"
+GOALS = {"load": 2.5e-3, "switch": 0.5e-3}
+
+
+def _timing(samples: list[float]) -> Timing:
+    q1, med, q3 = np.percentile(np.asarray(samples), [25, 50, 75])
+    return Timing(float(med), float(q3 - q1), float(q1), float(q3), len(samples), 1, tuple(samples))
+
+
+def _time_load(base, folder: Path, repeat: int, wrapped: bool) -> Timing:
+    """One ``load_adapter`` per sample; the removal between samples is not timed."""
+    model = copy.deepcopy(base)
+    if wrapped:  # a registry's model after its first load: layers wrapped, adapter evicted
+        load_adapter(model, folder, "warm")
+        delete_adapter(model, "warm")
+    samples = []
+    for _ in range(repeat + 2):
+        t0 = time.perf_counter()
+        load_adapter(model, folder, "x")
+        samples.append(time.perf_counter() - t0)
+        delete_adapter(model, "x") if wrapped else remove_lora(model)
+    return _timing(samples[2:])  # the first two warm the file cache and the allocator
+
+
+def _time_switch(base, folder: Path, repeat: int, merged: bool) -> Timing:
+    reg = AdapterRegistry(copy.deepcopy(base), max_resident=2, merged=merged)
+    reg.register("a", folder)
+    reg.register("b", folder)
+    # Both names load the same folder: a switch's cost does not depend on the values.
+    toggle = {"next": "a"}
+
+    def switch():
+        name = toggle["next"]
+        reg.activate(name)
+        toggle["next"] = "b" if name == "a" else "a"
+
+    switch()
+    switch()
+    return time_fn(switch, repeat=repeat, warmup=4)
+
+
+# -- decode variants: name -> builder(base model, adapter folder) -> model with .generate ------
+def _base(base, folder):
+    return base
+
+
+def _unmerged(base, folder):
+    m = load_adapter(copy.deepcopy(base), folder, "a")
+    set_adapter(m, "a")
+    return m
+
+
+def _merged(base, folder):
+    m = load_adapter(copy.deepcopy(base), folder, "a")
+    merge_adapter(m, "a")
+    return m
+
+
+def _peft(base, folder):
+    from peft import PeftModel
+
+    # PeftModel injects its LoRA layers into the model in place; the model's own generate
+    # then runs through them (PeftModel of a custom model has no generate of its own).
+    m = copy.deepcopy(base)
+    PeftModel.from_pretrained(m, str(folder)).eval()
+    return m
+
+
+DECODE_VARIANTS: dict[str, Callable] = {
+    "base": _base,
+    "merged": _merged,
+    "unmerged": _unmerged,
+    "peft": _peft,
+}
+
+
+def measure_decode(base, folder: Path, prompt: torch.Tensor, new_tokens: int, repeat: int):
+    models = {name: build(base, folder) for name, build in DECODE_VARIANTS.items()}
+    outs = {n: m.generate(prompt, new_tokens) for n, m in models.items()}
+    fns = {n: (lambda m=m: m.generate(prompt, new_tokens)) for n, m in models.items()}
+    with torch.no_grad():
+        timings = time_interleaved(fns, repeat=repeat, warmup=2)
+    same = {n: bool(torch.equal(outs[n], outs["merged"])) for n in models}
+    return timings, same
+
+
+def _adapter(args, base, workdir: Path) -> tuple[Path, str]:
+    if args.train_steps is None:
+        folder = Path(args.adapter).resolve()
+        shown = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
+        return folder, f"saved adapter {shown}"
+    from ryzen_opt.adapters import AdapterTrainConfig, LoraConfig, save_adapter, train_adapter
+
+    cfg = AdapterTrainConfig(steps=args.train_steps, warmup_steps=min(50, args.train_steps))
+    model = copy.deepcopy(base)
+    out = train_adapter(model, LoraConfig(rank=16, alpha=32), cfg)
+    folder = save_adapter(model, workdir / "trained")
+    return folder, f"trained here: {args.train_steps} steps in {out['train_seconds']} s"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.adapters", description=__doc__)
+    ap.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "default"))
+    ap.add_argument("--adapter", default=str(DEFAULT_ADAPTER), help="PEFT-format folder")
+    ap.add_argument("--train-steps", type=int, default=None, help="train an adapter instead")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--eval-samples", type=int, default=512)
+    ap.add_argument("--quick", action="store_true", help="repeat 5, 128 eval samples")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's); 1 keeps a batch-1 decode on a shared 2-core "
+        "machine clear of OpenMP barrier stalls (measured: 2.3 s samples of a 25 ms call)",
+    )
+    ap.add_argument("-o", "--output", default=None)
+    a = ap.parse_args(argv)
+    if a.threads is not None:
+        if a.threads < 1:
+            ap.error(f"argument --threads: must be >= 1, got {a.threads}")
+        torch.set_num_threads(a.threads)
+    if a.quick:
+        a.repeat, a.eval_samples = 5, 128
+    if a.repeat < 3:
+        ap.error(f"argument --repeat: must be >= 3, got {a.repeat}")
+    if a.train_steps is not None and a.train_steps < 1:
+        ap.error(f"argument --train-steps: must be >= 1, got {a.train_steps}")
+    t0 = time.perf_counter()
+    base = load_checkpoint(a.checkpoint)
+    with tempfile.TemporaryDirectory(prefix="bench_adapters_") as tmp:
+        folder, source = _adapter(a, base, Path(tmp))
+        meta = (
+            json.loads((folder / "metrics.json").read_text())
+            if (folder / "metrics.json").is_file()
+            else {}
+        )
+        train = meta.get("train", {"digits": 2, "operators": "*"})
+        task = ArithmeticTask(train["digits"], train["operators"])
+        if task.prompt_len + a.new_tokens > base.config.max_seq_len:
+            ap.error(f"argument --new-tokens: prompt + {a.new_tokens} exceed max_seq_len")
+        ops = {
+            "load (layers wrapped)": _time_load(base, folder, a.repeat, wrapped=True),
+            "load (first: wraps layers)": _time_load(base, folder, a.repeat, wrapped=False),
+            "switch, unmerged": _time_switch(base, folder, a.repeat, merged=False),
+            "switch, merged": _time_switch(base, folder, a.repeat, merged=True),
+        }
+        prompt = task.encode_prompts(task.sample("test", 1, seed=0))
+        decode, same = measure_decode(base, folder, prompt, a.new_tokens, a.repeat)
+        tuned = load_adapter(copy.deepcopy(base), folder, "a")
+        set_adapter(tuned, "a")
+        acc = {
+            "base": evaluate(base, task, "test", a.eval_samples, seed=4321),
+            "adapter": evaluate(tuned, task, "test", a.eval_samples, seed=4321),
+        }
+    env = environment("cpu")
+    lora = read_config(folder).to_dict() if folder.exists() else {}
+    op_rows = []
+    for name, t in ops.items():
+        goal = GOALS["load" if name.startswith("load") else "switch"]
+        met = "yes" if t.median <= goal else "no"
+        op_rows.append(
+            [
+                name,
+                f"{t.median * 1e3:.3f} ms",
+                f"{t.iqr * 1e3:.3f} ms",
+                t.n,
+                f"<= {goal * 1e3:g} ms",
+                met,
+            ]
+        )
+    base_s = decode["base"].median
+    dec_rows = [
+        [
+            name,
+            f"{a.new_tokens / t.median:.0f}",
+            f"{t.median * 1e3:.2f} ms",
+            f"{base_s / t.median:.2f}x",
+            "yes" if same[name] else "no",
+        ]
+        for name, t in decode.items()
+    ]
+    title = f"bench.adapters on {where(env)}, {torch.get_num_threads()} threads"
+    print_table(
+        f"{title}: adapter operations", ["operation", "median", "IQR", "n", "goal", "met"], op_rows
+    )
+    dec_head = ["variant", "tokens/s", f"generate({a.new_tokens})", "vs base", "same ids as merged"]
+    print_table(f"decode at batch 1, {task.prompt_len}-token prompt", dec_head, dec_rows)
+    acc_rows = [
+        [f"{task.to_dict()}", f"{acc['base']:.3f}", f"{acc['adapter']:.3f}", a.eval_samples]
+    ]
+    acc_head = ["task (test split)", "base exact match", "with adapter", "problems"]
+    print_table(f"accuracy ({source})", acc_head, acc_rows)
+    out = Path(a.output) if a.output else RESULTS / "cpu" / "adapters.json"
+    write_json(
+        out,
+        {
+            "environment": env,
+            "adapter_source": source,
+            "lora": lora,
+            "new_tokens": a.new_tokens,
+            "operations": {k: v.to_dict() for k, v in ops.items()},
+            "decode": {
+                k: {**v.to_dict(), "same_ids_as_merged": same[k]} for k, v in decode.items()
+            },
+            "accuracy": {**acc, "task": task.to_dict(), "eval_samples": a.eval_samples},
+        },
+    )
+    suite = [
+        pyperf_benchmark(
+            f"adapters.{kind}.{name}", t, {"kind": kind, "threads": env["torch_threads"]}
+        )
+        for kind, table in (("operation", ops), ("decode", decode))
+        for name, t in table.items()
+    ]
+    write_suite(out.with_name(out.stem + "-pyperf.json"), suite)
+    out.with_suffix(".md").write_text(
+        f"# {title}\n\nAdapter: {source} ({lora})\n\n"
+        + markdown_table(["operation", "median", "IQR", "n", "goal", "met"], op_rows)
+        + "\n"
+        + markdown_table(dec_head, dec_rows)
+        + "\n"
+        + markdown_table(acc_head, acc_rows)
+        + f"\nCommand: `{env['command']}` (commit {env['commit']})\n\nVersions: {env['versions']}\n"
+    )
+    print(f"JSON: {out} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""LoRA adapters: PEFT-format I/O, merged/unmerged/mixed-batch serving, a registry, training.
+
+Public names::
+
+    from ryzen_opt.adapters import LoraConfig, add_lora, save_adapter, load_adapter, \
+        AdapterRegistry, train_adapter
+"""
+
+from ryzen_opt.adapters.config import AdapterError, LoraConfig
+from ryzen_opt.adapters.io import load_adapter, read_config, save_adapter
+from ryzen_opt.adapters.lora import (
+    LoraLinear,
+    adapter_names,
+    add_lora,
+    delete_adapter,
+    lora_bgmv,
+    lora_layers,
+    lora_parameters,
+    merge_adapter,
+    mixed_batch,
+    remove_lora,
+    set_adapter,
+    unmerge_adapter,
+)
+from ryzen_opt.adapters.registry import AdapterRegistry
+
+__all__ = [
+    "AdapterError",
+    "AdapterRegistry",
+    "AdapterTrainConfig",
+    "LoraConfig",
+    "LoraLinear",
+    "adapter_names",
+    "add_lora",
+    "delete_adapter",
+    "load_adapter",
+    "lora_bgmv",
+    "lora_layers",
+    "lora_parameters",
+    "merge_adapter",
+    "mixed_batch",
+    "read_config",
+    "remove_lora",
+    "save_adapter",
+    "set_adapter",
+    "train_adapter",
+    "unmerge_adapter",
+]
+
+
+def __getattr__(name: str) -> object:
+    # The trainer loads on first use: an eager import would make
+    # ``python -m ryzen_opt.adapters.train`` import its own module twice (runpy warns).
+    if name in ("AdapterTrainConfig", "train_adapter"):
+        from ryzen_opt.adapters import train
+
+        return getattr(train, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

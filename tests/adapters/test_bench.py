@@ -1,0 +1,50 @@
+"""bench.adapters: every column on the same prompt, the PEFT column gives the same ids."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import adapters as ba
+from ryzen_opt.adapters import LoraConfig, add_lora, save_adapter
+from ryzen_opt.models import save_checkpoint
+from tests.adapters.conftest import make_stm, randomize
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    save_checkpoint(make_stm(), tmp_path / "ckpt")
+    m = add_lora(make_stm(), LoraConfig(rank=4))
+    randomize(m, "default", seed=40, std=0.5)
+    save_adapter(m, tmp_path / "adapter")
+    return tmp_path
+
+
+def test_one_run_writes_operations_decode_and_accuracy(inputs):
+    out = inputs / "adapters.json"
+    argv = ["--checkpoint", str(inputs / "ckpt"), "--adapter", str(inputs / "adapter")]
+    argv += ["--repeat", "3", "--eval-samples", "4", "--new-tokens", "4", "-o", str(out)]
+    assert ba.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert list(data["decode"]) == list(ba.DECODE_VARIANTS)
+    for name in ("merged", "unmerged", "peft"):
+        assert data["decode"][name]["same_ids_as_merged"], name
+    assert all(t["median"] > 0 for t in data["operations"].values())
+    assert set(data["accuracy"]) >= {"base", "adapter", "task"}
+    assert data["adapter_source"].startswith("saved adapter")
+    assert out.with_suffix(".md").read_text().startswith("# bench.adapters")
+    import pyperf
+
+    suite = pyperf.BenchmarkSuite.load(str(inputs / "adapters-pyperf.json"))
+    assert "adapters.decode.peft" in suite.get_benchmark_names()
+
+
+@pytest.mark.parametrize(
+    "args, name",
+    [(["--repeat", "2"], "--repeat"), (["--train-steps", "0"], "--train-steps")],
+)
+def test_bad_arguments_name_the_argument(args, name, capsys):
+    with pytest.raises(SystemExit):
+        ba.main(args)
+    assert name in capsys.readouterr().err
