@@ -1,0 +1,127 @@
+"""LoRA adapters through the seed model's fused Numba decode step: unmerged (one active
+adapter, or a mixed batch) inside the step, merged through the weights it reads, and paths
+that do not add LoRA updates kept off while one is needed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+from ryzen_opt import OptimizeConfig, optimize  # noqa: E402
+from ryzen_opt.adapters import (  # noqa: E402
+    LoraConfig,
+    add_lora,
+    merge_adapter,
+    mixed_batch,
+    set_adapter,
+)
+from ryzen_opt.models import ModelConfig, SimpleTransformerModel  # noqa: E402
+from ryzen_opt.optimization.fastpaths import FastPaths, NumbaFusedDecode, install  # noqa: E402
+from tests.assertions import TOL, assert_close_rel  # noqa: E402
+
+TARGETS = ("qkv", "proj", "fc1", "fc2")
+
+
+def _model(adapters=("a", "b"), targets=TARGETS):
+    torch.manual_seed(5)
+    cfg = ModelConfig(vocab_size=97, embedding_dim=40, num_heads=5, num_layers=2, ff_dim=70)
+    m = SimpleTransformerModel(cfg).eval()
+    for i, name in enumerate(adapters):
+        add_lora(m, LoraConfig(rank=4 + 4 * i, alpha=8, target_modules=targets), name)
+    with torch.no_grad():  # non-zero B, so an update that is skipped shows
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    return m
+
+
+def _step_logits(model, ids):
+    with torch.no_grad():
+        _, cache = model(ids[:, :-1])
+        logits, _ = model(ids[:, -1:], cache)
+    return logits
+
+
+@pytest.mark.parametrize("mode", ["serial", "pool"])
+@pytest.mark.parametrize("targets", [TARGETS, ("fc1",)])
+def test_an_active_unmerged_adapter_runs_inside_the_fused_step(mode, targets):
+    model = _model(targets=targets)
+    set_adapter(model, "b")
+    ref = copy.deepcopy(model)
+    path = NumbaFusedDecode(mode)
+    install(model, FastPaths([(1, 4, path)]))
+    ids = torch.randint(0, 97, (3, 6))
+    with torch.no_grad():
+        _, cache = ref(ids[:, :-1])
+        want, _ = ref(ids[:, -1:], cache)
+        got, _ = path(model, ids[:, -1:], cache, 5)
+    assert_close_rel(got, want, TOL[torch.float32], "adapter b, fused step")
+    assert torch.equal(model.generate(ids, 8), ref.generate(ids, 8))
+    set_adapter(model, None)  # switching is seen by the next call (no stale tables)
+    set_adapter(ref, None)
+    assert torch.equal(model.generate(ids, 8), ref.generate(ids, 8))
+    base = SimpleTransformerModel(model.config).eval()
+    base.load_state_dict(
+        {k.replace(".base_layer", ""): v for k, v in ref.state_dict().items() if "lora_" not in k}
+    )
+    assert torch.equal(model.generate(ids, 8), base.generate(ids, 8))
+
+
+def test_a_mixed_batch_gives_each_row_its_adapter():
+    model = _model()
+    plain = copy.deepcopy(model)  # the references run the model's own code
+    path = NumbaFusedDecode("serial")
+    install(model, FastPaths([(1, 4, path)]))
+    ids = torch.randint(0, 97, (3, 6))
+    rows = ["a", None, "b"]
+    with mixed_batch(model, rows), torch.no_grad():
+        _, cache = model(ids[:, :-1])
+        got, _ = path(model, ids[:, -1:], cache, 5)
+    for r, name in enumerate(rows):  # each row alone, eager, with its own adapter
+        alone = copy.deepcopy(plain)
+        set_adapter(alone, name)
+        want = _step_logits(alone, ids[r : r + 1])
+        assert_close_rel(got[r : r + 1], want, TOL[torch.float32], f"row {r} ({name})")
+
+
+def test_paths_without_lora_updates_stay_off_while_one_is_needed():
+    model, calls = _model(), []
+
+    class Plain:  # a path that does not add LoRA updates itself (as the CUDA graph paths)
+        name, kind = "plain", "decode"
+
+        def __init__(self):
+            self.inner = NumbaFusedDecode("serial")
+
+        def __call__(self, m, idx, cache, past):
+            calls.append(1)
+            return self.inner(m, idx, cache, past)
+
+    install(model, FastPaths([(1, 4, Plain())]))
+    ids = torch.randint(0, 97, (1, 5))
+    ref = copy.deepcopy(model)
+    for m in (model, ref):
+        set_adapter(m, "a")
+    assert torch.equal(model.generate(ids, 4), ref.generate(ids, 4)) and not calls
+    for m in (model, ref):  # merged: the update is in the weights the path reads
+        merge_adapter(m, "a")
+    assert torch.equal(model.generate(ids, 4), ref.generate(ids, 4)) and calls
+
+
+def test_optimize_keeps_the_fused_step_for_a_model_with_an_active_adapter(tmp_path):
+    model = _model()
+    set_adapter(model, "a")
+    cfg = OptimizeConfig(
+        cache_dir=tmp_path, backends=(), fast_paths=("numba_fused_decode[serial]",), repeat=5
+    )
+    fast = optimize(model, config=cfg)
+    site = next(s for s in fast.optimization_report.sites if s.kind == "decode step")
+    res = [c for r in site.cases for c in r.candidates]
+    assert all(c.status in ("faster", "slower") for c in res), [c.detail for c in res]
+    assert all(c.rel_error < TOL[torch.float32] for c in res)
+    ids = torch.randint(0, 97, (2, 5))
+    assert torch.equal(fast.generate(ids, 10), model.generate(ids, 10))
