@@ -38,11 +38,14 @@ def lora_bgmv(
     b: torch.Tensor,
     scales: torch.Tensor,
     indices: torch.Tensor,
+    *,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """The LoRA update of a mixed batch: row ``i`` gets ``scales[k] * b[k] @ a[k] @ x[i]``.
 
-    Plain PyTorch (gather the stacked weights by index, batched matmul); the fused
-    Numba/Triton kernels take the same arguments.
+    :func:`ryzen_opt.kernels.lora_bgmv` (``backend="auto"``: the kernel measured fastest for
+    the shape where a decision was recorded, else the PyTorch reference; ``"numba"`` /
+    ``"triton"`` ask for a kernel).
 
     Args:
         x: ``(rows, in)`` inputs.
@@ -50,6 +53,7 @@ def lora_bgmv(
         b: ``(n_adapters, out, rank)`` stacked ``lora_B`` weights.
         scales: ``(n_adapters,)`` each adapter's ``alpha / rank``.
         indices: ``(rows,)`` int64 adapter of each row, ``-1`` for none.
+        backend: the kernel backend (see above).
 
     Returns:
         ``(rows, out)`` the update to add to the base layer's output (zeros where
@@ -63,27 +67,9 @@ def lora_bgmv(
         >>> d.shape, bool(d[1].eq(0).all())
         (torch.Size([3, 5]), True)
     """
-    if x.dim() != 2 or a.dim() != 3 or b.dim() != 3:
-        raise ValueError(
-            f"x must be (rows, in), a (n_adapters, rank, in), b (n_adapters, out, rank); got "
-            f"x {tuple(x.shape)}, a {tuple(a.shape)}, b {tuple(b.shape)}"
-        )
-    n, rank, d_in = a.shape
-    if x.shape[1] != d_in or b.shape[0] != n or b.shape[2] != rank:
-        raise ValueError(
-            f"shapes do not chain: x {tuple(x.shape)}, a {tuple(a.shape)}, b {tuple(b.shape)}"
-        )
-    if scales.shape != (n,):
-        raise ValueError(f"scales must be ({n},), got {tuple(scales.shape)}")
-    if indices.shape != (x.shape[0],) or indices.dtype != torch.int64:
-        raise ValueError(
-            f"indices must be ({x.shape[0]},) int64, got {tuple(indices.shape)} {indices.dtype}"
-        )
-    keep = indices >= 0
-    k = indices.clamp(min=0)
-    t = torch.bmm(a[k], x.unsqueeze(2))  # (rows, rank, 1)
-    y = torch.bmm(b[k], t).squeeze(2)  # (rows, out)
-    return y * (scales[k] * keep.to(scales.dtype)).to(y.dtype)[:, None]
+    from ryzen_opt import kernels
+
+    return kernels.lora_bgmv(x, a, b, scales, indices, backend=backend)
 
 
 def _is_conv1d(module: nn.Module) -> bool:

@@ -176,8 +176,9 @@ def test_lora_bgmv_matches_a_float64_reference(rows):
     assert out[idx < 0].abs().sum() == 0
     empty = lora_bgmv(x[:0], a, b, scales, idx[:0])
     assert empty.shape == (0, d_out)
-    with pytest.raises(ValueError, match="indices"):
-        lora_bgmv(x, a, b, scales, idx.int())
+    for bad in (idx.float(), torch.cat([idx, idx]), torch.full_like(idx, n)):  # dtype, shape, range
+        with pytest.raises(ValueError, match="indices"):
+            lora_bgmv(x, a, b, scales, bad)
 
 
 def test_mixed_batch_equals_running_each_row_alone(family):
