@@ -40,11 +40,13 @@ import torch
 
 from bench.common import RESULTS, ROOT, environment, markdown_table, print_table, where, write_json
 from bench.inprocess import pyperf_benchmark, write_suite
+from ryzen_opt import OptimizeConfig, optimize
 from ryzen_opt.adapters import (
     AdapterRegistry,
     delete_adapter,
     load_adapter,
     merge_adapter,
+    mixed_batch,
     read_config,
     remove_lora,
     set_adapter,
@@ -112,6 +114,35 @@ def _merged(base, folder):
     return m
 
 
+# optimize() offered only the seed model's fused Numba decode step (its per-op sites off, so
+# the columns differ by the step alone); it keeps the step only where it measured it faster.
+FUSED = OptimizeConfig(
+    backends=(), fast_paths=("numba_fused_decode[serial]", "numba_fused_decode[pool]")
+)
+
+
+def _fused(model):
+    threads = torch.get_num_threads()
+    fast = optimize(model, config=FUSED)
+    # Numba's pool start (measuring the pool mode) resets the process's OpenMP threads.
+    torch.set_num_threads(threads)
+    routes = [n for n in fast.optimization_report.notes if n.startswith("fast paths: ")]
+    fast.bench_route = routes[-1].removeprefix("fast paths: ") if routes else "unchanged"
+    return fast
+
+
+def _base_fused(base, folder):
+    return _fused(base)
+
+
+def _unmerged_fused(base, folder):
+    return _fused(_unmerged(base, folder))
+
+
+def _merged_fused(base, folder):
+    return _fused(_merged(base, folder))
+
+
 def _peft(base, folder):
     from peft import PeftModel
 
@@ -127,17 +158,59 @@ DECODE_VARIANTS: dict[str, Callable] = {
     "merged": _merged,
     "unmerged": _unmerged,
     "peft": _peft,
+    "base, optimize()": _base_fused,
+    "merged, optimize()": _merged_fused,
+    "unmerged, optimize()": _unmerged_fused,
 }
+
+
+def _many(base, folder, n: int):
+    """The adapter loaded ``n`` times (``a0``...), each ``B`` scaled differently so that
+    the adapters differ; none active."""
+    m = copy.deepcopy(base)
+    for i in range(n):
+        load_adapter(m, folder, f"a{i}")
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B__a" in name:
+                p.mul_(1.0 + 0.1 * int(name.rsplit("__a", 1)[1]))
+    return m
+
+
+def measure_mixed(base, folder: Path, prompt: torch.Tensor, new_tokens: int, repeat: int):
+    """Greedy generate of 16 rows where row ``r`` uses adapter ``r % n`` (n = 1, 4, 16),
+    eager and through optimize()'s fused step, timed interleaved; each variant's ids are
+    checked against the eager run of the same mix."""
+    rows = prompt.expand(16, -1).contiguous()
+    fns, outs, routes = {}, {}, {}
+    for n in (1, 4, 16):
+        eager = _many(base, folder, n)
+        fast = _fused(copy.deepcopy(eager))
+        names = [f"a{r % n}" for r in range(16)]
+        for kind, m in (("eager", eager), ("optimize()", fast)):
+            key = f"16 rows over {n} adapter{'s' if n > 1 else ''}, {kind}"
+
+            def run(m=m, names=names):
+                with mixed_batch(m, names):
+                    return m.generate(rows, new_tokens)
+
+            fns[key], outs[key] = run, run()
+            routes[key] = getattr(m, "bench_route", "")
+    with torch.no_grad():
+        timings = time_interleaved(fns, repeat=repeat, warmup=1)
+    same = {k: bool(torch.equal(outs[k], outs[k.replace("optimize()", "eager")])) for k in outs}
+    return timings, same, routes
 
 
 def measure_decode(base, folder: Path, prompt: torch.Tensor, new_tokens: int, repeat: int):
     models = {name: build(base, folder) for name, build in DECODE_VARIANTS.items()}
+    routes = {n: getattr(m, "bench_route", "") for n, m in models.items()}
     outs = {n: m.generate(prompt, new_tokens) for n, m in models.items()}
     fns = {n: (lambda m=m: m.generate(prompt, new_tokens)) for n, m in models.items()}
     with torch.no_grad():
         timings = time_interleaved(fns, repeat=repeat, warmup=2)
     same = {n: bool(torch.equal(outs[n], outs["merged"])) for n in models}
-    return timings, same
+    return timings, same, routes
 
 
 def _adapter(args, base, workdir: Path) -> tuple[Path, str]:
@@ -202,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
             "switch, merged": _time_switch(base, folder, a.repeat, merged=True),
         }
         prompt = task.encode_prompts(task.sample("test", 1, seed=0))
-        decode, same = measure_decode(base, folder, prompt, a.new_tokens, a.repeat)
+        decode, same, routes = measure_decode(base, folder, prompt, a.new_tokens, a.repeat)
+        mixed, mixed_same, mixed_routes = measure_mixed(
+            base, folder, prompt, a.new_tokens, max(3, a.repeat // 3)
+        )
         tuned = load_adapter(copy.deepcopy(base), folder, "a")
         set_adapter(tuned, "a")
         acc = {
@@ -226,22 +302,54 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
     base_s = decode["base"].median
+    fused_s = decode["base, optimize()"].median
     dec_rows = [
         [
             name,
             f"{a.new_tokens / t.median:.0f}",
             f"{t.median * 1e3:.2f} ms",
             f"{base_s / t.median:.2f}x",
+            f"{fused_s / t.median:.2f}x",
             "yes" if same[name] else "no",
+            routes[name],
         ]
         for name, t in decode.items()
+    ]
+    single = {k.rsplit(", ", 1)[1]: t.median for k, t in mixed.items() if "over 1 " in k}
+    mix_rows = [
+        [
+            name,
+            f"{16 * a.new_tokens / t.median:.0f}",
+            f"{t.median * 1e3:.2f} ms",
+            f"{t.median / single[name.rsplit(', ', 1)[1]]:.2f}x",
+            "yes" if mixed_same[name] else "no",
+            mixed_routes[name],
+        ]
+        for name, t in mixed.items()
+    ]
+    mix_head = [
+        "batch",
+        "tokens/s",
+        f"generate({a.new_tokens})",
+        "time vs 1 adapter",
+        "same ids as eager",
+        "route",
     ]
     title = f"bench.adapters on {where(env)}, {torch.get_num_threads()} threads"
     print_table(
         f"{title}: adapter operations", ["operation", "median", "IQR", "n", "goal", "met"], op_rows
     )
-    dec_head = ["variant", "tokens/s", f"generate({a.new_tokens})", "vs base", "same ids as merged"]
+    dec_head = [
+        "variant",
+        "tokens/s",
+        f"generate({a.new_tokens})",
+        "vs base",
+        "vs base, optimize()",
+        "same ids as merged",
+        "route",
+    ]
     print_table(f"decode at batch 1, {task.prompt_len}-token prompt", dec_head, dec_rows)
+    print_table("mixed batches (row r uses adapter r % n)", mix_head, mix_rows)
     acc_rows = [
         [f"{task.to_dict()}", f"{acc['base']:.3f}", f"{acc['adapter']:.3f}", a.eval_samples]
     ]
@@ -257,7 +365,12 @@ def main(argv: list[str] | None = None) -> int:
             "new_tokens": a.new_tokens,
             "operations": {k: v.to_dict() for k, v in ops.items()},
             "decode": {
-                k: {**v.to_dict(), "same_ids_as_merged": same[k]} for k, v in decode.items()
+                k: {**v.to_dict(), "same_ids_as_merged": same[k], "route": routes[k]}
+                for k, v in decode.items()
+            },
+            "mixed": {
+                k: {**v.to_dict(), "same_ids_as_eager": mixed_same[k], "route": mixed_routes[k]}
+                for k, v in mixed.items()
             },
             "accuracy": {**acc, "task": task.to_dict(), "eval_samples": a.eval_samples},
         },
@@ -266,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         pyperf_benchmark(
             f"adapters.{kind}.{name}", t, {"kind": kind, "threads": env["torch_threads"]}
         )
-        for kind, table in (("operation", ops), ("decode", decode))
+        for kind, table in (("operation", ops), ("decode", decode), ("mixed", mixed))
         for name, t in table.items()
     ]
     write_suite(out.with_name(out.stem + "-pyperf.json"), suite)
@@ -275,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         + markdown_table(["operation", "median", "IQR", "n", "goal", "met"], op_rows)
         + "\n"
         + markdown_table(dec_head, dec_rows)
+        + "\n"
+        + markdown_table(mix_head, mix_rows)
         + "\n"
         + markdown_table(acc_head, acc_rows)
         + f"\nCommand: `{env['command']}` (commit {env['commit']})\n\nVersions: {env['versions']}\n"

@@ -28,8 +28,9 @@ def test_one_run_writes_operations_decode_and_accuracy(inputs):
     assert ba.main(argv) == 0
     data = json.loads(out.read_text())
     assert list(data["decode"]) == list(ba.DECODE_VARIANTS)
-    for name in ("merged", "unmerged", "peft"):
+    for name in ("merged", "unmerged", "peft", "merged, optimize()", "unmerged, optimize()"):
         assert data["decode"][name]["same_ids_as_merged"], name
+    assert len(data["mixed"]) == 6 and all(v["same_ids_as_eager"] for v in data["mixed"].values())
     assert all(t["median"] > 0 for t in data["operations"].values())
     assert set(data["accuracy"]) >= {"base", "adapter", "task"}
     assert data["adapter_source"].startswith("saved adapter")
