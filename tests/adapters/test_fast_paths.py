@@ -18,6 +18,7 @@ from ryzen_opt.adapters import (  # noqa: E402
     merge_adapter,
     mixed_batch,
     set_adapter,
+    unmerge_adapter,
 )
 from ryzen_opt.models import ModelConfig, SimpleTransformerModel  # noqa: E402
 from ryzen_opt.optimization.fastpaths import FastPaths, NumbaFusedDecode, install  # noqa: E402
@@ -125,3 +126,42 @@ def test_optimize_keeps_the_fused_step_for_a_model_with_an_active_adapter(tmp_pa
     assert all(c.rel_error < TOL[torch.float32] for c in res)
     ids = torch.randint(0, 97, (2, 5))
     assert torch.equal(fast.generate(ids, 10), model.generate(ids, 10))
+
+
+@pytest.mark.parametrize("path", ["torch_static_decode", "numba_decoder[fp32]"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_an_hf_decoder_serves_merged_adapters_through_its_decode_loop(family, path):
+    pytest.importorskip("transformers")
+    from ryzen_opt.optimization import families
+    from ryzen_opt.optimization.fastpaths import generate as fgen
+    from tests.optimizer.hf_models import left_padded, tiny
+
+    targets = ("q_proj", "v_proj", "down_proj") if family == "llama" else ("c_attn", "c_fc")
+    model = tiny(family)
+    for name in ("a", "b"):
+        add_lora(model, LoraConfig(rank=4, alpha=8, target_modules=targets), name)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    merge_adapter(model, "a")
+    fam, why = families.find(model)
+    assert why is None  # LoRA layers are read through their (merged) base weights
+    fgen.install(model, fam.layout(model), [(1, 4, path)])
+    original = type(model).generate.__get__(model)
+    ids, mask = left_padded(2, 7, [0, 2])
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+
+    def check(fast_loop):
+        out = model.generate(ids, **kw)
+        route = model.generate.last_route
+        assert (route == path) == fast_loop, route
+        assert torch.equal(out, original(ids, **kw))
+        return out
+
+    with_a = check(True)  # merged a: in the weights the loop reads
+    unmerge_adapter(model)
+    set_adapter(model, "b")  # unmerged b: the model's own code adds its update
+    check(False)
+    merge_adapter(model, "b")
+    assert not torch.equal(check(True), with_a)  # merged b: the loop follows the switch

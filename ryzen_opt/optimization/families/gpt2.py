@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from ryzen_opt.optimization.families import _hf
 from ryzen_opt.optimization.fastpaths.decoder_layout import DecoderLayout, Layer, Linear, Norm
+from ryzen_opt.optimization.fastpaths.lora import base_of
 
 MODEL_TYPES = ("gpt2",)
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -32,12 +33,14 @@ def why_not(model: nn.Module) -> str | None:
     if getattr(cfg, "add_cross_attention", False):
         return "cross-attention is not implemented"
     blk = model.transformer.h[0]
-    if type(blk.attn.c_attn).__name__ != "Conv1D" or type(blk.mlp.c_fc).__name__ != "Conv1D":
+    convs = (base_of(blk.attn.c_attn), base_of(blk.mlp.c_fc))
+    if any(type(m).__name__ != "Conv1D" for m in convs):
         return "attention/MLP projections are not GPT-2 Conv1D modules"
     return None
 
 
 def _conv(m: nn.Module, lo: int | None = None, hi: int | None = None) -> Linear:
+    m = base_of(m)  # a LoRA layer's base: its merged adapter is in these weights
     w, b = m.weight, m.bias
     if lo is not None:
         w, b = w[:, lo:hi], b[lo:hi]
@@ -79,7 +82,7 @@ def layout(model: nn.Module) -> DecoderLayout:
         heads=heads,
         kv_heads=heads,
         head_dim=head_dim,
-        intermediate=int(tr.h[0].mlp.c_fc.weight.shape[1]),
+        intermediate=int(base_of(tr.h[0].mlp.c_fc).weight.shape[1]),
         max_positions=int(cfg.n_positions),
         attn_scale=float(scale),
         embed=tr.wte.weight,

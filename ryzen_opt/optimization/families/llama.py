@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from ryzen_opt.optimization.families import _hf
 from ryzen_opt.optimization.fastpaths.decoder_layout import DecoderLayout, Layer, Linear, Norm
+from ryzen_opt.optimization.fastpaths.lora import base_of
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 # Rope types whose angles HF precomputes once into ``inv_freq`` (and ``attention_scaling``):
@@ -49,15 +50,16 @@ def why_not(model: nn.Module) -> str | None:
         if not hasattr(layer0, name):
             return f"decoder layers have no {name}"
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        if not isinstance(getattr(layer0.self_attn, name, None), nn.Linear):
+        if not isinstance(base_of(getattr(layer0.self_attn, name, None)), nn.Linear):
             return f"self_attn.{name} is not an nn.Linear"
     for name in ("gate_proj", "up_proj", "down_proj"):
-        if not isinstance(getattr(layer0.mlp, name, None), nn.Linear):
+        if not isinstance(base_of(getattr(layer0.mlp, name, None)), nn.Linear):
             return f"mlp.{name} is not an nn.Linear"
     return None
 
 
-def _lin(m: nn.Linear) -> Linear:
+def _lin(m: nn.Module) -> Linear:
+    m = base_of(m)  # a LoRA layer's base: its merged adapter is in these weights
     return Linear(m.weight, m.bias, transposed=False)
 
 

@@ -31,6 +31,7 @@ import torch.nn as nn
 from ryzen_opt.optimization.fastpaths import decoder
 from ryzen_opt.optimization.fastpaths.decoder_layout import DecoderLayout
 from ryzen_opt.optimization.fastpaths.layout import ModuleTree
+from ryzen_opt.optimization.fastpaths.lora import is_lora, lora_needs_delta
 
 # Generation settings the fast loop implements; any other setting that differs from
 # transformers' defaults sends the call to the original generate.
@@ -99,6 +100,7 @@ class FastGenerate:
         self.shared: dict = {}  # what every batch size's stepper reuses (decoders, int8)
         self.last_route = ""
         self.tree = ModuleTree(model)  # the modules the layout was read from
+        self.loras = [m for m in model.modules() if is_lora(m)]
         self.__doc__ = type(model).generate.__doc__
 
     @property
@@ -126,6 +128,7 @@ class FastGenerate:
         new._layout, new._keep_kw, new.steppers, new.shared = None, None, {}, {}
         new.last_route = ""
         new.tree = copy.deepcopy(self.tree, memo)
+        new.loras = copy.deepcopy(self.loras, memo)
         new.__doc__ = self.__doc__
         return new
 
@@ -187,15 +190,17 @@ class FastGenerate:
             return "input_ids is not a (batch, seq) tensor"
         if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.shape[1] == 0:
             return "input_ids is not a non-empty integer tensor"
-        if input_ids.device != self.layout.device:
-            return f"input_ids is on {input_ids.device}, the model on {self.layout.device}"
-        if self.model.training and torch.is_grad_enabled():
-            return "the model is in training mode"
         if not self.tree.same():
             return (
                 "the model's modules changed after optimize() (e.g. LoRA layers added); "
                 "call optimize() again"
             )
+        if any(map(lora_needs_delta, self.loras)):
+            return "an unmerged LoRA adapter is active (the decode loop adds no LoRA updates)"
+        if input_ids.device != self.layout.device:
+            return f"input_ids is on {input_ids.device}, the model on {self.layout.device}"
+        if self.model.training and torch.is_grad_enabled():
+            return "the model is in training mode"
         if self.path_for(input_ids.shape[0]) is None:
             return f"no fast path was chosen for batch {input_ids.shape[0]}"
         for k in (

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ryzen_opt.models.model import MLP, CausalSelfAttention, SimpleTransformerModel
+from ryzen_opt.optimization.fastpaths.lora import base_of
 
 
 @dataclass(frozen=True)
@@ -69,24 +70,6 @@ STM_LAYOUT = WeightLayout(
 )
 LAYER_PARAMS = STM_LAYOUT.layer
 GLOBAL_PARAMS = STM_LAYOUT.model
-# The linears of a layer a LoRA adapter may wrap, in the fused step's order.
-LORA_SLOTS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-
-
-def is_lora(module: nn.Module) -> bool:
-    """A LoRA layer (:class:`ryzen_opt.adapters.LoraLinear`): a ``base_layer`` and adapters."""
-    return hasattr(module, "base_layer") and hasattr(module, "configs")
-
-
-def base_of(module: nn.Module) -> nn.Module:
-    """The module whose parameters a fused step reads: a LoRA layer's base, else itself."""
-    return module.base_layer if is_lora(module) else module
-
-
-def lora_needs_delta(layer: nn.Module) -> bool:
-    """Whether a LoRA layer adds anything to its base's output now (an active unmerged
-    adapter, or a mixed batch); merged or inactive layers compute exactly their base."""
-    return layer._mixed is not None or (layer.active is not None and layer.merged is None)
 
 
 def param_slots(model: SimpleTransformerModel) -> list[tuple[str, nn.Module, str]]:

@@ -1,6 +1,12 @@
-"""LoRA updates inside the fused decode step of the ``SimpleTransformerModel`` family.
+"""LoRA layers and the fast paths: what every path needs to know of them, and the updates
+inside the fused decode step of the ``SimpleTransformerModel`` family.
 
-A model with LoRA layers (:mod:`ryzen_opt.adapters`) keeps its fast paths: merged or
+:func:`base_of` gives the module a fused step reads weights from (a LoRA layer's base: a
+merged adapter is in those weights); :func:`lora_needs_delta` says whether a layer adds an
+update now, which a path that does not add LoRA updates must not skip (the routers then run
+the model's own code). The Hugging Face decode loops add none yet.
+
+A seed model with LoRA layers (:mod:`ryzen_opt.adapters`) keeps its fast paths: merged or
 inactive layers compute their base exactly, and the base weights are what the fused step
 reads. Unmerged adapters (one active adapter, or a mixed batch where each row has its own)
 add ``scaling * B (A x)`` to a linear's output: :func:`tables` turns the model's LoRA state
@@ -15,7 +21,24 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ryzen_opt.optimization.fastpaths.layout import LORA_SLOTS, is_lora, lora_needs_delta
+# The linears of a layer a LoRA adapter may wrap, in the fused step's order.
+LORA_SLOTS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+def is_lora(module: nn.Module) -> bool:
+    """A LoRA layer (:class:`ryzen_opt.adapters.LoraLinear`): a ``base_layer`` and adapters."""
+    return hasattr(module, "base_layer") and hasattr(module, "configs")
+
+
+def base_of(module: nn.Module) -> nn.Module:
+    """The module whose parameters a fused step reads: a LoRA layer's base, else itself."""
+    return module.base_layer if is_lora(module) else module
+
+
+def lora_needs_delta(layer: nn.Module) -> bool:
+    """Whether a LoRA layer adds anything to its base's output now (an active unmerged
+    adapter, or a mixed batch); merged or inactive layers compute exactly their base."""
+    return layer._mixed is not None or (layer.active is not None and layer.merged is None)
 
 
 def lora_layers(model: nn.Module) -> list[list[nn.Module | None]]:

@@ -22,7 +22,8 @@ from ryzen_opt.optimization.fastpaths.cuda_graph import (
     CudaGraphPrefill,
     TritonGraphDecode,
 )
-from ryzen_opt.optimization.fastpaths.layout import ModuleTree, is_lora, lora_needs_delta
+from ryzen_opt.optimization.fastpaths.layout import ModuleTree
+from ryzen_opt.optimization.fastpaths.lora import is_lora, lora_needs_delta
 
 # Every fast path by name, with the factory of a fresh one (a path holds per-model state:
 # workspaces, captured graphs).
