@@ -14,10 +14,12 @@ head_dim)`` pair; a step writes position ``pos`` and attends to ``0..pos``.
 
 **LoRA.** With adapters that are not merged (:mod:`ryzen_opt.adapters`), each of a layer's
 four linears adds ``scaling * B (A x)`` per row before its activation, from tables built by
-the caller: ``lora_t[layer, slot, row] = (A offset, B offset, rank)`` into the flat ``lora_a``
-/ ``lora_b`` arrays and ``lora_s[layer, slot, row]`` the scaling (rank 0: no adapter for that
-row). Each row may use its own adapter (a mixed batch). Shrink and expand are plain dot
-loops: at rank 16 they are ~1/16 of the base matmul's multiply-adds each.
+the caller: ``lora_t[layer, slot, row] = (A offset, B^T offset, rank)`` into the flat
+``lora_a`` / ``lora_b`` arrays and ``lora_s[layer, slot, row]`` the scaling (rank 0: no
+adapter for that row). Each row may use its own adapter (a mixed batch). The shrink is
+``rank`` dot products over the input, the expand ``rank`` axpys over the output (``B``
+stored transposed, ``(rank, out)``): at rank 16 each is ~1/16 of the base matmul's
+multiply-adds.
 
 ``parallel=True`` spreads each matmul's column blocks and the (batch, head) attention tasks
 over Numba's thread pool (one fork-join region per op, ~2 us each when the pool is hot);
@@ -189,12 +191,11 @@ def _lora_add(x, out, la, lb, lt, ls, layer, slot, t):
                 acc += xb[p] * la[row + p]
             t[q] = acc
         yb = out[b]
-        for j in range(n):
-            acc = np.float32(0.0)
-            row = ob + j * r
-            for q in range(r):
-                acc += t[q] * lb[row + q]
-            yb[j] += acc * sc
+        for q in range(r):  # B is stored transposed, (rank, out): one axpy per rank
+            tq = t[q] * sc
+            row = ob + q * n
+            for j in range(n):
+                yb[j] += tq * lb[row + j]
     return any_row
 
 

@@ -110,7 +110,7 @@ def tables(layers: list[list[nn.Module | None]], batch: int, max_rank: int):
                 if a.dtype != torch.float32 or b.dtype != torch.float32:
                     raise ValueError(f"LoRA weights are {a.dtype}; the fused step reads float32")
                 parts_a.append(a.detach().contiguous().numpy().ravel())
-                parts_b.append(b.detach().contiguous().numpy().ravel())
+                parts_b.append(b.detach().t().contiguous().numpy().ravel())  # (rank, out)
                 for r in rows:
                     lt[li, si, r] = (oa, ob, rank)
                     ls[li, si, r] = scale
