@@ -322,7 +322,7 @@ def test_a_check_that_does_not_fit_reverts_the_swaps(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- progress
 
 
-def test_the_progress_bar_covers_the_decode_loop_selection(tmp_path, monkeypatch):
+def test_the_progress_bar_covers_the_decode_loop_selection(tmp_path, monkeypatch, capsys):
     import rich.progress
 
     seen, totals = [], []
@@ -349,10 +349,15 @@ def test_the_progress_bar_covers_the_decode_loop_selection(tmp_path, monkeypatch
         progress=True,
         cache_dir=tmp_path,
     )
+    capsys.readouterr()
     optimize(_llama(layers=1), config=cfg)
     assert "generate b1: torch_static_decode" in seen, seen
     assert "whole-model check" in seen, seen
     assert totals == [3]  # one decode-loop step, no site (no backend), fast paths, check
+    # Standard error is no terminal here: asked for, the steps are printed as lines.
+    err = capsys.readouterr().err
+    assert "optimize() 0/3" in err and "generate b1: torch_static_decode" in err, err
+    assert "optimize() 2/3" in err and "whole-model check" in err, err
 
 
 # ----------------------------------------------------------------------------- logits
