@@ -297,6 +297,7 @@ class _Batch:
     ref_tokens: torch.Tensor
     ref_logits: list
     exact: torch.Tensor | None
+    warm: bool = False  # ref_s is from a second (warm) call
 
 
 def select(
@@ -430,6 +431,14 @@ def _measure(
         res.detail = reason
         return res
     cached = cache.get(key) is not None
+    if not m.warm and path_cost_s(config, m.ref_s, cached) > left() > m.ref_s:
+        # The first call (with logits) can be several times a warm one: time a warm call
+        # before turning a path away for the budget.
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            orig(**m.kw, **gk)
+        _sync(layout.device)
+        m.ref_s, m.warm = min(m.ref_s, time.perf_counter() - t0), True
     if _over(res, path_cost_s(config, m.ref_s, cached), left()):
         return res
     before = set(shared)
