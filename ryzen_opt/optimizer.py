@@ -14,11 +14,18 @@ wrong or slower, the model comes back unchanged and the report says why.
 This module is the front door: :meth:`KernelOptimizer.plan` finds the sites and captures
 their inputs, :meth:`KernelOptimizer.apply` hands them to the measuring engine
 (:mod:`ryzen_opt.optimization.engine`), installs the winners and records the report.
+
+What optimizing costs is bounded: sites of one signature (the layers of a decoder stack) are
+measured once and the others take that decision (the report says "reused from <path>"), the
+synthetic prefill is sized to the model (``OptimizeConfig.prefill_shape_for``), the working
+copy shares the original's weights, and ``time_budget_s`` holds every measurement, with the
+whole-model check's estimated share set aside for it. The report records the seconds per
+phase, the total and the peak memory.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -35,13 +42,15 @@ from ryzen_opt.optimization.cache import DecisionCache
 from ryzen_opt.optimization.config import OptimizeConfig, dtype_name, parse_dtype
 from ryzen_opt.optimization.engine import (
     Engine,
+    check_cost_s,
     check_whole_model,
     progress_bar,
     weight_sharing_copy,
 )
 from ryzen_opt.optimization.examples import normalize_example
 from ryzen_opt.optimization.fastpaths import generate as fast_generate
-from ryzen_opt.optimization.report import OptimizationReport
+from ryzen_opt.optimization.fastpaths import hf_select
+from ryzen_opt.optimization.report import OptimizationReport, SiteReport
 from ryzen_opt.optimization.sites import (
     Run,
     Site,
@@ -50,9 +59,12 @@ from ryzen_opt.optimization.sites import (
     fused_activation,
     generic_runs,
     hf_attention_sites,
+    hf_last_logits_only,
     hf_runs,
     layer_norm_site,
     linear_site,
+    mark_reuse,
+    module_signature,
     stm_attention_site,
     stm_runs,
 )
@@ -73,7 +85,12 @@ class OptimizationPlan:
 
     ``sites[i].cases[j].baseline`` is the original computation bound to captured inputs and
     ``candidates`` the backend calls on the same inputs; ``runs`` are the whole-model runs
-    used for capture and for the final check against ``reference`` (an unmodified copy).
+    used for capture and for the final check against ``reference`` (an unmodified copy that
+    shares the weights). A site whose ``reuse_of`` names an earlier site of the same
+    signature has no cases: it takes that site's decision. :meth:`KernelOptimizer.apply`
+    releases each site's captured inputs once it is measured. ``prefill_shape`` is the
+    synthetic prefill's ``(batch, seq)`` (``None`` with an example); ``elapsed_s`` what
+    making the plan took (counted against the time budget).
     """
 
     model: nn.Module
@@ -86,9 +103,15 @@ class OptimizationPlan:
     notes: list[str] = field(default_factory=list)
     hf_impl: str | None = None
     example: dict[str, Any] | None = None  # the normalised example_inputs (keyword form)
+    prefill_shape: tuple[int, int] | None = None
+    elapsed_s: float = 0.0
 
     def num_candidates(self) -> int:
         return sum(len(c.candidates) for s in self.sites for c in s.cases)
+
+    def measured_sites(self) -> list[Site]:
+        """The sites that are measured (the others reuse one of these decisions)."""
+        return [s for s in self.sites if s.reuse_of is None]
 
 
 def _require_module(model: Any) -> None:
@@ -115,6 +138,18 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
         if p.is_floating_point():
             return p.device, p.dtype
     return torch.device("cpu"), torch.float32
+
+
+def _params_and_bytes(model: nn.Module) -> tuple[int, int]:
+    """Distinct parameters (a tied weight once): their count and their bytes."""
+    seen: set[int] = set()
+    n = nbytes = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+            nbytes += p.numel() * p.element_size()
+    return n, nbytes
 
 
 class KernelOptimizer:
@@ -190,16 +225,18 @@ class KernelOptimizer:
             An :class:`OptimizationPlan` for :meth:`apply`.
         """
         _require_module(model)
+        t0 = time.perf_counter()
         device, dtype = _model_device_dtype(model)
         example = normalize_example(model, example_inputs, device)
         notes = [f"backend module failed to import: {e}" for e in registry.import_errors().values()]
         backends = self._backends(device, notes)
         reference = weight_sharing_copy(model) if self.config.model_check else None
         is_hf = hf.is_hf_model(model)
+        prefill = self._prefill_shape(model, device, is_hf) if example is None else None
         if isinstance(model, SimpleTransformerModel):
-            runs = stm_runs(model, example, self.config, device)
+            runs = stm_runs(model, example, self.config, device, prefill)
         elif is_hf:
-            runs = hf_runs(model, example, self.config, device)
+            runs = hf_runs(model, example, self.config, device, prefill)
         else:
             runs = generic_runs(model, example)
 
@@ -222,11 +259,20 @@ class KernelOptimizer:
             for p, (k, m) in find_targets(model, self.config.ops).items()
             if any(backends[op] for op in _OPS_OF_KIND[k])
         }
+        signatures = {
+            p: module_signature(k, m, fused_activation(model, p) if k == "linear" else None)
+            for p, (k, m) in targets.items()
+        }
         was_training = model.training
         model.eval()
         try:
             seen, records = capture(
-                model, runs, {p: m for p, (_, m) in targets.items()}, hf_impl is not None
+                model,
+                runs,
+                {p: m for p, (_, m) in targets.items()},
+                hf_impl is not None,
+                signatures,
+                device,
             )
         except Exception as e:
             if hf_impl is not None:
@@ -235,7 +281,7 @@ class KernelOptimizer:
                 "example_inputs could not be run through the model"
                 if example_inputs is not None
                 else "the synthetic runs (no example_inputs: a prefill of "
-                f"OptimizeConfig.prefill_shape={self.config.prefill_shape}, decode steps at "
+                f"{prefill} (OptimizeConfig.prefill_shape), decode steps at "
                 f"decode_batches={self.config.decode_batches}) could not be run through the model"
             )
             msg = str(e) if len(str(e)) <= 500 else str(e)[:500] + "..."
@@ -261,8 +307,35 @@ class KernelOptimizer:
         if hf_impl is not None:
             allowed = tuple(backends["attention"] + backends["decode_attention"])
             sites += hf_attention_sites(model, records, allowed)
+        del seen, records
+        mark_reuse(sites)
         return OptimizationPlan(
-            model, device, dtype, sites, runs, reference, backends, notes, hf_impl, example
+            model,
+            device,
+            dtype,
+            sites,
+            runs,
+            reference,
+            backends,
+            notes,
+            hf_impl,
+            example,
+            prefill,
+            time.perf_counter() - t0,
+        )
+
+    def _prefill_shape(self, model: nn.Module, device: torch.device, is_hf: bool):
+        """The synthetic prefill's shape for this model (``OptimizeConfig.prefill_shape_for``)."""
+        params, nbytes = _params_and_bytes(model)
+        cfg = getattr(model, "config", None)
+        vocab = getattr(cfg, "vocab_size", 0) or 0
+        _, dtype = _model_device_dtype(model)
+        return self.config.prefill_shape_for(
+            params,
+            device,
+            logit_row_bytes=vocab * torch.finfo(dtype).bits // 8,
+            last_logits_only=is_hf and hf_last_logits_only(model),
+            weight_bytes=nbytes,
         )
 
     # ------------------------------------------------------------------ apply
@@ -273,7 +346,14 @@ class KernelOptimizer:
         """Measure every candidate of ``plan``, swap in the winners, check the whole model.
 
         Changes ``model`` in place (``optimize()`` passes a copy) and returns it; the
-        report is in ``self.report`` and on ``model.optimization_report``.
+        report is in ``self.report`` and on ``model.optimization_report``. Each measured
+        site's captured inputs are released (``plan`` cannot be applied twice).
+
+        Order: a Hugging Face decoder's decode loop (through ``generate``), then one site per
+        signature (the others take its decision), the model-level fast paths, the
+        whole-model check. ``config.time_budget_s`` counts from the start of :meth:`plan`;
+        a step starts only while its estimate fits in what is left, the check's share kept
+        aside while sites are measured. Swaps the check has no time left for are undone.
 
         Args:
             model: the model ``plan`` was made for.
@@ -284,11 +364,14 @@ class KernelOptimizer:
             ``model``, optimized where a verified faster backend exists, else unchanged.
         """
         _require_module(model)
+        # The budget counts from the start of plan() (its capture runs are part of the cost).
         t0 = time.perf_counter()
         if plan is None:
             plan = self.plan(model, example_inputs)
         elif not isinstance(plan, OptimizationPlan) or plan.model is not model:
             raise ValueError("plan must be the OptimizationPlan made by plan() for this model")
+        else:
+            t0 -= plan.elapsed_s
         cfg = self.config
         dev, dtype = plan.device, plan.dtype
         cache = DecisionCache(cfg.resolved_cache_dir, cfg.use_cache)
@@ -302,42 +385,66 @@ class KernelOptimizer:
             environment={"device": engine.device_description, "versions": engine.versions},
             config=cfg.to_dict(),
         )
+        report.phases["plan"] = plan.elapsed_s
         report.notes += cache.notes
         undo: list[Callable[[], None]] = []
         was_training = model.training
+        budget = cfg.time_budget_s
+
+        def left() -> float:
+            return math.inf if budget is None else budget - (time.perf_counter() - t0)
+
+        check = cfg.model_check and plan.reference is not None
+        check_s = check_cost_s(cfg, plan.runs) if check else 0.0
+        phase = _Phases(report)
+        decoder = self._decoder_setup(plan, model, report)
+        measured_sites = plan.measured_sites()
+        n_decoder = (
+            hf_select.steps(model, decoder, plan.example, cfg, self._prompt_len(plan))
+            if decoder is not None
+            else 0
+        )
         model.eval()
         try:
-            # A Hugging Face decoder's decode loop goes first: generation spends its time
-            # there, so the time budget goes to it before the per-op sites. It is measured
-            # through generate() itself against the original (its own end-to-end check),
-            # and the whole-model check below never reverts it.
-            decoder_undo = self._decoder_paths(plan, model, engine, report, t0)
-            with progress_bar(cfg, len(plan.sites) + 1) as advance:
-                for site in plan.sites:
-                    advance(f"{site.kind} {site.path}")
-                    if self._over_budget(t0):
-                        report.notes.append(self._budget_note(site.path))
-                        continue
-                    srep, routes = engine.measure_site(site)
-                    if routes:
-                        undo.append(site.install(model, routes))
-                    report.sites.append(srep)
+            with progress_bar(cfg, n_decoder + len(measured_sites) + 2) as advance:
+                # A Hugging Face decoder's decode loop goes first: generation spends its
+                # time there, so the time budget goes to it before the per-op sites. It is
+                # measured through generate() itself against the original (its own
+                # end-to-end check), and the whole-model check below never reverts it.
+                with phase("decoder paths"):
+                    decoder_undo = self._decoder_paths(
+                        plan, model, engine, report, decoder, left, advance
+                    )
+                with phase("sites"):
+                    undo += self._sites(plan, model, engine, report, left, check_s, advance)
                 advance("whole-model fast paths")
-                if self._over_budget(t0):
-                    fast_reports, paths = [], None
-                    if isinstance(model, SimpleTransformerModel) and cfg.fast_paths != ():
-                        report.notes.append(self._budget_note("the whole-model fast paths"))
-                else:
-                    fast_reports, paths = engine.fast_paths(model, plan.runs, report.sites)
-            report.sites += fast_reports
-            if paths is not None:
-                undo.append(fastpaths.install(model, paths))
-                report.notes.append("fast paths: " + "; ".join(paths.describe()))
-            report.changed = bool(undo)
-            if undo and cfg.model_check and plan.reference is not None:
-                failure = check_whole_model(
-                    cfg, plan.reference, model, plan.runs, plan.device, report
-                )
+                with phase("fast paths"):
+                    if left() <= check_s:
+                        fast_reports, paths = [], None
+                        if isinstance(model, SimpleTransformerModel) and cfg.fast_paths != ():
+                            report.notes.append(
+                                self._budget_note("the whole-model fast paths", left(), check_s)
+                            )
+                    else:
+                        fast_reports, paths = engine.fast_paths(model, plan.runs, report.sites)
+                report.sites += fast_reports
+                if paths is not None:
+                    undo.append(fastpaths.install(model, paths))
+                    report.notes.append("fast paths: " + "; ".join(paths.describe()))
+                report.changed = bool(undo)
+                advance("whole-model check")
+                failure = None
+                if undo and check:
+                    if left() < 0.5 * check_s:
+                        failure = (
+                            f"no time left for the whole-model check (about {check_s:.0f} s;"
+                            f" OptimizeConfig.time_budget_s={budget:g})"
+                        )
+                    else:
+                        with phase("model check"):
+                            failure = check_whole_model(
+                                cfg, plan.reference, model, plan.runs, plan.device, report
+                            )
                 if failure:
                     for u in reversed(undo):
                         u()
@@ -346,7 +453,7 @@ class KernelOptimizer:
                     report.notes.append(f"reverted every swap: {failure}")
                     for s in report.sites:
                         if s.chosen and s.kind != "generate":
-                            s.note = f"reverted ({failure})"
+                            s.note = (s.note + "; " if s.note else "") + f"reverted ({failure})"
                             s.chosen = {}
             report.changed = report.changed or bool(decoder_undo)
         finally:
@@ -366,30 +473,80 @@ class KernelOptimizer:
         model.optimization_report = report
         return model
 
-    def _decoder_paths(self, plan, model, engine: Engine, report, t0: float) -> list:
-        """The decode-loop paths of a Hugging Face decoder family: measured through
-        ``generate`` (:meth:`Engine.decoder_paths`); the undo list."""
-        cfg = self.config
-        if not hf.is_hf_model(model) or cfg.fast_paths == ():
-            return []
+    def _sites(self, plan, model, engine: Engine, report, left, reserve: float, advance) -> list:
+        """Measure one site per signature (while more than ``reserve`` seconds are left),
+        give every site its decision in model order; the undo list."""
+        decisions: dict[str, tuple[SiteReport, list]] = {}
+        followers: dict[str, int] = {}
+        for site in plan.sites:
+            if site.reuse_of is not None:
+                followers[site.reuse_of] = followers.get(site.reuse_of, 0) + 1
+        for site in plan.measured_sites():
+            advance(f"{site.kind} {site.path}")
+            if left() <= reserve:
+                more = followers.get(site.path, 0)
+                what = site.path + (f" (and {more} sites of its signature)" if more else "")
+                report.notes.append(self._budget_note(what, left(), reserve))
+                site.release()
+                continue
+            decisions[site.path] = engine.measure_site(site)
+            site.release()  # its captured inputs and packed weights
+        undo = []
+        for site in plan.sites:
+            got = decisions.get(site.reuse_of or site.path)
+            if got is None:
+                continue
+            srep, routes = got
+            if site.reuse_of is not None:
+                srep = SiteReport(
+                    site.path,
+                    site.kind,
+                    site.detail,
+                    list(srep.cases),
+                    dict(srep.chosen),
+                    f"reused from {site.reuse_of}",
+                )
+            if routes:
+                undo.append(site.install(model, routes))
+            report.sites.append(srep)
+        return undo
+
+    def _decoder_setup(self, plan, model, report):
+        """The decoder layout if a Hugging Face decode-loop family serves ``model`` and its
+        paths are wanted, else ``None`` (with a note saying why not, where there is one)."""
+        if not hf.is_hf_model(model) or self.config.fast_paths == ():
+            return None
         fam, reason = families.find(model)
         if fam is None:
-            return []
+            return None
         if reason is not None:
             report.notes.append(
                 f"{fam.__name__.rsplit('.', 1)[-1]} decode paths: not used: {reason}"
             )
+            return None
+        return fam.layout(model)
+
+    @staticmethod
+    def _prompt_len(plan) -> int:
+        return plan.prefill_shape[1] if plan.prefill_shape else hf_select.MAX_PROMPT
+
+    def _decoder_paths(self, plan, model, engine: Engine, report, layout, left, advance) -> list:
+        """The decode-loop paths of a Hugging Face decoder family: measured through
+        ``generate`` (:meth:`Engine.decoder_paths`); the undo list."""
+        if layout is None:
             return []
-        if self._over_budget(t0):
+        if left() <= 0:
             report.notes.append(self._budget_note("the decoder fast paths"))
             return []
-        layout = fam.layout(model)
-        budget = cfg.time_budget_s
-
-        def left() -> float:
-            return math.inf if budget is None else budget - (time.perf_counter() - t0)
-
-        srep, routes, shared = engine.decoder_paths(model, layout, plan.example, report.sites, left)
+        srep, routes, shared = engine.decoder_paths(
+            model,
+            layout,
+            plan.example,
+            report.sites,
+            left,
+            prompt_len=self._prompt_len(plan),
+            progress=advance,
+        )
         report.sites.append(srep)
         if not routes:
             return []
@@ -398,15 +555,32 @@ class KernelOptimizer:
         )
         return [fast_generate.install(model, layout, routes, shared)]
 
-    def _over_budget(self, t0: float) -> bool:
-        budget = self.config.time_budget_s
-        return budget is not None and time.perf_counter() - t0 > budget
-
-    def _budget_note(self, what: str) -> str:
+    def _budget_note(self, what: str, left: float = 0.0, reserve: float = 0.0) -> str:
+        why = (
+            "was spent"
+            if left <= 0
+            else f"had {left:.0f} s left, kept for the whole-model check (about {reserve:.0f} s)"
+        )
         return (
             f"{what}: not measured, the time budget of {self.config.time_budget_s:g} s "
-            "(OptimizeConfig.time_budget_s) was spent; it keeps the original code"
+            f"(OptimizeConfig.time_budget_s) {why}; it keeps the original code"
         )
+
+
+class _Phases:
+    """``with phases("name"):`` adds the block's seconds to ``report.phases["name"]``."""
+
+    def __init__(self, report: OptimizationReport) -> None:
+        self.report = report
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            ph = self.report.phases
+            ph[name] = ph.get(name, 0.0) + time.perf_counter() - t0
 
 
 def optimize(
@@ -420,22 +594,41 @@ def optimize(
 ) -> nn.Module:
     """Return ``model`` with every op swapped for a faster verified backend where one exists.
 
-    The original is left untouched (a deep copy is optimized) unless ``inplace=True``. The
-    result carries ``optimization_report`` (:class:`OptimizationReport`); if no candidate
+    The original is left untouched unless ``inplace=True``: a copy is optimized. The copy
+    **shares the original's weight storage** (its Parameters and buffers are new objects over
+    the same memory; modules, configs and everything else are copied), so optimizing costs
+    no second copy of the weights. What that means for you:
+
+    * in-place edits of the optimized model's weights (``p.data.mul_()``, ``p.copy_()``, an
+      optimizer step when you train it, ``load_state_dict`` into it) show in the original,
+      and the other way round; rebinding (``module.weight = nn.Parameter(...)``,
+      ``p.data = ...``) does not;
+    * ``optimize()`` itself never writes into the weights, and running the optimized model
+      (``forward``, ``generate``) leaves the original's ``state_dict`` values as they were;
+    * a swap that needs its weights in another layout (a packed copy for a kernel, the
+      fused CPU decode step's arena) allocates its own copy and reads that;
+    * ``.to(device/dtype)`` of either model converts that model only;
+    * for a fully independent copy, pass ``copy.deepcopy(model)`` with ``inplace=True``.
+
+    The result carries ``optimization_report`` (:class:`OptimizationReport`); if no candidate
     was both within tolerance and faster, it is an unchanged copy and the report says so.
+    The report records what ``optimize()`` itself cost: ``elapsed_s``, the seconds per phase
+    (``phases``) and ``peak_memory_bytes`` above what the process held at the call.
 
     Args:
         model: a ``SimpleTransformerModel``, a transformers decoder (GPT-2, Llama, Qwen2,
             ...), or any ``nn.Module`` (then ``example_inputs`` is required).
-        example_inputs: ``None`` for synthetic typical shapes (prefill 16x128, one-token
-            decode at batch 1 and 16); else the prompt as ``torch.export`` takes it: a
-            tensor (the first forward argument, e.g. ``(batch, seq)`` token ids), a tuple
-            of positional forward arguments (``(ids,)``) or a dict of keyword arguments
-            (``{"input_ids": ids, "attention_mask": mask}``). A cache argument is refused:
-            decode steps are measured after caches built from the prompt.
+        example_inputs: ``None`` for synthetic typical shapes (a prefill of 16x128 tokens,
+            fewer for a large model on the CPU: ``OptimizeConfig.prefill_shape_for``;
+            one-token decode at batch 1 and 16); else the prompt as ``torch.export`` takes
+            it: a tensor (the first forward argument, e.g. ``(batch, seq)`` token ids), a
+            tuple of positional forward arguments (``(ids,)``) or a dict of keyword
+            arguments (``{"input_ids": ids, "attention_mask": mask}``). A cache argument is
+            refused: decode steps are measured after caches built from the prompt.
         device: move the model here first (``"cpu"``, ``"cuda"``, ...).
         dtype: cast the model first (``torch.float32``/``"bf16"``/``"fp16"``...).
-        config: :class:`OptimizeConfig` (default settings when ``None``).
+        config: :class:`OptimizeConfig` (default settings when ``None``; its
+            ``time_budget_s``, 60 s by default, bounds the measuring).
         inplace: optimize ``model`` itself instead of a copy.
 
     Returns:
@@ -463,11 +656,18 @@ def optimize(
     # it out of the timings it brackets.
     mem_device = dev if dev is not None else _model_device_dtype(model)[0]
     with PeakMemory(mem_device, interval_s=0.02) as mem:
-        work = model if inplace else copy.deepcopy(model)
+        work = model if inplace else weight_sharing_copy(model)
         if dev is not None or dt is not None:
             work = work.to(device=dev, dtype=dt)
+        copy_s = time.perf_counter() - t0
         opt = KernelOptimizer(config)
-        out = opt.apply(work, opt.plan(work, example_inputs))
-    out.optimization_report.peak_memory_bytes = mem.peak_bytes
-    out.optimization_report.elapsed_s = time.perf_counter() - t0
+        plan = opt.plan(work, example_inputs)
+        plan.elapsed_s += copy_s  # the budget counts from here
+        out = opt.apply(work, plan)
+        del plan  # the captured inputs and the reference, before the peak is read
+    report = out.optimization_report
+    report.peak_memory_bytes = mem.peak_bytes
+    report.elapsed_s = time.perf_counter() - t0
+    report.phases = {"copy": copy_s, **report.phases}
+    report.phases["plan"] = report.phases.get("plan", 0.0) - copy_s
     return out

@@ -48,6 +48,17 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# The synthetic prefill (OptimizeConfig.prefill_shape_for): 16 x 128 where that is cheap; on
+# the CPU at most this many token-parameters (8e9: a 0.5B model gets 16 tokens, GPT-2 small
+# 64, the 1.6M-parameter seed model keeps 16 x 128), never under 1 x 16 tokens; its logits at
+# most an eighth of the weight bytes, or 64 MiB where that is more (small models keep theirs).
+DEFAULT_PREFILL_SHAPE = (16, 128)
+CPU_PREFILL_WORK = 8e9
+MIN_PREFILL_SEQ = 16
+MAX_LOGIT_SHARE = 0.125
+MIN_LOGIT_BOUND = 64 * 2**20
+
+
 def default_cache_dir() -> Path:
     """``$RYZEN_OPT_CACHE_DIR`` if set, else ``~/.cache/ryzen_opt``."""
     env = os.environ.get("RYZEN_OPT_CACHE_DIR")
@@ -73,7 +84,9 @@ class OptimizeConfig:
         cache_dir: where timing decisions are cached (``None``: ``$RYZEN_OPT_CACHE_DIR`` or
             ``~/.cache/ryzen_opt``).
         use_cache: read and write the decision cache.
-        prefill_shape: ``(batch, seq)`` of the synthetic prefill when no example input is given.
+        prefill_shape: ``(batch, seq)`` of the synthetic prefill when no example input is given
+            (``None``: sized to the model by :meth:`prefill_shape_for`: 16 x 128 where that
+            is cheap, fewer tokens for a large model on the CPU).
         decode_batches: batch sizes of the synthetic one-token decode steps.
         fast_paths: model-level fast paths to try (``None``: every default one that runs on
             the model's device; ``()``: none). ``SimpleTransformerModel``:
@@ -89,8 +102,12 @@ class OptimizeConfig:
         lossy_tolerance: relative logit error allowed for an opt-in lossy decode path
             (``numba_decoder[int8]``, ``numba_decoder[bf16]``), which cannot meet the dtype
             tolerance by design.
-        time_budget_s: measuring stops once this many seconds have passed; sites not yet
-            measured keep the original code and the report names them (``None``: no bound).
+        time_budget_s: the seconds ``optimize()`` may spend measuring: a measurement (a
+            decode path at one batch size, a group of identical sites, the whole-model
+            check) starts only when its estimated cost fits in what is left, with the
+            whole-model check's share set aside for it; what is not measured keeps the
+            original code and the report names it (``None``: no bound). Finding the sites
+            and capturing their inputs (a few forward passes) is not bounded.
         progress: show a progress bar (``None``: only when standard error is a terminal).
 
     Example:
@@ -122,8 +139,10 @@ class OptimizeConfig:
     model_check: bool = True
     cache_dir: str | Path | None = None
     use_cache: bool = True
-    # Typical serving shapes: a 16 x 128 prefill and decode at batch 1 (chat) and 16 (batched).
-    prefill_shape: tuple[int, int] = (16, 128)
+    # Typical serving shapes: a 16 x 128 prefill and decode at batch 1 (chat) and 16 (batched);
+    # None sizes the prefill to the model (prefill_shape_for): every measurement and the
+    # whole-model check run it dozens of times, 16 s a call for a 0.5B model on 2 cores.
+    prefill_shape: tuple[int, int] | None = None
     decode_batches: tuple[int, ...] = (1, 16)
     fast_paths: tuple[str, ...] | None = None
     # Long enough that the decode loop, not the prefill, dominates what is timed (eager HF
@@ -134,9 +153,10 @@ class OptimizeConfig:
     # 0.9-1.2% on small Llama/Qwen2/GPT-2 configs): numerically different by design, so it
     # is held to this instead of the dtype tolerance, and its error is in the report.
     lossy_tolerance: float = 2e-2
-    # A bound, not a target: the seed model optimizes in well under a minute on 2 cores, and
-    # an unbounded run on a 0.5B-parameter model once took 15 minutes before failing.
-    time_budget_s: float | None = 300.0
+    # A bound, not a target: the seed model optimizes in well under a minute on 2 cores; a
+    # 0.5B-parameter decoder (Qwen2-0.5B's shape) gets its decode loop chosen within it on 2
+    # cores, and everything in seconds on a GPU. Unbounded, that model once took 15 minutes.
+    time_budget_s: float | None = 60.0
     progress: bool | None = None
 
     def __post_init__(self) -> None:
@@ -182,13 +202,16 @@ class OptimizeConfig:
         if self.cache_dir is not None and not isinstance(self.cache_dir, (str, Path)):
             raise ValueError(f"cache_dir must be None, a str or a Path, got {self.cache_dir!r}")
         p = self.prefill_shape
-        if (
-            not isinstance(p, (tuple, list))
-            or len(p) != 2
-            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in p)
-        ):
-            raise ValueError(f"prefill_shape must be (batch, seq) positive ints, got {p!r}")
-        self.prefill_shape = (int(p[0]), int(p[1]))
+        if p is not None:
+            if (
+                not isinstance(p, (tuple, list))
+                or len(p) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in p)
+            ):
+                raise ValueError(
+                    f"prefill_shape must be None or (batch, seq) positive ints, got {p!r}"
+                )
+            self.prefill_shape = (int(p[0]), int(p[1]))
         d = self.decode_batches
         if isinstance(d, (str, bytes)) or not all(
             isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in d
@@ -222,6 +245,44 @@ class OptimizeConfig:
     def resolved_cache_dir(self) -> Path:
         """The cache directory in use (``cache_dir`` or the default)."""
         return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+
+    def prefill_shape_for(
+        self,
+        params: int,
+        device: torch.device,
+        logit_row_bytes: int = 0,
+        last_logits_only: bool = True,
+        weight_bytes: int = 0,
+    ) -> tuple[int, int]:
+        """The synthetic prefill's ``(batch, seq)`` for a model of ``params`` parameters.
+
+        ``prefill_shape`` when set; else :data:`DEFAULT_PREFILL_SHAPE` (16 x 128), with the
+        batch halved, then the length, down to 1 x :data:`MIN_PREFILL_SEQ`, while
+
+        * on the CPU, ``tokens x params`` exceeds :data:`CPU_PREFILL_WORK` (a prefill is
+          run some 50 times by the whole-model check alone: 16 x 128 tokens of a
+          0.5B-parameter model take 5-16 s a call on 2 cores, 16 tokens 0.1-0.3 s);
+        * its logits (``logit_row_bytes`` a row: one row per sequence when the model returns
+          the last position's only, else one per token) exceed :data:`MAX_LOGIT_SHARE` of
+          the weights' ``weight_bytes`` and :data:`MIN_LOGIT_BOUND`.
+
+        A small model (the seed model, the test configurations) keeps 16 x 128.
+        """
+        if self.prefill_shape is not None:
+            return self.prefill_shape
+        b, t = DEFAULT_PREFILL_SHAPE
+
+        def too_big(b: int, t: int) -> bool:
+            if device.type == "cpu" and b * t * params > CPU_PREFILL_WORK:
+                return True
+            rows = b if last_logits_only else b * t
+            return rows * logit_row_bytes > max(MAX_LOGIT_SHARE * weight_bytes, MIN_LOGIT_BOUND)
+
+        while b > 1 and too_big(b, t):
+            b //= 2
+        while t > MIN_PREFILL_SEQ and too_big(b, t):
+            t //= 2
+        return b, t
 
     def tolerance_for(self, dtype: torch.dtype, device: torch.device | None = None) -> float:
         """The relative error allowed for outputs of ``dtype`` (TF32-aware on CUDA)."""

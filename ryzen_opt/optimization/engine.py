@@ -14,7 +14,8 @@ original only after two measurements on the site's real inputs:
 every shape, by the geometric mean of its speed-ups; that one rule serves the per-site
 kernels (:meth:`Engine.decide`) and the fast paths (:meth:`Engine.fast_paths`). Last, the
 **whole-model check** (:func:`check_whole_model`) runs the optimized model against an
-unmodified reference (:func:`weight_sharing_copy`) on every run once more.
+unmodified reference (:func:`weight_sharing_copy`) on every run once more; what it will cost
+is estimated beforehand (:func:`check_cost_s`) so that the time budget keeps room for it.
 
 The engine never branches on what it measures beyond the site/fast-path split; it knows
 nothing of the front door (``KernelOptimizer.apply``) that drives it.
@@ -73,12 +74,22 @@ def _rel_error(out: torch.Tensor, ref: torch.Tensor, tol: float) -> tuple[float,
 
 @contextlib.contextmanager
 def progress_bar(config: OptimizeConfig, total: int):
-    """A rich progress bar over the sites (on a terminal, or when ``config.progress``)."""
+    """A rich progress bar over ``total`` steps (on a terminal, or when ``config.progress``).
+
+    Yields ``advance(what)``: call it as each step starts (the decode-loop paths per batch
+    size, the measured sites, the fast paths, the whole-model check); the bar shows ``what``.
+    Where standard error is no terminal (a log file, a pipe) and ``progress=True`` asks for
+    it, each step is a line instead (``optimize() 3/12 0:00:41 linear lm_head``): a live bar
+    draws nothing there.
+    """
     show = config.progress if config.progress is not None else sys.stderr.isatty()
     if not show:
         yield lambda what: None
         return
+    import time
+
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     cols = (
@@ -88,31 +99,70 @@ def progress_bar(config: OptimizeConfig, total: int):
         TimeElapsedColumn(),
         TextColumn("{task.description}"),
     )
-    with Progress(*cols, transient=True, console=Console(stderr=True)) as bar:
+    console = Console(stderr=True)
+    lines = not (console.is_terminal or console.is_jupyter)
+    t0 = time.perf_counter()
+    with Progress(*cols, transient=True, console=console) as bar:
         task = bar.add_task("", total=total)
-        state = {"started": False}
+        state = {"done": -1}
 
         def advance(what: str) -> None:
-            bar.update(task, advance=1 if state["started"] else 0, description=what)
-            state["started"] = True
+            bar.update(task, advance=1 if state["done"] >= 0 else 0, description=what)
+            state["done"] += 1
+            if lines:
+                s = int(time.perf_counter() - t0)
+                clock = f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+                console.print(
+                    f"optimize() {state['done']}/{total} {clock} {escape(what)}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
 
         yield advance
         bar.update(task, completed=total)
 
 
-def weight_sharing_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose Parameters are new objects over the same weight storage.
+def weight_sharing_copy(model: nn.Module, share_buffers: bool = True) -> nn.Module:
+    """A copy of ``model`` whose Parameters (and buffers) are new objects over the same
+    storage; every module, config and other attribute is copied.
 
-    The whole-model check's reference: optimizing replaces modules and may rebind a
-    Parameter's ``.data`` (the fused CPU decode step moves weights into its arena), but
-    never writes into the original storage, so the reference keeps the original values at
-    no cost in memory (a deep copy doubled the weights: 10.1 GB peak for a 2.2 GB bf16
-    Llama). Tied weights stay tied; buffers are copied.
+    ``optimize()``'s working copy and the whole-model check's reference: optimizing replaces
+    modules and may rebind a Parameter's ``.data`` (the fused CPU decode step moves weights
+    into its arena), which leaves the other copies' objects as they were, but never writes
+    into the storage, so the original keeps its values at no cost in memory (a deep copy
+    doubled the weights: 10.1 GB peak for a 2.2 GB bf16 Llama). Tied weights stay tied. A
+    Parameter of a subclass (a quantised weight type) is deep-copied as before.
+
+    Args:
+        model: the module to copy.
+        share_buffers: buffers too share their storage (else they are deep-copied).
     """
     memo: dict[int, Any] = {}
     for p in model.parameters():  # deduplicated: a tied weight maps once
-        memo[id(p)] = nn.Parameter(p.data, requires_grad=p.requires_grad)
+        if type(p) is nn.Parameter:
+            memo[id(p)] = nn.Parameter(p.data, requires_grad=p.requires_grad)
+    if share_buffers:
+        for b in model.buffers():
+            if type(b) is torch.Tensor:
+                memo[id(b)] = b.detach()
     return copy.deepcopy(model, memo)
+
+
+def check_cost_s(config: OptimizeConfig, runs: Sequence[Run]) -> float:
+    """What :func:`check_whole_model` should take, in seconds, from the runs' capture times
+    (``Run.setup_s``/``call_s``, first calls, so an upper bound): every run set up and called
+    on both models, and one run per label and batch timed like a comparison (warm-up,
+    calibration and ``repeat`` samples a side, each at least ``min_sample_s``)."""
+    cfg = config
+    total = 0.0
+    timed: set[str] = set()
+    for run in reversed(runs):  # the check times the last run of each label and batch
+        total += 2 * (run.setup_s + run.call_s)
+        tkey = f"{run.label}:{run.shape.split(' ')[0]}"
+        if tkey not in timed:
+            timed.add(tkey)
+            total += 2 * (cfg.warmup + 1 + cfg.repeat) * max(run.call_s, cfg.min_sample_s)
+    return total
 
 
 def _sync(device: torch.device) -> None:
@@ -188,7 +238,7 @@ class Engine:
         dev = self.device
         backend = registry.backends(cand.op)[cand.backend]
         res = CandidateResult(cand.name, cand.op, "unsupported")
-        reason = backend.why_not(dev.type, *cand.args)
+        reason = backend.why_not(dev.type, *cand.arguments())
         if reason is not None:
             res.detail = reason
             return res
@@ -363,11 +413,14 @@ class Engine:
         example,
         swapped: list[SiteReport],
         budget_left: Callable[[], float],
+        prompt_len: int = 64,
+        progress: Callable[[str], None] | None = None,
     ) -> tuple[SiteReport, list[tuple[int, int, str]], dict]:
         """A Hugging Face decoder's decode-loop paths, verified and timed through ``generate``
         (:func:`ryzen_opt.optimization.fastpaths.hf_select.select`): the report, the
         ``(lowest batch, highest batch, path name)`` routes of the winners and the state the
-        paths built (for :func:`ryzen_opt.optimization.fastpaths.generate.install`)."""
+        paths built (for :func:`ryzen_opt.optimization.fastpaths.generate.install`).
+        ``prompt_len``: the synthetic prompt's length when there is no example."""
         return hf_select.select(
             model,
             layout,
@@ -378,6 +431,8 @@ class Engine:
             self.versions,
             model_baseline_id(type(model).__name__, swapped),
             budget_left,
+            prompt_len=prompt_len,
+            progress=progress,
         )
 
     def evaluate_path(self, path, run: Run, state, model, ref, baseline_id) -> CandidateResult:

@@ -151,9 +151,12 @@ class OptimizationReport:
     environment: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     changed: bool = False
+    # What optimize() itself cost: seconds in all, seconds per phase (copy, plan: finding the
+    # sites and capturing their inputs, decoder paths, sites, fast paths, model check), and
+    # the peak memory above what the process held when it started (CUDA: max allocated on
+    # the model's device; CPU: resident set size), in bytes.
     elapsed_s: float = 0.0
-    # What optimize() itself cost: peak memory above what the process held when it started
-    # (CUDA: max allocated on the model's device; CPU: resident set size), in bytes.
+    phases: dict[str, float] = field(default_factory=dict)
     peak_memory_bytes: int | None = None
 
     def __post_init__(self) -> None:
@@ -166,7 +169,12 @@ class OptimizationReport:
 
     @property
     def summary(self) -> str:
-        """One line: what changed, or why the model came back unchanged."""
+        """One line: what changed, or why the model came back unchanged; and what
+        ``optimize()`` cost (:attr:`cost`)."""
+        return f"{self._outcome}; {self.cost}"
+
+    @property
+    def _outcome(self) -> str:
         if self.changed:
             n = sum(1 for s in self.sites if s.chosen)
             line = f"optimized: {n} of {len(self.sites)} sites use a faster verified backend"
@@ -181,13 +189,19 @@ class OptimizationReport:
 
     @property
     def cost(self) -> str:
-        """What optimize() itself took: seconds and peak memory."""
+        """What optimize() itself took: seconds (the larger phases named) and peak memory."""
         mem = (
             "peak memory not measured"
             if self.peak_memory_bytes is None
             else f"peak memory +{self.peak_memory_bytes / 2**20:.1f} MiB"
         )
-        return f"optimize() took {self.elapsed_s:.1f} s, {mem}"
+        big = [(k, v) for k, v in self.phases.items() if v >= 0.05 * max(self.elapsed_s, 1e-9)]
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in big)
+        return (
+            f"optimize() took {self.elapsed_s:.1f} s"
+            + (f" ({parts})" if parts else "")
+            + (f", {mem}")
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -197,6 +211,7 @@ class OptimizationReport:
             "changed": self.changed,
             "summary": self.summary,
             "elapsed_s": self.elapsed_s,
+            "phases": dict(self.phases),
             "peak_memory_bytes": self.peak_memory_bytes,
             "backends": self.backends,
             "notes": list(self.notes),
@@ -235,13 +250,16 @@ class OptimizationReport:
                 )
                 err = f"{best.rel_error:.1e}" if best and best.rel_error is not None else "-"
                 rejected = _rejections(s, case)
+                chosen = s.chosen.get(case, "original")
+                if s.note.startswith("reused from "):
+                    chosen += f" ({s.note.split(';')[0]})"
                 out.append(
                     [
                         s.path,
                         s.kind,
                         case,
                         shapes,
-                        s.chosen.get(case, "original"),
+                        chosen,
                         speed,
                         err,
                         rejected,
@@ -264,7 +282,7 @@ class OptimizationReport:
         lines = [
             f"# optimize() report: {self.model}",
             "",
-            f"{self.summary}. Device `{self.device}`, dtype `{self.dtype}`, "
+            f"{self._outcome}. Device `{self.device}`, dtype `{self.dtype}`, "
             f"CPU ISA {self.environment.get('cpu_isa', 'unknown')}. {self.cost}.",
             "",
             "| " + " | ".join(head) + " |",
@@ -293,7 +311,7 @@ class OptimizationReport:
         from rich.markup import escape
         from rich.table import Table
 
-        table = Table(title=f"optimize(): {escape(self.summary)}", show_lines=False)
+        table = Table(title=f"optimize(): {escape(self._outcome)}", show_lines=False)
         for col in (
             "site",
             "kind",

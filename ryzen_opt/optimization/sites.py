@@ -5,6 +5,13 @@ decode step after a cache). Running them with forward pre-hooks records the actu
 of every Linear, LayerNorm and attention site; each distinct input shape becomes a
 :class:`Case` holding the original computation (``baseline``) and one :class:`Candidate` per
 backend variant, both bound to those inputs.
+
+Sites with the same kind, module type, weight shapes and dtype and the same captured input
+shapes (the layers of a decoder stack) share one :attr:`Site.signature`: ``optimize()``
+measures the first and gives the others its decision (:func:`mark_reuse`). Capture keeps one
+set of input tensors per module signature, run and input shape, so the inputs of 24
+identical layers cost one layer's activations; packed weight copies are made only when a
+candidate runs, and :meth:`Site.release` drops them with the captured inputs.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from ryzen_opt.kernels.reference import apply_activation
 from ryzen_opt.models.attention import attention_case, qkv_heads, sdpa_core
 from ryzen_opt.models.model import MLP, CausalSelfAttention, SimpleTransformerModel
 from ryzen_opt.optimization import hf
+from ryzen_opt.optimization.cache import DecisionCache
+from ryzen_opt.optimization.config import DEFAULT_PREFILL_SHAPE
 from ryzen_opt.optimization.modules import (
     FusedLinear,
     FusedMLP,
@@ -38,14 +47,21 @@ from ryzen_opt.optimization.modules import (
 
 @dataclass
 class Candidate:
-    """One backend variant bound to one case's inputs."""
+    """One backend variant bound to one case's inputs.
+
+    ``args`` are the launcher's positional arguments (for ``supports``), or a function that
+    makes them (a packed weight copy is made only when the candidate is measured).
+    """
 
     name: str
     op: str
     backend: str
-    args: tuple
+    args: tuple | Callable[[], tuple]
     call: Callable[[], torch.Tensor]
     packed: bool = False
+
+    def arguments(self) -> tuple:
+        return self.args() if callable(self.args) else self.args
 
 
 @dataclass
@@ -76,16 +92,48 @@ class Site:
     cases: list[Case]
     install: Callable[[nn.Module, list[Route]], Callable[[], None]]
     route_case: Callable[[str], str] = lambda label: label
+    # What makes two sites' decisions interchangeable: kind, module type, weight shapes and
+    # dtype, every case's input shapes (a DecisionCache key).
+    signature: str = ""
+    # The path of the earlier site with the same signature whose decision this one takes
+    # (set by mark_reuse; such a site holds no cases).
+    reuse_of: str | None = None
+    free: Callable[[], None] | None = None  # drops what the candidates allocated
+
+    def release(self) -> None:
+        """Drop the captured inputs and whatever the candidates allocated (packed weights)."""
+        self.cases = []
+        if self.free is not None:
+            self.free()
+
+
+def mark_reuse(sites: list[Site]) -> None:
+    """Point every site at the first earlier site of the same signature (``reuse_of``) and
+    release its cases: it is not measured, it takes that site's decision."""
+    first: dict[str, Site] = {}
+    for site in sites:
+        if not site.signature:
+            continue
+        rep = first.setdefault(site.signature, site)
+        if rep is not site:
+            site.reuse_of = rep.path
+            site.release()
 
 
 @dataclass
 class Run:
-    """One whole-model forward on typical shapes; ``call`` must not change ``state``."""
+    """One whole-model forward on typical shapes; ``call`` must not change ``state``.
+
+    ``setup_s`` and ``call_s``: what each took when :func:`capture` ran them (the first
+    time, so an upper bound), for estimating what the whole-model check will cost.
+    """
 
     label: str
     shape: str
     setup: Callable[[nn.Module], Any]
     call: Callable[[nn.Module, Any], torch.Tensor]
+    setup_s: float = 0.0
+    call_s: float = 0.0
 
 
 # ----------------------------------------------------------------------------- runs
@@ -124,7 +172,12 @@ def _logits(out: Any) -> torch.Tensor:
     raise TypeError(f"cannot find an output tensor in {type(out).__name__}")
 
 
-def stm_runs(model: SimpleTransformerModel, example, config, device) -> list[Run]:
+def _prefill(config, prefill) -> tuple[int, int]:
+    """The synthetic prefill shape: ``prefill`` (sized by the caller), else the config's."""
+    return prefill or config.prefill_shape or DEFAULT_PREFILL_SHAPE
+
+
+def stm_runs(model: SimpleTransformerModel, example, config, device, prefill=None) -> list[Run]:
     cfg = model.config
     gen = torch.Generator().manual_seed(0)
     runs: list[Run] = []
@@ -133,7 +186,8 @@ def stm_runs(model: SimpleTransformerModel, example, config, device) -> list[Run
         b, t = example.shape
         decode = [(db, t) for db in _example_batches(b, config)] if t + 1 <= cfg.max_seq_len else []
     else:
-        b, t = config.prefill_shape[0], min(config.prefill_shape[1], cfg.max_seq_len)
+        b, t = _prefill(config, prefill)
+        t = min(t, cfg.max_seq_len)
         prompt = _ids(gen, cfg.vocab_size, (b, t), device)
         decode = [
             (db, p) for db in config.decode_batches for p in _decode_prompt_lengths(cfg.max_seq_len)
@@ -154,15 +208,25 @@ def stm_runs(model: SimpleTransformerModel, example, config, device) -> list[Run
     return runs
 
 
-def hf_runs(model: nn.Module, example, config, device) -> list[Run]:
+def hf_max_len(model: nn.Module) -> int:
     cfg = model.config
-    max_len = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 128)
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 128)
+
+
+def hf_last_logits_only(model: nn.Module) -> bool:
+    """Whether the model's forward can return the last position's logits only."""
+    return "logits_to_keep" in _forward_params(model)
+
+
+def hf_runs(model: nn.Module, example, config, device, prefill=None) -> list[Run]:
+    cfg = model.config
+    max_len = hf_max_len(model)
     gen = torch.Generator().manual_seed(0)
     runs: list[Run] = []
     # generate() asks for the last position's logits only where the model allows it; so do
     # the runs: what is timed is what generation runs, and a 16 x 128 prefill of a
     # 152k-token vocabulary does not materialise 1.2 GB of logits nobody reads.
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
+    keep = {"logits_to_keep": 1} if hf_last_logits_only(model) else {}
     if example is not None:
         kw = {**keep, **example}  # keyword arguments (optimization/examples.py normalised them)
         ids = kw.get("input_ids")
@@ -174,7 +238,8 @@ def hf_runs(model: nn.Module, example, config, device) -> list[Run]:
             rows = {k: _rows(v, db) if _is_rows(v, ids) else v for k, v in kw.items()}
             decode.append((rows, db, ids.shape[1]))
     else:
-        b, t = config.prefill_shape[0], min(config.prefill_shape[1], max_len)
+        b, t = _prefill(config, prefill)
+        t = min(t, max_len)
         ids = _ids(gen, cfg.vocab_size, (b, t), device)
         # The model's own use_cache default: a prefill that starts generation builds a cache.
         runs.append(
@@ -255,23 +320,91 @@ def _shape_of(obj: Any) -> str:
 # ----------------------------------------------------------------------------- capture
 
 
-def capture(model: nn.Module, runs: list[Run], targets: dict[str, nn.Module], hf_on: bool):
-    """Run ``runs``; return ``{path: [(label, args)]}`` and the HF attention call records."""
+def _arg_key(a: Any) -> Any:
+    """A hashable description of an argument's layout (tensors: shape, strides, dtype,
+    device); an object it cannot describe gets its identity (never shared)."""
+    if isinstance(a, torch.Tensor):
+        return ("T", tuple(a.shape), tuple(a.stride()), str(a.dtype), str(a.device))
+    if isinstance(a, (tuple, list)):
+        return (type(a).__name__, *(_arg_key(x) for x in a))
+    if isinstance(a, dict):
+        return ("dict", *sorted((str(k), _arg_key(v)) for k, v in a.items()))
+    if a is None or isinstance(a, (bool, int, float, str)):
+        return a
+    return ("id", id(a))
+
+
+class _SharedRecords(list):
+    """The HF attention call records of :class:`hf.capture`: a call whose module type, run,
+    tensor layouts and other arguments an earlier call (of another layer) already had keeps
+    that call's tensors instead of its own, so one layer's activations are held, not all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._first: dict[Any, dict] = {}
+
+    def append(self, rec: dict) -> None:
+        key = (
+            type(rec["module"]),
+            rec["impl"],
+            rec["label"],
+            _arg_key(rec["args"]),
+            _arg_key(rec["kwargs"]),
+        )
+        first = self._first.setdefault(key, rec)
+        if first is not rec:
+            rec = {**rec, "args": first["args"], "kwargs": first["kwargs"]}
+        super().append(rec)
+
+
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def capture(
+    model: nn.Module,
+    runs: list[Run],
+    targets: dict[str, nn.Module],
+    hf_on: bool,
+    signatures: dict[str, Any] | None = None,
+    device: torch.device | None = None,
+):
+    """Run ``runs``; return ``{path: [(label, args)]}`` and the HF attention call records.
+
+    ``signatures``: per path, what makes modules interchangeable (kind, type, weight shapes):
+    a call whose module signature, run and argument layouts an earlier call had records that
+    call's tensors, and its own are freed with the run. Each run's ``setup_s`` and
+    ``call_s`` (the faster of two calls) are set.
+    """
+    import time
+
     seen: dict[str, list[tuple[str, tuple]]] = {p: [] for p in targets}
     state = {"label": None}
+    shared: dict[Any, tuple] = {}
     handles = []
     for path, mod in targets.items():
+        sig = None if signatures is None else signatures.get(path)
 
-        def hook(m, args, path=path):
-            if state["label"] is not None:
-                seen[path].append((state["label"], args))
+        def hook(m, args, path=path, sig=sig):
+            label = state["label"]
+            if label is None:
+                return
+            if sig is not None:
+                args = shared.setdefault((sig, label, _arg_key(args)), args)
+            seen[path].append((label, args))
 
         handles.append(mod.register_forward_pre_hook(hook))
     rec = hf.capture() if hf_on else None
+    if rec is not None:
+        rec.records = _SharedRecords()
     try:
         with torch.no_grad():
             for run in runs:
+                t0 = time.perf_counter()
                 s = run.setup(model)
+                _sync(device)
+                t1 = time.perf_counter()
                 state["label"] = run.label
                 hf.set_label(run.label)
                 if rec is not None:
@@ -279,11 +412,39 @@ def capture(model: nn.Module, runs: list[Run], targets: dict[str, nn.Module], hf
                         run.call(model, s)
                 else:
                     run.call(model, s)
+                _sync(device)
                 state["label"] = None
+                run.setup_s, run.call_s = t1 - t0, time.perf_counter() - t1
+                # Once more, warm and unrecorded: a first call (allocator, kernel choice, lazy
+                # set-up) took up to 20x longer, and the check's cost is estimated from this.
+                t2 = time.perf_counter()
+                run.call(model, s)
+                _sync(device)
+                run.call_s = min(run.call_s, time.perf_counter() - t2)
+                del s
     finally:
         for h in handles:
             h.remove()
-    return seen, (rec.records if rec is not None else [])
+    return seen, (list(rec.records) if rec is not None else [])
+
+
+def module_signature(kind: str, mod: nn.Module, activation: str | None = None) -> tuple:
+    """What two modules must share for their decisions to be interchangeable (with the
+    shapes of their inputs): kind, type, weight and bias shapes and dtypes, settings."""
+
+    def t(x):
+        return None if x is None else (tuple(x.shape), str(x.dtype))
+
+    extra: tuple = ()
+    if kind == "linear":
+        extra = (t(mod.weight), t(mod.bias), activation)
+    elif kind == "layer_norm":
+        extra = (t(mod.weight), t(mod.bias), float(mod.eps), tuple(mod.normalized_shape))
+    else:
+        extra = tuple((n, t(p)) for n, p in mod.named_parameters()) + (
+            getattr(mod, "num_heads", None),
+        )
+    return (kind, _qualname(mod), extra)
 
 
 # ----------------------------------------------------------------------------- sites
@@ -316,7 +477,16 @@ def _dedupe(items, key):
 def linear_site(model, path, mod: nn.Linear, captured, allowed, activation=None) -> Site:
     w = mod.weight.detach()
     b = None if mod.bias is None else mod.bias.detach()
-    w_t, w_packed = w.t(), w.t().contiguous()
+    w_t = w.t()
+    held: dict[str, torch.Tensor] = {}
+
+    def packed() -> torch.Tensor:
+        # A (in, out) contiguous copy of the weight, made when a packed candidate first runs
+        # and dropped by Site.release (an installed FusedLinear makes its own).
+        if "w" not in held:
+            held["w"] = w.t().contiguous()
+        return held["w"]
+
     cases = []
     for label, args in _dedupe(captured, lambda c: (c[0], tuple(c[1][0].shape))):
         x = args[0]
@@ -330,17 +500,25 @@ def linear_site(model, path, mod: nn.Linear, captured, allowed, activation=None)
         )
         for name in _allowed("matmul", allowed):
             fn = _launcher("matmul", name)
-            for wt, packed in ((w_t, False), (w_packed, True)):
-                case.candidates.append(
-                    Candidate(
-                        f"{name}[packed]" if packed else name,
-                        "matmul",
-                        name,
-                        linear_args(x, wt, b, activation),
-                        lambda fn=fn, x=x, wt=wt: linear_call(fn, x, wt, b, activation),
-                        packed,
-                    )
+            case.candidates.append(
+                Candidate(
+                    name,
+                    "matmul",
+                    name,
+                    linear_args(x, w_t, b, activation),
+                    lambda fn=fn, x=x: linear_call(fn, x, w_t, b, activation),
                 )
+            )
+            case.candidates.append(
+                Candidate(
+                    f"{name}[packed]",
+                    "matmul",
+                    name,
+                    lambda x=x: linear_args(x, packed(), b, activation),
+                    lambda fn=fn, x=x: linear_call(fn, x, packed(), b, activation),
+                    True,
+                )
+            )
         cases.append(case)
 
     if activation is None:
@@ -358,7 +536,22 @@ def linear_site(model, path, mod: nn.Linear, captured, allowed, activation=None)
     detail = f"Linear {mod.in_features}->{mod.out_features}" + (
         f" +{activation}" if activation else ""
     )
-    return Site(path, "linear", detail, _qualname(mod), cases, install, lambda label: "any")
+    return Site(
+        path,
+        "linear",
+        detail,
+        _qualname(mod),
+        cases,
+        install,
+        lambda label: "any",
+        _signature(module_signature("linear", mod, activation), cases),
+        free=held.clear,
+    )
+
+
+def _signature(static: tuple, cases: list[Case], extra: Any = None) -> str:
+    """The site signature: the module's static description and every case's key."""
+    return DecisionCache.key(module=static, cases=[c.key for c in cases], extra=extra)
 
 
 def layer_norm_site(model, path, mod: nn.LayerNorm, captured, allowed) -> Site:
@@ -398,6 +591,7 @@ def layer_norm_site(model, path, mod: nn.LayerNorm, captured, allowed) -> Site:
         cases,
         install,
         lambda label: "any",
+        _signature(module_signature("layer_norm", mod), cases),
     )
 
 
@@ -450,7 +644,13 @@ def stm_attention_site(model, path, mod: CausalSelfAttention, captured, allowed)
         return _replace(m, path, OptimizedSelfAttention(m.get_submodule(path), routes))
 
     return Site(
-        path, "attention", f"causal self-attention, {mod.num_heads} heads", "sdpa", cases, install
+        path,
+        "attention",
+        f"causal self-attention, {mod.num_heads} heads",
+        "sdpa",
+        cases,
+        install,
+        signature=_signature(module_signature("attention", mod), cases),
     )
 
 
@@ -509,6 +709,11 @@ def _hf_site(path: str, recs: list[dict], allowed) -> Site:
         hf.install(module, routes)
         return lambda: delattr(module, hf.ROUTES_ATTR)
 
+    # Non-tensor arguments (scaling, sliding window, dropout) decide what the call computes.
+    settings = sorted(
+        (k, repr(v)) for r in recs for k, v in r["kwargs"].items() if not torch.is_tensor(v)
+    )
+    static = ("attention", _qualname(module), impl, getattr(module, "is_causal", None))
     return Site(
         path,
         "attention",
@@ -516,6 +721,7 @@ def _hf_site(path: str, recs: list[dict], allowed) -> Site:
         f"hf:{impl}",
         cases,
         install,
+        signature=_signature(static, cases, sorted(set(settings))),
     )
 
 

@@ -18,16 +18,26 @@ prompt (the example's ids, its rows repeated to the batch, or random ids):
 3. **choose**: per batch size the fastest path that is faster beyond the noise; a batch
    between two measured ones runs the lower one's winner when both have one, no batch
    outside the measured range is routed (it runs the original ``generate``).
+
+Cost: the logits are compared step by step (a batch-16 step of a 152k-token vocabulary is
+10 MB of logits, 20 MB in float64; stacking 8 steps and comparing in float64 took 0.6 GB).
+Under a time budget the fused paths are measured first (:data:`PREFERENCE`), and a path (or a
+batch size) is skipped when its estimated cost (:func:`path_cost_s`, from the original's own
+``generate`` time) exceeds what is left. What a rejected path built for itself (a Numba
+decoder, int8 weights) is dropped, not installed with the winners.
 """
 
 from __future__ import annotations
 
+import math
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ryzen_opt.kernels.reference import error_floor, relative_error
+from ryzen_opt.kernels.reference import error_floor
 from ryzen_opt.optimization.cache import DecisionCache
 from ryzen_opt.optimization.fastpaths import decoder
 from ryzen_opt.optimization.fastpaths.decoder_layout import DecoderLayout, reference_step
@@ -39,6 +49,16 @@ from ryzen_opt.timing import compare
 OP = "generate"
 # A bf16/fp16 path may be this much further from the float32 answer than the model itself.
 ORIGINAL_MARGIN = 1.25
+# The order paths are measured in when the config names none: whole-step fused paths first,
+# so that a time budget too short for all of them is spent on the likeliest winners.
+PREFERENCE = (
+    "numba_decoder[fp32]",
+    "triton_graph_decode",
+    "cuda_graph_decode",
+    "torch_static_decode",
+)
+# The longest synthetic prompt (no example): the decode loop, not the prefill, is chosen.
+MAX_PROMPT = 64
 
 
 def _sync(dev: torch.device) -> None:
@@ -47,22 +67,48 @@ def _sync(dev: torch.device) -> None:
 
 
 def path_names(config, device: torch.device) -> list[str]:
-    """The decoder paths to try: ``config.fast_paths`` if given, else the defaults."""
-    names = decoder.DEFAULT_PATHS if config.fast_paths is None else config.fast_paths
-    return [n for n in names if n in decoder.DECODER_PATHS]
+    """The decoder paths to try: ``config.fast_paths`` if given (in its order), else the
+    defaults in :data:`PREFERENCE` order."""
+    if config.fast_paths is not None:
+        return [n for n in config.fast_paths if n in decoder.DECODER_PATHS]
+    rank = {n: i for i, n in enumerate(PREFERENCE)}
+    return sorted(decoder.DEFAULT_PATHS, key=lambda n: rank.get(n, len(rank)))
 
 
-def prompts(model: nn.Module, layout: DecoderLayout, example, config) -> list[tuple[int, dict]]:
-    """``(batch, generate kwargs)`` per batch size to measure."""
+def prompts(
+    model: nn.Module, layout: DecoderLayout, example, config, prompt_len: int = MAX_PROMPT
+) -> list[tuple[int, dict]]:
+    """``(batch, generate kwargs)`` per batch size to measure; without an example, a random
+    prompt of ``min(prompt_len, MAX_PROMPT)`` tokens (``prompt_len``: the synthetic
+    prefill's length, sized to the model), short enough for ``decode_tokens`` more to fit
+    in the model's context, and free of the pad token.
+
+    ``generate`` reads a pad token in a prompt given without an attention mask as padding
+    (it infers the mask); the paths' checks prefill with an explicit mask, so a random
+    prompt that drew the pad id (1 in 5 for a 97-word test vocabulary and 16 tokens) failed
+    every path as "error". An example without a mask gets the mask ``generate`` infers."""
     dev = layout.device
+    pad = getattr(model.generation_config, "pad_token_id", None)
+    pad = pad if isinstance(pad, int) and 0 <= pad < layout.vocab else None
     if example is not None and isinstance(example.get("input_ids"), torch.Tensor):
         ids = example["input_ids"]
         mask = example.get("attention_mask")
+        if mask is None and pad is not None and bool((ids == pad).any()):
+            eos = model.generation_config.eos_token_id
+            eos = [eos] if isinstance(eos, int) else list(eos or [])
+            if pad not in eos:
+                mask = (ids != pad).long()
         batches = sorted({ids.shape[0], *config.decode_batches})
     else:
-        p = min(config.prefill_shape[1], 64)
+        room = layout.max_positions - int(getattr(config, "decode_tokens", 16))
+        p = max(1, min(prompt_len, MAX_PROMPT, room))
         g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, layout.vocab, (1, p), generator=g).to(dev)
+        if pad is None or layout.vocab < 2:
+            ids = torch.randint(0, layout.vocab, (1, p), generator=g)
+        else:  # every id but the pad id
+            ids = torch.randint(0, layout.vocab - 1, (1, p), generator=g)
+            ids += (ids >= pad).long()
+        ids = ids.to(dev)
         mask = None
         batches = sorted(config.decode_batches)
     out = []
@@ -83,16 +129,52 @@ def _greedy_kwargs(model, n: int) -> dict[str, Any]:
     return {"max_new_tokens": n, "do_sample": False, "pad_token_id": pad, "eos_token_id": None}
 
 
-def _fast(model, layout, name: str, b: int, shared: dict) -> FastGenerate:
-    """A generate routed to path ``name`` at batch ``b`` (``shared``: its reusable state)."""
+def _fast(model, layout, name: str, b: int, shared: dict, length: int) -> FastGenerate:
+    """A generate routed to path ``name`` at batch ``b`` (``shared``: its reusable state),
+    its stepper's static cache ``length`` slots: the installed generate rounds a cache up to
+    256 or more slots for reuse, and GPT-2 small's 12 KV heads at batch 16 made that 302 MB
+    for a 72-token measurement (85 MB at its length)."""
     fast = FastGenerate(model, [(b, b, name)])
     fast._layout, fast.shared = layout, shared
+    fast.steppers[b] = decoder.PATHS[name](layout, b, length, shared)
     return fast
 
 
-def _rel(out: torch.Tensor, ref: torch.Tensor, layout: DecoderLayout, tol: float) -> float:
-    dtype = torch.float32 if layout.dtype == torch.float32 else layout.dtype
-    return relative_error(out, ref, error_floor(dtype, tol, out.numel(), layout.hidden, 1.0))
+class StepError:
+    """:func:`~ryzen_opt.kernels.reference.relative_error` of the stacked steps (the same
+    floor and non-finite rules), accumulated one step at a time so that no stack of logits is
+    ever held; and the largest absolute difference."""
+
+    def __init__(self, layout: DecoderLayout, tol: float) -> None:
+        self.layout, self.tol = layout, tol
+        self.num2 = self.den2 = self.max_abs = 0.0
+        self.numel = 0
+        self.bad = False
+
+    def add(self, out: torch.Tensor, ref: torch.Tensor) -> None:
+        if out.shape != ref.shape:
+            raise ValueError(f"out shape {tuple(out.shape)} != ref shape {tuple(ref.shape)}")
+        o, r = out.detach().double(), ref.detach().double()
+        same = (o == r) | (torch.isnan(o) & torch.isnan(r))
+        if not bool(same[~(torch.isfinite(o) & torch.isfinite(r))].all()):
+            self.bad = True
+        finite = torch.isfinite(r)
+        self.num2 += float(torch.where(finite, o - r, 0.0).square().sum())
+        self.den2 += float(torch.where(finite, r, 0.0).square().sum())
+        if o.numel():
+            self.max_abs = max(self.max_abs, float(torch.nan_to_num(o - r).abs().max()))
+        self.numel += o.numel()
+
+    @property
+    def value(self) -> float:
+        if self.bad:
+            return math.inf
+        dtype = torch.float32 if self.layout.dtype == torch.float32 else self.layout.dtype
+        floor = error_floor(dtype, self.tol, self.numel, self.layout.hidden, 1.0)
+        num, den = math.sqrt(self.num2), max(math.sqrt(self.den2), floor)
+        if num == 0.0:
+            return 0.0
+        return num / den if den > 0 else math.inf
 
 
 def _prefill(model, fast: FastGenerate, kw: dict):
@@ -132,38 +214,45 @@ def exact_logits(model, layout: DecoderLayout, kw: dict, n: int, ref_tokens) -> 
 def _verify(
     model, layout, name, b, kw, n, ref_tokens, ref_logits, tol, res, shared, exact=None
 ) -> bool:
-    """Teacher-forced logits of path ``name`` against the original's; then its own greedy."""
+    """Teacher-forced logits of path ``name`` against the original's; then its own greedy.
+    ``ref_logits``: the original's logits per step (``n`` of ``(batch, vocab)``); ``exact``:
+    for bf16/fp16, :func:`exact_logits`. Compared step by step (:class:`StepError`)."""
     ids = kw["input_ids"]
     p = ids.shape[1]
-    fast = _fast(model, layout, name, b, shared)
+    fast = _fast(model, layout, name, b, shared, p + n)
     st = fast.stepper(b, p + n)
+    err, orig = StepError(layout, tol), StepError(layout, tol)
+    finite = True
     with torch.no_grad():
         past, start = _prefill(model, fast, kw)
         st.load(past, p, start)
         del past
-        steps = [st.step(ref_tokens[:, j], p + j) for j in range(n - 1)]
-    got = torch.stack(steps, 1).float()
-    want = ref_logits[:, 1:].float()
-    if not torch.isfinite(got).all():
+        for j in range(n - 1):
+            got = st.step(ref_tokens[:, j], p + j).float()
+            finite = finite and bool(torch.isfinite(got).all())
+            want = ref_logits[j + 1].float()
+            if exact is None:  # float32: the model's own logits are the reference
+                err.add(got, want)
+            else:
+                err.add(got, exact[:, j])
+                orig.add(want, exact[:, j])
+            del got
+    if not finite:
         res.status, res.detail = "error", "non-finite logits"
         return False
-    if exact is None:  # float32: the model's own logits are the reference
-        err = _rel(got, want, layout, tol)
-        res.rel_error = err
-        res.max_abs_error = float((got - want).abs().max()) if got.numel() else 0.0
-        if err > tol:
-            res.status, res.detail = "error", f"relative error {err:.2e} > {tol:g}"
+    res.rel_error, res.max_abs_error = err.value, err.max_abs
+    if exact is None:
+        if res.rel_error > tol:
+            res.status, res.detail = "error", f"relative error {res.rel_error:.2e} > {tol:g}"
             return False
         note = ""
     else:
         # bf16/fp16: both the model and the path round at every op; each is measured against
         # the same steps in float32 over the same weights. The path passes within the dtype
         # tolerance, or when no further from that answer than the model itself (+25%).
-        err, orig = _rel(got, exact, layout, tol), _rel(want, exact, layout, tol)
-        res.rel_error = err
-        res.max_abs_error = float((got - exact).abs().max()) if got.numel() else 0.0
-        note = f"error vs float32 {err:.2e}, the model's own {orig:.2e}; "
-        if err > tol and err > ORIGINAL_MARGIN * orig:
+        e, o = res.rel_error, orig.value
+        note = f"error vs float32 {e:.2e}, the model's own {o:.2e}; "
+        if e > tol and e > ORIGINAL_MARGIN * o:
             res.status = "error"
             res.detail = note + f"> {tol:g} and > {ORIGINAL_MARGIN:g}x the model's"
             return False
@@ -173,6 +262,42 @@ def _verify(
     res.detail = note + f"greedy tokens equal to the original: {equal}/{ref_tokens.numel()}"
     fast.steppers.clear()
     return True
+
+
+def timing_repeat(config) -> int:
+    """Samples a side in a ``generate`` comparison: a call lasts 0.1-3 s where a kernel call
+    lasts microseconds, so a quarter of the kernel sample count (>= 5 a side)."""
+    return max(5, config.repeat // 4)
+
+
+def timing_cost_s(config, ref_s: float, path_s: float) -> float:
+    """The expected seconds of one ``generate`` comparison: a warm-up and a calibration call
+    and :func:`timing_repeat` samples a side, the original's calls ``ref_s`` each, the
+    path's ``path_s``."""
+    return (2 + timing_repeat(config)) * (ref_s + path_s)
+
+
+def path_cost_s(config, ref_s: float, cached: bool) -> float:
+    """The expected seconds of one path at one batch size, from ``ref_s`` (the original's
+    own ``generate`` of the same tokens), counting the path as slow as the original: its
+    check (a teacher-forced pass and its own ``generate``), and unless ``cached``, the
+    comparison (:func:`timing_cost_s`)."""
+    check = 2 * ref_s
+    return check if cached else check + timing_cost_s(config, ref_s, ref_s)
+
+
+@dataclass
+class _Batch:
+    """One batch size being measured: its prompt, the original's run and the results."""
+
+    b: int
+    kw: dict
+    crep: CaseResult
+    ref_s: float  # the original's generate (with logits) took this long
+    ref_tokens: torch.Tensor
+    ref_logits: list
+    exact: torch.Tensor | None
+    warm: bool = False  # ref_s is from a second (warm) call
 
 
 def select(
@@ -185,9 +310,18 @@ def select(
     vers: dict,
     baseline_id: str,
     budget_left,
+    prompt_len: int = MAX_PROMPT,
+    progress=None,
 ) -> tuple[SiteReport, list, dict]:
     """Verify and time every decoder path at every batch size; the report, the routes and the
-    state the paths built (a Numba decoder, int8 weights) for :func:`generate.install`."""
+    state the paths built (a Numba decoder, int8 weights) for :func:`generate.install`.
+
+    The original runs first at every batch size; then each path in turn (:func:`path_names`
+    order) at every batch size, so that a time budget too short for every path is spent on
+    the likeliest winners at each batch size. ``budget_left()``: seconds left of the budget;
+    a batch size whose original run, or a path whose estimated check and timing
+    (:func:`path_cost_s`), would not fit is not measured (the report says what it needed).
+    ``progress(what)``: called as each (path, batch size) step starts (:func:`steps`)."""
     dev = layout.device
     n = max(2, int(getattr(config, "decode_tokens", 16)))
     srep = SiteReport(
@@ -199,118 +333,198 @@ def select(
     tol = config.tolerance_for(layout.dtype, dev)
     winners: dict[int, str] = {}
     shared: dict = {}  # state the paths reuse across batch sizes (and the installed generate)
-    measured: list[int] = []
+    owned: dict[str, set] = {name: set() for name in names}  # what each path put in shared
     orig = type(model).generate.__get__(model)
-    for b, kw in prompts(model, layout, example, config):
-        if budget_left() <= 0:
-            srep.note = f"time budget spent before batch {b}"
+    gk = _greedy_kwargs(model, n)
+    tick = progress if progress is not None else (lambda what: None)
+    batches: list[_Batch] = []
+    ref_s = 0.0  # the original's run at the last batch size (a lower bound for the next)
+    for b, kw in prompts(model, layout, example, config, prompt_len):
+        left = budget_left()
+        if left <= 0 or left < path_cost_s(config, ref_s, cached=True):
+            srep.note = _join(
+                srep.note,
+                f"batch {b} and up not measured: "
+                + (
+                    "the time budget was spent"
+                    if left <= 0
+                    else f"over {path_cost_s(config, ref_s, cached=True):.0f} s needed, "
+                    f"{left:.0f} s of the time budget left"
+                ),
+            )
             break
         p = kw["input_ids"].shape[1]
-        crep = CaseResult(f"decode b{b}", f"{b}x{p}+{n}")
-        gk = _greedy_kwargs(model, n)
         if p + n > layout.max_positions:
-            srep.note = f"batch {b}: prompt + {n} tokens exceed the context"
+            srep.note = _join(srep.note, f"batch {b}: prompt + {n} tokens exceed the context")
             continue
+        t0 = time.perf_counter()
         with torch.no_grad():
             ref = orig(**kw, **gk, return_dict_in_generate=True, output_logits=True)
+        _sync(dev)
+        ref_s = time.perf_counter() - t0
         ref_tokens = ref.sequences[:, p:]
-        ref_logits = torch.stack(ref.logits, 1)
-        del ref
         exact = None
         if layout.dtype != torch.float32:
             exact = exact_logits(model, layout, kw, n, ref_tokens)
-        measured.append(b)
-        for name in names:
-            res = CandidateResult(name, OP, "unsupported")
-            crep.candidates.append(res)
-            reason = decoder.why_not(name, layout)
-            if reason is not None:
-                res.detail = reason
-                continue
-            if budget_left() <= 0:
-                res.detail = "not measured: the time budget was spent"
-                continue
-            try:
-                ok = _verify(
+        crep = CaseResult(f"decode b{b}", f"{b}x{p}+{n}")
+        batches.append(_Batch(b, kw, crep, ref_s, ref_tokens, list(ref.logits), exact))
+        del ref
+    for name in names:
+        for m in batches:
+            tick(f"generate b{m.b}: {name}")
+            m.crep.candidates.append(
+                _measure(
                     model,
                     layout,
                     name,
-                    b,
-                    kw,
+                    m,
                     n,
-                    ref_tokens,
-                    ref_logits,
-                    config.lossy_tolerance if name in decoder.OPT_IN_PATHS else tol,
-                    res,
+                    gk,
+                    orig,
+                    config,
+                    cache,
+                    tol,
                     shared,
-                    exact,
+                    owned,
+                    _key(
+                        name,
+                        m.b,
+                        m.kw["input_ids"].shape[1],
+                        n,
+                        config,
+                        dev_desc,
+                        vers,
+                        baseline_id,
+                    ),
+                    budget_left,
                 )
-                if ok and name in decoder.OPT_IN_PATHS:
-                    res.detail = (
-                        f"lossy ({getattr(decoder.PATHS[name], 'weights', 'narrow')} weights):"
-                        f" relative logit error {res.rel_error:.2e}"
-                        f" within lossy_tolerance={config.lossy_tolerance:g}; " + res.detail
-                    )
-            except Exception as e:  # a path that raises is reported, never shipped
-                res.status, res.detail = "failed", f"{type(e).__name__}: {e}"
-                continue
-            if not ok:
-                continue
-            _time(
-                model,
-                layout,
-                name,
-                b,
-                kw,
-                gk,
-                orig,
-                res,
-                config,
-                cache,
-                dev_desc,
-                vers,
-                baseline_id,
-                shared,
             )
-        srep.cases.append(crep)
+    for m in batches:
+        srep.cases.append(m.crep)
         best = max(
-            (c for c in crep.candidates if c.status == "faster"),
+            (c for c in m.crep.candidates if c.status == "faster"),
             key=lambda c: c.speedup,
             default=None,
         )
         if best is not None:
-            winners[b] = best.backend
-            srep.chosen[crep.case] = best.backend
-        del ref_tokens, ref_logits, exact
-    return srep, batch_ranges(measured, winners), shared
+            winners[m.b] = best.backend
+            srep.chosen[m.crep.case] = best.backend
+    # What a path that won nowhere built (its decoder, its int8 weights) is not installed.
+    keep = set().union(*(owned[w] for w in set(winners.values()))) if winners else set()
+    for keys in owned.values():
+        for k in keys - keep:
+            shared.pop(k, None)
+    return srep, batch_ranges([m.b for m in batches], winners), shared
 
 
-def _time(
-    model, layout, name, b, kw, gk, orig, res, config, cache, dev_desc, vers, baseline_id, shared
-) -> None:
-    p = kw["input_ids"].shape[1]
-    key = DecisionCache.key(
+def _join(note: str, more: str) -> str:
+    return f"{note}; {more}" if note else more
+
+
+def _measure(
+    model, layout, name, m: _Batch, n, gk, orig, config, cache, tol, shared, owned, key, left
+) -> CandidateResult:
+    """Path ``name`` at batch ``m``: supported? fits the budget? matches? faster?"""
+    res = CandidateResult(name, OP, "unsupported")
+    reason = decoder.why_not(name, layout)
+    if reason is not None:
+        res.detail = reason
+        return res
+    cached = cache.get(key) is not None
+    if not m.warm and path_cost_s(config, m.ref_s, cached) > left() > m.ref_s:
+        # The first call (with logits) can be several times a warm one: time a warm call
+        # before turning a path away for the budget.
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            orig(**m.kw, **gk)
+        _sync(layout.device)
+        m.ref_s, m.warm = min(m.ref_s, time.perf_counter() - t0), True
+    if _over(res, path_cost_s(config, m.ref_s, cached), left()):
+        return res
+    before = set(shared)
+    try:
+        t0 = time.perf_counter()
+        ok = _verify(
+            model,
+            layout,
+            name,
+            m.b,
+            m.kw,
+            n,
+            m.ref_tokens,
+            m.ref_logits,
+            config.lossy_tolerance if name in decoder.OPT_IN_PATHS else tol,
+            res,
+            shared,
+            m.exact,
+        )
+        verify_s = time.perf_counter() - t0
+        if ok and name in decoder.OPT_IN_PATHS:
+            res.detail = (
+                f"lossy ({getattr(decoder.PATHS[name], 'weights', 'narrow')} weights):"
+                f" relative logit error {res.rel_error:.2e}"
+                f" within lossy_tolerance={config.lossy_tolerance:g}; " + res.detail
+            )
+        # The check ran the path's own generate once: the timing's cost is now known better.
+        if ok and not cached and _over(res, timing_cost_s(config, m.ref_s, verify_s / 2), left()):
+            ok = False
+        if ok:
+            _time(model, layout, name, m.b, m.kw, gk, orig, res, config, cache, key, shared)
+    except Exception as e:  # a path that raises is reported, never shipped
+        res.status, res.detail = "failed", f"{type(e).__name__}: {e}"
+    finally:
+        owned[name] |= set(shared) - before
+    return res
+
+
+def _over(res: CandidateResult, cost: float, left: float) -> bool:
+    """Whether ``cost`` seconds do not fit in ``left``; if so the result says so."""
+    if left > 0 and cost <= left:
+        return False
+    res.status = "unsupported"
+    res.detail = _join(
+        res.detail,
+        "not measured: the time budget was spent"
+        if left <= 0
+        else f"not measured: about {cost:.0f} s needed, {left:.0f} s of the time budget left",
+    )
+    return True
+
+
+def steps(model, layout: DecoderLayout, example, config, prompt_len: int = MAX_PROMPT) -> int:
+    """How many times :func:`select` calls ``progress``: batch sizes x paths."""
+    return len(prompts(model, layout, example, config, prompt_len)) * len(
+        path_names(config, layout.device)
+    )
+
+
+def _key(name, b, p, n, config, dev_desc, vers, baseline_id) -> str:
+    return DecisionCache.key(
         device=dev_desc,
         versions=vers,
         op=OP,
         candidate=name,
         baseline=baseline_id,
-        shape=f"{b}x{p}+{gk['max_new_tokens']}",
+        shape=f"{b}x{p}+{n}",
         repeat=config.repeat,
         min_sample_s=config.min_sample_s,
         confidence=config.confidence,
     )
+
+
+def _time(model, layout, name, b, kw, gk, orig, res, config, cache, key, shared) -> None:
     hit = cache.get(key)
     if hit is None:
-        fast = _fast(model, layout, name, b, shared)
+        fast = _fast(
+            model, layout, name, b, shared, kw["input_ids"].shape[1] + gk["max_new_tokens"]
+        )
         with torch.no_grad():
-            # A generate() call lasts 0.1-3 s where a kernel call lasts microseconds: a quarter
-            # of the kernel sample count (>= 5 a side) keeps a 0.5B model's selection near a
-            # minute on 2 cores; too few samples can only reject a path, never ship one.
+            # Few samples (timing_repeat) keep a 0.5B model's selection near a minute on 2
+            # cores; too few samples can only reject a path, never ship one.
             cmp = compare(
                 lambda: orig(**kw, **gk),
                 lambda: fast(**kw, **gk),
-                repeat=max(5, config.repeat // 4),
+                repeat=timing_repeat(config),
                 warmup=1,  # the check above already ran both (JIT, graphs, allocator)
                 device=layout.device,
                 min_sample_s=config.min_sample_s,
