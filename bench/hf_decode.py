@@ -113,11 +113,13 @@ OPT_IN_VARIANTS = ("optimize_int8", "optimize_bf16")
 INT8_TOLERANCE = 5e-2
 
 
-def build_model(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """The named shape from its transformers config class, random weights from seed 0."""
+def build_model(name: str, device: str, dtype: torch.dtype, **overrides: Any) -> torch.nn.Module:
+    """The named shape from its transformers config class, random weights from seed 0
+    (``overrides``: config fields to change, e.g. the layer count)."""
     import transformers
 
     family, kw = MODELS[name]
+    kw = {**kw, **overrides}
     cfg_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),

@@ -34,29 +34,16 @@ from pathlib import Path
 
 import torch
 
-from bench.hf_decode import MODELS, weight_bytes
+from bench.hf_decode import MODELS, build_model, weight_bytes
 
 
 def build(name: str, layers: int | None, device: str) -> torch.nn.Module:
-    """``bench.hf_decode.build_model``'s model, with ``layers`` decoder layers if given."""
-    import transformers
-
-    family, kw = MODELS[name]
-    kw = dict(kw)
+    """``bench.hf_decode.build_model``'s model (float32), with ``layers`` decoder layers if
+    given."""
+    over = {}
     if layers is not None:
-        kw["n_layer" if family == "gpt2" else "num_hidden_layers"] = layers
-    cfg_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
-    }[family]
-    torch.manual_seed(0)
-    cfg = cfg_cls(**kw)
-    cfg._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = model_cls(cfg)
-    model.generation_config.pad_token_id = 0
-    return model.eval()
+        over["n_layer" if MODELS[name][0] == "gpt2" else "num_hidden_layers"] = layers
+    return build_model(name, device, torch.float32, **over)
 
 
 def _rss() -> int:
