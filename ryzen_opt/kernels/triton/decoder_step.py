@@ -612,8 +612,9 @@ class DecoderWorkspace:
         pdl: launch with programmatic dependent launch (sm90+; measured slower, see below).
     """
 
-    def __init__(self, layout, batch: int, *, config=_config, attn_config=_attn_config,
-                 pdl: bool = False):
+    def __init__(
+        self, layout, batch: int, *, config=_config, attn_config=_attn_config, pdl: bool = False
+    ):
         reason = supports(layout)
         if reason is not None:
             raise ValueError(f"layout: {reason}")
