@@ -1,6 +1,7 @@
 """LoRA adapters on the seed model: load, switch, decode speed and the skill they add.
 
-    python -m bench.adapters [--adapter FOLDER | --train-steps N] [--new-tokens 32] [-o out.json]
+    python -m bench.adapters [--adapter FOLDER | --train-steps N] [--new-tokens 32]
+                             [--device cpu|cuda] [-o out.json]
 
 On the trained default checkpoint (``checkpoints/default``), in one process:
 
@@ -16,7 +17,12 @@ On the trained default checkpoint (``checkpoints/default``), in one process:
   as entries there.
 * **accuracy**: greedy exact match on the adapter's task, test split, base vs adapter.
 
-Writes ``bench/results/cpu/adapters.json`` (every sample) and ``.md`` (the tables), and the
+On ``--device cuda`` the model, the adapters and every variant live on the GPU, the fused
+columns are ``optimize()`` offered the Triton decode graph (``triton_graph_decode``, which adds
+unmerged and mixed-batch updates inside its kernels) and the CUDA-graph step, and every timed
+call ends with a device synchronization.
+
+Writes ``bench/results/<device>/adapters.json`` (every sample) and ``.md`` (the tables), and the
 timings as a pyperf suite, ``adapters-pyperf.json`` (``python -m pyperf show`` reads it).
 
 The adapter comes from ``--adapter`` (a PEFT-format folder; ``checkpoints/lora_mul2`` by
@@ -65,6 +71,13 @@ def _timing(samples: list[float]) -> Timing:
     return Timing(float(med), float(q3 - q1), float(q1), float(q3), len(samples), 1, tuple(samples))
 
 
+def _sync(model) -> None:
+    """Wait for the model's device (a GPU's queued kernels are part of the timed call)."""
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
 def _time_load(base, folder: Path, repeat: int, wrapped: bool) -> Timing:
     """One ``load_adapter`` per sample; the removal between samples is not timed."""
     model = copy.deepcopy(base)
@@ -75,6 +88,7 @@ def _time_load(base, folder: Path, repeat: int, wrapped: bool) -> Timing:
     for _ in range(repeat + 2):
         t0 = time.perf_counter()
         load_adapter(model, folder, "x")
+        _sync(model)
         samples.append(time.perf_counter() - t0)
         delete_adapter(model, "x") if wrapped else remove_lora(model)
     return _timing(samples[2:])  # the first two warm the file cache and the allocator
@@ -90,6 +104,7 @@ def _time_switch(base, folder: Path, repeat: int, merged: bool) -> Timing:
     def switch():
         name = toggle["next"]
         reg.activate(name)
+        _sync(reg.model)
         toggle["next"] = "b" if name == "a" else "a"
 
     switch()
@@ -119,11 +134,14 @@ def _merged(base, folder):
 FUSED = OptimizeConfig(
     backends=(), fast_paths=("numba_fused_decode[serial]", "numba_fused_decode[pool]")
 )
+# On CUDA: the Triton decode graph (LoRA inside its kernels) and the plain CUDA-graph step.
+FUSED_CUDA = OptimizeConfig(backends=(), fast_paths=("triton_graph_decode", "cuda_graph_decode"))
 
 
 def _fused(model):
     threads = torch.get_num_threads()
-    fast = optimize(model, config=FUSED)
+    cuda = next(model.parameters()).device.type == "cuda"
+    fast = optimize(model, config=FUSED_CUDA if cuda else FUSED)
     # Numba's pool start (measuring the pool mode) resets the process's OpenMP threads.
     torch.set_num_threads(threads)
     routes = [n for n in fast.optimization_report.notes if n.startswith("fast paths: ")]
@@ -192,7 +210,9 @@ def measure_mixed(base, folder: Path, prompt: torch.Tensor, new_tokens: int, rep
 
             def run(m=m, names=names):
                 with mixed_batch(m, names):
-                    return m.generate(rows, new_tokens)
+                    out = m.generate(rows, new_tokens)
+                _sync(m)
+                return out
 
             fns[key], outs[key] = run, run()
             routes[key] = getattr(m, "bench_route", "")
@@ -206,7 +226,13 @@ def measure_decode(base, folder: Path, prompt: torch.Tensor, new_tokens: int, re
     models = {name: build(base, folder) for name, build in DECODE_VARIANTS.items()}
     routes = {n: getattr(m, "bench_route", "") for n, m in models.items()}
     outs = {n: m.generate(prompt, new_tokens) for n, m in models.items()}
-    fns = {n: (lambda m=m: m.generate(prompt, new_tokens)) for n, m in models.items()}
+
+    def run(m):
+        out = m.generate(prompt, new_tokens)
+        _sync(m)
+        return out
+
+    fns = {n: (lambda m=m: run(m)) for n, m in models.items()}
     with torch.no_grad():
         timings = time_interleaved(fns, repeat=repeat, warmup=2)
     same = {n: bool(torch.equal(outs[n], outs["merged"])) for n in models}
@@ -243,8 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads (default: torch's); 1 keeps a batch-1 decode on a shared 2-core "
         "machine clear of OpenMP barrier stalls (measured: 2.3 s samples of a 25 ms call)",
     )
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("-o", "--output", default=None)
     a = ap.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        ap.error("argument --device: cuda is not available")
     if a.threads is not None:
         if a.threads < 1:
             ap.error(f"argument --threads: must be >= 1, got {a.threads}")
@@ -256,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.train_steps is not None and a.train_steps < 1:
         ap.error(f"argument --train-steps: must be >= 1, got {a.train_steps}")
     t0 = time.perf_counter()
-    base = load_checkpoint(a.checkpoint)
+    base = load_checkpoint(a.checkpoint).to(a.device)
     with tempfile.TemporaryDirectory(prefix="bench_adapters_") as tmp:
         folder, source = _adapter(a, base, Path(tmp))
         meta = (
@@ -274,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             "switch, unmerged": _time_switch(base, folder, a.repeat, merged=False),
             "switch, merged": _time_switch(base, folder, a.repeat, merged=True),
         }
-        prompt = task.encode_prompts(task.sample("test", 1, seed=0))
+        prompt = task.encode_prompts(task.sample("test", 1, seed=0)).to(a.device)
         decode, same, routes = measure_decode(base, folder, prompt, a.new_tokens, a.repeat)
         mixed, mixed_same, mixed_routes = measure_mixed(
             base, folder, prompt, a.new_tokens, max(3, a.repeat // 3)
@@ -285,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             "base": evaluate(base, task, "test", a.eval_samples, seed=4321),
             "adapter": evaluate(tuned, task, "test", a.eval_samples, seed=4321),
         }
-    env = environment("cpu")
+    env = environment(a.device)
     lora = read_config(folder).to_dict() if folder.exists() else {}
     op_rows = []
     for name, t in ops.items():
@@ -355,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     acc_head = ["task (test split)", "base exact match", "with adapter", "problems"]
     print_table(f"accuracy ({source})", acc_head, acc_rows)
-    out = Path(a.output) if a.output else RESULTS / "cpu" / "adapters.json"
+    out = Path(a.output) if a.output else RESULTS / a.device / "adapters.json"
     write_json(
         out,
         {

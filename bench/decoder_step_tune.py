@@ -1,7 +1,7 @@
 """Where the Triton decoder step's time goes, and which tiles make it faster (CUDA).
 
     python -m bench.decoder_step_tune [--model llama-1b] [--batches 1,16] [--t-max 256]
-                                      [--sweep] [--budget-s 420] [-o out.json]
+                                      [--loop] [--sweep] [--budget-s 420] [-o out.json]
 
 For each batch size, on the benchmark's model shape (``bench.hf_decode.build_model``: random
 weights, seed 0) in the model dtype (bf16), the whole one-token step of
@@ -15,6 +15,13 @@ every slot attended):
   identical;
 * ``kernels``: the profiler's time per kernel kind (qkv, attention, o, up, down, head),
   summed over the layers, with the bytes each kind reads and the bandwidth that is;
+* ``--loop``: the greedy decode loop as ``generate`` runs it
+  (:class:`~ryzen_opt.optimization.fastpaths.decoder.TritonGraphStepper`, a prompt of
+  ``--t-max / 2`` slots and ``--t-max / 2`` new tokens, eos ids masked as ``min_new_tokens``
+  does): microseconds a token of the step graph alone, of the loop graph (the step with its
+  argmax and eos/pad bookkeeping) replayed back to back, and of ``greedy()`` (host loop,
+  syncs and the result's assembly included); and the profiler's GPU time a token per kernel
+  outside the step, with the GPU's idle time: where a token's time goes besides the weights.
 * ``--sweep``: coordinate descent over each kind's tiles (``block_n``, ``block_k``,
   ``split_k``, warps, stages; the attention's ``block_t``, splits and warps), one parameter at
   a time from the current choice, timing the whole step each time (the graph replay), until
@@ -167,6 +174,82 @@ class Bench:
         return out
 
 
+def _events_us(fn, reps: int) -> float:
+    """Microseconds a call of ``fn`` over ``reps`` back-to-back calls (CUDA events)."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) * 1e3 / reps
+
+
+def loop_profile(lay, batch: int, t_max: int) -> dict[str, Any]:
+    """Where a greedy token's time goes in the loop ``generate`` runs (see ``--loop``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ryzen_opt.optimization.fastpaths.decoder import TritonGraphStepper
+
+    prompt = t_max // 2
+    n = t_max - prompt - 1
+    st = TritonGraphStepper(lay, batch, t_max)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for c in (st.k, st.v):
+        c.copy_(torch.randn(c.shape, device="cuda", generator=g) * 0.5)
+    ids = torch.randint(0, lay.vocab, (batch,), device="cuda", generator=g)
+    eos = torch.tensor([0], device="cuda")
+    fin = torch.zeros(batch, dtype=torch.bool, device="cuda")
+
+    def greedy():
+        return st.greedy(ids, prompt, n, eos, 0, fin, n)
+
+    greedy()  # captures the loop graph
+    st.step(ids, prompt)  # captures the step graph
+    torch.cuda.synchronize()
+    out: dict[str, Any] = {"prompt": prompt, "tokens": n}
+
+    def step_replay():
+        st._step_graph.replay()
+
+    def loop_replay():
+        st._loop_graph.replay()
+
+    samples: dict[str, list[float]] = {"step_graph": [], "loop_graph": [], "greedy": []}
+    for _ in range(5):
+        samples["step_graph"].append(_events_us(step_replay, n))
+        st.t.fill_(prompt)
+        st.j.zero_()
+        # The loop graph writes tokens[:, j]: keep j inside the buffer.
+        per = []
+        for _ in range(n // 16):
+            st.j.zero_()
+            per.append(_events_us(loop_replay, 16))
+        samples["loop_graph"].append(statistics.median(per))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        greedy()
+        torch.cuda.synchronize()
+        samples["greedy"].append((time.perf_counter() - t0) * 1e6 / n)
+    out.update({f"{k}_us": statistics.median(v) for k, v in samples.items()})
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        greedy()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.time_range.elapsed_us() for e in kernels)
+    span = max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)
+    other: dict[str, float] = {}
+    for e in kernels:
+        if any(k in e.name for k in ("_qkv_kernel", "_attention_kernel", "_linear_kernel")):
+            continue  # the step's own kernels
+        other[e.name[:80]] = other.get(e.name[:80], 0.0) + e.time_range.elapsed_us() / n
+    out["gpu_busy_us_per_token"] = busy / n
+    out["gpu_idle_us_per_token"] = (span - busy) / n
+    out["other_kernels_us_per_token"] = dict(sorted(other.items(), key=lambda kv: -kv[1])[:12])
+    return out
+
+
 def kind_bytes(lay) -> dict[str, int]:
     """Weight bytes each kernel kind reads a step (all layers)."""
 
@@ -297,6 +380,21 @@ def markdown(data: dict[str, Any]) -> str:
                 ],
             )
         )
+        lp = e.get("loop")
+        if lp:
+            out.append(
+                f"\nBatch {b}, the greedy loop ({lp['tokens']} tokens after {lp['prompt']} "
+                f"slots), microseconds a token: step graph {lp['step_graph_us']:.1f}, loop "
+                f"graph {lp['loop_graph_us']:.1f}, greedy() {lp['greedy_us']:.1f}; GPU busy "
+                f"{lp['gpu_busy_us_per_token']:.1f}, idle {lp['gpu_idle_us_per_token']:.1f}. "
+                "Kernels outside the step, us a token:\n\n"
+            )
+            out.append(
+                markdown_table(
+                    ["kernel", "us"],
+                    [[k, f"{v:.2f}"] for k, v in lp["other_kernels_us_per_token"].items()],
+                )
+            )
         if "sweep" in e:
             out.append(f"\nSweep best tiles at batch {b}: `{e['sweep']['best']}`\n")
     return "".join(out)
@@ -307,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="llama-1b", choices=sorted(MODELS))
     p.add_argument("--batches", default="1,16")
     p.add_argument("--t-max", type=int, default=256)
+    p.add_argument("--loop", action="store_true")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--budget-s", type=float, default=420.0)
     p.add_argument("-o", "--output", type=Path, default=None)
@@ -363,6 +462,15 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in prof.items():
             gbps = entry["kernels_GBps"].get(k)
             print(f"  {k:10s} {v:8.1f} us" + (f"  {gbps:7.0f} GB/s" if gbps else ""))
+        if args.loop:
+            entry["loop"] = lp = loop_profile(lay, b, args.t_max)
+            print(
+                f"  loop: step graph {lp['step_graph_us']:.1f} us, loop graph "
+                f"{lp['loop_graph_us']:.1f} us, greedy() {lp['greedy_us']:.1f} us a token; GPU "
+                f"busy {lp['gpu_busy_us_per_token']:.1f}, idle {lp['gpu_idle_us_per_token']:.1f}"
+            )
+            for k, v in lp["other_kernels_us_per_token"].items():
+                print(f"    {v:7.2f} us  {k}")
         save()
         if args.sweep:
             left = args.budget_s - (time.perf_counter() - t0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bench import adapters as ba
 from ryzen_opt.adapters import LoraConfig, add_lora, save_adapter
@@ -41,9 +42,30 @@ def test_one_run_writes_operations_decode_and_accuracy(inputs):
     assert "adapters.decode.peft" in suite.get_benchmark_names()
 
 
+@pytest.mark.gpu
+def test_on_cuda_the_unmerged_adapter_runs_in_the_triton_decode_graph(inputs):
+    out = inputs / "adapters-cuda.json"
+    argv = ["--checkpoint", str(inputs / "ckpt"), "--adapter", str(inputs / "adapter")]
+    argv += ["--repeat", "3", "--eval-samples", "4", "--new-tokens", "4", "--device", "cuda"]
+    assert ba.main([*argv, "-o", str(out)]) == 0
+    data = json.loads(out.read_text())
+    dec = data["decode"]
+    assert all(v["same_ids_as_merged"] for v in dec.values())
+    assert "triton_graph_decode" in dec["unmerged, optimize()"]["route"]
+    assert all(v["same_ids_as_eager"] for v in data["mixed"].values())
+
+
 @pytest.mark.parametrize(
     "args, name",
-    [(["--repeat", "2"], "--repeat"), (["--train-steps", "0"], "--train-steps")],
+    [
+        (["--repeat", "2"], "--repeat"),
+        (["--train-steps", "0"], "--train-steps"),
+        pytest.param(
+            ["--device", "cuda"],
+            "--device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here"),
+        ),
+    ],
 )
 def test_bad_arguments_name_the_argument(args, name, capsys):
     with pytest.raises(SystemExit):

@@ -165,3 +165,56 @@ def test_an_hf_decoder_serves_merged_adapters_through_its_decode_loop(family, pa
     check(False)
     merge_adapter(model, "b")
     assert not torch.equal(check(True), with_a)  # merged b: the loop follows the switch
+
+
+def _graph_step(path, model, ref, ids):
+    """The path's logits for the last token (cache from ``ref``'s prefill) and ``ref``'s. The
+    path's cache view is dropped before returning: its buffer serves one generation at a time."""
+    with torch.no_grad():
+        _, cache = ref(ids[:, :-1])
+        want, _ = ref(ids[:, -1:], cache)
+        got, view = path(model, ids[:, -1:], cache, ids.shape[1] - 1)
+    del view
+    return got, want
+
+
+@pytest.mark.gpu
+def test_the_triton_decode_graph_adds_unmerged_adapters_without_recapture():
+    """GPU: ``triton_graph_decode`` serves an active adapter, a switch and a mixed batch from
+    one captured graph (the tables change, not the graph); more adapters than its tables hold
+    recapture over the same cache."""
+    from ryzen_opt.optimization.fastpaths import make_path
+
+    model = _model().cuda()
+    ref = copy.deepcopy(model)  # the model's own code
+    path = make_path("triton_graph_decode")
+    assert path.why_not(model) is None and path.serves_lora
+    install(model, FastPaths([(1, 4, path)]))
+    ids = torch.randint(0, 97, (3, 6), device="cuda")
+    graph = None
+    for name in ("b", "a", None, "b"):
+        set_adapter(model, name)
+        set_adapter(ref, name)
+        got, want = _graph_step(path, model, ref, ids)
+        assert_close_rel(got, want, TOL[torch.float32], f"adapter {name}")
+        graph = graph or path.graphs[3].graph
+        assert path.graphs[3].graph is graph  # no recapture for a switch
+        assert torch.equal(model.generate(ids, 8), ref.generate(ids, 8))
+    rows = ["a", None, "b"]
+    with mixed_batch(model, rows), mixed_batch(ref, rows):
+        got, want = _graph_step(path, model, ref, ids)
+    assert_close_rel(got, want, TOL[torch.float32], "mixed batch")
+    assert path.graphs[3].graph is graph
+    # A third adapter of a larger rank than the tables hold: new tables, a new capture.
+    add_lora(model, LoraConfig(rank=32, alpha=8, target_modules=TARGETS), "c")
+    add_lora(ref, LoraConfig(rank=32, alpha=8, target_modules=TARGETS), "c")
+    with torch.no_grad():
+        for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+            if "lora_B__c" in n:
+                p.normal_(0, 0.2)
+                q.copy_(p)
+    set_adapter(model, "c")
+    set_adapter(ref, "c")
+    got, want = _graph_step(path, model, ref, ids)
+    assert_close_rel(got, want, TOL[torch.float32], "adapter c (rank 32)")
+    assert path.graphs[3].graph is not graph

@@ -14,12 +14,21 @@ bound by the number of kernels, not by their work (the 2-layer, 256-wide baselin
 * ``_attend_kernel``: one program per (row, head), a causal softmax over cached keys
   ``0..pos`` (online softmax over key tiles), fp32 math.
 
+Unmerged LoRA adapters (``lora=``, :class:`LoraSlot` per wrapped linear) are added inside
+the linear kernel that owns the layer: ``y += scale[a] * B[a] (A[a] x)`` on the (normalised)
+input row, before the GELU, the residual and the KV-cache write, with ``a`` the row's adapter
+read from device memory (-1: none). The adapter of each row, the scales, the rank and the
+A/B tables are device data, so a captured graph keeps serving after an adapter switch or a
+new mixed batch: only the tables' contents change.
+
 The position lives in a device tensor, so one CUDA-graph capture serves every position.
 Inputs and weights may be float32, float16 or bfloat16; the math is float32. Sizes are
 bounded (features <= 4096 so a weight tile fits in registers); :func:`supports` says why not.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -42,15 +51,38 @@ ROWS_PER_PROGRAM = 1
 
 
 @triton.jit
+def _lora_delta(y, x, r, offs_n, n_mask, offs_k, k_mask, la_ptr, lb_ptr, ls_ptr, lrow_ptr,
+                lrank_ptr, N, K, LORA_N, LORA_R):
+    """``y + scale[a] * B[a] (A[a] x)`` for row ``r``'s adapter ``a`` (none: ``y``). ``A`` is
+    ``(LORA_N, LORA_R, K)``, ``B`` stored transposed ``(LORA_N, LORA_R, N)``; the first
+    ``rank`` (read from memory) of the ``LORA_R`` rows are used. One rank row at a time: a
+    shrink dot of the input row and an expand of this program's block of features."""
+    a = tl.load(lrow_ptr + r)
+    if (a >= 0) & (a < LORA_N):
+        rank = tl.load(lrank_ptr)
+        base_a = a.to(tl.int64) * LORA_R * K
+        base_b = a.to(tl.int64) * LORA_R * N
+        d = tl.zeros_like(y)
+        for j in range(0, rank):
+            ar = tl.load(la_ptr + base_a + j * K + offs_k, mask=k_mask, other=0.0)
+            t = tl.sum(ar.to(tl.float32) * x, 0)
+            bc = tl.load(lb_ptr + base_b + j * N + offs_n, mask=n_mask, other=0.0)
+            d += bc.to(tl.float32) * t
+        y += d * tl.load(ls_ptr + a).to(tl.float32)
+    return y
+
+
+@triton.jit
 def _row_linear_kernel(
     # pointers (unused ones may be any tensor: the flags keep them unread)
     x_ptr, lnw_ptr, lnb_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, k_ptr, v_ptr, pos_ptr,
-    ids_ptr, tok_ptr, pe_ptr,
+    ids_ptr, tok_ptr, pe_ptr, la_ptr, lb_ptr, ls_ptr, lrow_ptr, lrank_ptr,
     # sizes
-    ROWS, ROWS_PER_PROGRAM, N, K, eps, C, HEADS, T_MAX, HEAD_DIM,
+    ROWS, ROWS_PER_PROGRAM, N, K, eps, C, HEADS, T_MAX, HEAD_DIM, LORA_N, LORA_R,
     # meta-parameters
     HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RES: tl.constexpr,
-    QKV: tl.constexpr, EMBED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    QKV: tl.constexpr, EMBED: tl.constexpr, LORA: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -88,6 +120,9 @@ def _row_linear_kernel(
             var = tl.sum(xc * xc, 0) / K
             x = xc * (1.0 / tl.sqrt(var + eps)) * gamma + beta
         y = tl.sum(w * x[None, :], 1)
+        if LORA:
+            y = _lora_delta(y, x, r, offs_n, n_mask, offs_k, k_mask, la_ptr, lb_ptr, ls_ptr,
+                            lrow_ptr, lrank_ptr, N, K, LORA_N, LORA_R)
         if HAS_BIAS:
             y += bias
         if GELU:
@@ -142,12 +177,21 @@ def _attend_kernel(
              mask=d_mask)
 
 
+# (out_features, in_features) of each linear a LoRA update may target, from (dim, ff_dim).
+_LORA_SHAPES = {
+    "attn.qkv": lambda c, f: (3 * c, c),
+    "attn.proj": lambda c, f: (c, c),
+    "mlp.fc1": lambda c, f: (f, c),
+    "mlp.fc2": lambda c, f: (c, f),
+}
+
+
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
 def _linear(x, w, out, rows_per_program, *, ln=None, bias=None, gelu=False, res=None, qkv=None,
-            embed=None, eps=0.0):
+            embed=None, eps=0.0, lora=None):
     """One ``_row_linear_kernel`` launch over every row of ``x`` (``(rows, K)``, contiguous).
 
     Each program applies its weight tile to ``rows_per_program`` rows: fewer programs re-read
@@ -157,6 +201,7 @@ def _linear(x, w, out, rows_per_program, *, ln=None, bias=None, gelu=False, res=
     cache (``(rows, heads, T_MAX, head_dim)``) at ``pos`` and only q into ``out``.
     ``embed``: ``(ids, tok_emb, pos_emb)``: the input rows are the embeddings of ``ids`` at
     ``pos`` (with ``qkv``), written into ``x``.
+    ``lora``: a :class:`LoraSlot` whose update is added to the linear's output.
     """
     rows, k = x.shape
     n = w.shape[0]
@@ -170,13 +215,15 @@ def _linear(x, w, out, rows_per_program, *, ln=None, bias=None, gelu=False, res=
         kc = vc = pos = w
         c = heads = t_max = head_dim = 1
     ids, tok, pe = embed if embed is not None else (w, w, w)
+    la, lb, ls, lrow, lrank = lora if lora is not None else (w, w, w, w, w)
+    lora_n, lora_r = la.shape[:2] if lora is not None else (0, 0)
     _row_linear_kernel[(triton.cdiv(n, block_n), triton.cdiv(rows, rows_per_program))](
         x, lnw, lnb, w, bias if bias is not None else w, res if res is not None else w, out,
-        kc, vc, pos, ids, tok, pe,
-        rows, rows_per_program, n, k, eps, c, heads, t_max, head_dim,
+        kc, vc, pos, ids, tok, pe, la, lb, ls, lrow, lrank,
+        rows, rows_per_program, n, k, eps, c, heads, t_max, head_dim, lora_n, lora_r,
         HAS_LN=ln is not None, HAS_BIAS=bias is not None, GELU=gelu, HAS_RES=res is not None,
-        QKV=qkv is not None, EMBED=embed is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4,
+        QKV=qkv is not None, EMBED=embed is not None, LORA=lora is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
     )
     return out
 
@@ -195,6 +242,40 @@ def supports(embedding_dim: int, ff_dim: int, num_heads: int, device: torch.devi
     return None
 
 
+class LoraSlot(NamedTuple):
+    """One wrapped linear's unmerged LoRA updates, as the step reads them (device data).
+
+    ``a``: ``(adapters, max_rank, in_features)``; ``bt``: B transposed,
+    ``(adapters, max_rank, out_features)``; ``scale``: ``(adapters,)``; ``rows``: ``(batch,)``
+    int32, each row's adapter (-1 or out of range: no update); ``rank``: ``(1,)`` int32, the
+    rank rows used (the rest may hold anything). See
+    :class:`ryzen_opt.optimization.fastpaths.lora.DeviceLoraTables`.
+    """
+
+    a: torch.Tensor
+    bt: torch.Tensor
+    scale: torch.Tensor
+    rows: torch.Tensor
+    rank: torch.Tensor
+
+
+def _check_lora(slot: LoraSlot, n: int, k: int, rows: int, where: str) -> None:
+    if slot.a.dim() != 3 or slot.a.shape[2] != k:
+        raise ValueError(
+            f"lora[{where}].a must be (adapters, rank, {k}), got {tuple(slot.a.shape)}"
+        )
+    if slot.bt.shape != (*slot.a.shape[:2], n):
+        raise ValueError(
+            f"lora[{where}].bt must be {(*slot.a.shape[:2], n)}, got {tuple(slot.bt.shape)}"
+        )
+    if slot.rows.shape != (rows,) or slot.rows.dtype != torch.int32:
+        raise ValueError(f"lora[{where}].rows must be ({rows},) int32")
+    if slot.scale.shape != slot.a.shape[:1] or slot.rank.shape != (1,):
+        raise ValueError(f"lora[{where}]: scale must be (adapters,) and rank (1,)")
+    if not all(t.is_contiguous() for t in slot):
+        raise ValueError(f"lora[{where}]: tables must be contiguous")
+
+
 class Workspace:
     """The activations of one batch size's step, allocated once (a CUDA graph needs fixed
     addresses): residual stream, q, attention output, MLP hidden, logits."""
@@ -207,7 +288,8 @@ class Workspace:
 
 
 def decode_step(params: dict, ids, pos, k_cache, v_cache, ws: Workspace, *,
-                heads: int, eps: float, rows_per_program: int = ROWS_PER_PROGRAM):
+                heads: int, eps: float, rows_per_program: int = ROWS_PER_PROGRAM,
+                lora: dict[tuple[int, str], LoraSlot] | None = None):
     """Logits ``(batch, vocab)`` of one token per row at position ``pos``; writes the KV cache.
 
     Args:
@@ -218,6 +300,8 @@ def decode_step(params: dict, ids, pos, k_cache, v_cache, ws: Workspace, *,
             written, ``0..pos`` attended.
         ws: the step's :class:`Workspace`; ``ws.logits`` holds the result.
         rows_per_program: batch rows each matmul program serves (see :func:`_linear`).
+        lora: unmerged LoRA updates by ``(layer, linear)``, the linear one of ``"attn.qkv"``,
+            ``"attn.proj"``, ``"mlp.fc1"``, ``"mlp.fc2"`` (missing: no update).
     """
     if rows_per_program < 1:
         raise ValueError(f"rows_per_program must be >= 1, got {rows_per_program}")
@@ -225,22 +309,33 @@ def decode_step(params: dict, ids, pos, k_cache, v_cache, ws: Workspace, *,
     rows, c = ws.x.shape
     head_dim = c // heads
     t_max = k_cache.shape[3]
+    lora = lora or {}
+    for (i, name), slot in lora.items():
+        if name not in _LORA_SHAPES or not 0 <= i < k_cache.shape[0]:
+            raise ValueError(f"lora: unknown linear {(i, name)}")
+        n, k = _LORA_SHAPES[name](c, ws.h.shape[1])
+        _check_lora(slot, n, k, rows, f"{i}, {name!r}")
     for i in range(k_cache.shape[0]):
         def p(name, i=i):
             return params[f"blocks.{i}.{name}"]
 
+        def lo(name, i=i):
+            return lora.get((i, name))
+
         embed = (ids, params["tok_emb.weight"], params["pos_emb.weight"]) if i == 0 else None
         _linear(ws.x, p("attn.qkv.weight"), ws.q, rp, ln=(p("ln1.weight"), p("ln1.bias")),
                 bias=p("attn.qkv.bias"), qkv=(k_cache[i], v_cache[i], pos, heads, head_dim),
-                embed=embed, eps=eps)
+                embed=embed, eps=eps, lora=lo("attn.qkv"))
         _attend_kernel[(rows * heads,)](
             ws.q, k_cache[i], v_cache[i], pos, ws.y,
             c, heads, t_max, head_dim, head_dim**-0.5,
             BLOCK_T=min(_ATTN_KEYS, _pow2(t_max)), BLOCK_D=_pow2(head_dim),
         )
-        _linear(ws.y, p("attn.proj.weight"), ws.x, rp, bias=p("attn.proj.bias"), res=ws.x)
+        _linear(ws.y, p("attn.proj.weight"), ws.x, rp, bias=p("attn.proj.bias"), res=ws.x,
+                lora=lo("attn.proj"))
         _linear(ws.x, p("mlp.fc1.weight"), ws.h, rp, ln=(p("ln2.weight"), p("ln2.bias")),
-                bias=p("mlp.fc1.bias"), gelu=True, eps=eps)
-        _linear(ws.h, p("mlp.fc2.weight"), ws.x, rp, bias=p("mlp.fc2.bias"), res=ws.x)
+                bias=p("mlp.fc1.bias"), gelu=True, eps=eps, lora=lo("mlp.fc1"))
+        _linear(ws.h, p("mlp.fc2.weight"), ws.x, rp, bias=p("mlp.fc2.bias"), res=ws.x,
+                lora=lo("mlp.fc2"))
     return _linear(ws.x, params["head.weight"], ws.logits, rp,
                    ln=(params["ln_f.weight"], params["ln_f.bias"]), eps=eps)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ryzen_opt.models.model import SimpleTransformerModel
 from ryzen_opt.optimization.fastpaths.layout import Binding, param_slots, served_reason
+from ryzen_opt.optimization.fastpaths.lora import DeviceLoraTables, is_lora
 from ryzen_opt.optimization.kvcache import KVBuffer, StaticKVCache
 
 
@@ -84,12 +85,15 @@ class CudaGraphDecode(_CudaGraphPath):
     kind = "decode"
     name = "cuda_graph_decode"
 
-    def _build(self, model: SimpleTransformerModel, b: int) -> _Graph:
+    def _build(self, model: SimpleTransformerModel, b: int, buf: KVBuffer | None = None) -> _Graph:
+        """Capture batch ``b``'s step (into ``buf``, the cache of a graph being replaced, or a
+        new one)."""
         cfg = model.config
         w = model.tok_emb.weight
         dev, dtype = w.device, w.dtype
         layers, h, d, t_max = len(model.blocks), cfg.num_heads, cfg.head_dim, cfg.max_seq_len
-        buf = KVBuffer(layers, b, h, t_max, d, dev, dtype)
+        if buf is None:
+            buf = KVBuffer(layers, b, h, t_max, d, dev, dtype)
         ids = torch.zeros(b, dtype=torch.int64, device=dev)
         pos = torch.zeros(1, dtype=torch.int64, device=dev)
         step, extra = self._make_step(model, b, buf, ids, pos)
@@ -138,6 +142,10 @@ class CudaGraphDecode(_CudaGraphPath):
 
         return step, {"masks": masks, "mask": mask}
 
+    def _current(self, model: SimpleTransformerModel, g: _Graph) -> _Graph:
+        """``g``, or its replacement when what it reads besides the parameters changed."""
+        return g
+
     @staticmethod
     def load_inputs(g: _Graph, idx: torch.Tensor, past_len: int) -> None:
         """Write one step's token ids and position (and, if the graph has one, the mask row
@@ -163,7 +171,7 @@ class CudaGraphDecode(_CudaGraphPath):
         cache = self.adopt(model, kv_cache)
         if cache is None:
             return None
-        g = self.graphs[idx.shape[0]]
+        g = self._current(model, self.graphs[idx.shape[0]])
         self.load_inputs(g, idx, past_len)
         g.graph.replay()
         # A copy: the next replay overwrites the static output.
@@ -177,6 +185,9 @@ class TritonGraphDecode(CudaGraphDecode):
     device memory and mask by it, so no mask is written before a replay."""
 
     name = "triton_graph_decode"
+    # Unmerged LoRA adapters (one active, or one per row) are added inside the step's kernels
+    # from device tables (:class:`~ryzen_opt.optimization.fastpaths.lora.DeviceLoraTables`).
+    serves_lora = True
 
     def why_not(self, model: nn.Module) -> str | None:
         reason = super().why_not(model)
@@ -201,12 +212,27 @@ class TritonGraphDecode(CudaGraphDecode):
             raise ValueError("the triton decode step needs contiguous parameters")
         ws = Workspace(b, cfg.embedding_dim, cfg.ff_dim, cfg.vocab_size, w.device, w.dtype)
         eps, heads = model.ln_f.eps, cfg.num_heads
+        tables = DeviceLoraTables(model, b) if any(map(is_lora, model.modules())) else None
+        if tables is not None:
+            tables.sync()  # the capture's warm-up runs on the current state
+        lora = tables.slots if tables is not None else None
 
         def step():
-            return decode_step(params, ids, pos, buf.k, buf.v, ws, heads=heads, eps=eps)
+            return decode_step(params, ids, pos, buf.k, buf.v, ws, heads=heads, eps=eps, lora=lora)
 
-        # The graph writes into ``ws`` and reads ``params``: both must outlive the capture.
-        return step, {"workspace": ws, "params": params}
+        # The graph writes into ``ws`` and reads ``params`` and the LoRA tables: all must
+        # outlive the capture.
+        return step, {"workspace": ws, "params": params, "lora": tables}
+
+    def _current(self, model: SimpleTransformerModel, g: _Graph) -> _Graph:
+        tables = g.inputs["lora"]
+        if tables is None or tables.sync():
+            return g
+        # More adapters (or a larger rank) than the tables hold: new tables, a new capture
+        # over the same cache.
+        b = g.inputs["ids"].shape[0]
+        g = self.graphs[b] = self._build(model, b, buf=g.inputs["buffer"])
+        return g
 
 
 class CudaGraphPrefill(_CudaGraphPath):

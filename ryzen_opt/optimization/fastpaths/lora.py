@@ -12,7 +12,10 @@ reads. Unmerged adapters (one active adapter, or a mixed batch where each row ha
 add ``scaling * B (A x)`` to a linear's output: :func:`tables` turns the model's LoRA state
 into the flat arrays and per-row tables that
 :func:`ryzen_opt.kernels.numba.decode_step.decode_step` takes (``lora=``), and caches them
-until an adapter is switched, merged, or its weights are edited.
+until an adapter is switched, merged, or its weights are edited. On CUDA,
+:class:`DeviceLoraTables` keeps the same state in device tables of fixed addresses for the
+Triton decode step (:func:`ryzen_opt.kernels.triton.decode_step.decode_step`, ``lora=``)
+replayed from a CUDA graph: a switch rewrites the tables, never the graph.
 """
 
 from __future__ import annotations
@@ -144,3 +147,103 @@ class LoraTables:
                 self._tables = tables(self.layers, batch, self.max_rank)
             self._key = key
         return self._tables
+
+
+def _pow2_at_least(n: int, floor: int) -> int:
+    m = floor
+    while m < n:
+        m *= 2
+    return m
+
+
+def _capacity(flat: list[nn.Module]) -> tuple[int, int]:
+    """Adapters and rank the device tables must hold for every adapter the layers have."""
+    n = max((len(layer.configs) for layer in flat), default=1)
+    r = max((c.rank for layer in flat for c in layer.configs.values()), default=1)
+    return _pow2_at_least(n, 1), _pow2_at_least(r, 8)
+
+
+class DeviceLoraTables:
+    """Unmerged LoRA updates of one batch size, as the Triton decode step reads them.
+
+    One :class:`~ryzen_opt.kernels.triton.decode_step.LoraSlot` per wrapped linear, allocated
+    once for every adapter the model holds (a CUDA graph captures their addresses);
+    :meth:`sync` rewrites their contents when an adapter is switched, merged, unmerged, a mixed
+    batch starts or ends, or LoRA weights are edited (device-to-device copies, no host sync),
+    and returns ``False`` when the model now holds more adapters, or a larger rank, than the
+    tables were sized for (the caller then builds new tables and recaptures).
+    """
+
+    def __init__(self, model: nn.Module, batch: int) -> None:
+        from ryzen_opt.kernels.triton.decode_step import LoraSlot
+
+        self.layers = lora_layers(model)
+        self.flat = [m for row in self.layers for m in row if m is not None]
+        self.batch = batch
+        self.adapters, self.max_rank = _capacity(self.flat)
+        self.slots: dict[tuple[int, str], LoraSlot] = {}
+        self._by_slot: list[tuple[nn.Module, LoraSlot]] = []
+        for i, row in enumerate(self.layers):
+            for name, layer in zip(LORA_SLOTS, row, strict=True):
+                if layer is None:
+                    continue
+                w = layer.base_layer.weight
+                dev = w.device
+
+                def zeros(*shape, dtype=w.dtype, dev=dev):
+                    return torch.zeros(shape, dtype=dtype, device=dev)
+
+                slot = LoraSlot(
+                    a=zeros(self.adapters, self.max_rank, layer.in_features),
+                    bt=zeros(self.adapters, self.max_rank, layer.out_features),
+                    scale=zeros(self.adapters, dtype=torch.float32),
+                    rows=torch.full((batch,), -1, dtype=torch.int32, device=dev),
+                    rank=zeros(1, dtype=torch.int32),
+                )
+                self.slots[(i, name)] = slot
+                self._by_slot.append((layer, slot))
+        self._key: tuple | None = None
+
+    def fits(self) -> bool:
+        """Whether every adapter the layers hold now fits the tables."""
+        n, r = _capacity(self.flat)
+        return n <= self.adapters and r <= self.max_rank
+
+    @torch.no_grad()
+    def sync(self) -> bool:
+        """Bring the tables up to the layers' state; ``False`` if they no longer fit."""
+        key = tuple(map(_state, self.flat))
+        if key == self._key:
+            return True
+        if not self.fits():
+            return False
+        for layer, slot in self._by_slot:
+            if not lora_needs_delta(layer):
+                slot.rows.fill_(-1)
+                continue
+            if layer.fan_in_fan_out:
+                raise ValueError("LoRA on a Conv1D base is not served by the fused step")
+            if layer._mixed is not None:
+                a, b, scales, rows = layer._mixed
+                if rows.shape[0] != self.batch:
+                    raise ValueError(
+                        f"mixed batch: {rows.shape[0]} adapter indices for a decode batch of "
+                        f"{self.batch}"
+                    )
+                n, r = a.shape[0], a.shape[1]
+                slot.a[:n, :r].copy_(a)
+                slot.bt[:n, :r].copy_(b.transpose(1, 2))
+                slot.scale[:n].copy_(scales)
+                slot.rows.copy_(rows)
+            else:
+                name = layer.active
+                a = layer._parameters[f"lora_A__{name}"]
+                b = layer._parameters[f"lora_B__{name}"]
+                r = a.shape[0]
+                slot.a[0, :r].copy_(a)
+                slot.bt[0, :r].copy_(b.t())
+                slot.scale[0] = layer.configs[name].scaling
+                slot.rows.fill_(0)
+            slot.rank.fill_(r)
+        self._key = key
+        return True
