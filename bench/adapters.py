@@ -14,7 +14,9 @@ On the trained default checkpoint (``checkpoints/default``), in one process:
   prefill included), every variant timed interleaved on the same prompt: the base model,
   the adapter merged, unmerged, and the same adapter under ``peft`` (``PeftModel``). A
   variant is one entry of :data:`DECODE_VARIANTS`; fused and mixed-batch LoRA kernels join
-  as entries there.
+  as entries there. Each variant's one-token ``generate`` is timed in the same rounds, so a
+  decode step's time comes out with the prefill cancelled:
+  ``(t(new_tokens) - t(1)) / (new_tokens - 1)``, the medians first.
 * **accuracy**: greedy exact match on the adapter's task, test split, base vs adapter.
 
 On ``--device cuda`` the model, the adapters and every variant live on the GPU, the fused
@@ -171,6 +173,8 @@ def _peft(base, folder):
     return m
 
 
+_ONE = " [1 token]"  # the one-token generate of a variant, for its decode step time
+
 DECODE_VARIANTS: dict[str, Callable] = {
     "base": _base,
     "merged": _merged,
@@ -223,20 +227,29 @@ def measure_mixed(base, folder: Path, prompt: torch.Tensor, new_tokens: int, rep
 
 
 def measure_decode(base, folder: Path, prompt: torch.Tensor, new_tokens: int, repeat: int):
+    """Every variant's ``generate(prompt, new_tokens)`` and ``generate(prompt, 1)`` timed
+    interleaved: the first is the call a user makes, the difference of the medians over
+    ``new_tokens - 1`` is a decode step's time with the prefill cancelled out."""
     models = {name: build(base, folder) for name, build in DECODE_VARIANTS.items()}
     routes = {n: getattr(m, "bench_route", "") for n, m in models.items()}
     outs = {n: m.generate(prompt, new_tokens) for n, m in models.items()}
 
-    def run(m):
-        out = m.generate(prompt, new_tokens)
+    def run(m, n):
+        out = m.generate(prompt, n)
         _sync(m)
         return out
 
-    fns = {n: (lambda m=m: run(m)) for n, m in models.items()}
+    fns = {n: (lambda m=m: run(m, new_tokens)) for n, m in models.items()}
+    fns.update({f"{n}{_ONE}": (lambda m=m: run(m, 1)) for n, m in models.items()})
     with torch.no_grad():
-        timings = time_interleaved(fns, repeat=repeat, warmup=2)
+        both = time_interleaved(fns, repeat=repeat, warmup=2)
+    timings = {n: both[n] for n in models}
+    steps = {
+        n: max(both[n].median - both[f"{n}{_ONE}"].median, 0.0) / max(new_tokens - 1, 1)
+        for n in models
+    }
     same = {n: bool(torch.equal(outs[n], outs["merged"])) for n in models}
-    return timings, same, routes
+    return timings, same, routes, steps
 
 
 def _adapter(args, base, workdir: Path) -> tuple[Path, str]:
@@ -304,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             "switch, merged": _time_switch(base, folder, a.repeat, merged=True),
         }
         prompt = task.encode_prompts(task.sample("test", 1, seed=0)).to(a.device)
-        decode, same, routes = measure_decode(base, folder, prompt, a.new_tokens, a.repeat)
+        decode, same, routes, steps = measure_decode(base, folder, prompt, a.new_tokens, a.repeat)
         mixed, mixed_same, mixed_routes = measure_mixed(
             base, folder, prompt, a.new_tokens, max(3, a.repeat // 3)
         )
@@ -332,6 +345,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     base_s = decode["base"].median
     fused_s = decode["base, optimize()"].median
+    fused_step = steps["base, optimize()"]
+
+    def _step_cols(name):
+        st = steps[name]
+        if st <= 0:  # the one-token call took as long: no step time to report
+            return ["-", "-"]
+        return [f"{st * 1e6:.1f} us", f"{fused_step / st:.2f}x"]
+
     dec_rows = [
         [
             name,
@@ -339,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{t.median * 1e3:.2f} ms",
             f"{base_s / t.median:.2f}x",
             f"{fused_s / t.median:.2f}x",
+            *_step_cols(name),
             "yes" if same[name] else "no",
             routes[name],
         ]
@@ -374,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         f"generate({a.new_tokens})",
         "vs base",
         "vs base, optimize()",
+        "decode step",
+        "step vs base, optimize()",
         "same ids as merged",
         "route",
     ]
@@ -394,7 +418,12 @@ def main(argv: list[str] | None = None) -> int:
             "new_tokens": a.new_tokens,
             "operations": {k: v.to_dict() for k, v in ops.items()},
             "decode": {
-                k: {**v.to_dict(), "same_ids_as_merged": same[k], "route": routes[k]}
+                k: {
+                    **v.to_dict(),
+                    "decode_step_s": steps[k],
+                    "same_ids_as_merged": same[k],
+                    "route": routes[k],
+                }
                 for k, v in decode.items()
             },
             "mixed": {

@@ -33,6 +33,7 @@ def test_one_run_writes_operations_decode_and_accuracy(inputs):
         assert data["decode"][name]["same_ids_as_merged"], name
     assert len(data["mixed"]) == 6 and all(v["same_ids_as_eager"] for v in data["mixed"].values())
     assert all(t["median"] > 0 for t in data["operations"].values())
+    assert all(v["decode_step_s"] >= 0 for v in data["decode"].values())
     assert set(data["accuracy"]) >= {"base", "adapter", "task"}
     assert data["adapter_source"].startswith("saved adapter")
     assert out.with_suffix(".md").read_text().startswith("# bench.adapters")
@@ -50,7 +51,8 @@ def test_on_cuda_the_unmerged_adapter_runs_in_the_triton_decode_graph(inputs):
     assert ba.main([*argv, "-o", str(out)]) == 0
     data = json.loads(out.read_text())
     dec = data["decode"]
-    assert all(v["same_ids_as_merged"] for v in dec.values())
+    for name in ("merged", "unmerged", "peft", "merged, optimize()", "unmerged, optimize()"):
+        assert dec[name]["same_ids_as_merged"], name
     assert "triton_graph_decode" in dec["unmerged, optimize()"]["route"]
     assert all(v["same_ids_as_eager"] for v in data["mixed"].values())
 

@@ -21,9 +21,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TARGETS = ("qkv", "proj", "fc1", "fc2")
 
 
-def _model(targets=TARGETS):
+def _model(targets=TARGETS, ff_dim=40):
     torch.manual_seed(7)
-    cfg = ModelConfig(vocab_size=50, embedding_dim=24, num_heads=3, num_layers=2, ff_dim=40)
+    cfg = ModelConfig(vocab_size=50, embedding_dim=24, num_heads=3, num_layers=2, ff_dim=ff_dim)
     m = SimpleTransformerModel(cfg).eval()
     for i, name in enumerate(("a", "b")):
         add_lora(m, LoraConfig(rank=4 + 4 * i, alpha=8, target_modules=targets), name)
@@ -56,9 +56,18 @@ def _step(model, ref, ids, prompt, tables):
     return got.cpu(), want[:, 0]
 
 
-@pytest.mark.parametrize("targets", [TARGETS, ("fc1",), ("qkv", "fc2")])
-def test_an_active_adapter_is_added_inside_the_step(targets):
-    model = _model(targets).to(DEVICE)
+@pytest.mark.parametrize(
+    "targets, ff_dim",
+    [
+        (TARGETS, 40),
+        (("fc1",), 40),
+        (("qkv", "fc2"), 40),
+        # fc2 reads 600 features: rank rows go 4 at a time, adapter b's 8 in two chunks
+        (("fc2",), 600),
+    ],
+)
+def test_an_active_adapter_is_added_inside_the_step(targets, ff_dim):
+    model = _model(targets, ff_dim).to(DEVICE)
     ref = copy.deepcopy(model).cpu().double()
     ids = torch.randint(0, 50, (3, 7))
     tables = DeviceLoraTables(model, 3)

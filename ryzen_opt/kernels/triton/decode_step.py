@@ -52,22 +52,28 @@ ROWS_PER_PROGRAM = 1
 
 @triton.jit
 def _lora_delta(y, x, r, offs_n, n_mask, offs_k, k_mask, la_ptr, lb_ptr, ls_ptr, lrow_ptr,
-                lrank_ptr, N, K, LORA_N, LORA_R):
+                lrank_ptr, N, K, LORA_N, LORA_R, CHUNK: tl.constexpr):
     """``y + scale[a] * B[a] (A[a] x)`` for row ``r``'s adapter ``a`` (none: ``y``). ``A`` is
     ``(LORA_N, LORA_R, K)``, ``B`` stored transposed ``(LORA_N, LORA_R, N)``; the first
-    ``rank`` (read from memory) of the ``LORA_R`` rows are used. One rank row at a time: a
-    shrink dot of the input row and an expand of this program's block of features."""
+    ``rank`` (read from memory) of the ``LORA_R`` rows are used, ``CHUNK`` rank rows at a
+    time: a shrink of the input row against ``[CHUNK, K]`` of A, an expand of this program's
+    block of features by ``[CHUNK, BLOCK_N]`` of B."""
     a = tl.load(lrow_ptr + r)
     if (a >= 0) & (a < LORA_N):
         rank = tl.load(lrank_ptr)
         base_a = a.to(tl.int64) * LORA_R * K
         base_b = a.to(tl.int64) * LORA_R * N
+        offs_c = tl.arange(0, CHUNK)
         d = tl.zeros_like(y)
-        for j in range(0, rank):
-            ar = tl.load(la_ptr + base_a + j * K + offs_k, mask=k_mask, other=0.0)
-            t = tl.sum(ar.to(tl.float32) * x, 0)
-            bc = tl.load(lb_ptr + base_b + j * N + offs_n, mask=n_mask, other=0.0)
-            d += bc.to(tl.float32) * t
+        for j0 in range(0, rank, CHUNK):
+            rows_c = j0 + offs_c
+            c_mask = rows_c < rank
+            at = tl.load(la_ptr + base_a + rows_c[:, None] * K + offs_k[None, :],
+                         mask=c_mask[:, None] & k_mask[None, :], other=0.0)
+            t = tl.sum(at.to(tl.float32) * x[None, :], 1)
+            bt = tl.load(lb_ptr + base_b + rows_c[None, :] * N + offs_n[:, None],
+                         mask=n_mask[:, None] & c_mask[None, :], other=0.0)
+            d += tl.sum(bt.to(tl.float32) * t[None, :], 1)
         y += d * tl.load(ls_ptr + a).to(tl.float32)
     return y
 
@@ -81,8 +87,8 @@ def _row_linear_kernel(
     ROWS, ROWS_PER_PROGRAM, N, K, eps, C, HEADS, T_MAX, HEAD_DIM, LORA_N, LORA_R,
     # meta-parameters
     HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RES: tl.constexpr,
-    QKV: tl.constexpr, EMBED: tl.constexpr, LORA: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    QKV: tl.constexpr, EMBED: tl.constexpr, LORA: tl.constexpr, LORA_CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -122,7 +128,7 @@ def _row_linear_kernel(
         y = tl.sum(w * x[None, :], 1)
         if LORA:
             y = _lora_delta(y, x, r, offs_n, n_mask, offs_k, k_mask, la_ptr, lb_ptr, ls_ptr,
-                            lrow_ptr, lrank_ptr, N, K, LORA_N, LORA_R)
+                            lrow_ptr, lrank_ptr, N, K, LORA_N, LORA_R, LORA_CHUNK)
         if HAS_BIAS:
             y += bias
         if GELU:
@@ -223,7 +229,8 @@ def _linear(x, w, out, rows_per_program, *, ln=None, bias=None, gelu=False, res=
         rows, rows_per_program, n, k, eps, c, heads, t_max, head_dim, lora_n, lora_r,
         HAS_LN=ln is not None, HAS_BIAS=bias is not None, GELU=gelu, HAS_RES=res is not None,
         QKV=qkv is not None, EMBED=embed is not None, LORA=lora is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        LORA_CHUNK=max(2, min(16, _TILE // 2 // block_k)), BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=4,
     )
     return out
 
