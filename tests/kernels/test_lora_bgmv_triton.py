@@ -140,7 +140,7 @@ def test_cpu_indices_out_of_range_raise_naming_indices():
 
 def test_bad_dtype_and_rank_are_refused_naming_the_argument():
     x, a, b, s = _inputs(2, 8, 6, 2, 2, torch.float64)
-    assert "x is torch.float64" in tlora.supports(x, a, b, s, torch.tensor([0, 1]))
+    assert "x is torch.float64" in tlora.supports(x, a, b, s, torch.tensor([0, 1], device=DEVICE))
     with pytest.raises(TypeError, match="x is torch.float64"):
         tlora.lora_bgmv(x, a, b, s, torch.tensor([0, 1], device=DEVICE))
     meta = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731

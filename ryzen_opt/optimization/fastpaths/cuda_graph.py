@@ -230,8 +230,13 @@ class TritonGraphDecode(CudaGraphDecode):
             return g
         # More adapters (or a larger rank) than the tables hold: new tables, a new capture
         # over the same cache.
-        b = g.inputs["ids"].shape[0]
-        g = self.graphs[b] = self._build(model, b, buf=g.inputs["buffer"])
+        b, buf = g.inputs["ids"].shape[0], g.inputs["buffer"]
+        # The capture's warm-up runs write a step's key and value into the cache, which holds
+        # this generation's: kept aside and put back.
+        k, v = buf.k.clone(), buf.v.clone()
+        g = self.graphs[b] = self._build(model, b, buf=buf)
+        buf.k.copy_(k)
+        buf.v.copy_(v)
         return g
 
 
