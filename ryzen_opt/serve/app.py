@@ -1,0 +1,655 @@
+"""``create_app``: the HTTP API over an :class:`~ryzen_opt.adapters.AdapterRegistry`.
+
+Endpoints::
+
+    POST /adapters/generate   {"description": str, "seed": int}  -> adapter id and metadata
+    GET  /adapters                                              -> every served adapter
+    POST /generate            {"prompt": str, "adapter": id | "auto" | null,
+                               "description": str, "n": int, "stream": bool, ...}
+    GET  /health                                                -> worker state, counters
+
+Concurrency. The registry serves one adapter at a time over one model (activating an
+adapter changes what every layer computes), so the model and the registry are touched only
+by one thread, a :class:`~ryzen_opt.serve.worker.ModelWorker`: each request becomes one job
+(route, switch, generate) that runs start to finish before the next one starts, in arrival
+order. A streamed request is one job too: its tokens go to the client through a queue while
+the job holds the worker, so no other adapter can be switched in under it. The event loop
+itself only parses, validates and waits, so requests keep being accepted (and rejected with
+a 4xx) while the model is busy. The adapter generator runs on its own thread, one call at a
+time, outside the model worker; only registering its result is a (priority) model job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import hashlib
+import json
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ryzen_opt.serve.schemas import (
+    AUTO,
+    AdapterGenerateRequest,
+    AdapterGenerateResponse,
+    AdapterInfo,
+    AdapterList,
+    BestOfN,
+    CandidateInfo,
+    GenerateRequest,
+    GenerateResponse,
+    Timing,
+    check_description,
+)
+from ryzen_opt.serve.worker import PRIORITY_CONTROL, ModelWorker
+
+
+class AdapterFactory(Protocol):
+    """Makes an adapter from a description: ``factory(description, seed) -> folder``.
+
+    The folder holds a PEFT-format LoRA adapter for the served base model
+    (``adapter_config.json`` + ``adapter_model.safetensors``). Same description and seed,
+    same adapter. It is called from one thread at a time (not the model worker's) and must
+    not change the served model; a ``ValueError`` it raises is shown to the client as a 422.
+    """
+
+    def __call__(self, description: str, seed: int) -> Path: ...
+
+
+class SkillRouter(Protocol):
+    """Chooses an adapter for a prompt: ``router(prompt) -> registered id or None``.
+
+    ``None`` means the base model. It runs on the model worker thread, inside the request's
+    job, so it may run the model (a first pass) with any adapter active; the registry then
+    switches to the adapter it names.
+    """
+
+    def __call__(self, prompt: str) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Limits of the HTTP API.
+
+    Args:
+        max_description_chars: longest description accepted (after stripping).
+        default_max_new_tokens: ``max_new_tokens`` when a request gives none.
+        max_n: largest best-of-n a request may ask for.
+    """
+
+    # 1000: a paragraph; a description is a sentence or two, and the generator's cost grows
+    # with its length.
+    max_description_chars: int = 1000
+    # 16: the longest answer of the 4-digit arithmetic tasks is 9 tokens with EOS.
+    default_max_new_tokens: int = 16
+    # 64: best-of-64 of a 128-token context is 64 decode rows, still one batch on the CPU.
+    max_n: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("max_description_chars", "default_max_new_tokens", "max_n"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+
+
+class HTTPError(Exception):
+    """An error answered with ``status`` and ``{"detail": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+_ARITH = re.compile(r"^(\d+)([+\-*])(\d+)=$")
+
+
+def arithmetic_verify(prompt: str, completion: str) -> bool:
+    """True iff ``completion`` is the answer of an ``"a op b="`` prompt (any digit count).
+
+    Prompts of another form have no verdict (False), so best-of-n falls back to the
+    candidates' likelihood for them.
+    """
+    m = _ARITH.match(prompt)
+    if m is None:
+        return False
+    a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+    want = a + b if op == "+" else a - b if op == "-" else a * b
+    return completion.strip() == str(want)
+
+
+def default_scaling_engine(model: torch.nn.Module, tokenizer: Any):
+    """An :class:`~ryzen_opt.scaling.InferenceScalingEngine` over ``model`` that verifies
+    arithmetic prompts of any digit count (:func:`arithmetic_verify`)."""
+    from ryzen_opt.models.tasks import ArithmeticTask
+    from ryzen_opt.scaling import InferenceScalingEngine, TaskVerifier
+
+    verifier = TaskVerifier(arithmetic_verify, tokenizer, ArithmeticTask.extract_answer)
+    return InferenceScalingEngine(model, verifier)
+
+
+def _adapter_info(name: str, folder: Path, **extra: Any) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    from ryzen_opt.adapters import read_config
+
+    cfg = read_config(folder)
+    params = 0
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+            n = 1
+            for d in f.get_slice(key).get_shape():
+                n *= d
+            params += n
+    return dict(
+        id=name,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        target_modules=list(cfg.target_modules),
+        parameters=params,
+        **extra,
+    )
+
+
+class _Service:
+    """State behind the endpoints; every model access goes through ``self.worker``."""
+
+    def __init__(
+        self,
+        registry,
+        tokenizer,
+        factory: AdapterFactory | None,
+        router: SkillRouter | None,
+        engine,
+        config: ServeConfig,
+    ) -> None:
+        self.registry = registry
+        self.tokenizer = tokenizer
+        self.factory = factory
+        self.router = router
+        self.engine = engine
+        self.config = config
+        self.worker = ModelWorker()
+        self.max_seq_len = getattr(getattr(registry.model, "config", None), "max_seq_len", None)
+        self._lock = threading.Lock()  # the catalog below
+        self.catalog: dict[str, AdapterInfo] = {}
+        self._by_description: dict[tuple[str, int], str] = {}
+        self._factory_lock = threading.Lock()
+        self._generated = 0
+        self.streams_cancelled = 0
+        self.streams_open = 0
+
+    # -- adapters ----------------------------------------------------------------------------
+    def add_folder(self, name: str, folder: Path) -> None:
+        self.registry.register(name, folder)
+        self.catalog[name] = AdapterInfo(**_adapter_info(name, Path(folder), source="folder"))
+
+    def list(self) -> AdapterList:
+        with self._lock:
+            adapters = list(self.catalog.values())
+        return AdapterList(
+            adapters=adapters, generator=self.factory is not None, router=self.router is not None
+        )
+
+    async def generate_adapter(self, description: str, seed: int) -> AdapterGenerateResponse:
+        if self.factory is None:
+            raise HTTPError(
+                503,
+                "no adapter generator is configured on this server: start it with one "
+                "(create_app(adapter_factory=...), or ryzen-opt serve --adapter-factory "
+                "MODULE:NAME)",
+            )
+        try:
+            description = check_description(description, self.config.max_description_chars)
+        except ValueError as e:
+            raise HTTPError(422, str(e)) from None
+        key = (description, seed)
+        with self._lock:
+            known = self._by_description.get(key)
+            if known is not None:
+                return AdapterGenerateResponse(**self.catalog[known].model_dump(), cached=True)
+        folder, ms = await asyncio.to_thread(self._run_factory, description, seed)
+        with self._lock:  # a concurrent request for the same key may have won the race
+            known = self._by_description.get(key)
+            if known is not None:
+                return AdapterGenerateResponse(**self.catalog[known].model_dump(), cached=True)
+            self._generated += 1
+            tag = hashlib.blake2b(f"{seed}:{description}".encode(), digest_size=4).hexdigest()
+            name = f"gen{self._generated}-{tag}"
+        try:
+            info = AdapterInfo(
+                **_adapter_info(
+                    name,
+                    folder,
+                    source="generated",
+                    description=description,
+                    seed=seed,
+                    generate_ms=ms,
+                )
+            )
+        except Exception as e:
+            raise HTTPError(500, f"the adapter generator wrote an unusable adapter: {e}") from None
+
+        def register() -> None:  # loading now turns a bad adapter into this request's error
+            self.registry.register(name, folder)
+            self.registry.load(name)
+
+        try:
+            await asyncio.wrap_future(self.worker.submit(register, PRIORITY_CONTROL))
+        except Exception as e:  # the name stays registered but is never listed or served
+            raise HTTPError(
+                500, f"the generated adapter does not fit the served model: {e}"
+            ) from None
+        with self._lock:
+            self.catalog[name] = info
+            self._by_description[key] = name
+        return AdapterGenerateResponse(**info.model_dump())
+
+    def _run_factory(self, description: str, seed: int) -> tuple[Path, float]:
+        with self._factory_lock:
+            t0 = time.perf_counter()
+            try:
+                folder = self.factory(description, seed)
+            except ValueError as e:
+                raise HTTPError(422, f"description: {e}") from None
+            except Exception as e:
+                raise HTTPError(500, f"the adapter generator failed: {e!r}") from None
+            ms = (time.perf_counter() - t0) * 1e3
+        if not isinstance(folder, (str, Path)) or not Path(folder).is_dir():
+            raise HTTPError(
+                500, f"the adapter generator returned {folder!r}, not an adapter folder"
+            )
+        return Path(folder), ms
+
+    # -- generation --------------------------------------------------------------------------
+    def encode(self, req: GenerateRequest) -> tuple[list[int], int]:
+        if not req.prompt:
+            raise HTTPError(422, "prompt is empty")
+        try:
+            ids = list(self.tokenizer.encode(req.prompt))
+        except (TypeError, ValueError) as e:
+            raise HTTPError(422, f"prompt: {e}") from None
+        asked = req.max_new_tokens
+        new = self.config.default_max_new_tokens if asked is None else asked
+        limit = self.max_seq_len
+        if limit is not None and len(ids) + new > limit:
+            if asked is None and len(ids) < limit:  # the default shrinks to fit a long prompt
+                new = limit - len(ids)
+            else:
+                raise HTTPError(
+                    422,
+                    f"prompt ({len(ids)} tokens) + max_new_tokens ({new}) exceeds the "
+                    f"model's max_seq_len={limit}",
+                )
+        if req.n > self.config.max_n:
+            raise HTTPError(422, f"n must be <= {self.config.max_n}, got {req.n}")
+        return ids, new
+
+    async def resolve(self, req: GenerateRequest) -> str | None:
+        """The adapter id to serve (``AUTO`` when the router decides on the worker)."""
+        if req.description is not None:
+            return (await self.generate_adapter(req.description, req.seed)).id
+        if req.adapter is None:
+            return None
+        if req.adapter == AUTO:
+            if self.router is None:
+                raise HTTPError(
+                    503,
+                    'adapter="auto" needs a skill router and this server has none configured',
+                )
+            return AUTO
+        with self._lock:
+            if req.adapter not in self.catalog:
+                raise HTTPError(
+                    404, f"adapter {req.adapter!r} not found (GET /adapters lists them)"
+                )
+        return req.adapter
+
+    def _route(self, name: str | None, prompt: str) -> str | None:
+        """On the worker: the router's choice for ``AUTO``, checked; else ``name``."""
+        if name != AUTO:
+            return name
+        chosen = self.router(prompt)
+        if chosen is not None:
+            with self._lock:
+                known = chosen in self.catalog
+            if not known:
+                raise HTTPError(
+                    500, f"the skill router chose {chosen!r}, which is not a served adapter"
+                )
+        return chosen
+
+    def _sampling(self, req: GenerateRequest) -> dict[str, Any]:
+        t = req.temperature if req.temperature is not None else (0.0 if req.n == 1 else 1.0)
+        return {"temperature": t, "top_k": req.top_k if t > 0 else None, "seed": req.seed}
+
+    def run(self, req: GenerateRequest, ids: list[int], new: int, name: str | None) -> dict:
+        """On the worker: route, switch, generate; the response fields."""
+        name_in = name
+        name = self._route(name, req.prompt)
+        eos = self.tokenizer.EOS
+        s = self._sampling(req)
+        best = None
+        if req.n == 1:
+            prompt = torch.tensor([ids])
+            out = self.registry.generate(prompt, adapter=name, max_new_tokens=new, eos_id=eos, **s)
+            toks = out[0, len(ids) :].tolist()
+            if eos in toks:
+                toks = toks[: toks.index(eos) + 1]
+            completion, finish = self.tokenizer.decode(toks), "eos" if eos in toks else "length"
+        else:
+            if name is None:
+                self.registry.deactivate()
+            else:
+                self.registry.activate(name)
+            engine = copy.copy(self.engine)
+            engine.sampler = self.engine.sampler.replace(
+                temperature=s["temperature"], top_k=s["top_k"], seed=s["seed"], eos_id=eos
+            )
+            [r] = engine.best_of_n([ids], req.n, new, strategy=req.strategy)
+            chosen = r.candidates[r.index]
+            toks, completion = list(chosen.token_ids), r.completion
+            finish = "eos" if chosen.eos else "length"
+            best = BestOfN(
+                strategy=r.strategy,
+                index=r.index,
+                candidates=[
+                    CandidateInfo(
+                        completion=c.completion, verified=c.verified, mean_logprob=c.mean_logprob
+                    )
+                    for c in r.candidates
+                ],
+            )
+        return dict(
+            adapter=name,
+            routed=name_in == AUTO,
+            prompt=req.prompt,
+            completion=completion,
+            token_ids=toks,
+            finish_reason=finish,
+            best_of=best,
+        )
+
+    async def generate(self, req: GenerateRequest) -> GenerateResponse:
+        t0 = time.perf_counter()
+        ids, new = self.encode(req)
+        name = await self.resolve(req)
+        marks: dict[str, float] = {}
+
+        def job() -> dict:
+            marks["start"] = time.perf_counter()
+            try:
+                return self.run(req, ids, new, name)
+            finally:
+                marks["end"] = time.perf_counter()
+
+        t1 = time.perf_counter()
+        fields = await asyncio.wrap_future(self.worker.submit(job))
+        t2 = time.perf_counter()
+        timing = Timing(
+            queue_ms=(marks["start"] - t1) * 1e3,
+            run_ms=(marks["end"] - marks["start"]) * 1e3,
+            total_ms=(t2 - t0) * 1e3,
+        )
+        return GenerateResponse(**fields, timing=timing)
+
+    async def stream(self, req: GenerateRequest) -> AsyncIterator[str]:
+        """Start a streamed request: errors before the first token raise :class:`HTTPError`;
+        the returned iterator yields the server-sent events."""
+        ids, new = self.encode(req)
+        name = await self.resolve(req)
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def push(*item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody reads on
+                cancel.set()
+
+        def job() -> None:
+            if cancel.is_set():
+                return
+            try:
+                chosen = self._route(name, req.prompt)
+                gen = self.registry.generate_stream(
+                    torch.tensor([ids]),
+                    adapter=chosen,
+                    max_new_tokens=new,
+                    eos_id=self.tokenizer.EOS,
+                    **self._sampling(req),
+                )
+            except BaseException as e:
+                push("error", e)
+                return
+            push("start", chosen)
+            count, finish = 0, "length"
+            try:
+                for tok in gen:
+                    if cancel.is_set():
+                        break
+                    t = int(tok[0])
+                    count += 1
+                    if t == self.tokenizer.EOS:
+                        finish = "eos"
+                        break
+                    push("token", t)
+            except BaseException as e:
+                push("error", e)
+                return
+            finally:
+                gen.close()  # the registry allows adapter switches again
+            push("done", count, finish)
+
+        def failed(fut) -> None:  # the worker stopped before the job ran
+            if fut.exception() is not None:
+                push("error", fut.exception())
+
+        self.worker.submit(job).add_done_callback(failed)
+        kind, *rest = await items.get()
+        if kind == "error":
+            err = rest[0]
+            if isinstance(err, HTTPError):
+                raise err
+            raise HTTPError(500, f"generation failed: {err}")
+        chosen = rest[0]
+        return self._events(req, chosen, items, cancel)
+
+    async def _events(
+        self, req: GenerateRequest, chosen: str | None, items: asyncio.Queue, cancel
+    ) -> AsyncIterator[str]:
+        self.streams_open += 1
+        text: list[str] = []
+        finished = False
+        try:
+            yield _sse("start", {"adapter": chosen, "routed": req.adapter == AUTO})
+            while True:
+                kind, *rest = await items.get()
+                if kind == "token":
+                    piece = self.tokenizer.decode([rest[0]])
+                    text.append(piece)
+                    yield _sse("token", {"id": rest[0], "text": piece})
+                elif kind == "done":
+                    finished = True
+                    yield _sse(
+                        "done",
+                        {
+                            "adapter": chosen,
+                            "completion": "".join(text),
+                            "tokens": rest[0],
+                            "finish_reason": rest[1],
+                        },
+                    )
+                    return
+                else:
+                    finished = True
+                    yield _sse("error", {"detail": f"generation failed: {rest[0]}"})
+                    return
+        finally:
+            self.streams_open -= 1
+            if not finished:  # the client went away: stop the job at its next token
+                cancel.set()
+                self.streams_cancelled += 1
+
+
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def create_app(
+    registry,
+    tokenizer,
+    *,
+    adapter_factory: AdapterFactory | Callable[[str, int], Path] | None = None,
+    skill_router: SkillRouter | Callable[[str], str | None] | None = None,
+    scaling_engine=None,
+    adapters: Mapping[str, str | Path] | None = None,
+    config: ServeConfig | None = None,
+):
+    """The FastAPI application serving ``registry`` over HTTP.
+
+    Args:
+        registry: an :class:`~ryzen_opt.adapters.AdapterRegistry`. From now on only the app
+            touches it (on its model worker thread); adapters already registered in it are
+            served but not listed, so register them through ``adapters``.
+        tokenizer: text <-> ids, with ``encode(text) -> ids`` (BOS first), ``decode(ids)``
+            and ``EOS`` (:class:`~ryzen_opt.models.tasks.CharTokenizer`).
+        adapter_factory: ``factory(description, seed) -> folder`` of a new PEFT-format
+            adapter (:class:`AdapterFactory`); ``None``: ``POST /adapters/generate`` and
+            ``description`` requests answer 503.
+        skill_router: ``router(prompt) -> adapter id or None`` for ``adapter="auto"``
+            (:class:`SkillRouter`); ``None``: such requests answer 503.
+        scaling_engine: the :class:`~ryzen_opt.scaling.InferenceScalingEngine` for ``n > 1``,
+            over ``registry.model``; ``None``: :func:`default_scaling_engine`. Its sampler is
+            replaced per request (temperature, top_k, seed).
+        adapters: ``{id: folder}`` of PEFT-format adapters to register and list.
+        config: limits (:class:`ServeConfig`).
+
+    Returns:
+        A ``fastapi.FastAPI``; its model worker starts and stops with the app's lifespan.
+        ``app.state.service`` holds the state (counters for monitoring and tests).
+
+    Raises:
+        ValueError / TypeError naming the argument.
+
+    Example:
+        >>> # registry = AdapterRegistry(load_checkpoint("checkpoints/default"))
+        >>> # app = create_app(registry, CharTokenizer(),
+        >>> #                  adapters={"mul2": "checkpoints/lora_mul2"})
+        >>> # uvicorn.run(app, host="127.0.0.1", port=8000)
+    """
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    for name in ("register", "load", "activate", "deactivate", "generate", "generate_stream"):
+        if not callable(getattr(registry, name, None)):
+            raise TypeError(f"registry must be an AdapterRegistry (no {name} method)")
+    if not isinstance(getattr(registry, "model", None), torch.nn.Module):
+        raise TypeError("registry.model must be a torch.nn.Module")
+    for name in ("encode", "decode"):
+        if not callable(getattr(tokenizer, name, None)):
+            raise TypeError(f"tokenizer must have an {name} method")
+    if not isinstance(getattr(tokenizer, "EOS", None), int):
+        raise TypeError("tokenizer must have an int EOS id")
+    for name, fn in (("adapter_factory", adapter_factory), ("skill_router", skill_router)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
+    if scaling_engine is None:
+        scaling_engine = default_scaling_engine(registry.model, tokenizer)
+    elif getattr(scaling_engine, "model", None) is not registry.model:
+        raise ValueError(
+            "scaling_engine must run registry.model (its adapters are switched by the registry)"
+        )
+    config = ServeConfig() if config is None else config
+    if not isinstance(config, ServeConfig):
+        raise TypeError(f"config must be a ServeConfig, got {type(config).__name__}")
+    service = _Service(registry, tokenizer, adapter_factory, skill_router, scaling_engine, config)
+    for name, folder in (adapters or {}).items():
+        service.add_folder(name, Path(folder))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        service.worker.start()
+        try:
+            yield
+        finally:
+            service.worker.stop()
+
+    app = FastAPI(
+        title="ryzen_opt",
+        summary="LoRA adapters over one base model: generate adapters, generate text",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request: Request, exc: HTTPError):
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # logged by uvicorn as well
+        return JSONResponse(
+            {"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        parts = []
+        for e in errors:
+            loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+            msg = e.get("msg", "invalid")
+            if e.get("type") == "json_invalid":
+                msg = f"malformed JSON: {e.get('ctx', {}).get('error', msg)}"
+                loc = ""
+            parts.append(f"{loc}: {msg}" if loc else msg)
+        errs = [{k: e[k] for k in ("loc", "msg", "type") if k in e} for e in errors]
+        return JSONResponse(
+            {"detail": "; ".join(parts) or "invalid request", "errors": errs}, status_code=422
+        )
+
+    @app.get("/health")
+    async def health() -> dict:
+        w = service.worker
+        return {
+            "status": "ok" if w.running else "stopped",
+            "queued": w.queued,
+            "jobs_run": w.jobs_run,
+            "streams_open": service.streams_open,
+            "streams_cancelled": service.streams_cancelled,
+        }
+
+    @app.get("/adapters", response_model=AdapterList)
+    async def list_adapters() -> AdapterList:
+        return service.list()
+
+    @app.post("/adapters/generate", response_model=AdapterGenerateResponse)
+    async def generate_adapter(body: AdapterGenerateRequest) -> AdapterGenerateResponse:
+        return await service.generate_adapter(body.description, body.seed)
+
+    @app.post(
+        "/generate",
+        response_model=GenerateResponse,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
+    async def generate(body: GenerateRequest):
+        if body.stream:
+            events = await service.stream(body)
+            return StreamingResponse(
+                events,
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        return await service.generate(body)
+
+    return app
