@@ -370,20 +370,29 @@ def build_serve_app(args: argparse.Namespace, workdir: Path):
     return app, list(folders)
 
 
-def _run_serve(args: argparse.Namespace) -> int:
+def _listen_socket(host: str, port: int):
+    """A TCP socket bound to ``(host, port)`` for uvicorn (port 0: a free one)."""
     import socket
 
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say TCP; without it
+    # a keep-alive client waited ~40 ms per response (Nagle against its delayed ACK).
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"--host/--port: cannot listen on {host}:{port}: {e}") from None
+    return sock
+
+
+def _run_serve(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="ryzen_opt_serve_") as tmp:
         app, ids = build_serve_app(args, Path(tmp))
         import uvicorn
 
-        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((args.host, args.port))
-        except OSError as e:
-            msg = f"--host/--port: cannot listen on {args.host}:{args.port}: {e}"
-            raise UsageError(msg) from None
+        sock = _listen_socket(args.host, args.port)
         host, port = sock.getsockname()[:2]
         print(
             f"serving {args.checkpoint} on http://{host}:{port} (adapters: "

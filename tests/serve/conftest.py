@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -22,8 +21,9 @@ class LiveServer:
         import httpx
         import uvicorn
 
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
+        from ryzen_opt.cli import _listen_socket
+
+        sock = _listen_socket("127.0.0.1", 0)  # the socket ryzen-opt serve listens on
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = app

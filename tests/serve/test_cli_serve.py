@@ -117,3 +117,31 @@ def test_bad_options_are_usage_errors_naming_the_option(argv, words, capsys):
     assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ryzen-opt serve: error:") and words in err, err
+
+
+def test_the_listening_socket_gives_connections_tcp_nodelay():
+    # asyncio sets TCP_NODELAY only on sockets created as IPPROTO_TCP; on one created without
+    # it every keep-alive response waited ~40 ms for the client's delayed ACK.
+    import asyncio
+    import socket
+
+    from ryzen_opt.cli import _listen_socket
+
+    async def check() -> int:
+        got: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport) -> None:
+                s = transport.get_extra_info("socket")
+                got.set_result(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        sock = _listen_socket("127.0.0.1", 0)
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        value = await asyncio.wait_for(got, 10)
+        writer.close()
+        server.close()
+        return value
+
+    assert asyncio.run(check()) != 0
