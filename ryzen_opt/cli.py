@@ -285,6 +285,17 @@ def _add_serve(sub) -> None:
     )
     p.add_argument("--max-resident", type=_positive_int, default=4, help="adapters loaded at once")
     p.add_argument("--merged", action="store_true", help="serve adapters merged into the weights")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        # 1: requests run one at a time at batch 1, where a second OpenMP thread has little to
+        # split. On a shared 2-core machine (load average 8) a 16-token greedy generate of
+        # checkpoints/default took 4.5 ms median with 1 thread and 420 ms with 2 (barrier
+        # stalls, in one interleaved run); bench.serve --quick throughput was within its noise
+        # either way (61, 63, 42 requests/s with 1 thread; 86, 38, 42 with 2).
+        help="torch threads of the model (default: %(default)s)",
+    )
     p.set_defaults(func=_run_serve)
 
 
@@ -352,11 +363,14 @@ def build_serve_app(args: argparse.Namespace, workdir: Path):
         factory = _load_object(args.adapter_factory, "--adapter-factory")
     if args.skill_router:
         router = _load_object(args.skill_router, "--skill-router")
+    import torch
+
     from ryzen_opt.adapters import AdapterRegistry
     from ryzen_opt.models import load_checkpoint
     from ryzen_opt.models.tasks import CharTokenizer
     from ryzen_opt.serve import create_app
 
+    torch.set_num_threads(args.threads)
     registry = AdapterRegistry(
         load_checkpoint(args.checkpoint), max_resident=args.max_resident, merged=args.merged
     )
