@@ -30,6 +30,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -327,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("arguments --duration and --timeout must be > 0")
     res = asyncio.run(run(a))
     env = environment("cpu")
+    env["command"] = shlex.join(
+        ["python", "-m", "bench.serve", *(sys.argv[1:] if argv is None else argv)]
+    )
     for mod in ("fastapi", "uvicorn", "httpx", "pydantic"):
         try:
             env["versions"][mod] = __import__(mod).__version__

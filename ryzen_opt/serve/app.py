@@ -519,8 +519,8 @@ def create_app(
 
     Args:
         registry: an :class:`~ryzen_opt.adapters.AdapterRegistry`. From now on only the app
-            touches it (on its model worker thread); adapters already registered in it are
-            served but not listed, so register them through ``adapters``.
+            touches it (on its model worker thread). Only adapters the app registered are
+            served (404 for others): pass them as ``adapters``.
         tokenizer: text <-> ids, with ``encode(text) -> ids`` (BOS first), ``decode(ids)``
             and ``EOS`` (:class:`~ryzen_opt.models.tasks.CharTokenizer`).
         adapter_factory: ``factory(description, seed) -> folder`` of a new PEFT-format

@@ -360,3 +360,24 @@ def test_concurrent_clients_each_get_their_own_adapters_output(server, reference
         got = list(pool.map(one, jobs))
     for (adapter, prompt, stream), ids in zip(jobs, got, strict=True):
         assert ids == want[adapter, prompt], (adapter, prompt, stream)
+
+
+def test_the_readmes_curl_calls_work(server):
+    import json
+    import re
+
+    from tests.serve.conftest import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## HTTP API") :]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1).replace("\\\n", " ")
+    calls = [line for line in block.splitlines() if line.lstrip().startswith("curl")]
+    assert len(calls) == 2
+    for line in calls:
+        path = re.search(r"localhost:8000(/\S*)", line).group(1)
+        data = re.search(r"-d '(.*?)'", line)
+        if data is None:
+            r = server.client.get(path)
+        else:
+            r = server.client.post(path, json=json.loads(data.group(1)))
+        assert r.status_code == 200, (line, r.text)
