@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import copy
 import hashlib
+import itertools
 import json
 import re
 import threading
@@ -392,7 +393,10 @@ class _Service:
                 marks["end"] = time.perf_counter()
 
         t1 = time.perf_counter()
-        fields = await asyncio.wrap_future(self.worker.submit(job))
+        try:
+            fields = await asyncio.wrap_future(self.worker.submit(job))
+        except Exception as e:
+            raise _as_http(e) from None
         t2 = time.perf_counter()
         timing = Timing(
             queue_ms=(marks["start"] - t1) * 1e3,
@@ -419,6 +423,7 @@ class _Service:
         def job() -> None:
             if cancel.is_set():
                 return
+            gen = None
             try:
                 chosen = self._route(name, req.prompt)
                 gen = self.registry.generate_stream(
@@ -428,13 +433,17 @@ class _Service:
                     eos_id=self.tokenizer.EOS,
                     **self._sampling(req),
                 )
+                # the first step checks the settings: a refusal is still a plain HTTP error
+                first = next(gen, None)
             except BaseException as e:
+                if gen is not None:
+                    gen.close()
                 push("error", e)
                 return
             push("start", chosen)
             count, finish = 0, "length"
             try:
-                for tok in gen:
+                for tok in itertools.chain([] if first is None else [first], gen):
                     if cancel.is_set():
                         break
                     t = int(tok[0])
@@ -457,10 +466,7 @@ class _Service:
         self.worker.submit(job).add_done_callback(failed)
         kind, *rest = await items.get()
         if kind == "error":
-            err = rest[0]
-            if isinstance(err, HTTPError):
-                raise err
-            raise HTTPError(500, f"generation failed: {err}")
+            raise _as_http(rest[0])
         chosen = rest[0]
         return self._events(req, chosen, items, cancel)
 
@@ -499,6 +505,19 @@ class _Service:
             if not finished:  # the client went away: stop the job at its next token
                 cancel.set()
                 self.streams_cancelled += 1
+
+
+def _as_http(e: BaseException) -> HTTPError:
+    """The answer to an error raised while serving a request on the model worker."""
+    from ryzen_opt.adapters import AdapterError
+
+    if isinstance(e, HTTPError):
+        return e
+    if isinstance(e, AdapterError):  # a registered adapter that does not load: the server's
+        return HTTPError(500, f"the adapter could not be served: {e}")
+    if isinstance(e, (ValueError, TypeError)):  # generation refused the request's settings
+        return HTTPError(422, str(e))
+    return HTTPError(500, f"generation failed: {type(e).__name__}: {e}")
 
 
 def _sse(event: str, data: dict) -> str:

@@ -73,7 +73,7 @@ class GenerateRequest(_Body):
     max_new_tokens: StrictInt | None = Field(None, ge=1)
     n: StrictInt = Field(1, ge=1, description="best-of-n candidates (InferenceScalingEngine)")
     temperature: float | None = Field(
-        None, ge=0, description="default: 0 (greedy) for n=1, 1.0 for n>1"
+        None, ge=0, allow_inf_nan=False, description="default: 0 (greedy) for n=1, 1.0 for n>1"
     )
     top_k: StrictInt | None = Field(None, ge=1)
     strategy: Strategy | None = Field(None, description="best-of-n selection (n > 1)")

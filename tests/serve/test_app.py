@@ -264,6 +264,7 @@ def test_best_of_n_is_the_scaling_engines_choice(server, reference):
         ("/generate", {"prompt": "1+1=", "strategy": "majority"}, 422, "strategy needs n > 1"),
         ("/generate", {"prompt": "1+1=", "n": 2, "strategy": "best"}, 422, "strategy"),
         ("/generate", {"prompt": "1+1=", "temperature": -1}, 422, "temperature"),
+        ("/generate", {"prompt": "1+1=", "temperature": 1e-40}, 422, "temperature must be 0"),
         ("/generate", {"prompt": "1+1=", "max_new_token": 4}, 422, "max_new_token: Extra"),
         (
             "/generate",
@@ -291,6 +292,18 @@ def test_malformed_json_gets_422(server, raw):
     assert r.json()["detail"]
     if raw:
         assert r.json()["detail"].startswith("malformed JSON")
+
+
+@pytest.mark.parametrize("raw", [b"Infinity", b"1e400", b"NaN", b"-Infinity"])
+def test_non_finite_temperatures_get_422_and_the_connection_stays_usable(server, raw):
+    body = b'{"prompt": "1+1=", "temperature": ' + raw + b"}"
+    for stream in (False, True):
+        data = body[:-1] + (b', "stream": true}' if stream else b"}")
+        r = server.client.post(
+            "/generate", content=data, headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 422 and "temperature" in r.json()["detail"], r.text
+    assert server.client.get("/health").status_code == 200  # same keep-alive connection
 
 
 def test_a_server_without_generator_or_router_answers_503(bare):
