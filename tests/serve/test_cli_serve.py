@@ -65,7 +65,13 @@ def test_serve_command_listens_on_loopback_with_the_default_checkpoint_and_lora_
     assert rc == 0, proc.stdout.read()
 
 
-def test_adapter_factory_option_wires_a_generator(tmp_path):
+def multiplication_router(registry, workdir):
+    """A ``--skill-router`` builder: multiplication prompts go to adapter ``mul``."""
+    assert registry.model is not None and workdir.is_dir()
+    return lambda prompt: "mul" if "*" in prompt else None
+
+
+def test_adapter_factory_and_skill_router_options_wire_them_in(tmp_path):
     args = build_parser().parse_args(
         [
             "serve",
@@ -75,6 +81,8 @@ def test_adapter_factory_option_wires_a_generator(tmp_path):
             f"mul={MUL2}",
             "--adapter-factory",
             "tests.serve.lora_factory:HashLoraFactory",
+            "--skill-router",
+            "tests.serve.test_cli_serve:multiplication_router",
         ]
     )
     app, ids = build_serve_app(args, tmp_path)
@@ -85,6 +93,8 @@ def test_adapter_factory_option_wires_a_generator(tmp_path):
         name = r.json()["id"]
         r = s.client.post("/generate", json={"prompt": "1+1=", "adapter": name})
         assert r.status_code == 200 and r.json()["adapter"] == name
+        r = s.client.post("/generate", json={"prompt": "07*41=", "adapter": "auto"})
+        assert r.status_code == 200 and r.json()["adapter"] == "mul" and r.json()["routed"]
     assert any(tmp_path.iterdir())  # the generator wrote into the server's work folder
 
 
