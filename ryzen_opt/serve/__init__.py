@@ -8,12 +8,12 @@ Needs the ``serve`` extra (``pip install 'ryzen-opt[serve]'``: FastAPI, uvicorn,
 ``ryzen-opt serve`` starts it on 127.0.0.1.
 """
 
-from ryzen_opt.serve.app import (
+from ryzen_opt.serve.app import create_app
+from ryzen_opt.serve.config import (
     AdapterFactory,
     ServeConfig,
     SkillRouter,
     arithmetic_verify,
-    create_app,
     default_scaling_engine,
 )
 from ryzen_opt.serve.worker import ModelWorker
