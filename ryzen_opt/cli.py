@@ -3,6 +3,7 @@
     ryzen-opt export --checkpoint checkpoints/default --out model.onnx
     ryzen-opt compress --checkpoint checkpoints/default --methods int8_dynamic,int4_weight_only
         --max-accuracy-drop 1 --out compressed.onnx --json out/compress.json   (one line)
+    ryzen-opt serve --port 8000 --adapters checkpoints/lora_mul2      (HTTP API, 'serve' extra)
 
 Exit status: 0 done, 2 a usage error (bad option value, an --out that is a folder or an
 existing file without --force), 1 the command failed on its input (a corrupt checkpoint).
@@ -246,7 +247,181 @@ def _compress(args: argparse.Namespace, methods: list[str], workdir: Path, out: 
     return 0
 
 
-_COMMANDS: tuple[Callable, ...] = (_add_export, _add_compress)
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="the HTTP API: generate adapters, generate text (needs the 'serve' extra)"
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s, this machine only; the API has no "
+        "authentication)",
+    )
+    p.add_argument("--port", type=int, default=8000, help="TCP port, 0 for a free one")
+    p.add_argument(
+        "--checkpoint", type=Path, default=Path("checkpoints/default"), help="base model folder"
+    )
+    p.add_argument(
+        "--adapters",
+        nargs="*",
+        default=["checkpoints/lora_mul2"],
+        metavar="[ID=]FOLDER",
+        help="PEFT-format adapter folders to serve, or folders of them; the id is the folder's "
+        "name unless given as ID=FOLDER (default: %(default)s)",
+    )
+    p.add_argument(
+        "--adapter-factory",
+        default=None,
+        metavar="MODULE:NAME",
+        help="a callable NAME(registry, workdir) in MODULE returning the adapter generator "
+        "factory(description, seed) -> folder; without it POST /adapters/generate answers 503",
+    )
+    p.add_argument(
+        "--skill-router",
+        default=None,
+        metavar="MODULE:NAME",
+        help="a callable NAME(registry, workdir) returning router(prompt) -> adapter id or None, "
+        'for adapter="auto"; without it such requests answer 503',
+    )
+    p.add_argument("--max-resident", type=_positive_int, default=4, help="adapters loaded at once")
+    p.add_argument("--merged", action="store_true", help="serve adapters merged into the weights")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        # 1: requests run one at a time at batch 1, where a second OpenMP thread has little to
+        # split. On a shared 2-core machine (load average 8) a 16-token greedy generate of
+        # checkpoints/default took 4.5 ms median with 1 thread and 420 ms with 2 (barrier
+        # stalls, in one interleaved run); bench.serve --quick throughput was within its noise
+        # either way (61, 63, 42 requests/s with 1 thread; 86, 38, 42 with 2).
+        help="torch threads of the model (default: %(default)s)",
+    )
+    p.set_defaults(func=_run_serve)
+
+
+def _adapter_folders(specs: Sequence[str]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        folder = Path(path if sep else spec)
+        if not folder.is_dir():
+            raise UsageError(f"--adapters: {str(folder)!r} is not a folder")
+        if (folder / "adapter_config.json").is_file():
+            found = {name if sep else folder.name: folder}
+        elif sep:
+            raise UsageError(f"--adapters: {spec!r}: {str(folder)!r} holds no adapter_config.json")
+        else:
+            found = {
+                d.name: d for d in sorted(folder.iterdir()) if (d / "adapter_config.json").is_file()
+            }
+            if not found:
+                raise UsageError(f"--adapters: {str(folder)!r} holds no PEFT-format adapter")
+        for k, v in found.items():
+            if k in out:
+                raise UsageError(f"--adapters: id {k!r} given twice ({out[k]}, {v})")
+            out[k] = v
+    return out
+
+
+def _load_object(spec: str, option: str):
+    import importlib
+
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
+        raise UsageError(f"{option}: expected MODULE:NAME, got {spec!r}")
+    try:
+        obj = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise UsageError(f"{option}: cannot load {spec!r}: {e}") from None
+    if not callable(obj):
+        raise UsageError(f"{option}: {spec!r} is not callable")
+    return obj
+
+
+def build_serve_app(args: argparse.Namespace, workdir: Path):
+    """The app ``ryzen-opt serve`` runs, from its parsed arguments (also used by tests).
+
+    Args:
+        args: the ``serve`` subcommand's arguments.
+        workdir: a folder the adapter generator and router builders may write into.
+
+    Returns:
+        ``(app, adapter ids)``.
+    """
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise UsageError(
+            f"serve needs the 'serve' extra (pip install 'ryzen-opt[serve]'): {e}"
+        ) from None
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    folders = _adapter_folders(args.adapters)
+    factory = router = None
+    if args.adapter_factory:
+        factory = _load_object(args.adapter_factory, "--adapter-factory")
+    if args.skill_router:
+        router = _load_object(args.skill_router, "--skill-router")
+    import torch
+
+    from ryzen_opt.adapters import AdapterRegistry
+    from ryzen_opt.models import load_checkpoint
+    from ryzen_opt.models.tasks import CharTokenizer
+    from ryzen_opt.serve import create_app
+
+    torch.set_num_threads(args.threads)
+    registry = AdapterRegistry(
+        load_checkpoint(args.checkpoint), max_resident=args.max_resident, merged=args.merged
+    )
+    app = create_app(
+        registry,
+        CharTokenizer(),
+        adapter_factory=None if factory is None else factory(registry, workdir),
+        skill_router=None if router is None else router(registry, workdir),
+        adapters=folders,
+    )
+    return app, list(folders)
+
+
+def _listen_socket(host: str, port: int):
+    """A TCP socket bound to ``(host, port)`` for uvicorn (port 0: a free one)."""
+    import socket
+
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say TCP; without it
+    # a keep-alive client waited ~40 ms per response (Nagle against its delayed ACK).
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"--host/--port: cannot listen on {host}:{port}: {e}") from None
+    return sock
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="ryzen_opt_serve_") as tmp:
+        app, ids = build_serve_app(args, Path(tmp))
+        import uvicorn
+
+        sock = _listen_socket(args.host, args.port)
+        host, port = sock.getsockname()[:2]
+        print(
+            f"serving {args.checkpoint} on http://{host}:{port} (adapters: "
+            f"{', '.join(ids) or 'none'}; adapter generator: "
+            f"{args.adapter_factory or 'none'}; skill router: {args.skill_router or 'none'})",
+            flush=True,
+        )
+        try:
+            uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn shut down cleanly first, then re-raises Ctrl-C
+            print("stopped", flush=True)
+    return 0
+
+
+_COMMANDS: tuple[Callable, ...] = (_add_export, _add_compress, _add_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
