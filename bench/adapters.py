@@ -199,12 +199,29 @@ def _many(base, folder, n: int):
     return m
 
 
+def _reset_counts(models) -> None:
+    for m in models:
+        paths = m.__dict__.get("_fast_paths")
+        if paths is not None:
+            paths.decode_steps.update(fast=0, model=0)
+
+
+def _with_counts(route: str, model) -> str:
+    """``route`` and how many decode steps of the timed calls the fast path computed (the
+    rest ran the model's own code): what ran, beside what ``optimize()`` chose."""
+    paths = model.__dict__.get("_fast_paths")
+    if paths is None:
+        return route
+    d = paths.decode_steps
+    return f"{route} (fast path ran {d['fast']} of {d['fast'] + d['model']} decode steps)"
+
+
 def measure_mixed(base, folder: Path, prompt: torch.Tensor, new_tokens: int, repeat: int):
     """Greedy generate of 16 rows where row ``r`` uses adapter ``r % n`` (n = 1, 4, 16),
     eager and through optimize()'s fused step, timed interleaved; each variant's ids are
     checked against the eager run of the same mix."""
     rows = prompt.expand(16, -1).contiguous()
-    fns, outs, routes = {}, {}, {}
+    fns, outs, routes, models = {}, {}, {}, {}
     for n in (1, 4, 16):
         eager = _many(base, folder, n)
         fast = _fused(copy.deepcopy(eager))
@@ -220,8 +237,11 @@ def measure_mixed(base, folder: Path, prompt: torch.Tensor, new_tokens: int, rep
 
             fns[key], outs[key] = run, run()
             routes[key] = getattr(m, "bench_route", "")
+            models[key] = m
+    _reset_counts(models.values())
     with torch.no_grad():
         timings = time_interleaved(fns, repeat=repeat, warmup=1)
+    routes = {k: _with_counts(r, models[k]) for k, r in routes.items()}
     same = {k: bool(torch.equal(outs[k], outs[k.replace("optimize()", "eager")])) for k in outs}
     return timings, same, routes
 
@@ -241,8 +261,10 @@ def measure_decode(base, folder: Path, prompt: torch.Tensor, new_tokens: int, re
 
     fns = {n: (lambda m=m: run(m, new_tokens)) for n, m in models.items()}
     fns.update({f"{n}{_ONE}": (lambda m=m: run(m, 1)) for n, m in models.items()})
+    _reset_counts(models.values())
     with torch.no_grad():
         both = time_interleaved(fns, repeat=repeat, warmup=2)
+    routes = {n: _with_counts(r, models[n]) for n, r in routes.items()}
     timings = {n: both[n] for n in models}
     steps = {
         n: max(both[n].median - both[f"{n}{_ONE}"].median, 0.0) / max(new_tokens - 1, 1)

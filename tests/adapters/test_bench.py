@@ -13,6 +13,12 @@ from ryzen_opt.models import save_checkpoint
 from tests.adapters.conftest import make_stm, randomize
 
 
+def _ran(route: str) -> tuple[int, int]:
+    """(decode steps the fast path computed, decode steps) from a fused column's route."""
+    fast, total = route.split("(fast path ran ")[1].split(" decode steps)")[0].split(" of ")
+    return int(fast), int(total)
+
+
 @pytest.fixture
 def inputs(tmp_path):
     save_checkpoint(make_stm(), tmp_path / "ckpt")
@@ -34,6 +40,10 @@ def test_one_run_writes_operations_decode_and_accuracy(inputs):
     assert len(data["mixed"]) == 6 and all(v["same_ids_as_eager"] for v in data["mixed"].values())
     assert all(t["median"] > 0 for t in data["operations"].values())
     assert all(v["decode_step_s"] >= 0 for v in data["decode"].values())
+    # The fused columns say how many decode steps their fast path computed (all of them).
+    for name in ("base, optimize()", "unmerged, optimize()"):
+        ran = _ran(data["decode"][name]["route"])
+        assert ran[0] == ran[1] > 0, data["decode"][name]["route"]
     assert set(data["accuracy"]) >= {"base", "adapter", "task"}
     assert data["adapter_source"].startswith("saved adapter")
     assert out.with_suffix(".md").read_text().startswith("# bench.adapters")
@@ -54,6 +64,9 @@ def test_on_cuda_the_unmerged_adapter_runs_in_the_triton_decode_graph(inputs):
     for name in ("merged", "unmerged", "peft", "merged, optimize()", "unmerged, optimize()"):
         assert dec[name]["same_ids_as_merged"], name
     assert "triton_graph_decode" in dec["unmerged, optimize()"]["route"]
+    for name in ("base, optimize()", "unmerged, optimize()"):
+        ran = _ran(dec[name]["route"])
+        assert ran[0] == ran[1] > 0, dec[name]["route"]
     assert all(v["same_ids_as_eager"] for v in data["mixed"].values())
 
 

@@ -62,6 +62,8 @@ def test_an_active_unmerged_adapter_runs_inside_the_fused_step(mode, targets):
         got, _ = path(model, ids[:, -1:], cache, 5)
     assert_close_rel(got, want, TOL[torch.float32], "adapter b, fused step")
     assert torch.equal(model.generate(ids, 8), ref.generate(ids, 8))
+    # the greedy loop ran in the fused step: its 7 tokens after the first are counted there
+    assert model._fast_paths.decode_steps == {"fast": 7, "model": 0}
     set_adapter(model, None)  # switching is seen by the next call (no stale tables)
     set_adapter(ref, None)
     assert torch.equal(model.generate(ids, 8), ref.generate(ids, 8))
@@ -102,15 +104,18 @@ def test_paths_without_lora_updates_stay_off_while_one_is_needed():
             calls.append(1)
             return self.inner(m, idx, cache, past)
 
-    install(model, FastPaths([(1, 4, Plain())]))
+    paths = FastPaths([(1, 4, Plain())])
+    install(model, paths)
     ids = torch.randint(0, 97, (1, 5))
     ref = copy.deepcopy(model)
     for m in (model, ref):
         set_adapter(m, "a")
     assert torch.equal(model.generate(ids, 4), ref.generate(ids, 4)) and not calls
+    assert paths.decode_steps == {"fast": 0, "model": 3}  # what ran, counted
     for m in (model, ref):  # merged: the update is in the weights the path reads
         merge_adapter(m, "a")
     assert torch.equal(model.generate(ids, 4), ref.generate(ids, 4)) and calls
+    assert paths.decode_steps == {"fast": 3, "model": 3}
 
 
 def test_optimize_keeps_the_fused_step_for_a_model_with_an_active_adapter(tmp_path):

@@ -67,6 +67,10 @@ class FastPaths:
         self.tree: ModuleTree | None = None  # set by install()
         self.loras: list[torch.nn.Module] = []  # the model's LoRA layers (install())
         self.warned = False
+        # One-token decode calls (and greedy-loop tokens) by who computed them: a fast path,
+        # or the model's own code (no path for the shape, a path that declined, training,
+        # autograd, changed modules). What ran, not only what was chosen.
+        self.decode_steps = {"fast": 0, "model": 0}
 
     def unchanged(self) -> bool:
         """Whether the model's modules are the ones the paths were installed over (else the
@@ -128,10 +132,17 @@ class FastPaths:
             model.train(was_training)
         if rest is None:  # the path declined (its buffer is in use): the ordinary loop
             return None
+        self.decode_steps["fast"] += rest.shape[1]
         return torch.cat([idx, first[:, None], rest.to(first.device)], dim=1)
 
     def run(self, model: SimpleTransformerModel, idx: torch.Tensor, kv_cache, past_len: int):
         """The fast path's ``(logits, cache)`` for this call, or ``None`` to run the model."""
+        out = self._run(model, idx, kv_cache, past_len)
+        if kv_cache is not None and idx.shape[1] == 1:
+            self.decode_steps["fast" if out is not None else "model"] += 1
+        return out
+
+    def _run(self, model: SimpleTransformerModel, idx: torch.Tensor, kv_cache, past_len: int):
         if model.training or not _no_autograd(model) or not self.unchanged():
             return None
         if kv_cache is None:
