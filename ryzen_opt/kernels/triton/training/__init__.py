@@ -6,16 +6,39 @@ arguments (errors name the argument), and has a ``supports(...)`` predicate in i
 that returns ``None`` or the reason it cannot serve the input. They run on CUDA tensors, and
 on CPU tensors only under ``TRITON_INTERPRET=1``; elsewhere they raise ``ValueError`` and the
 caller uses the reference.
+
+The modules are named after their op (``gelu_op`` for :func:`gelu`, ``cross_entropy`` for
+:func:`linear_cross_entropy`...) so that the re-exported functions do not shadow them;
+:data:`SUPPORTS` maps each public op name to its module's ``supports``.
 """
 
+from ryzen_opt.kernels.triton.training import (
+    cross_entropy,
+    gelu_op,
+    layer_norm,
+    rms_norm,
+    rotary_op,
+    swiglu_op,
+)
 from ryzen_opt.kernels.triton.training.cross_entropy import linear_cross_entropy
-from ryzen_opt.kernels.triton.training.gelu import gelu
+from ryzen_opt.kernels.triton.training.gelu_op import gelu
 from ryzen_opt.kernels.triton.training.layer_norm import layer_norm_residual
 from ryzen_opt.kernels.triton.training.rms_norm import rms_norm_residual
-from ryzen_opt.kernels.triton.training.rotary import rotary
-from ryzen_opt.kernels.triton.training.swiglu import swiglu
+from ryzen_opt.kernels.triton.training.rotary_op import rotary
+from ryzen_opt.kernels.triton.training.swiglu_op import swiglu
+
+SUPPORTS = {
+    "linear_cross_entropy": cross_entropy.supports,
+    "rms_norm_residual": rms_norm.supports,
+    "layer_norm_residual": layer_norm.supports,
+    "swiglu": swiglu_op.supports,
+    "gelu": gelu_op.supports,
+    "rotary": rotary_op.supports,
+}
+"""Each op's ``supports(...)`` predicate (same arguments as the op): ``None`` or the reason."""
 
 __all__ = [
+    "SUPPORTS",
     "gelu",
     "layer_norm_residual",
     "linear_cross_entropy",

@@ -152,8 +152,10 @@ def backward(dy, dh_out, h, weight, mean, rstd, rms, want_dw, want_db):
     dh = torch.empty(h.shape, device=h.device, dtype=h.dtype)
     wdt = weight.dtype if weight is not None else h.dtype
     if h.numel() == 0:
-        z = torch.zeros((n,), device=h.device, dtype=wdt)
-        return dh, z if want_dw else z[:0], z.clone() if want_db else z[:0]
+        def zeros(want):
+            return torch.zeros((n,) if want else (0,), device=h.device, dtype=wdt)
+
+        return dh, zeros(want_dw), zeros(want_db)
     h2, dy2 = _common.rows(h, n), _common.rows(dy, n)
     dho2 = _common.rows(dh_out, n) if dh_out is not None else h2
     dh2 = dh.view(-1, n)

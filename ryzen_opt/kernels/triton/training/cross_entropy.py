@@ -80,8 +80,9 @@ def _ce_kernel(
     tl.store(loss_ptr + row, loss)
 
     if WRITE_GRAD:
-        # Mean over the valid rows of the whole batch, not of this chunk.
-        scale = tl.where(valid, 1.0 / tl.load(n_valid_ptr), 0.0)
+        # Mean over the valid rows of the whole batch, not of this chunk. (With no valid row
+        # no row takes the scale; the max keeps 1/0 out of the unused branch.)
+        scale = tl.where(valid, 1.0 / tl.maximum(tl.load(n_valid_ptr), 1.0), 0.0)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             x = tl.load(base + offs, mask=offs < V, other=0.0).to(tl.float32)
