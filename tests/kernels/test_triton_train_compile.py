@@ -1,0 +1,102 @@
+"""The training ops are torch.library custom ops with fake kernels and autograd: opcheck
+validates schema, fake (meta) implementation and autograd registration, and torch.compile
+traces each as one node in forward and one in backward."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from ryzen_opt.kernels.triton import training  # noqa: E402
+from tests.kernels.train_check import DEVICE, leaf  # noqa: E402
+
+
+def _cases():
+    f32 = torch.float32
+    x, r, w, b = (
+        leaf(3, 9, dtype=f32),
+        leaf(3, 9, dtype=f32),
+        leaf(9, dtype=f32),
+        leaf(9, dtype=f32),
+    )
+    q, k = leaf(1, 2, 5, 8, dtype=f32), leaf(1, 1, 5, 8, dtype=f32)
+    cs = torch.randn(1, 5, 8, device=DEVICE)
+    hid, wv = leaf(6, 8, dtype=f32), leaf(20, 8, dtype=f32)
+    lab = torch.randint(0, 20, (6,), device=DEVICE)
+    lab[2] = -100
+    ops = torch.ops.ryzen_opt
+    return [
+        (
+            ops.train_linear_cross_entropy,
+            (hid, wv, lab, leaf(20, dtype=f32), -100, 4, True, True, True),
+        ),
+        (ops.train_linear_cross_entropy, (hid, wv, lab, None, -100, 4, False, False, False)),
+        (ops.train_rms_norm, (x, r, w, 1e-6)),
+        (ops.train_rms_norm, (x, None, None, 1e-6)),
+        (ops.train_layer_norm, (x, r, w, b, 1e-5)),
+        (ops.train_layer_norm, (x, None, w, None, 1e-5)),
+        (ops.train_swiglu, (x, r)),
+        (ops.train_gelu, (x, "tanh")),
+        (ops.train_rotary, (q, k, cs, cs)),
+    ]
+
+
+@pytest.mark.parametrize("i", range(9))
+def test_opcheck_schema_fake_and_autograd(i):
+    op, args = _cases()[i]
+    torch.library.opcheck(
+        op,
+        args,
+        test_utils=(
+            "test_schema",
+            "test_autograd_registration",
+            "test_faketensor",
+            "test_aot_dispatch_dynamic",
+        ),
+    )
+
+
+def test_public_ops_dispatch_to_the_custom_ops():
+    # Under FakeTensorMode only the fake kernels run: the public functions reach the ops.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        x = mode.from_tensor(torch.empty(4, 16, device=DEVICE, dtype=torch.bfloat16))
+        w = mode.from_tensor(torch.empty(16, device=DEVICE, dtype=torch.bfloat16))
+        y, h = training.rms_norm_residual(x, x, w, 1e-6)
+        assert y.shape == h.shape == (4, 16) and y.dtype == torch.bfloat16
+        assert training.swiglu(x, x).shape == (4, 16)
+        assert training.gelu(x).shape == (4, 16)
+
+
+@pytest.mark.gpu
+def test_training_step_of_the_ops_compiles_to_one_node_each():
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    mk = lambda *s: torch.nn.Parameter(torch.randn(*s, device="cuda", dtype=dt) * 0.05)
+    w_norm, w_gate, w_up, w_down, w_head = (
+        mk(256),
+        mk(512, 256),
+        mk(512, 256),
+        mk(256, 512),
+        mk(1000, 256),
+    )
+
+    def step(x, labels):
+        y, h = training.rms_norm_residual(x, x, w_norm, 1e-6)
+        m = training.swiglu(y @ w_gate.t(), y @ w_up.t()) @ w_down.t()
+        y, _ = training.rms_norm_residual(m, h, w_norm, 1e-6)
+        return training.linear_cross_entropy(y, w_head, labels)
+
+    x = torch.randn(512, 256, device="cuda", dtype=dt, requires_grad=True)
+    labels = torch.randint(0, 1000, (512,), device="cuda")
+    eager = step(x, labels)
+    eager.backward()
+    grads = [t.grad.clone() for t in (x, w_norm, w_head)]
+    for t in (x, w_norm, w_head):
+        t.grad = None
+    compiled = torch.compile(step, fullgraph=True)(x, labels)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    for g, t in zip(grads, (x, w_norm, w_head), strict=True):
+        torch.testing.assert_close(t.grad, g)
