@@ -38,10 +38,20 @@ def _cases():
         (ops.train_swiglu, (x, r)),
         (ops.train_gelu, (x, "tanh")),
         (ops.train_rotary, (q, k, cs, cs)),
+        (
+            ops.train_attention,
+            (
+                leaf(1, 2, 17, 16, dtype=f32),
+                leaf(1, 1, 20, 16, dtype=f32),
+                leaf(1, 1, 20, 16, dtype=f32),
+                True,
+                0.25,
+            ),
+        ),
     ]
 
 
-@pytest.mark.parametrize("i", range(9))
+@pytest.mark.parametrize("i", range(10))
 def test_opcheck_schema_fake_and_autograd(i):
     op, args = _cases()[i]
     torch.library.opcheck(

@@ -13,6 +13,7 @@ The modules are named after their op (``gelu_op`` for :func:`gelu`, ``cross_entr
 """
 
 from ryzen_opt.kernels.triton.training import (
+    attention_op,
     cross_entropy,
     gelu_op,
     layer_norm,
@@ -20,6 +21,7 @@ from ryzen_opt.kernels.triton.training import (
     rotary_op,
     swiglu_op,
 )
+from ryzen_opt.kernels.triton.training.attention_op import attention
 from ryzen_opt.kernels.triton.training.cross_entropy import linear_cross_entropy
 from ryzen_opt.kernels.triton.training.gelu_op import gelu
 from ryzen_opt.kernels.triton.training.layer_norm import layer_norm_residual
@@ -34,11 +36,13 @@ SUPPORTS = {
     "swiglu": swiglu_op.supports,
     "gelu": gelu_op.supports,
     "rotary": rotary_op.supports,
+    "attention": attention_op.supports,
 }
 """Each op's ``supports(...)`` predicate (same arguments as the op): ``None`` or the reason."""
 
 __all__ = [
     "SUPPORTS",
+    "attention",
     "gelu",
     "layer_norm_residual",
     "linear_cross_entropy",
