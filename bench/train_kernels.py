@@ -12,8 +12,10 @@ on the same inputs; samples interleave the columns in a balanced order
 
 * ``eager``: the PyTorch composition a model runs (HF Llama's RMSNorm in float32,
   ``rotate_half``, ``F.silu(g) * u``, ``F.gelu``, ``F.layer_norm``), each with its residual
-  add; the LM-head loss is HF's ``F.cross_entropy(F.linear(h, w).float(), labels)`` (HF's
-  causal-LM loss upcasts the logits);
+  add; attention is ``F.scaled_dot_product_attention`` (on the GPU its flash or cuDNN
+  kernels, forward and backward); the LM-head loss is HF's
+  ``F.cross_entropy(F.linear(h, w).float(), labels)`` (HF's causal-LM loss upcasts the
+  logits);
 * ``compile``: ``torch.compile`` of that same function (default mode), compiled during the
   warm-up;
 * ``triton``: :mod:`ryzen_opt.kernels.triton.training`.
@@ -167,6 +169,22 @@ def cases(device: str, dtype: torch.dtype, s: dict) -> list[Case]:
             [mk(b, s["heads"], seq, hd), mk(b, s["kv_heads"], seq, hd)],
             rope_eager,
             lambda q, k: T.rotary(q, k, cos, sin),
+        )
+    )
+    q, k, v = (
+        mk(b, s["heads"], seq, hd),
+        mk(b, s["kv_heads"], seq, hd),
+        mk(b, s["kv_heads"], seq, hd),
+    )
+    out.append(
+        Case(
+            "attention_causal",
+            f"q {b}x{s['heads']}x{seq}x{hd}, kv {s['kv_heads']} heads",
+            [q, k, v],
+            lambda q, k, v: (
+                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+            ),
+            lambda q, k, v: (T.attention(q, k, v, causal=True),),
         )
     )
     return out

@@ -16,6 +16,7 @@ OPS = [
     "swiglu",
     "gelu_tanh",
     "rotary",
+    "attention_causal",
 ]
 
 
