@@ -27,7 +27,7 @@ def _poison():
 
 
 CASES = [
-    # (b, hq, hkv, lq, lk, d, causal); the interpreter's tiles are 16 x 16.
+    # (b, hq, hkv, lq, lk, d, causal); the interpreter's tiles are 16 (backward: 16 x 32).
     (1, 1, 1, 1, 1, 16, False),
     (1, 2, 2, 17, 17, 32, False),
     (2, 4, 2, 37, 53, 16, True),  # GQA, q_len < k_len: bottom-right diagonal

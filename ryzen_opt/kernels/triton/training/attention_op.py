@@ -36,12 +36,16 @@ _MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
 
 
-def _blocks(d: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter takes 16 so small test
-    shapes cross several tiles; on the GPU 64 x 64 tiles keep the backward's five fp32
-    tiles (dK, dV, scores, dP, dS) in registers up to head_dim 128."""
+def _blocks(d: int, backward: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter takes 16 (and 32 for the
+    backward's long side, so that its two tile shapes differ there as on the GPU): small test
+    shapes cross several tiles. On the GPU the forward takes the inference kernel's tiles;
+    the backward holds more fp32 tiles per program (dK, dV or dQ, and the score, dP and dS
+    tiles), so it takes the Triton tutorial's smaller query (dK/dV) and key (dQ) side: 32."""
     if _tcommon.INTERPRET:
-        return 16, 16, 4, 1
+        return (16, 32, 4, 1) if backward else (16, 16, 4, 1)
+    if backward:
+        return 32, 64, 4, 2
     return (128, 64, 8, 3) if d <= 64 else (64, 64, 4, 2)
 
 
@@ -281,20 +285,21 @@ def _backward(do, q, k, v, o, lse, causal, scale):
     dv = torch.empty_like(dk)
     # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij: the softmax backward's row term.
     delta = (do.float() * o.float()).sum(-1).contiguous()
-    bm, bn, warps, stages = _blocks(d)
+    small, big, warps, stages = _blocks(d, backward=True)
     meta = _meta(q)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * hkv)](
+    # dK/dV: a tile of `big` keys against `small` queries at a time; dQ the other way round.
+    _bwd_dkdv_kernel[(triton.cdiv(lk, big), b * hkv)](
         q, k, v, do, lse, delta, dk, dv,
         hq, hkv, hq // hkv, lq, lk, d, scale * _LOG2E, scale,
         *strides,
-        CAUSAL=causal, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+        CAUSAL=causal, **meta, BLOCK_M=small, BLOCK_N=big, num_warps=warps, num_stages=stages,
     )
-    _bwd_dq_kernel[(triton.cdiv(lq, bm), b * hq)](
+    _bwd_dq_kernel[(triton.cdiv(lq, big), b * hq)](
         q, k, v, do, lse, delta, dq,
         hq, hq // hkv, lq, lk, d, scale * _LOG2E, scale,
         *strides,
-        CAUSAL=causal, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+        CAUSAL=causal, **meta, BLOCK_M=big, BLOCK_N=small, num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv
 

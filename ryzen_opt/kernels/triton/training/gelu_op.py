@@ -36,7 +36,7 @@ def _gelu_kernel(
 ):
     pid = tl.program_id(0)
     row = (pid // BLOCKS_PER_ROW).to(tl.int64)
-    cols = (pid % BLOCKS_PER_ROW) * BLOCK + tl.arange(0, BLOCK)
+    cols = (pid % BLOCKS_PER_ROW).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if TANH:

@@ -33,7 +33,7 @@ def _swiglu_kernel(
 ):
     pid = tl.program_id(0)
     row = (pid // BLOCKS_PER_ROW).to(tl.int64)
-    cols = (pid % BLOCKS_PER_ROW) * BLOCK + tl.arange(0, BLOCK)
+    cols = (pid % BLOCKS_PER_ROW).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
     g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
