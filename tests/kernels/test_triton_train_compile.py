@@ -110,3 +110,50 @@ def test_training_step_of_the_ops_compiles_to_one_node_each():
     torch.testing.assert_close(compiled, eager)
     for g, t in zip(grads, (x, w_norm, w_head), strict=True):
         torch.testing.assert_close(t.grad, g)
+
+
+_NO_INTERPRETER = """
+import torch
+from ryzen_opt.kernels.triton import training as T
+
+x = torch.randn(2, 8)
+q = torch.randn(1, 2, 3, 8)
+c = torch.randn(1, 3, 8)
+lab = torch.zeros(2, dtype=torch.long)
+calls = {
+    "swiglu": (x, x),
+    "gelu": (x,),
+    "rms_norm_residual": (x, x, None, 1e-6),
+    "layer_norm_residual": (x, None, None, None, 1e-5),
+    "rotary": (q, q, c, c),
+    "linear_cross_entropy": (x, torch.randn(5, 8), lab),
+    "attention": (q, q, q),
+}
+for name, args in calls.items():
+    reason = T.SUPPORTS[name](*args)
+    assert reason and "on cpu" in reason, (name, reason)
+    try:
+        getattr(T, name)(*args)
+    except ValueError as e:
+        assert "on cpu; the triton backend needs CUDA tensors" in str(e), (name, e)
+    else:
+        raise AssertionError(name + " ran on CPU tensors without the interpreter")
+print("ok")
+"""
+
+
+def test_cpu_tensors_without_the_interpreter_raise_naming_the_argument():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run(
+        [sys.executable, "-c", _NO_INTERPRETER],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().endswith("ok")
