@@ -4,14 +4,14 @@ query row, and the backward recomputes the probabilities tile by tile from it.
 ``softmax(q k^T * scale) v`` in SDPA layout with grouped query heads and bottom-right
 aligned causal masking (see :func:`ryzen_opt.kernels.reference.attention`); query rows that
 see no key output zeros and receive zero gradient. The forward reuses the inference
-kernel's tile loop (:mod:`ryzen_opt.kernels.triton.attention`). Backward, after ``delta =
-rowsum(dO * O)``:
+kernel's tile loop (:mod:`ryzen_opt.kernels.triton.attention`). Backward:
 
+* one program per (query tile, query head) computes ``delta = rowsum(dO * O)``;
 * one program per (key tile, KV head) keeps its ``dK``, ``dV`` tiles in registers and walks
   every query tile of every query head of its group (no atomics for grouped heads);
 * one program per (query tile, query head) accumulates ``dQ`` over the key tiles it sees.
 
-Neither materialises the ``(Lq, Lk)`` probabilities: memory is ``O(L)`` beyond the inputs,
+None materialises the ``(Lq, Lk)`` probabilities: memory is ``O(L)`` beyond the inputs,
 where eager attention's backward keeps the full probability matrix from the forward.
 """
 
@@ -109,6 +109,30 @@ def _fwd_kernel(
     # log2-domain log-sum-exp (-inf for a row that sees no key; backward's mask zeroes it).
     lse = m_i + tl.math.log2(l_i)
     tl.store(lse_ptr + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
+
+
+@triton.jit
+def _delta_kernel(
+    # pointers
+    o_ptr, do_ptr, delta_ptr,
+    # sizes
+    H, Lq, HEAD_DIM,
+    # strides (o is contiguous)
+    stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm, stride_dd,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+                + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm
+                 + offs_d[None, :] * stride_dd, mask=mask, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + pid_bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
 
 
 @triton.jit
@@ -283,10 +307,16 @@ def _backward(do, q, k, v, o, lse, causal, scale):
     dq = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
     dk = torch.empty((b, hkv, lk, d), device=q.device, dtype=q.dtype)
     dv = torch.empty_like(dk)
-    # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij: the softmax backward's row term.
-    delta = (do.float() * o.float()).sum(-1).contiguous()
     small, big, warps, stages = _blocks(d, backward=True)
     meta = _meta(q)
+    # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij: the softmax backward's row term.
+    delta = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
+    _delta_kernel[(triton.cdiv(lq, big), b * hq)](
+        o, do, delta,
+        hq, lq, d,
+        *o.stride()[:3], *do.stride(),
+        BLOCK_M=big, BLOCK_D=meta["BLOCK_D"], num_warps=4,
+    )
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     # dK/dV: a tile of `big` keys against `small` queries at a time; dQ the other way round.
     _bwd_dkdv_kernel[(triton.cdiv(lk, big), b * hkv)](
