@@ -157,3 +157,63 @@ def test_cpu_tensors_without_the_interpreter_raise_naming_the_argument():
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().endswith("ok")
+
+
+# The interpreter's numpy exp overflows to inf for sigmoid(-large): the limit 0 is correct.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+def test_compile_traces_each_op_as_one_node_forward_and_backward():
+    # AOTAutograd (no code generation, so it runs on the CPU under the interpreter) splits the
+    # step into a forward and a backward graph: each op must appear there as its custom op.
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    f32 = torch.float32
+    x, r, w = leaf(6, 16, dtype=f32), leaf(6, 16, dtype=f32), leaf(16, dtype=f32)
+    wg, wu, head = leaf(24, 16, dtype=f32), leaf(24, 16, dtype=f32), leaf(40, 24, dtype=f32)
+    q, k = leaf(1, 2, 6, 8, dtype=f32), leaf(1, 1, 6, 8, dtype=f32)
+    cs = torch.randn(1, 6, 8, device=DEVICE)
+    labels = torch.randint(0, 40, (6,), device=DEVICE)
+
+    def step(x, r, w, wg, wu, head, q, k):
+        y, h = training.rms_norm_residual(x, r, w, 1e-6)
+        y, _ = training.layer_norm_residual(y, h, None, None, 1e-5)
+        m = training.gelu(training.swiglu(y @ wg.t(), y @ wu.t()), "tanh")
+        qr, kr = training.rotary(q, k, cs, cs)
+        o = training.attention(qr, kr, kr, causal=True)
+        return training.linear_cross_entropy(m, head, labels) + o.sum()
+
+    args = (x, r, w, wg, wu, head, q, k)
+    eager = step(*args)
+    eager_grads = torch.autograd.grad(eager, args)
+    backend = aot_autograd(fw_compiler=capture, bw_compiler=capture)
+    compiled = torch.compile(step, backend=backend, fullgraph=True)(*args)
+    grads = torch.autograd.grad(compiled, args)
+    torch.testing.assert_close(compiled, eager)
+    for g, e in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(g, e)
+    assert len(graphs) == 2
+    fw, bw = (str(g.graph) for g in graphs)
+    for op in (
+        "train_rms_norm",
+        "train_layer_norm",
+        "train_swiglu",
+        "train_gelu",
+        "train_rotary",
+        "train_attention",
+        "train_linear_cross_entropy",
+    ):
+        assert f"ryzen_opt.{op}.default" in fw, op
+    for op in (
+        "train_norm_backward",
+        "train_swiglu_backward",
+        "train_gelu_backward",
+        "train_rotary_backward",
+        "train_attention_backward",
+    ):
+        assert f"ryzen_opt.{op}.default" in bw, op
