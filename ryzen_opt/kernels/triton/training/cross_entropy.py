@@ -92,7 +92,8 @@ def _ce_kernel(
 
 
 def default_chunk_size(n_rows: int, vocab: int) -> int:
-    """Rows per chunk when ``chunk_size`` is ``None``: a power of two of about 2**25 logits."""
+    """Rows per chunk when ``chunk_size`` is ``None``: the largest power of two whose
+    ``(rows, vocab)`` logits fit in 2**25 values (at least 1), capped at ``n_rows``."""
     per = max(1, _CHUNK_LOGITS // max(vocab, 1))
     return max(1, min(max(n_rows, 1), 1 << (per.bit_length() - 1)))
 
