@@ -20,6 +20,11 @@ on the same inputs; samples interleave the columns in a balanced order
   warm-up;
 * ``triton``: :mod:`ryzen_opt.kernels.triton.training`.
 
+On CUDA each column is also captured in a CUDA graph and its replays timed (``graph``
+columns): that removes the host's Python, custom-op dispatch and Triton launch time, which
+at these sizes is comparable to a norm's GPU time and which a training step's GPU work
+hides. ``--no-graph`` leaves them out.
+
 Peak memory (device bytes above the inputs, forward + backward) is measured for the
 LM-head loss, where the fused op never builds the ``(tokens, vocab)`` logits. ``rel_err``
 is the largest ``||triton - eager|| / ||eager||`` over outputs and input gradients (both in
@@ -206,7 +211,29 @@ def _rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return err
 
 
-def measure(case: Case, device: str, repeat: int, warmup: int, compile_: bool) -> dict:
+def _graphed(fn):
+    """``fn`` (forward + backward) captured once in a CUDA graph; returns its replay.
+
+    Takes Python, custom-op dispatch and Triton launch time out (tens of microseconds a call,
+    comparable to a norm's GPU time at these sizes): what remains is GPU time, as in a
+    training step whose GPU work hides the host's launches."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _short(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def measure(case: Case, device: str, repeat: int, warmup: int, compile_: bool, graph: bool) -> dict:
     leaves = case.leaves
     ref_outs = case.eager(*leaves)
     grads = [torch.randn_like(o) for o in ref_outs]
@@ -229,7 +256,7 @@ def measure(case: Case, device: str, repeat: int, warmup: int, compile_: bool) -
             fns["compile"] = _fwd_bwd(compiled, leaves, grads)
             fns["compile"]()  # compile here, outside the timed rounds
         except Exception as e:  # a compile failure is a result, not a crash of the suite
-            row["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            row["compile_error"] = _short(e)
             fns.pop("compile", None)
     timings = time_interleaved(fns, repeat=repeat, warmup=warmup, device=device)
     for name, t in timings.items():
@@ -242,6 +269,22 @@ def measure(case: Case, device: str, repeat: int, warmup: int, compile_: bool) -
     if case.op == "linear_cross_entropy":
         for name, fn in fns.items():
             row[f"{name}_peak_bytes"] = peak_memory(fn, device)
+    if graph:
+        graphed = {}
+        for name, fn in fns.items():
+            try:
+                graphed[name] = _graphed(fn)
+            except Exception as e:  # recorded, and the other columns still run
+                row[f"graph_{name}_error"] = _short(e)
+        if "eager" in graphed and "triton" in graphed:
+            timings = time_interleaved(graphed, repeat=repeat, warmup=warmup, device=device)
+            for name, t in timings.items():
+                row[f"graph_{name}_s"] = t.median
+                row[f"graph_{name}_iqr_s"] = t.iqr
+            row["graph_speedup_vs_eager"] = row["graph_eager_s"] / row["graph_triton_s"]
+            if "graph_compile_s" in row:
+                row["graph_speedup_vs_compile"] = row["graph_compile_s"] / row["graph_triton_s"]
+        del graphed
     return row
 
 
@@ -253,6 +296,57 @@ def _fmt_mem(b) -> str:
     return "-" if b is None else f"{b / 2**20:.1f} MiB"
 
 
+def _ratio(r: dict, key: str, failed: str) -> str:
+    if key in r:
+        return f"{r[key]:.2f}x"
+    return "error" if failed in r else "-"
+
+
+def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    headers = [
+        "op",
+        "shape",
+        "eager",
+        "compile",
+        "triton",
+        "vs eager",
+        "vs compile",
+        "graph: eager / compile / triton",
+        "vs eager",
+        "vs compile",
+        "rel err",
+        "peak mem eager / compile / triton",
+    ]
+    table = []
+    for r in rows:
+        mem = graph = ""
+        if "triton_peak_bytes" in r:
+            mem = " / ".join(
+                _fmt_mem(r.get(f"{k}_peak_bytes")) for k in ("eager", "compile", "triton")
+            )
+        if "graph_triton_s" in r:
+            graph = " / ".join(
+                _fmt_s(r.get(f"graph_{k}_s")) for k in ("eager", "compile", "triton")
+            )
+        table.append(
+            [
+                r["op"],
+                r["shape"],
+                _fmt_s(r["eager_s"]),
+                _fmt_s(r.get("compile_s")),
+                _fmt_s(r["triton_s"]),
+                f"{r['speedup_vs_eager']:.2f}x",
+                _ratio(r, "speedup_vs_compile", "compile_error"),
+                graph,
+                _ratio(r, "graph_speedup_vs_eager", "graph_triton_error"),
+                _ratio(r, "graph_speedup_vs_compile", "graph_compile_error"),
+                f"{r['rel_err_vs_eager']:.1e}",
+                mem,
+            ]
+        )
+    return headers, table
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.train_kernels", description=__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -260,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 3 samples (a smoke run)")
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile column")
+    ap.add_argument("--no-graph", action="store_true", help="leave out the CUDA-graph timings")
     ap.add_argument("--only", default=None, help="comma-separated ops to run")
     ap.add_argument("--out", default=None, help="folder for train_kernels.{json,md}")
     a = ap.parse_args(argv)
@@ -275,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[a.dtype]
     # torch.compile on the CPU is not the GPU's peer (and compiles C++ for minutes on 2 cores).
     compile_ = not a.no_compile and a.device == "cuda"
+    graph = not a.no_graph and a.device == "cuda"
     all_cases = cases(a.device, dtype, QUICK if a.quick else FULL)
     names = [c.op for c in all_cases]
     only = a.only.split(",") if a.only else names
@@ -285,48 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     for case in all_cases:
         if case.op not in only:
             continue
-        rows.append(measure(case, a.device, repeat, 1 if a.quick else 3, compile_))
+        rows.append(measure(case, a.device, repeat, 1 if a.quick else 3, compile_, graph))
         print(f"{case.op}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
         del case
         if a.device == "cuda":
             torch.cuda.empty_cache()
     env = environment(a.device)
-    headers = [
-        "op",
-        "shape",
-        "eager",
-        "compile",
-        "triton",
-        "vs eager",
-        "vs compile",
-        "rel err",
-        "peak mem eager / compile / triton",
-    ]
-    table = []
-    for r in rows:
-        mem = ""
-        if "triton_peak_bytes" in r:
-            mem = " / ".join(
-                _fmt_mem(r.get(f"{k}_peak_bytes")) for k in ("eager", "compile", "triton")
-            )
-        vs_c = (
-            f"{r['speedup_vs_compile']:.2f}x"
-            if "speedup_vs_compile" in r
-            else ("error" if "compile_error" in r else "-")
-        )
-        table.append(
-            [
-                r["op"],
-                r["shape"],
-                _fmt_s(r["eager_s"]),
-                _fmt_s(r.get("compile_s")),
-                _fmt_s(r["triton_s"]),
-                f"{r['speedup_vs_eager']:.2f}x",
-                vs_c,
-                f"{r['rel_err_vs_eager']:.1e}",
-                mem,
-            ]
-        )
+    headers, table = _table(rows)
     title = (
         f"bench.train_kernels on {where(env)}, {a.dtype}, forward + backward, median of "
         f"{repeat}{' (--quick)' if a.quick else ''}"
@@ -342,9 +403,10 @@ def main(argv: list[str] | None = None) -> int:
         {"environment": env, "dtype": a.dtype, "shapes": shapes, "repeat": repeat, "rows": rows},
     )
     notes = "".join(
-        f"\n- {r['op']}: torch.compile failed: {r['compile_error']}"
+        f"\n- {r['op']}: {k.replace('_error', '')} failed: {v}"
         for r in rows
-        if "compile_error" in r
+        for k, v in r.items()
+        if k.endswith("_error")
     )
     (out / "train_kernels.md").write_text(
         f"# {title}\n\n"

@@ -52,3 +52,25 @@ def test_bad_arguments_name_the_argument(args, name, capsys):
     with pytest.raises(SystemExit):
         bt.main(["--device", "cpu", *args] if "--device" not in args else args)
     assert name in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU stand-in for the CUDA graph")
+def test_graph_timings_and_a_failed_capture_are_recorded(monkeypatch):
+    # CUDA-graph capture needs a GPU; a pass-through stands in for it so the bookkeeping runs.
+    case = bt.cases("cpu", torch.float32, bt.QUICK)[3]  # swiglu
+    monkeypatch.setattr(bt, "_graphed", lambda fn: fn)
+    row = bt.measure(case, "cpu", 3, 1, False, True)
+    assert row["graph_eager_s"] > 0 and row["graph_triton_s"] > 0
+    assert row["graph_speedup_vs_eager"] == pytest.approx(
+        row["graph_eager_s"] / row["graph_triton_s"]
+    )
+
+    def fail(fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(bt, "_graphed", fail)
+    row = bt.measure(case, "cpu", 3, 1, False, True)
+    assert row["graph_triton_error"].startswith("RuntimeError: operation not permitted")
+    assert "graph_triton_s" not in row
+    headers, table = bt._table([row])
+    assert table[0][headers.index("graph: eager / compile / triton") + 1] == "error"

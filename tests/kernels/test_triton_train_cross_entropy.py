@@ -182,3 +182,20 @@ def test_supports_gives_the_reason_or_none():
     lab = torch.empty(4, dtype=torch.long, device="meta")
     assert SUPPORTS["linear_cross_entropy"](hid, w, lab) is None
     assert "float64" in SUPPORTS["linear_cross_entropy"](hid.double(), w.double(), lab)
+
+
+def test_out_of_range_label_without_the_check_gives_nan_loss():
+    # Under torch.compile or graph capture the wrapper does not sync to check labels: the op
+    # itself marks such a row's loss NaN rather than reading outside the row.
+    hid, w = torch.randn(4, 8, device=DEVICE), torch.randn(30, 8, device=DEVICE)
+    for bad in (30, -1):
+        lab = torch.tensor([0, bad, 1, 2], device=DEVICE)
+        loss, *_ = torch.ops.ryzen_opt.train_linear_cross_entropy(
+            hid, w, lab, None, -100, 3, False, False, False
+        )
+        assert torch.isnan(loss)
+    lab = torch.tensor([0, 5, 1, 2], device=DEVICE)
+    loss, *_ = torch.ops.ryzen_opt.train_linear_cross_entropy(
+        hid, w, lab, None, -100, 3, False, False, False
+    )
+    assert torch.isfinite(loss)

@@ -20,7 +20,8 @@ wanted (``torch.no_grad`` or inputs that do not require one) only the loss is co
 Labels: ``ignore_index`` rows count for nothing; when every row is ignored the loss is
 0/0 = NaN and every gradient is zero, as in PyTorch. An eager call checks that the other
 labels lie in ``[0, V)`` (one host sync) and raises ``ValueError`` naming ``labels``; under
-``torch.compile`` (no sync) a row with such a label gets a NaN loss instead.
+``torch.compile`` or CUDA-graph capture (no sync) a row with such a label gets a NaN loss
+instead.
 """
 
 from __future__ import annotations
@@ -257,7 +258,8 @@ def linear_cross_entropy(
         _common.check_device(name, t)
     _common.check_dtype("hidden", hidden)
     vocab = weight.shape[0]
-    if not torch.compiler.is_compiling() and labels.numel():
+    capturing = labels.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not torch.compiler.is_compiling() and not capturing and labels.numel():
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
             raise ValueError(
