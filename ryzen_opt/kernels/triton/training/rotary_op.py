@@ -5,7 +5,7 @@ backward as one autograd op.
 seq, head_dim)``; ``cos``/``sin`` are ``(batch or 1, seq, head_dim)`` and broadcast over
 heads. One program rotates BLOCK_S positions of one head: it reads both halves of ``x`` and
 of ``cos``/``sin`` once and writes both halves of the result, where eager PyTorch runs a
-slice, a negation, a concatenation, two products and a sum (six passes per tensor).
+negation, a concatenation, two products and a sum (five kernels per tensor).
 
 The map is linear in ``x``: with halves ``x1, x2`` it is ``(x1 c1 - x2 s1, x2 c2 + x1 s2)``,
 so backward applies the transpose ``(g1 c1 + g2 s2, g2 c2 - g1 s1)`` to the incoming

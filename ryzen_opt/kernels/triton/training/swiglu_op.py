@@ -2,8 +2,9 @@
 
 Forward reads ``gate`` and ``up`` once and writes the product; backward reads ``gate``,
 ``up`` and the incoming gradient once and writes both input gradients, recomputing
-``sigmoid(gate)`` rather than saving an activation (eager PyTorch saves ``silu(gate)`` and
-runs three kernels forward, four backward). Math in float32, results in the input dtype.
+``sigmoid(gate)`` rather than saving an activation (eager PyTorch also saves ``silu(gate)``
+and runs two kernels forward, three backward). Math in float32, results in the input
+dtype.
 """
 
 from __future__ import annotations
