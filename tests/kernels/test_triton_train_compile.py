@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("triton")
 
 from ryzen_opt.kernels.triton import training  # noqa: E402
+from tests.assertions import TOL, assert_close_rel  # noqa: E402
 from tests.kernels.train_check import DEVICE, leaf  # noqa: E402
 
 
@@ -107,9 +108,10 @@ def test_training_step_of_the_ops_compiles_to_one_node_each():
         t.grad = None
     compiled = torch.compile(step, fullgraph=True)(x, labels)
     compiled.backward()
-    torch.testing.assert_close(compiled, eager)
+    # Inductor compiles the matmuls and glue around the ops: bf16 agreement, not bitwise.
+    assert_close_rel(compiled, eager, TOL[dt], "loss")
     for g, t in zip(grads, (x, w_norm, w_head), strict=True):
-        torch.testing.assert_close(t.grad, g)
+        assert_close_rel(t.grad, g, TOL[dt], "grad")
 
 
 _NO_INTERPRETER = """
