@@ -585,3 +585,211 @@ def lora_bgmv(
         t = x.index_select(0, rows) @ a[i].t()
         delta.index_copy_(0, rows, (t @ b[i].t()) * scales[i].to(x.dtype))
     return delta if out is None else out.add_(delta)
+
+
+# Training ops (forward + backward through autograd). The Triton versions live in
+# ryzen_opt/kernels/triton/training/, one module per op, with these signatures.
+
+GELU_APPROXIMATIONS = ("none", "tanh")
+
+
+def _check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+
+
+def check_linear_cross_entropy_args(
+    hidden, weight, labels, bias=None, ignore_index=-100, chunk_size=None
+) -> None:
+    """Validate ``linear_cross_entropy`` arguments; raise naming the offending argument."""
+    _check_tensor("hidden", hidden)
+    _check_tensor("weight", weight)
+    _check_tensor("labels", labels)
+    if hidden.dim() < 1 or not hidden.is_floating_point():
+        raise TypeError(f"hidden must be a floating tensor (..., H), got {hidden.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must have shape (V, {hidden.shape[-1]}) (hidden's last dim), "
+            f"got {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one row (V >= 1)")
+    _check_same("weight", weight, "hidden", hidden)
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
+            f"got {tuple(labels.shape)}"
+        )
+    if labels.device != hidden.device:
+        raise ValueError(f"labels must be on hidden's device {hidden.device}, got {labels.device}")
+    if bias is not None:
+        _check_tensor("bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        _check_same("bias", bias, "hidden", hidden)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, numbers.Integral)
+        or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``.
+
+    ``F.cross_entropy(F.linear(hidden, weight, bias), labels, ignore_index=ignore_index)``
+    over the rows of ``hidden`` (``(..., H)``, labels ``(...)``). Rows whose label is
+    ``ignore_index`` do not count; when every row is ignored the mean is 0/0 = NaN and every
+    gradient is zero, as in PyTorch. ``chunk_size`` is accepted for the signature of the fused
+    op and ignored here (the full logits are built).
+    """
+    check_linear_cross_entropy_args(hidden, weight, labels, bias, ignore_index, chunk_size)
+    logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
+    return F.cross_entropy(logits, labels.reshape(-1).long(), ignore_index=ignore_index)
+
+
+def check_norm_residual_args(x, residual, weight, bias=None, eps=1e-6) -> None:
+    """Validate ``rms_norm_residual`` / ``layer_norm_residual`` arguments."""
+    check_layer_norm_args(x, weight, bias, residual, eps)
+    if residual is not None:
+        _check_same("residual", residual, "x", x)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+            if t.device != x.device:
+                raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+
+
+def rms_norm_residual(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of ``h = x + residual`` (``h = x`` when ``residual`` is ``None``).
+
+    Returns ``(y, h)`` with ``y = h / sqrt(mean(h**2) + eps) * weight`` computed in at least
+    float32 and returned in ``x``'s dtype (``h`` is rounded to ``x``'s dtype first, as the
+    unfused ``x + residual`` is).
+    """
+    check_norm_residual_args(x, residual, weight, None, eps)
+    h = x if residual is None else x + residual
+    hf = h.to(torch.promote_types(h.dtype, torch.float32))
+    y = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(hf.dtype)
+    return y.to(x.dtype), h
+
+
+def layer_norm_residual(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm of ``h = x + residual`` (``h = x`` when ``residual`` is ``None``).
+
+    Returns ``(y, h)``; ``y`` is ``F.layer_norm(h)`` computed in at least float32 and returned
+    in ``x``'s dtype.
+    """
+    check_norm_residual_args(x, residual, weight, bias, eps)
+    h = x if residual is None else x + residual
+    ct = torch.promote_types(h.dtype, torch.float32)
+    w = None if weight is None else weight.to(ct)
+    b = None if bias is None else bias.to(ct)
+    y = F.layer_norm(h.to(ct), (h.shape[-1],), w, b, eps)
+    return y.to(x.dtype), h
+
+
+def check_swiglu_args(gate, up) -> None:
+    """Validate ``swiglu`` arguments; raise naming the offending argument."""
+    _check_tensor("gate", gate)
+    _check_tensor("up", up)
+    if not gate.is_floating_point():
+        raise TypeError(f"gate must be a floating tensor, got {gate.dtype}")
+    if up.shape != gate.shape:
+        raise ValueError(f"up must have gate's shape {tuple(gate.shape)}, got {tuple(up.shape)}")
+    _check_same("up", up, "gate", gate)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``, the gated MLP activation of Llama/Qwen2."""
+    check_swiglu_args(gate, up)
+    return F.silu(gate) * up
+
+
+def check_gelu_args(x, approximate="none") -> None:
+    """Validate ``gelu`` arguments; raise naming the offending argument."""
+    _check_tensor("x", x)
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating tensor, got {x.dtype}")
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
+
+
+def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """``F.gelu(x, approximate=approximate)`` (``"none"``: erf; ``"tanh"``: GPT-2's)."""
+    check_gelu_args(x, approximate)
+    return F.gelu(x, approximate=approximate)
+
+
+def check_rotary_args(q, k, cos, sin) -> None:
+    """Validate ``rotary`` arguments; raise naming the offending argument."""
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        _check_tensor(name, t)
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be (batch, heads, seq, head_dim), got {tuple(q.shape)}")
+    b, _, s, d = q.shape
+    if k.dim() != 4 or k.shape[0] != b or k.shape[2:] != (s, d):
+        raise ValueError(
+            f"k must be (batch={b}, heads, seq={s}, head_dim={d}), got {tuple(k.shape)}"
+        )
+    if d % 2:
+        raise ValueError(f"q's head_dim must be even (rotate_half), got {d}")
+    _check_same("k", k, "q", q)
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 3 or t.shape[0] not in (1, b) or t.shape[1:] != (s, d):
+            raise ValueError(
+                f"{name} must be ({b} or 1, seq={s}, head_dim={d}), got {tuple(t.shape)}"
+            )
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    if sin.shape != cos.shape:
+        raise ValueError(f"sin must have cos's shape {tuple(cos.shape)}, got {tuple(sin.shape)}")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``cat(-x2, x1)`` over the last dim split in halves (HF Llama's convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding, HF Llama's ``apply_rotary_pos_emb``.
+
+    ``q_rot = q * cos + rotate_half(q) * sin`` (and ``k`` alike) with ``cos``/``sin`` of shape
+    ``(batch or 1, seq, head_dim)`` broadcast over heads; results in ``q``'s dtype.
+    """
+    check_rotary_args(q, k, cos, sin)
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    q_rot = q * c + rotate_half(q) * s
+    k_rot = k * c + rotate_half(k) * s
+    return q_rot.to(q.dtype), k_rot.to(k.dtype)

@@ -1,0 +1,428 @@
+"""Triton flash attention for training: the forward also stores the log-sum-exp of each
+query row, and the backward recomputes the probabilities tile by tile from it.
+
+``softmax(q k^T * scale) v`` in SDPA layout with grouped query heads and bottom-right
+aligned causal masking (see :func:`ryzen_opt.kernels.reference.attention`); query rows that
+see no key output zeros and receive zero gradient. The forward reuses the inference
+kernel's tile loop (:mod:`ryzen_opt.kernels.triton.attention`). Backward:
+
+* one program per (query tile, query head) computes ``delta = rowsum(dO * O)``;
+* one program per (key tile, KV head) keeps its ``dK``, ``dV`` tiles in registers and walks
+  every query tile of every query head of its group (no atomics for grouped heads);
+* one program per (query tile, query head) accumulates ``dQ`` over the key tiles it sees.
+
+None materialises the ``(Lq, Lk)`` probabilities: memory is ``O(L)`` beyond the inputs,
+where eager attention's backward keeps the full probability matrix from the forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ryzen_opt.kernels import reference
+from ryzen_opt.kernels.triton import _common as _tcommon
+from ryzen_opt.kernels.triton.attention import _attn_tiles
+from ryzen_opt.kernels.triton.training import _common
+
+# fmt: off
+# Kernel signatures and launches keep their arguments grouped by role (pointers, sizes,
+# strides, meta-parameters) on shared lines, as STYLE.md asks.
+
+_MAX_HEAD_DIM = 128
+_LOG2E = 1.4426950408889634
+
+
+def _blocks(d: int, backward: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter takes 16 (and 32 for the
+    backward's long side, so that its two tile shapes differ there as on the GPU): small test
+    shapes cross several tiles. On the GPU the forward takes the inference kernel's tiles;
+    the backward holds more fp32 tiles per program (dK, dV or dQ, and the score, dP and dS
+    tiles), so it takes the Triton tutorial's smaller query (dK/dV) and key (dQ) side: 32."""
+    if _tcommon.INTERPRET:
+        return (16, 32, 4, 1) if backward else (16, 16, 4, 1)
+    if backward:
+        return 32, 64, 4, 2
+    return (128, 64, 8, 3) if d <= 64 else (64, 64, 4, 2)
+
+
+@triton.jit
+def _fwd_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    # sizes
+    H, GROUPS, Lq, Lk, HEAD_DIM, qk_scale,
+    # strides
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om,
+    # meta-parameters
+    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    hk = (h // GROUPS).to(tl.int64)
+    h = h.to(tl.int64)
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    io_mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=io_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    diag = Lk - Lq
+    if CAUSAL:
+        hi = min(Lk, max(start_m + BLOCK_M + diag, 0))
+        n_full = min(Lk // BLOCK_N, max(start_m + diag + 1, 0) // BLOCK_N)
+    else:
+        hi = Lk
+        n_full = Lk // BLOCK_N
+    full_end = n_full * BLOCK_N
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc, l_i, m_i = _attn_tiles(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, 0, full_end, Lk, diag, qk_scale, HEAD_DIM,
+        False, CAUSAL, EVEN_D, INPUT_PRECISION, UPCAST, BLOCK_N,
+    )
+    acc, l_i, m_i = _attn_tiles(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, full_end, hi, Lk, diag, qk_scale, HEAD_DIM,
+        True, CAUSAL, EVEN_D, INPUT_PRECISION, UPCAST, BLOCK_N,
+    )
+    seen = l_i > 0.0
+    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+             + offs_d[None, :], acc.to(o_ptr.dtype.element_ty), mask=io_mask)
+    # log2-domain log-sum-exp (-inf for a row that sees no key; backward's mask zeroes it).
+    lse = m_i + tl.math.log2(l_i)
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
+
+
+@triton.jit
+def _delta_kernel(
+    # pointers
+    o_ptr, do_ptr, delta_ptr,
+    # sizes
+    H, Lq, HEAD_DIM,
+    # strides (o is contiguous)
+    stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm, stride_dd,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+                + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm
+                 + offs_d[None, :] * stride_dd, mask=mask, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + pid_bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+
+
+@triton.jit
+def _probs(q, k, lse, offs_m, offs_n, Lq, Lk, diag, qk_scale, INPUT_PRECISION: tl.constexpr,
+           CAUSAL: tl.constexpr):
+    """The probability tile exp2(q k^T * scale * log2e - lse), zero where masked."""
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    keep = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+    if CAUSAL:
+        keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
+    return tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    # sizes
+    HQ, HKV, GROUPS, Lq, Lk, HEAD_DIM, qk_scale, scale,
+    # strides (dk, dv are contiguous like k)
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    # meta-parameters
+    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    hk = (pid_bh % HKV).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    d_mask = offs_d[None, :] < HEAD_DIM
+    kv_mask = (offs_n[:, None] < Lk) & d_mask
+    k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn
+                + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn
+                + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    diag = Lk - Lq
+    # Causal: query row m sees key n when n <= m + diag; the first row that sees this tile.
+    lo = max(start_n - diag, 0) // BLOCK_M * BLOCK_M if CAUSAL else 0
+    for g in range(0, GROUPS):
+        h = hk * GROUPS + g
+        row0 = b * HQ + h
+        for start_m in range(lo, Lq, BLOCK_M):
+            offs_m = start_m + offs_m0
+            io_mask = (offs_m[:, None] < Lq) & d_mask
+            q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                        + offs_d[None, :] * stride_qd, mask=io_mask, other=0.0)
+            do = tl.load(do_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+                         + offs_d[None, :] * stride_od, mask=io_mask, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = tl.load(lse_ptr + row0 * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+            delta = tl.load(delta_ptr + row0 * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+            p = _probs(q, k, lse, offs_m, offs_n, Lq, Lk, diag, qk_scale, INPUT_PRECISION,
+                       CAUSAL)
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
+    out = (b * HKV + hk) * Lk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    # sizes
+    HQ, GROUPS, Lq, Lk, HEAD_DIM, qk_scale, scale,
+    # strides (dq is contiguous like q)
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    # meta-parameters
+    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HQ).to(tl.int64)
+    h = pid_bh % HQ
+    hk = (h // GROUPS).to(tl.int64)
+    h = h.to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    d_mask = offs_d[None, :] < HEAD_DIM
+    io_mask = (offs_m[:, None] < Lq) & d_mask
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=io_mask, other=0.0)
+    do = tl.load(do_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+                 + offs_d[None, :] * stride_od, mask=io_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    row0 = pid_bh.to(tl.int64)
+    lse = tl.load(lse_ptr + row0 * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+    delta = tl.load(delta_ptr + row0 * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    diag = Lk - Lq
+    hi = min(Lk, max(start_m + BLOCK_M + diag, 0)) if CAUSAL else Lk
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kv_mask = (offs_n[:, None] < Lk) & d_mask
+        k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn
+                    + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn
+                    + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        p = _probs(q, k, lse, offs_m, offs_n, Lq, Lk, diag, qk_scale, INPUT_PRECISION, CAUSAL)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+    out = row0 * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(dq_ptr + out, (dq * scale).to(dq_ptr.dtype.element_ty), mask=io_mask)
+
+
+def _meta(q):
+    d = q.shape[-1]
+    return {
+        "BLOCK_D": max(16, triton.next_power_of_2(d)),
+        "INPUT_PRECISION": _tcommon.dot_precision(q.dtype),
+        "UPCAST": _tcommon.upcast_dot(q.dtype),
+    }
+
+
+def _forward(q, k, v, causal, scale):
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    o = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
+    lse = torch.full((b, hq, lq), float("-inf"), device=q.device, dtype=torch.float32)
+    if o.numel() == 0:
+        return o, lse
+    if lk == 0:
+        return o.zero_(), lse
+    bm, bn, warps, stages = _blocks(d)
+    meta = _meta(q)
+    _fwd_kernel[(triton.cdiv(lq, bm), b * hq)](
+        q, k, v, o, lse,
+        hq, hq // hkv, lq, lk, d, scale * _LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride()[:3],
+        CAUSAL=causal, EVEN_D=meta["BLOCK_D"] == d, **meta, BLOCK_M=bm, BLOCK_N=bn,
+        num_warps=warps, num_stages=stages,
+    )
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, causal, scale):
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    if q.numel() == 0 or lk == 0:
+        z = {"device": q.device, "dtype": q.dtype}
+        return (torch.zeros(q.shape, **z), torch.zeros(k.shape, **z), torch.zeros(v.shape, **z))
+    # Every element is written: each program owns its tile (rows past Lq/Lk masked).
+    dq = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
+    dk = torch.empty((b, hkv, lk, d), device=q.device, dtype=q.dtype)
+    dv = torch.empty_like(dk)
+    small, big, warps, stages = _blocks(d, backward=True)
+    meta = _meta(q)
+    # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij: the softmax backward's row term.
+    delta = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
+    _delta_kernel[(triton.cdiv(lq, big), b * hq)](
+        o, do, delta,
+        hq, lq, d,
+        *o.stride()[:3], *do.stride(),
+        BLOCK_M=big, BLOCK_D=meta["BLOCK_D"], num_warps=4,
+    )
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    # dK/dV: a tile of `big` keys against `small` queries at a time; dQ the other way round.
+    _bwd_dkdv_kernel[(triton.cdiv(lk, big), b * hkv)](
+        q, k, v, do, lse, delta, dk, dv,
+        hq, hkv, hq // hkv, lq, lk, d, scale * _LOG2E, scale,
+        *strides,
+        CAUSAL=causal, **meta, BLOCK_M=small, BLOCK_N=big, num_warps=warps, num_stages=stages,
+    )
+    _bwd_dq_kernel[(triton.cdiv(lq, big), b * hq)](
+        q, k, v, do, lse, delta, dq,
+        hq, hq // hkv, lq, lk, d, scale * _LOG2E, scale,
+        *strides,
+        CAUSAL=causal, **meta, BLOCK_M=big, BLOCK_N=small, num_warps=warps, num_stages=stages,
+    )
+    return dq, dk, dv
+
+
+@torch.library.custom_op("ryzen_opt::train_attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, causal, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, causal, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("ryzen_opt::train_attention_backward", mutates_args=())
+def _attention_backward_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, o, lse, causal, scale)
+
+
+@_attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _grad(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    if do is None:
+        return None, None, None, None, None
+    dq, dk, dv = _attention_backward_op(do, q, k, v, o, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_attention_op.register_autograd(_grad, setup_context=_setup_context)
+
+
+def supports(q, k, v, causal=False, scale=None) -> str | None:
+    """``None`` if the Triton training attention can serve this call, else the reason."""
+    r = _common.reason("attention", q=q, k=k, v=v)
+    if r is None and isinstance(q, torch.Tensor) and q.dim() == 4:
+        if q.shape[-1] > _MAX_HEAD_DIM:
+            return f"q's head_dim is {q.shape[-1]}; the triton training attention takes <= 128"
+        if isinstance(v, torch.Tensor) and v.shape[-1] != q.shape[-1]:
+            return "v's head_dim differs from q's; the triton training attention needs them equal"
+    return r
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Flash attention with a flash backward (see :func:`reference.attention`).
+
+    Args:
+        q: ``(B, Hq, Lq, D)``, float16/bfloat16/float32, ``D <= 128``, any strides.
+        k, v: ``(B, Hkv, Lk, D)`` with ``Hkv`` dividing ``Hq``, in ``q``'s dtype.
+        causal: bottom-right aligned causal masking (query ``i`` sees keys
+            ``j <= i + Lk - Lq``).
+        scale: softmax scale (default ``1/sqrt(D)``).
+
+    Returns:
+        ``(B, Hq, Lq, D)`` in ``q``'s dtype, differentiable in ``q``, ``k`` and ``v``; rows
+        that see no key are zeros and pass no gradient.
+
+    Example:
+        >>> o = attention(q, k, v, causal=True)  # doctest: +SKIP
+    """
+    reference.check_attention_args(q, k, v, None, scale)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _common.check_device(name, t)
+        _common.check_dtype(name, t)
+    if q.shape[-1] > _MAX_HEAD_DIM:
+        raise ValueError(f"q's head_dim is {q.shape[-1]}; the triton training attention "
+                         f"takes <= {_MAX_HEAD_DIM}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _attention_op(q, k, v, bool(causal), scale)[0]

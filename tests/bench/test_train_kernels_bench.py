@@ -1,0 +1,76 @@
+"""bench.train_kernels: every training op against eager, forward + backward, in one run."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from bench import train_kernels as bt  # noqa: E402
+
+OPS = [
+    "linear_cross_entropy",
+    "rms_norm_residual",
+    "layer_norm_residual",
+    "swiglu",
+    "gelu_tanh",
+    "rotary",
+    "attention_causal",
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run (interpreter)")
+def test_quick_cpu_run_writes_rows_for_every_op(tmp_path):
+    assert (
+        bt.main(["--device", "cpu", "--quick", "--dtype", "float32", "--out", str(tmp_path)]) == 0
+    )
+    data = json.loads((tmp_path / "train_kernels.json").read_text())
+    rows = data["rows"]
+    assert [r["op"] for r in rows] == OPS
+    for r in rows:
+        # fp32 triton against fp32 eager: outputs and every input gradient agree.
+        assert r["rel_err_vs_eager"] < 1e-4, r
+        assert r["eager_s"] > 0 and r["triton_s"] > 0 and r["n"] == 3
+        assert r["speedup_vs_eager"] == pytest.approx(r["eager_s"] / r["triton_s"])
+        assert "compile_s" not in r  # no torch.compile column on the CPU
+    assert rows[0]["eager_peak_bytes"] >= 0 and rows[0]["triton_peak_bytes"] >= 0
+    md = (tmp_path / "train_kernels.md").read_text()
+    assert md.startswith("# bench.train_kernels") and "Triton interpreter" in md
+
+
+@pytest.mark.parametrize(
+    "args, name",
+    [
+        (["--repeat", "2"], "--repeat"),
+        (["--device", "tpu"], "--device"),
+        (["--only", "softmax"], "--only"),
+        (["--dtype", "float64"], "--dtype"),
+    ],
+)
+def test_bad_arguments_name_the_argument(args, name, capsys):
+    with pytest.raises(SystemExit):
+        bt.main(["--device", "cpu", *args] if "--device" not in args else args)
+    assert name in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU stand-in for the CUDA graph")
+def test_graph_timings_and_a_failed_capture_are_recorded(monkeypatch):
+    # CUDA-graph capture needs a GPU; a pass-through stands in for it so the bookkeeping runs.
+    case = bt.cases("cpu", torch.float32, bt.QUICK)[3]  # swiglu
+    monkeypatch.setattr(bt, "_graphed", lambda fn: fn)
+    row = bt.measure(case, "cpu", 3, 1, False, True)
+    assert row["graph_eager_s"] > 0 and row["graph_triton_s"] > 0
+    assert row["graph_speedup_vs_eager"] == pytest.approx(
+        row["graph_eager_s"] / row["graph_triton_s"]
+    )
+
+    def fail(fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(bt, "_graphed", fail)
+    row = bt.measure(case, "cpu", 3, 1, False, True)
+    assert row["graph_triton_error"].startswith("RuntimeError: operation not permitted")
+    assert "graph_triton_s" not in row
+    headers, table = bt._table([row])
+    assert table[0][headers.index("graph: eager / compile / triton") + 1] == "error"
