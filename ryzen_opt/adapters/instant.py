@@ -337,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     svf = sub.add_parser("svf", help="train one SVF z-vector per seen task + the classifier")
     svf.add_argument("--steps", type=int, default=1500)
     svf.add_argument("--lr", type=float, default=5e-3)
+    svf.add_argument("--batch", type=int, default=128, help="rows per step (spread over tasks)")
     for p in (lib, t2l, svf):
         p.add_argument("--checkpoint", default="checkpoints/default")
         p.add_argument("--out", required=True)
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "metrics.json").write_text(json.dumps(meta, indent=2))
     else:
         experts = SVFExperts(base)
-        res = train_svf(experts, base, a.steps, lr=a.lr)
+        res = train_svf(experts, base, a.steps, batch=a.batch, lr=a.lr)
         fx, fy = classifier_data(experts, base, "train", 256)
         train_acc = experts.fit_classifier(fx, fy)
         tx, ty = classifier_data(experts, base, "test", 256)
