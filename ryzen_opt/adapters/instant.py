@@ -190,6 +190,13 @@ def t2l_report(t2l, base: nn.Module, n: int) -> dict[str, dict[str, float]]:
     return out
 
 
+def drop_words(description: str, p: float, rng: random.Random) -> str:
+    """``description`` with each word dropped with probability ``p`` (one always kept)."""
+    ws = description.split()
+    kept = [w for w in ws if rng.random() >= p]
+    return " ".join(kept) if kept else rng.choice(ws)
+
+
 def train_t2l_recon(
     t2l,
     library: Path,
@@ -197,14 +204,25 @@ def train_t2l_recon(
     lr: float = 1e-3,
     seed: int = 0,
     specs: Sequence[TaskSpec] = SEEN,
+    word_dropout: float = 0.0,
+    variants: int = 24,
+    batch: int = 64,
 ) -> dict[str, Any]:
-    """Fit ``t2l`` to reproduce the library's updates from the training paraphrases."""
+    """Fit ``t2l`` to reproduce the library's updates from the training paraphrases.
+
+    With ``word_dropout > 0`` each paraphrase also appears as ``variants`` copies with words
+    dropped at that rate (so the update hangs on the words paraphrases share, not on one
+    wording), and each step takes ``batch`` of them.
+    """
     lib, scaling = library_weights(library, specs)
+    rng = random.Random(seed)
     descs, rows = [], []
     for i, spec in enumerate(specs):
         for d in spec.train_descriptions:
-            descs.append(d)
-            rows.append(i)
+            extra = [drop_words(d, word_dropout, rng) for _ in range(variants)]
+            for x in [d, *(extra if word_dropout > 0 else [])]:
+                descs.append(x)
+                rows.append(i)
     emb = t2l.embed(descs)
     target = {
         p: (
@@ -220,8 +238,10 @@ def train_t2l_recon(
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr)
-        noisy = emb + 0.02 * torch.randn_like(emb)  # paraphrase-like jitter of the embedding
-        loss = delta_loss(t2l(noisy), target, t2l.lora.scaling, scaling)
+        idx = torch.randperm(len(rows))[:batch] if len(rows) > batch else torch.arange(len(rows))
+        noisy = emb[idx] + 0.02 * torch.randn(len(idx), emb.shape[1])  # jitter
+        tgt = {p: (a[idx], b[idx]) for p, (a, b) in target.items()}
+        loss = delta_loss(t2l(noisy), tgt, t2l.lora.scaling, scaling)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -334,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     t2l.add_argument("--steps", type=int, default=2000)
     t2l.add_argument("--lr", type=float, default=1e-3)
     t2l.add_argument("--hidden", type=int, default=32)
+    t2l.add_argument(
+        "--word-dropout", type=float, default=0.0, help="recon: word-dropped paraphrase copies"
+    )
     svf = sub.add_parser("svf", help="train one SVF z-vector per seen task + the classifier")
     svf.add_argument("--steps", type=int, default=1500)
     svf.add_argument("--lr", type=float, default=5e-3)
@@ -355,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.what == "t2l":
         net = TextToLoRA.for_model(base, LIBRARY_LORA, hidden=a.hidden)
         if a.mode == "recon":
-            res = train_t2l_recon(net, Path(a.library), a.steps, a.lr)
+            res = train_t2l_recon(net, Path(a.library), a.steps, a.lr, word_dropout=a.word_dropout)
         else:
             res = train_t2l_sft(net, base, a.steps, lr=a.lr)
         acc = t2l_report(net, base, a.eval_samples)
