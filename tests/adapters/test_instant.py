@@ -338,3 +338,25 @@ def test_command_line_writes_every_checkpoint_with_its_command(tmp_path):
     assert TextToLoRA.load(tmp_path / "recon").generate("add numbers").num_parameters > 0
     svf = SVFExperts.load(tmp_path / "svf", make_stm())
     assert svf.names == [s.name for s in SEEN] and svf.classifier is not None
+
+
+def test_svf_apply_skips_a_rewrite_only_of_what_it_wrote_last():
+    base = make_stm()
+    svf = SVFExperts(base)
+    g = torch.Generator().manual_seed(2)
+    svf.add_expert("a", {p: 1 + 0.3 * torch.randn(n, generator=g) for p, n in svf.sizes().items()})
+    model = fresh_copy(base)
+    svf.apply(model, "a")
+    want = {p: svf.weights("a")[p].clone() for p in svf.paths}
+    w = model.get_submodule(svf.paths[0]).weight
+    with torch.no_grad():
+        w.zero_()  # changed by other means: apply() cannot see it without force
+    svf.apply(model, "a")
+    assert float(w.abs().sum()) == 0
+    svf.apply(model, "a", force=True)
+    assert torch.equal(w, want[svf.paths[0]])
+    other = fresh_copy(base)  # a new model is written, whatever address it has
+    svf.apply(other, "a")
+    assert torch.equal(other.get_submodule(svf.paths[0]).weight, want[svf.paths[0]])
+    svf.restore(model)
+    assert torch.equal(w, base.get_submodule(svf.paths[0]).weight)
