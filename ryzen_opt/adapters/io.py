@@ -91,13 +91,21 @@ def save_adapter(model: nn.Module, folder: str | Path, name: str = "default") ->
         ...     _ = load_adapter(m, d, name="copy")
     """
     cfg, layers = _config(model, name)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(folder)
     state = {}
     for path, layer in layers.items():
         state[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].detach().cpu().contiguous()
         state[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].detach().cpu().contiguous()
+    fan_in_fan_out = any(layer.fan_in_fan_out for layer in layers.values())
+    return write_peft(folder, cfg, state, fan_in_fan_out)
+
+
+def write_peft(
+    folder: str | Path, cfg: LoraConfig, state: dict[str, torch.Tensor], fan_in_fan_out: bool
+) -> Path:
+    """Write PEFT's two files: ``state`` (PEFT key names) and ``cfg`` as its config."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(folder)
     alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
     peft_config = {
         "peft_type": "LORA",
@@ -107,7 +115,7 @@ def save_adapter(model: nn.Module, folder: str | Path, name: str = "default") ->
         "lora_alpha": alpha,
         "lora_dropout": cfg.dropout,
         "target_modules": list(cfg.target_modules),
-        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+        "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "init_lora_weights": True,
         "inference_mode": True,

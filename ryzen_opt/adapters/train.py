@@ -97,6 +97,7 @@ def train_adapter(
     config: LoraConfig,
     train_config: AdapterTrainConfig | None = None,
     name: str = "default",
+    task: ArithmeticTask | None = None,
 ) -> dict[str, Any]:
     """Train LoRA adapter ``name`` of ``model`` on the arithmetic task; only it changes.
 
@@ -112,6 +113,8 @@ def train_adapter(
         config: the adapter's shape (used when the adapter is new).
         train_config: steps, learning rate, task (default: :class:`AdapterTrainConfig`).
         name: the adapter to train.
+        task: the task to learn instead of ``train_config``'s ``digits``/``operators`` (any
+            ``ArithmeticTask``, e.g. a :class:`~ryzen_opt.adapters.tasks.FormattedTask`).
 
     Returns:
         ``{"losses": [...], "train_seconds": s, "steps": n, "trainable_parameters": k}``.
@@ -133,7 +136,10 @@ def train_adapter(
             add_lora(model, config, name)
     set_adapter(model, name)
     params = lora_parameters(model, name)
-    task = cfg.task()
+    if task is None:
+        task = cfg.task()
+    elif not isinstance(task, ArithmeticTask):
+        raise AdapterError(f"task must be an ArithmeticTask, got {type(task).__name__}")
     device = params[0].device
     data = task.sample("train", cfg.steps * cfg.batch_size, cfg.seed)
     grad_state = {p: p.requires_grad for p in model.parameters()}

@@ -1,0 +1,432 @@
+"""Train the instant adapters' checkpoints: the task-LoRA library, TextToLoRA, SVF experts.
+
+Command line (each writes a folder with ``metrics.json`` and the command that made it)::
+
+    python -m ryzen_opt.adapters.instant library --out checkpoints/instant/library
+    python -m ryzen_opt.adapters.instant t2l --mode recon --out checkpoints/instant/t2l_recon
+    python -m ryzen_opt.adapters.instant t2l --mode sft --out checkpoints/instant/t2l_sft
+    python -m ryzen_opt.adapters.instant svf --out checkpoints/instant/svf
+
+* ``library``: one rank-8 LoRA per seen task (:data:`~ryzen_opt.adapters.tasks.SEEN`) with
+  :func:`~ryzen_opt.adapters.train.train_adapter`, saved as ``<out>/<task>/`` (PEFT format).
+* ``t2l --mode recon``: TextToLoRA trained to reproduce the library's updates
+  (``scaling * B @ A``) from the seen tasks' training paraphrases.
+* ``t2l --mode sft``: TextToLoRA trained through the frozen base model: each batch row draws a
+  seen task and a training paraphrase; the generated adapter's answer-token cross-entropy.
+* ``svf``: one z-vector per seen task (:class:`~ryzen_opt.adapters.svf.SVFExperts`), trained
+  supervised (cross-entropy on the answers; the Transformer² paper used RL), and the
+  skill classifier of the two-pass inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ryzen_opt.adapters.config import LoraConfig
+from ryzen_opt.adapters.io import save_adapter
+from ryzen_opt.adapters.svf import SVFExperts, svf_forward_hooks
+from ryzen_opt.adapters.t2l import TextToLoRA, delta_loss, lora_forward_hooks
+from ryzen_opt.adapters.tasks import SEEN, TaskSpec, get_spec
+from ryzen_opt.adapters.train import AdapterTrainConfig, train_adapter
+from ryzen_opt.models.tasks import ArithmeticTask
+from ryzen_opt.models.train import evaluate
+
+# rank 8, alpha 16: a rank-8 LoRA takes every seen task but mul2 to >= 95% test accuracy in
+# 1500 steps (add2: 0% -> 100% in 76 s on one thread of a shared 2-core machine).
+LIBRARY_LORA = LoraConfig(rank=8, alpha=16.0)
+EVAL_SEED = 4321  # the test problems every figure of the instant adapters is measured on
+
+
+def _command(sub: str, argv: Sequence[str] | None) -> str:
+    return " ".join(["python -m ryzen_opt.adapters.instant", sub, *(argv or sys.argv[2:])])
+
+
+def _env() -> dict[str, Any]:
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int = 50) -> float:
+    """Linear warm-up, then cosine to 10% (the adapter trainer's schedule)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+class TaskPool:
+    """Training problems of several tasks, encoded once and padded to one width, so a step
+    draws its rows by indexing (row ``i`` from task ``rows[i]``).
+
+    Args:
+        tasks: the tasks.
+        per_task: problems drawn per task (train split).
+        seed: seeds the draw.
+    """
+
+    def __init__(self, tasks: Sequence[ArithmeticTask], per_task: int, seed: int = 0) -> None:
+        enc = [t.encode_training(t.sample("train", per_task, seed)) for t in tasks]
+        width = max(x.shape[1] for x, _ in enc)
+        self.x = torch.zeros(len(tasks), per_task, width, dtype=torch.long)
+        self.y = torch.full((len(tasks), per_task, width), -100, dtype=torch.long)
+        for i, (x, y) in enumerate(enc):
+            self.x[i, :, : x.shape[1]] = x
+            self.y[i, :, : y.shape[1]] = y
+        self.per_task = per_task
+
+    def batch(self, rows: Sequence[int], g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.as_tensor(rows)
+        j = torch.randint(self.per_task, (len(rows),), generator=g)
+        x, y = self.x[t, j], self.y[t, j]
+        keep = int((y != -100).any(0).nonzero().max()) + 1  # drop all-padding columns
+        return x[:, :keep], y[:, :keep]
+
+
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    logits = out[0] if isinstance(out, tuple) else out.logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+# -- the library -------------------------------------------------------------------------------
+def train_library(
+    base: nn.Module,
+    out: Path,
+    specs: Sequence[TaskSpec] = SEEN,
+    steps: int = 1500,
+    eval_samples: int = 512,
+    command: str = "",
+) -> dict[str, Any]:
+    """One LoRA per task of ``specs``, each on a fresh copy of ``base``, saved under ``out``."""
+    summary = {}
+    for spec in specs:
+        model = copy.deepcopy(base)
+        cfg = AdapterTrainConfig(steps=steps, warmup_steps=min(50, steps), seed=0)
+        before = evaluate(model, spec.task, "test", eval_samples, seed=EVAL_SEED)
+        res = train_adapter(model, LIBRARY_LORA, cfg, task=spec.task)
+        after = evaluate(model, spec.task, "test", eval_samples, seed=EVAL_SEED)
+        folder = save_adapter(model, out / spec.name)
+        metrics = {
+            "task": spec.task.to_dict(),
+            "descriptions": list(spec.paraphrases),
+            "test_exact_match_before": before,
+            "test_exact_match_after": after,
+            "eval_samples": eval_samples,
+            "final_loss": res["losses"][-1],
+            "train_seconds": res["train_seconds"],
+            "trainable_parameters": res["trainable_parameters"],
+            "command": command,
+            "lora": LIBRARY_LORA.to_dict(),
+            "train": cfg.to_dict(),
+            **_env(),
+        }
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        summary[spec.name] = {
+            k: metrics[k]
+            for k in ("test_exact_match_before", "test_exact_match_after", "train_seconds")
+        }
+        print(spec.name, json.dumps(summary[spec.name]), flush=True)
+    return summary
+
+
+def library_weights(
+    folder: Path, specs: Sequence[TaskSpec] = SEEN
+) -> tuple[dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], float]:
+    """``{task: {path: (A, B)}}`` of the library's adapters and their scaling."""
+    from safetensors.torch import load_file
+
+    from ryzen_opt.adapters.io import PREFIX, WEIGHTS_NAME, read_config
+
+    out, scaling = {}, None
+    for spec in specs:
+        cfg = read_config(folder / spec.name)
+        scaling = cfg.scaling if scaling is None else scaling
+        if cfg.scaling != scaling:
+            raise ValueError(f"library: {spec.name} has scaling {cfg.scaling}, not {scaling}")
+        state = load_file(str(folder / spec.name / WEIGHTS_NAME))
+        paths = sorted({k[len(PREFIX) :].rsplit(".lora_", 1)[0] for k in state})
+        out[spec.name] = {
+            p: (state[f"{PREFIX}{p}.lora_A.weight"], state[f"{PREFIX}{p}.lora_B.weight"])
+            for p in paths
+        }
+    return out, float(scaling)
+
+
+def evaluate_adapter(base: nn.Module, adapter, task: ArithmeticTask, n: int) -> float:
+    """Test exact match of ``base`` with a :class:`GeneratedAdapter` merged in (a copy)."""
+    from ryzen_opt.adapters.lora import merge_adapter
+
+    model = adapter.load_into(copy.deepcopy(base), "g")
+    merge_adapter(model, "g")
+    return evaluate(model, task, "test", n, seed=EVAL_SEED)
+
+
+def t2l_report(t2l, base: nn.Module, n: int) -> dict[str, dict[str, float]]:
+    """Per task: accuracy with the first training and the first held-out paraphrase."""
+    from ryzen_opt.adapters.tasks import ALL
+
+    out = {}
+    for spec in ALL:
+        row = {}
+        for kind, descs in (
+            ("train_desc", spec.train_descriptions),
+            ("heldout_desc", spec.heldout_descriptions),
+        ):
+            row[kind] = evaluate_adapter(base, t2l.generate(descs[0]), spec.task, n)
+        out[spec.name] = row
+        print(spec.name, row, flush=True)
+    return out
+
+
+def drop_words(description: str, p: float, rng: random.Random) -> str:
+    """``description`` with each word dropped with probability ``p`` (one always kept)."""
+    ws = description.split()
+    kept = [w for w in ws if rng.random() >= p]
+    return " ".join(kept) if kept else rng.choice(ws)
+
+
+def train_t2l_recon(
+    t2l,
+    library: Path,
+    steps: int = 2000,
+    lr: float = 1e-3,
+    seed: int = 0,
+    specs: Sequence[TaskSpec] = SEEN,
+    word_dropout: float = 0.0,
+    variants: int = 24,
+    batch: int = 64,
+) -> dict[str, Any]:
+    """Fit ``t2l`` to reproduce the library's updates from the training paraphrases.
+
+    With ``word_dropout > 0`` each paraphrase also appears as ``variants`` copies with words
+    dropped at that rate (so the update hangs on the words paraphrases share, not on one
+    wording), and each step takes ``batch`` of them.
+    """
+    lib, scaling = library_weights(library, specs)
+    rng = random.Random(seed)
+    descs, rows = [], []
+    for i, spec in enumerate(specs):
+        for d in spec.train_descriptions:
+            extra = [drop_words(d, word_dropout, rng) for _ in range(variants)]
+            for x in [d, *(extra if word_dropout > 0 else [])]:
+                descs.append(x)
+                rows.append(i)
+    emb = t2l.embed(descs)
+    target = {
+        p: (
+            torch.stack([lib[specs[i].name][p][0] for i in rows]),
+            torch.stack([lib[specs[i].name][p][1] for i in rows]),
+        )
+        for p in lib[specs[0].name]
+    }
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(t2l.parameters(), lr=lr, weight_decay=1e-4)
+    losses, t0 = [], time.perf_counter()
+    t2l.train()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr)
+        idx = torch.randperm(len(rows))[:batch] if len(rows) > batch else torch.arange(len(rows))
+        noisy = emb[idx] + 0.02 * torch.randn(len(idx), emb.shape[1])  # jitter
+        tgt = {p: (a[idx], b[idx]) for p, (a, b) in target.items()}
+        loss = delta_loss(t2l(noisy), tgt, t2l.lora.scaling, scaling)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % 200 == 0:
+            print(f"recon step {step} loss {loss.item():.4f}", flush=True)
+    t2l.eval()
+    return {"losses": losses, "train_seconds": round(time.perf_counter() - t0, 2), "steps": steps}
+
+
+def train_t2l_sft(
+    t2l, base: nn.Module, steps: int = 2000, batch: int = 64, lr: float = 1e-3, seed: int = 0
+) -> dict[str, Any]:
+    """Train ``t2l`` through the frozen ``base``: each row a seen task and paraphrase."""
+    tasks = [s.task for s in SEEN]
+    pool = TaskPool(tasks, max(256, steps * batch // len(tasks)), seed)
+    gen = torch.Generator().manual_seed(seed)
+    descs = [list(s.train_descriptions) for s in SEEN]
+    emb = [t2l.embed(d) for d in descs]
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(t2l.parameters(), lr=lr, weight_decay=1e-4)
+    losses, t0 = [], time.perf_counter()
+    t2l.train()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr)
+        rows = [rng.randrange(len(tasks)) for _ in range(batch)]
+        x, y = pool.batch(rows, gen)
+        e = torch.stack([emb[r][rng.randrange(len(descs[r]))] for r in rows])
+        handles = lora_forward_hooks(base, t2l(e), t2l.lora.scaling)
+        try:
+            loss = loss_of(base, x, y)
+        finally:
+            for h in handles:
+                h.remove()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(t2l.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 200 == 0:
+            print(f"sft step {step} loss {loss.item():.4f}", flush=True)
+    t2l.eval()
+    return {"losses": losses, "train_seconds": round(time.perf_counter() - t0, 2), "steps": steps}
+
+
+def train_svf(
+    svf, base: nn.Module, steps: int = 1500, batch: int = 128, lr: float = 5e-3, seed: int = 0
+) -> dict[str, Any]:
+    """Train one z-vector per seen task at once (each batch row uses its task's z)."""
+    tasks = [s.task for s in SEEN]
+    z = {p: torch.ones(len(SEEN), n, requires_grad=True) for p, n in svf.sizes().items()}
+    pool = TaskPool(tasks, max(256, steps * batch // len(tasks)), seed)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(list(z.values()), lr=lr)
+    losses, t0 = [], time.perf_counter()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr)
+        rows = [i % len(tasks) for i in range(batch)]
+        x, y = pool.batch(rows, gen)
+        idx = torch.tensor(rows)
+        handles = svf_forward_hooks(base, svf, {p: v[idx] for p, v in z.items()})
+        try:
+            loss = loss_of(base, x, y)
+        finally:
+            for h in handles:
+                h.remove()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % 200 == 0:
+            print(f"svf step {step} loss {loss.item():.4f}", flush=True)
+    for i, spec in enumerate(SEEN):
+        svf.add_expert(spec.name, {p: v[i] for p, v in z.items()})
+    return {"losses": losses, "train_seconds": round(time.perf_counter() - t0, 2), "steps": steps}
+
+
+def classifier_data(
+    svf, base: nn.Module, split: str, n: int, specs: Sequence[TaskSpec] = SEEN
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """First-pass features and expert labels of ``n`` prompts per task of ``specs``."""
+    feats, labels = [], []
+    for i, spec in enumerate(specs):
+        ids = spec.task.encode_prompts(spec.task.sample(split, n, seed=EVAL_SEED + i))
+        feats.append(svf.features(base, ids))
+        labels.append(torch.full((n,), i))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ryzen_opt.models import load_checkpoint
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m ryzen_opt.adapters.instant", description=__doc__)
+    sub = ap.add_subparsers(dest="what", required=True)
+    lib = sub.add_parser("library", help="train one LoRA per seen task")
+    lib.add_argument("--steps", type=int, default=1500)
+    lib.add_argument("--tasks", default=",".join(s.name for s in SEEN))
+    t2l = sub.add_parser("t2l", help="train the TextToLoRA hypernetwork")
+    t2l.add_argument("--mode", choices=("recon", "sft"), required=True)
+    t2l.add_argument("--library", default="checkpoints/instant/library")
+    t2l.add_argument("--steps", type=int, default=2000)
+    t2l.add_argument("--lr", type=float, default=1e-3)
+    t2l.add_argument("--hidden", type=int, default=32)
+    t2l.add_argument(
+        "--word-dropout", type=float, default=0.0, help="recon: word-dropped paraphrase copies"
+    )
+    svf = sub.add_parser("svf", help="train one SVF z-vector per seen task + the classifier")
+    svf.add_argument("--steps", type=int, default=1500)
+    svf.add_argument("--lr", type=float, default=5e-3)
+    svf.add_argument("--batch", type=int, default=128, help="rows per step (spread over tasks)")
+    for p in (lib, t2l, svf):
+        p.add_argument("--checkpoint", default="checkpoints/default")
+        p.add_argument("--out", required=True)
+        p.add_argument("--eval-samples", type=int, default=512)
+        p.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    base = load_checkpoint(a.checkpoint)
+    out = Path(a.out)
+    cmd = _command(a.what, argv[1:])
+    if a.what == "library":
+        specs = [get_spec(n) for n in a.tasks.split(",")]
+        train_library(base, out, specs, a.steps, a.eval_samples, cmd)
+    elif a.what == "t2l":
+        net = TextToLoRA.for_model(base, LIBRARY_LORA, hidden=a.hidden)
+        if a.mode == "recon":
+            res = train_t2l_recon(net, Path(a.library), a.steps, a.lr, word_dropout=a.word_dropout)
+        else:
+            res = train_t2l_sft(net, base, a.steps, lr=a.lr)
+        acc = t2l_report(net, base, a.eval_samples)
+        meta = {
+            "mode": a.mode,
+            "final_loss": res["losses"][-1],
+            "train_seconds": res["train_seconds"],
+            "steps": res["steps"],
+            "parameters": sum(p.numel() for p in net.parameters()),
+            "test_exact_match": acc,
+            "eval_samples": a.eval_samples,
+            "command": cmd,
+            **_env(),
+        }
+        net.save(out, meta)
+        (out / "metrics.json").write_text(json.dumps(meta, indent=2))
+    else:
+        experts = SVFExperts(base)
+        res = train_svf(experts, base, a.steps, batch=a.batch, lr=a.lr)
+        fx, fy = classifier_data(experts, base, "train", 256)
+        train_acc = experts.fit_classifier(fx, fy)
+        tx, ty = classifier_data(experts, base, "test", 256)
+        c = experts.classifier
+        logits = ((tx - c["mean"]) / c["std"]) @ c["weight"].T + c["bias"]
+        test_acc = float((logits.argmax(1) == ty).float().mean())
+        acc = {}
+        for spec in SEEN:
+            model = copy.deepcopy(base)
+            experts.apply(model, spec.name)
+            acc[spec.name] = evaluate(model, spec.task, "test", a.eval_samples, seed=EVAL_SEED)
+            print(spec.name, acc[spec.name], flush=True)
+        meta = {
+            "final_loss": res["losses"][-1],
+            "train_seconds": res["train_seconds"],
+            "steps": res["steps"],
+            "parameters_per_expert": experts.num_parameters,
+            "training": "supervised (answer-token cross-entropy); the paper used RL",
+            "classifier_train_accuracy": train_acc,
+            "classifier_test_accuracy": test_acc,
+            "test_exact_match_oracle": acc,
+            "eval_samples": a.eval_samples,
+            "command": cmd,
+            **_env(),
+        }
+        experts.save(out, meta)
+        (out / "metrics.json").write_text(json.dumps(meta, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
