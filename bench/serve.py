@@ -17,9 +17,12 @@ then:
 
 Without ``--adapter-factory`` the adapters come from the test-only hash generator
 (``tests/serve/lora_factory.py``: a real PEFT adapter drawn from a hash of the description,
-not a hypernetwork); the output says which generator ran.
+not a hypernetwork); the output says which generator ran. ``--instant`` serves the committed
+instant adapters (``ryzen-opt serve --instant``: Text-to-LoRA generates the adapters, the SVF
+experts answer ``adapter="auto"``, which then joins the mix).
 
     python -m bench.serve                      # 32 clients for 30 s
+    python -m bench.serve --instant            # Text-to-LoRA and SVF experts
     python -m bench.serve --quick              # 4 clients for 3 s (the test runs this)
 """
 
@@ -76,7 +79,10 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     """``ryzen-opt serve`` in a child process; returns it and its base URL."""
     cmd = [sys.executable, "-m", "ryzen_opt.cli", "serve", "--port", "0"]
     cmd += ["--checkpoint", str(args.checkpoint), "--adapters", *map(str, args.adapters)]
-    cmd += ["--adapter-factory", args.adapter_factory or TEST_FACTORY]
+    if args.instant:
+        cmd += ["--instant"]
+    else:
+        cmd += ["--adapter-factory", args.adapter_factory or TEST_FACTORY]
     cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -140,9 +146,11 @@ async def _call(client, req: dict[str, Any], timings: list | None = None) -> tup
         return 200, (done[1]["adapter"], ids, done[1]["completion"])
 
 
-def build_mix(gen_ids: list[str], folder_ids: list[str]) -> list[dict[str, Any]]:
+def build_mix(
+    gen_ids: list[str], folder_ids: list[str], auto: bool = False
+) -> list[dict[str, Any]]:
     reqs = []
-    adapters = [None, *folder_ids, *gen_ids]
+    adapters = [None, *folder_ids, *gen_ids, *(["auto"] if auto else [])]
     for i, prompt in enumerate(PROMPTS):
         for j, adapter in enumerate(adapters):
             body: dict[str, Any] = {"prompt": prompt, "adapter": adapter}
@@ -228,7 +236,7 @@ async def run(args) -> dict[str, Any]:
             await generate_adapters(client, 2, "warm-up")
             lat, gen_ms, _ = await generate_adapters(client, args.generate_requests, "idle")
             _, _, gen_ids = await generate_adapters(client, 2, "served")
-            mix = Mix(requests=build_mix(gen_ids, folder_ids))
+            mix = Mix(requests=build_mix(gen_ids, folder_ids, auto=listed["router"]))
             for req in mix.requests:  # the reference answers: one request at a time
                 status, answer = await _call(client, req)
                 if status != 200:
@@ -258,8 +266,12 @@ async def run(args) -> dict[str, Any]:
         "url": url,
         "server_threads": args.threads,
         "server_exit_status": rc,
-        "adapter_generator": args.adapter_factory
-        or f"{TEST_FACTORY} (test-only hash generator, not a hypernetwork)",
+        "adapter_generator": (
+            "ryzen-opt serve --instant (Text-to-LoRA; SVF experts for adapter='auto')"
+            if args.instant
+            else args.adapter_factory
+            or f"{TEST_FACTORY} (test-only hash generator, not a hypernetwork)"
+        ),
         "adapters_generate_idle": {
             "requests": len(lat),
             "client_p50_ms": _quantile(lat, 0.5) * 1e3,
@@ -307,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="MODULE:NAME",
         help=f"the adapter generator builder (default: the test-only {TEST_FACTORY})",
     )
+    ap.add_argument(
+        "--instant",
+        action="store_true",
+        help="serve the committed Text-to-LoRA and SVF experts (ryzen-opt serve --instant)",
+    )
     ap.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     ap.add_argument(
         "--quick", action="store_true", help="defaults of 4 clients, 3 s, 5 generate requests"
@@ -314,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--note", default="", help="recorded with the results (e.g. 'shared machine')")
     ap.add_argument("-o", "--output", type=Path, default=None)
     a = ap.parse_args(argv)
+    if a.instant and a.adapter_factory:
+        ap.error("argument --instant: not with --adapter-factory (it names its own)")
     for name, full, quick in (
         ("clients", 32, 4),
         ("duration", 30.0, 3.0),

@@ -247,6 +247,10 @@ def _compress(args: argparse.Namespace, methods: list[str], workdir: Path, out: 
     return 0
 
 
+INSTANT_FACTORY = "ryzen_opt.serve.instant:text_to_lora"
+INSTANT_EXPERTS = "ryzen_opt.serve.instant:svf_experts"
+
+
 def _add_serve(sub) -> None:
     p = sub.add_parser(
         "serve", help="the HTTP API: generate adapters, generate text (needs the 'serve' extra)"
@@ -282,6 +286,19 @@ def _add_serve(sub) -> None:
         metavar="MODULE:NAME",
         help="a callable NAME(registry, workdir) returning router(prompt) -> adapter id or None, "
         'for adapter="auto"; without it such requests answer 503',
+    )
+    p.add_argument(
+        "--experts",
+        default=None,
+        metavar="MODULE:NAME",
+        help="a callable NAME(registry, workdir) returning weight experts (identify(prompt), "
+        'applied(name)) for adapter="auto", instead of --skill-router',
+    )
+    p.add_argument(
+        "--instant",
+        action="store_true",
+        help="the committed instant adapters: --adapter-factory "
+        f"{INSTANT_FACTORY} (Text-to-LoRA) and --experts {INSTANT_EXPERTS} (SVF)",
     )
     p.add_argument("--max-resident", type=_positive_int, default=4, help="adapters loaded at once")
     p.add_argument("--merged", action="store_true", help="serve adapters merged into the weights")
@@ -358,11 +375,21 @@ def build_serve_app(args: argparse.Namespace, workdir: Path):
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     folders = _adapter_folders(args.adapters)
-    factory = router = None
+    if getattr(args, "instant", False):
+        if args.adapter_factory or getattr(args, "experts", None):
+            raise UsageError(
+                "--instant names --adapter-factory and --experts: give one or the other"
+            )
+        args.adapter_factory, args.experts = INSTANT_FACTORY, INSTANT_EXPERTS
+    if getattr(args, "experts", None) and args.skill_router:
+        raise UsageError('--experts and --skill-router both choose for adapter="auto": give one')
+    factory = router = experts = None
     if args.adapter_factory:
         factory = _load_object(args.adapter_factory, "--adapter-factory")
     if args.skill_router:
         router = _load_object(args.skill_router, "--skill-router")
+    if getattr(args, "experts", None):
+        experts = _load_object(args.experts, "--experts")
     import torch
 
     from ryzen_opt.adapters import AdapterRegistry
@@ -379,6 +406,7 @@ def build_serve_app(args: argparse.Namespace, workdir: Path):
         CharTokenizer(),
         adapter_factory=None if factory is None else factory(registry, workdir),
         skill_router=None if router is None else router(registry, workdir),
+        experts=None if experts is None else experts(registry, workdir),
         adapters=folders,
     )
     return app, list(folders)
@@ -411,7 +439,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         print(
             f"serving {args.checkpoint} on http://{host}:{port} (adapters: "
             f"{', '.join(ids) or 'none'}; adapter generator: "
-            f"{args.adapter_factory or 'none'}; skill router: {args.skill_router or 'none'})",
+            f"{args.adapter_factory or 'none'}; skill router: "
+            f"{args.skill_router or args.experts or 'none'})",
             flush=True,
         )
         try:

@@ -32,6 +32,7 @@ from ryzen_opt.serve.config import (
     HTTPError,
     ServeConfig,
     SkillRouter,
+    WeightExperts,
     default_scaling_engine,
 )
 from ryzen_opt.serve.schemas import (
@@ -50,6 +51,7 @@ def create_app(
     *,
     adapter_factory: AdapterFactory | Callable[[str, int], Path] | None = None,
     skill_router: SkillRouter | Callable[[str], str | None] | None = None,
+    experts: WeightExperts | None = None,
     scaling_engine=None,
     adapters: Mapping[str, str | Path] | None = None,
     config: ServeConfig | None = None,
@@ -66,7 +68,10 @@ def create_app(
             adapter (:class:`AdapterFactory`); ``None``: ``POST /adapters/generate`` and
             ``description`` requests answer 503.
         skill_router: ``router(prompt) -> adapter id or None`` for ``adapter="auto"``
-            (:class:`SkillRouter`); ``None``: such requests answer 503.
+            (:class:`SkillRouter`); ``None``: such requests answer 503 unless ``experts``.
+        experts: weight experts for ``adapter="auto"`` instead of a router
+            (:class:`WeightExperts`, e.g. :func:`ryzen_opt.serve.instant.svf_experts`): the
+            prompt's expert is identified by a first pass and its weights serve the request.
         scaling_engine: the :class:`~ryzen_opt.scaling.InferenceScalingEngine` for ``n > 1``,
             over ``registry.model``; ``None``: :func:`default_scaling_engine`. Its sampler is
             replaced per request (temperature, top_k, seed).
@@ -103,6 +108,12 @@ def create_app(
     for name, fn in (("adapter_factory", adapter_factory), ("skill_router", skill_router)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
+    if experts is not None:
+        if skill_router is not None:
+            raise ValueError("give skill_router or experts for adapter='auto', not both")
+        for name in ("identify", "applied"):
+            if not callable(getattr(experts, name, None)):
+                raise TypeError(f"experts must have an {name} method (WeightExperts)")
     if scaling_engine is None:
         scaling_engine = default_scaling_engine(registry.model, tokenizer)
     elif getattr(scaling_engine, "model", None) is not registry.model:
@@ -112,7 +123,9 @@ def create_app(
     config = ServeConfig() if config is None else config
     if not isinstance(config, ServeConfig):
         raise TypeError(f"config must be a ServeConfig, got {type(config).__name__}")
-    service = Service(registry, tokenizer, adapter_factory, skill_router, scaling_engine, config)
+    service = Service(
+        registry, tokenizer, adapter_factory, skill_router, scaling_engine, config, experts
+    )
     for name, folder in (adapters or {}).items():
         service.add_folder(name, Path(folder))
 

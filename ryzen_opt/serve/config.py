@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +32,21 @@ class SkillRouter(Protocol):
     """
 
     def __call__(self, prompt: str) -> str | None: ...
+
+
+class WeightExperts(Protocol):
+    """``adapter="auto"`` by weight experts (e.g. :class:`~ryzen_opt.adapters.SVFExperts`).
+
+    Both methods run on the model worker thread, inside the request's job, with the registry
+    serving the base weights: ``identify(prompt)`` names the expert the prompt needs (a first
+    pass of the model), and within ``applied(name)`` (a context manager) the served model
+    holds that expert's weights, restored exactly on exit. The response names the expert as
+    ``"expert:<name>"``.
+    """
+
+    def identify(self, prompt: str) -> str: ...
+
+    def applied(self, name: str) -> AbstractContextManager[None]: ...
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from ryzen_opt.scaling.selection import STRATEGIES
 
 Strategy = Literal[STRATEGIES]  # type: ignore[valid-type]
-AUTO = "auto"  # the adapter value that asks the skill router to choose
+AUTO = "auto"  # the adapter value that asks the skill router (or the weight experts) to choose
+EXPERT_PREFIX = "expert:"  # how a response names the weight expert "auto" chose
 
 
 class _Body(BaseModel):

@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import hashlib
 import itertools
 import json
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ryzen_opt.serve.config import AdapterFactory, HTTPError, ServeConfig, SkillRouter
+from ryzen_opt.serve.config import (
+    AdapterFactory,
+    HTTPError,
+    ServeConfig,
+    SkillRouter,
+    WeightExperts,
+)
 from ryzen_opt.serve.schemas import (
     AUTO,
+    EXPERT_PREFIX,
     AdapterGenerateResponse,
     AdapterInfo,
     AdapterList,
@@ -69,11 +77,13 @@ class Service:
         router: SkillRouter | None,
         engine,
         config: ServeConfig,
+        experts: WeightExperts | None = None,
     ) -> None:
         self.registry = registry
         self.tokenizer = tokenizer
         self.factory = factory
         self.router = router
+        self.experts = experts
         self.engine = engine
         self.config = config
         self.worker = ModelWorker()
@@ -95,7 +105,9 @@ class Service:
         with self._lock:
             adapters = list(self.catalog.values())
         return AdapterList(
-            adapters=adapters, generator=self.factory is not None, router=self.router is not None
+            adapters=adapters,
+            generator=self.factory is not None,
+            router=self.router is not None or self.experts is not None,
         )
 
     async def generate_adapter(self, description: str, seed: int) -> AdapterGenerateResponse:
@@ -199,10 +211,11 @@ class Service:
         if req.adapter is None:
             return None
         if req.adapter == AUTO:
-            if self.router is None:
+            if self.router is None and self.experts is None:
                 raise HTTPError(
                     503,
-                    'adapter="auto" needs a skill router and this server has none configured',
+                    'adapter="auto" needs a skill router or weight experts and this server has '
+                    "neither configured",
                 )
             return AUTO
         with self._lock:
@@ -226,14 +239,32 @@ class Service:
                 )
         return chosen
 
+    @contextlib.contextmanager
+    def _routed(self, name: str | None, prompt: str) -> Iterator[tuple[str | None, str | None]]:
+        """On the worker, around a job: ``(adapter the registry serves, adapter shown)``.
+
+        ``AUTO`` with weight experts: the base model (no adapter) holding the expert's
+        weights for the job, shown as ``"expert:<name>"``; with a router: its choice."""
+        if name != AUTO or self.experts is None:
+            chosen = self._route(name, prompt)
+            yield chosen, chosen
+            return
+        self.registry.deactivate()  # the first pass and the experts start from the base
+        expert = self.experts.identify(prompt)
+        with self.experts.applied(expert):
+            yield None, f"{EXPERT_PREFIX}{expert}"
+
     def _sampling(self, req: GenerateRequest) -> dict[str, Any]:
         t = req.temperature if req.temperature is not None else (0.0 if req.n == 1 else 1.0)
         return {"temperature": t, "top_k": req.top_k if t > 0 else None, "seed": req.seed}
 
     def run(self, req: GenerateRequest, ids: list[int], new: int, name: str | None) -> dict:
         """On the worker: route, switch, generate; the response fields."""
-        name_in = name
-        name = self._route(name, req.prompt)
+        with self._routed(name, req.prompt) as (served, shown):
+            fields = self._run(req, ids, new, served)
+        return dict(fields, adapter=shown, routed=name == AUTO)
+
+    def _run(self, req: GenerateRequest, ids: list[int], new: int, name: str | None) -> dict:
         eos = self.tokenizer.EOS
         s = self._sampling(req)
         best = None
@@ -268,8 +299,6 @@ class Service:
                 ],
             )
         return dict(
-            adapter=name,
-            routed=name_in == AUTO,
             prompt=req.prompt,
             completion=completion,
             token_ids=toks,
@@ -321,12 +350,18 @@ class Service:
         def job() -> None:
             if cancel.is_set():
                 return
+            try:
+                with self._routed(name, req.prompt) as (served, shown):
+                    stream_job(served, shown)
+            except BaseException as e:  # routing failed (the stream job reports its own)
+                push("error", e)
+
+        def stream_job(served: str | None, chosen: str | None) -> None:
             gen = None
             try:
-                chosen = self._route(name, req.prompt)
                 gen = self.registry.generate_stream(
                     torch.tensor([ids]),
-                    adapter=chosen,
+                    adapter=served,
                     max_new_tokens=new,
                     eos_id=self.tokenizer.EOS,
                     **self._sampling(req),

@@ -35,3 +35,14 @@ def test_bad_counts_name_the_argument(arg, capsys):
     with pytest.raises(SystemExit):
         bs.main([arg, "0"])
     assert arg in capsys.readouterr().err
+
+
+def test_quick_run_with_the_instant_adapters_checks_auto_answers_too(tmp_path):
+    out = tmp_path / "serve.json"
+    argv = ["--quick", "--instant", "--duration", "2", "--generate-requests", "3", "-o", str(out)]
+    assert bs.main(argv) == 0
+    data = json.loads(out.read_text())
+    load = data["load"]
+    assert load["requests"] > 0 and load["ok"] == load["requests"]
+    assert any(body["adapter"] == "auto" for body in load["mix"])
+    assert "Text-to-LoRA" in data["adapter_generator"]
