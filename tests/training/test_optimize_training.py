@@ -57,6 +57,7 @@ def test_a_slower_candidate_is_rejected_and_the_model_comes_back_unchanged(monke
     assert not rep.changed
     [res] = [c for s in rep.sites for r in s.cases for c in r.candidates]
     assert res.status == "slower" and res.speedup < 1
+    assert not rep.model_checks  # rejected when measured, not installed and reverted later
     assert isinstance(fast.head, nn.Linear) and not isinstance(fast.head, FusedLMHead)
     assert "unchanged" in rep.to_markdown()
 
