@@ -158,8 +158,12 @@ def optimize_training(
     )
     was_training = work.training
     work.train()
+    # The caller's random state is left as it was (a trainer seeds its run once: measuring
+    # must not shift its dropout masks).
+    cuda = [device.index or 0] if device.type == "cuda" else []
     try:
-        _select(work, fam, batch, config, engine, report)
+        with torch.random.fork_rng(devices=cuda):
+            _select(work, fam, batch, config, engine, report)
     finally:
         work.train(was_training)
         unsaved = cache.save()
