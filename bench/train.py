@@ -201,11 +201,13 @@ def run(args) -> dict[str, Any]:
             if name == "default"
             else _gpu_workload(name, args.steps, args.quick, dev)
         )
-        out[name] = _run_workload(wl, args.variants, dev, args.warmup, args.quick)
+        out[name] = _run_workload(wl, args.variants, dev, args.warmup, args.quick, args.force)
     return out
 
 
-def _run_workload(wl: Workload, variants, dev: str, warmup: int, quick: bool) -> dict[str, Any]:
+def _run_workload(
+    wl: Workload, variants, dev: str, warmup: int, quick: bool, force=()
+) -> dict[str, Any]:
     load_before = os.getloadavg()
     init = copy.deepcopy(wl.model)
     hf = find(init)[0].__name__ == "HFCausalLM"
@@ -216,7 +218,10 @@ def _run_workload(wl: Workload, variants, dev: str, warmup: int, quick: bool) ->
         elif v == "optimized":
             t0 = time.perf_counter()
             # --quick: 3 timing samples a side (a test of the flow, not a measurement)
-            cfg = TrainingConfig(repeat=3, warmup=1) if quick else None
+            kw = dict(repeat=3, warmup=1) if quick else {}
+            if force:
+                kw.update(candidates=tuple(force), force=tuple(force))
+            cfg = TrainingConfig(**kw)
             models[v] = optimize_training(copy.deepcopy(init), wl.batch(0), config=cfg)
             rep = models[v].optimization_report
             info[v] = {
@@ -369,6 +374,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small models, a few steps")
     ap.add_argument("--threads", type=int, help="torch threads (CPU)")
     ap.add_argument("--out", help="results folder (default bench/results/<device>)")
+    ap.add_argument(
+        "--force",
+        default="",
+        help="comma list of optimize_training candidates to install without the speed "
+        "requirement (TrainingConfig.force): times a fused path even where the selection, "
+        "measured on a loaded machine, rejected it; the file name and table say so",
+    )
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available")
@@ -387,6 +399,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--variants must start with eager and be drawn from {VARIANTS}")
     if args.steps is not None and args.steps < 3:
         ap.error("--steps must be >= 3")
+    args.force = [f for f in args.force.split(",") if f]
+    try:
+        TrainingConfig(force=tuple(args.force))
+    except ValueError as e:
+        ap.error(f"--force: {e}")
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
     if args.steps is not None and args.warmup >= args.steps:
         ap.error("--warmup must be below --steps")
@@ -395,10 +412,17 @@ def main(argv: list[str] | None = None) -> int:
     outdir.mkdir(parents=True, exist_ok=True)
     results = run(args)
     for name, res in results.items():
+        if args.force:
+            res["notes"].append(
+                f"forced: {', '.join(args.force)} installed without the speed requirement "
+                "(its gradients were checked); the table measures what it does to the step"
+            )
         head, rows = table(res)
         title = f"bench.train {name} on {where(env)}"
         print_table(title, head, rows)
         stem = f"train-{name}" + ("-quick" if args.quick else "")
+        stem += "".join(f"-force-{f}" for f in args.force)
+        stem += f"-threads{args.threads}" if args.threads else ""
         write_json(outdir / f"{stem}.json", {"environment": env, "model": name, **res})
         plot(res, outdir / f"{stem}.png", title)
         md = [f"# {title}", "", f"`{env['command']}` at commit {env['commit']}; torch "
