@@ -2,7 +2,7 @@
 
     python -m bench.train [--device cpu|cuda] [--models default|llama-1b,seed-gpu]
                           [--variants eager,optimized,compile] [--steps N] [--quick]
-                          [--threads N] [--out DIR]
+                          [--threads N] [--force chunked_lce] [--out DIR]
 
 One process. Every variant starts from the same initial weights (one seeded model, copied)
 and trains on the same batches in the same order with the same optimizer and schedule; each
@@ -15,6 +15,9 @@ in the loss curves but not in the timings.
   (for the seed model exactly the trainer's logits + ``F.cross_entropy``).
 * ``optimized``: :func:`ryzen_opt.optimize_training` of the initial model on the first batch
   (its own cost and its report are recorded).
+  With ``--force NAME`` the named candidate is installed once its gradients match, without
+  the speed requirement: the run then times what the fused path does to the step even where
+  the selection (a few seconds of timing on a loaded machine) rejected it.
 * ``compile``: ``torch.compile`` of the model (the loss outside it, as the trainer computes
   it); its compilation is paid in the warm-up steps.
 

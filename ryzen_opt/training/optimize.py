@@ -37,7 +37,7 @@ from ryzen_opt.optimization.report import (
     SiteReport,
 )
 from ryzen_opt.optimizer import _model_device_dtype, _parse_device, _require_module
-from ryzen_opt.timing import compare
+from ryzen_opt.timing import PeakMemory, compare
 from ryzen_opt.training import families
 from ryzen_opt.training.candidates import CANDIDATES, KINDS
 from ryzen_opt.training.config import TrainingConfig
@@ -162,8 +162,10 @@ def optimize_training(
     # must not shift its dropout masks).
     cuda = [device.index or 0] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=cuda):
+        # what measuring costs goes into the report (a 20 ms sampler stays out of the timings)
+        with PeakMemory(device, interval_s=0.02) as mem, torch.random.fork_rng(devices=cuda):
             _select(work, fam, batch, config, engine, report)
+        report.peak_memory_bytes = mem.peak_bytes
     finally:
         work.train(was_training)
         unsaved = cache.save()
