@@ -5,6 +5,7 @@ Public names::
     from ryzen_opt import optimize, KernelOptimizer, SemanticCompressor, \
         InferenceScalingEngine, SimpleTransformerModel
     from ryzen_opt import LoraConfig, add_lora, save_adapter, load_adapter, AdapterRegistry
+    from ryzen_opt import optimize_training
 
 The names load on first use (PEP 562): ``import ryzen_opt`` imports nothing heavy, so the
 edge install (``ryzen-opt-edge``: numpy and onnxruntime, no torch) can import
@@ -35,6 +36,7 @@ _LAZY = {
     "add_lora": "ryzen_opt.adapters",
     "load_adapter": "ryzen_opt.adapters",
     "optimize": "ryzen_opt.optimizer",
+    "optimize_training": "ryzen_opt.training",
     "save_adapter": "ryzen_opt.adapters",
 }
 
@@ -50,6 +52,7 @@ __all__ = [
     "add_lora",
     "load_adapter",
     "optimize",
+    "optimize_training",
     "save_adapter",
 ]
 
@@ -65,6 +68,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see the eager imports
     from ryzen_opt.models import ModelConfig, SimpleTransformerModel
     from ryzen_opt.optimizer import KernelOptimizer, OptimizeConfig, optimize
     from ryzen_opt.scaling import InferenceScalingEngine
+    from ryzen_opt.training import optimize_training
 
 
 def _lazy_attr(package: str, table: dict[str, str], name: str) -> object:

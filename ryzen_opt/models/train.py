@@ -3,11 +3,17 @@
 Command line::
 
     python -m ryzen_opt.models.train --config configs/train_default.yaml --out runs/default
+    python -m ryzen_opt.models.train --config configs/train_default.yaml --out runs/opt --optimized
 
 writes ``checkpoint/`` (safetensors + config), ``train_config.yaml``, ``loss.json``,
 ``loss.png`` and ``metrics.json`` into ``--out``. Training is bit-reproducible for a seed on
 one machine and thread count: data come from a seeded numpy generator, weights from a seeded
 torch generator, and torch runs with deterministic algorithms.
+
+``--optimized`` trains the copy :func:`ryzen_opt.optimize_training` returns for the initial
+weights and the first batch (same seed, same data order; its report goes to
+``optimize_training.md``); the loss of both is :func:`ryzen_opt.training.causal_lm_loss`,
+which for the original model is the plain logits + ``F.cross_entropy``.
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 from ryzen_opt.models.checkpoint import save_checkpoint
@@ -36,6 +41,7 @@ from ryzen_opt.models.config import (
 )
 from ryzen_opt.models.model import SimpleTransformerModel
 from ryzen_opt.models.tasks import ArithmeticTask
+from ryzen_opt.training.families import causal_lm_loss
 
 
 @dataclass
@@ -167,13 +173,18 @@ def _plot_loss(history: list[dict], evals: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, out: str | Path, progress: bool = True, optimized: bool = False
+) -> dict[str, Any]:
     """Train, evaluate and save into folder ``out``; returns the metrics dict.
 
     Args:
         cfg: the run's configuration.
         out: output folder (created).
         progress: show a rich progress bar.
+        optimized: train the model :func:`ryzen_opt.optimize_training` returns (measured on
+            the initial weights and the first batch; the random state is not consumed, so
+            the run sees the same weights and data as without it).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -185,6 +196,15 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
     torch.manual_seed(cfg.seed)
     task = cfg.task()
     model = SimpleTransformerModel(cfg.model).to(cfg.device)
+    data = task.sample("train", cfg.steps * cfg.batch_size, cfg.seed)
+    opt_report = None
+    if optimized:
+        from ryzen_opt.training import optimize_training
+
+        x0, y0 = task.encode_training(data[: cfg.batch_size])
+        model = optimize_training(model, (x0.to(cfg.device), y0.to(cfg.device)))
+        opt_report = model.optimization_report
+        (out / "optimize_training.md").write_text(opt_report.to_markdown())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -195,7 +215,6 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
         lr=cfg.lr,
         betas=(0.9, 0.98),
     )
-    data = task.sample("train", cfg.steps * cfg.batch_size, cfg.seed)
     history: list[dict] = []
     evals: list[dict] = []
     t0 = time.perf_counter()
@@ -225,10 +244,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
             x, y = x.to(cfg.device), y.to(cfg.device)
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)
-            logits, _ = model(x)
-            loss = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100
-            )
+            loss = causal_lm_loss(model, (x, y))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -252,7 +268,14 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
         "torch": torch.__version__,
         "num_parameters": model.num_parameters(),
         "task": task.to_dict(),
+        "optimized": optimized,
     }
+    if opt_report is not None:
+        metrics["optimize_training"] = {
+            "summary": opt_report.summary,
+            "seconds": round(opt_report.elapsed_s, 1),
+            "chosen": {s.kind: s.chosen.get("train step") for s in opt_report.sites if s.chosen},
+        }
     save_checkpoint(model, out / "checkpoint")
     (out / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     (out / "loss.json").write_text(json.dumps({"history": history, "evals": evals}))
@@ -272,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, help="override the config's steps")
     ap.add_argument("--device", help="override the config's device (cpu, cuda)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument(
+        "--optimized",
+        action="store_true",
+        help="train the model optimize_training() returns (fused parts where measured faster)",
+    )
     args = ap.parse_args(argv)
     cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
     if args.steps is not None or args.device is not None:
@@ -282,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.device is not None:
             d["device"] = args.device
         cfg = TrainConfig(**d)
-    metrics = train(cfg, args.out, progress=not args.no_progress)
+    metrics = train(cfg, args.out, progress=not args.no_progress, optimized=args.optimized)
     print(json.dumps(metrics, indent=2))
     return 0
 

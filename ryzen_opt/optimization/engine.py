@@ -257,13 +257,18 @@ class Engine:
         self.time(res, cand.op, cand.name, site.baseline_id, case.key, case.baseline, cand.call)
         return res
 
-    def matches(self, res: CandidateResult, out, ref: torch.Tensor) -> bool:
-        """Record the error of ``out`` against ``ref``; ``False`` (status "error") if too large."""
+    def matches(
+        self, res: CandidateResult, out, ref: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> bool:
+        """Record the error of ``out`` against ``ref``; ``False`` (status "error") if too large.
+
+        ``dtype``: whose tolerance applies (default ``ref``'s; a float32 loss reduced from a
+        bfloat16 model's logits is held to bfloat16's)."""
         if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
             res.status = "error"
             res.detail = f"output shape {getattr(out, 'shape', None)} != {tuple(ref.shape)}"
             return False
-        tol = self.config.tolerance_for(ref.dtype, self.device)
+        tol = self.config.tolerance_for(dtype or ref.dtype, self.device)
         err, max_abs = _rel_error(out, ref, tol)
         res.rel_error = err if res.rel_error is None else max(res.rel_error, err)
         res.max_abs_error = (

@@ -158,6 +158,9 @@ class OptimizationReport:
     elapsed_s: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
     peak_memory_bytes: int | None = None
+    # Who made the report, for its titles: optimize() or optimize_training(), which shares
+    # this report (a site per part of the training step).
+    tool: str = "optimize()"
 
     def __post_init__(self) -> None:
         # The CPU kernels' speed depends on the vector ISA (AVX2+FMA vs AVX-512 hosts of one
@@ -198,7 +201,7 @@ class OptimizationReport:
         big = [(k, v) for k, v in self.phases.items() if v >= 0.05 * max(self.elapsed_s, 1e-9)]
         parts = ", ".join(f"{k} {v:.1f} s" for k, v in big)
         return (
-            f"optimize() took {self.elapsed_s:.1f} s"
+            f"{self.tool} took {self.elapsed_s:.1f} s"
             + (f" ({parts})" if parts else "")
             + (f", {mem}")
         )
@@ -280,7 +283,7 @@ class OptimizationReport:
             "rejected",
         ]
         lines = [
-            f"# optimize() report: {self.model}",
+            f"# {self.tool} report: {self.model}",
             "",
             f"{self._outcome}. Device `{self.device}`, dtype `{self.dtype}`, "
             f"CPU ISA {self.environment.get('cpu_isa', 'unknown')}. {self.cost}.",
@@ -311,7 +314,7 @@ class OptimizationReport:
         from rich.markup import escape
         from rich.table import Table
 
-        table = Table(title=f"optimize(): {escape(self._outcome)}", show_lines=False)
+        table = Table(title=f"{self.tool}: {escape(self._outcome)}", show_lines=False)
         for col in (
             "site",
             "kind",

@@ -102,3 +102,40 @@ def test_default_config_file_matches_the_built_in_defaults():
 
     path = Path(__file__).resolve().parents[2] / "configs" / "train_default.yaml"
     assert TrainConfig.from_yaml(path) == TrainConfig()
+
+
+def test_optimized_training_follows_the_baseline_loss_curve(tmp_path):
+    # Liger-Kernel's fp32 convergence tolerance on the loss at every step
+    base = train(_cfg(steps=12, eval_every=12), tmp_path / "a", progress=False)
+    opt = main(
+        [
+            "--out",
+            str(tmp_path / "b"),
+            "--steps",
+            "12",
+            "--no-progress",
+            "--optimized",
+            "--config",
+            str(_yaml(tmp_path, _cfg(steps=12, eval_every=12))),
+        ]
+    )
+    assert opt == 0 and not base["optimized"]
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert metrics["optimized"] and "optimize_training" in metrics
+    assert (tmp_path / "b" / "optimize_training.md").read_text().startswith("# optimize_training")
+    la = json.loads((tmp_path / "a" / "loss.json").read_text())["history"]
+    lb = json.loads((tmp_path / "b" / "loss.json").read_text())["history"]
+    torch.testing.assert_close(
+        torch.tensor([h["loss"] for h in lb]),
+        torch.tensor([h["loss"] for h in la]),
+        atol=1e-8,
+        rtol=1e-5,
+    )
+
+
+def _yaml(tmp_path, cfg):
+    import yaml
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return path

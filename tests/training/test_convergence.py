@@ -1,0 +1,140 @@
+"""Convergence: N training steps of the original and of ``optimize_training``'s model from the
+same weights on the same batches give the same loss at every step, logits and parameters.
+
+The fused candidates are forced (``TrainingConfig.force``), so these tests check the fused
+path itself on this CPU, whether or not it is faster here. Tolerances are Liger-Kernel's
+convergence tests' (``test/convergence``): loss fp32 atol 1e-8 / rtol 1e-5, bf16 atol 1e-3 /
+rtol 1e-2; logits and parameters fp32 atol 5e-3 / rtol 1e-5, bf16 atol 1e-1 / rtol 1e-2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ryzen_opt import optimize_training
+from ryzen_opt.training import TrainingConfig, candidates, causal_lm_loss
+from ryzen_opt.training.families import FusedLMHead, find
+from tests.training.minimodels import FAMILIES, batches, build
+
+STEPS = 12
+# AdamW's step is about lr whatever the gradient's size: at 1e-2 a bf16 run amplifies the
+# rounding of the baseline's own bf16 softmax into 1.4% loss differences within 12 steps (the
+# fused head's softmax is float32); 1e-3 still trains (the loss falls) and stays comparable.
+LR = {torch.float32: 1e-2, torch.bfloat16: 1e-3}
+TOL = {  # (loss atol, loss rtol, logits/params atol, logits/params rtol)
+    torch.float32: (1e-8, 1e-5, 5e-3, 1e-5),
+    torch.bfloat16: (1e-3, 1e-2, 1e-1, 1e-2),
+}
+
+
+def _train(model, data, lr):
+    """``len(data)`` AdamW steps; the loss of each (dropout masks seeded per step)."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for step, batch in enumerate(data):
+        torch.manual_seed(step)
+        loss = causal_lm_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach().float())
+    return torch.stack(losses)
+
+
+def _logits(model, batch):
+    model.eval()
+    with torch.no_grad():
+        out = model(batch["input_ids"])
+    return out[0] if isinstance(out, tuple) else out.logits
+
+
+def _converge(family, dtype, cfg, check_fused=True):
+    base = build(family, dtype)
+    fast = optimize_training(base, batches(family, 1, seed=99)[0], config=cfg)
+    assert fast.optimization_report.changed, fast.optimization_report.to_markdown()
+    fam, _ = find(fast)
+    if check_fused:
+        assert isinstance(fam.head(fast), FusedLMHead)
+    data = batches(family, 2) * (STEPS // 2)  # seen again, so the loss must fall
+    fast_losses = _train(fast, data, LR[dtype])
+    base_losses = _train(base, data, LR[dtype])
+    la, lr, pa, pr = TOL[dtype]
+    torch.testing.assert_close(fast_losses, base_losses, atol=la, rtol=lr)
+    assert base_losses[-1] < base_losses[0]  # it trained
+    probe = batches(family, 1, seed=7)[0]
+    torch.testing.assert_close(_logits(fast, probe), _logits(base, probe), atol=pa, rtol=pr)
+    bp, fp = dict(base.named_parameters()), dict(fast.named_parameters())
+    assert bp.keys() == fp.keys()
+    for name, p in bp.items():
+        torch.testing.assert_close(fp[name], p, atol=pa, rtol=pr, msg=name)
+    return fast
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_lce_converges_like_the_original_fp32(family):
+    cfg = TrainingConfig(candidates=("chunked_lce",), force=("chunked_lce",))
+    fast = _converge(family, torch.float32, cfg)
+    head = find(fast)[0].head(fast)
+    assert head.kernel == "chunked_lce"
+
+
+@pytest.mark.parametrize("family", ["seed", "llama"])
+def test_fused_lce_converges_like_the_original_bf16(family):
+    cfg = TrainingConfig(candidates=("chunked_lce",), force=("chunked_lce",))
+    _converge(family, torch.bfloat16, cfg)
+
+
+@pytest.mark.parametrize("family", ["seed", "gpt2"])
+def test_chunked_lce_with_small_chunks_converges(family):
+    # several chunks per batch: the chunk loop and the row gather are exercised
+    cfg = TrainingConfig(candidates=("chunked_lce",), force=("chunked_lce",), chunk_size=3)
+    _converge(family, torch.float32, cfg)
+
+
+# ---------------------------------------------------------------- the GPU wiring, on the CPU
+# The Triton kernels' contract, computed by PyTorch: the tests below check that the module
+# swaps of the CUDA candidates compute the original model (the kernels are tested elsewhere).
+
+
+class _StandIn:
+    @staticmethod
+    def linear_cross_entropy(h, w, labels, bias=None, *, ignore_index=-100, chunk_size=None):
+        return F.cross_entropy(F.linear(h, w, bias).float(), labels, ignore_index=ignore_index)
+
+    @staticmethod
+    def swiglu(gate, up):
+        return F.silu(gate) * up
+
+    @staticmethod
+    def gelu(x, approximate="none"):
+        return F.gelu(x, approximate=approximate)
+
+    @staticmethod
+    def layer_norm_residual(x, residual, weight, bias, eps):
+        h = x + residual
+        return F.layer_norm(h, h.shape[-1:], weight, bias, eps), h
+
+
+@pytest.fixture
+def stand_in_gpu_ops(monkeypatch):
+    monkeypatch.setattr(candidates, "gpu_ops", lambda: (_StandIn, None))
+    for name in ("triton_lce", "triton_gelu", "triton_swiglu", "triton_norm_residual"):
+        c = candidates.CANDIDATES[name]
+        monkeypatch.setitem(candidates.CANDIDATES, name, dataclasses.replace(c, devices=("cpu",)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gpu_candidate_wiring_converges_like_the_original(family, stand_in_gpu_ops):
+    names = ("triton_lce", "triton_gelu", "triton_swiglu", "triton_norm_residual")
+    cfg = TrainingConfig(candidates=names, force=names)
+    fast = _converge(family, torch.float32, cfg)
+    chosen = {s.kind: s.chosen.get("train step") for s in fast.optimization_report.sites}
+    mlp = "triton_swiglu" if family in ("llama", "qwen2") else "triton_gelu"
+    assert chosen["loss head"] == "triton_lce" and chosen["mlp activation"] == mlp
+    if family == "seed":
+        assert chosen["norm + residual"] == "triton_norm_residual"
