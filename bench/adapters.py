@@ -46,7 +46,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import RESULTS, ROOT, environment, markdown_table, print_table, where, write_json
+from bench.common import (
+    RESULTS,
+    ROOT,
+    environment,
+    installed_route,
+    markdown_table,
+    print_table,
+    where,
+    write_json,
+)
 from bench.inprocess import pyperf_benchmark, write_suite
 from ryzen_opt import OptimizeConfig, optimize
 from ryzen_opt.adapters import (
@@ -146,8 +155,7 @@ def _fused(model):
     fast = optimize(model, config=FUSED_CUDA if cuda else FUSED)
     # Numba's pool start (measuring the pool mode) resets the process's OpenMP threads.
     torch.set_num_threads(threads)
-    routes = [n for n in fast.optimization_report.notes if n.startswith("fast paths: ")]
-    fast.bench_route = routes[-1].removeprefix("fast paths: ") if routes else "unchanged"
+    fast.bench_route = installed_route(fast)
     return fast
 
 

@@ -125,3 +125,14 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]
     for r in rows:
         table.add_row(*[str(c) for c in r])
     Console(width=max(120, len(headers) * 14)).print(table)
+
+
+def installed_route(model) -> str:
+    """The fast-path routes an ``optimize()``d seed model holds *now* (after its whole-model
+    check, which may drop routes or revert every swap), or ``"unchanged (why)"``."""
+    paths = model.__dict__.get("_fast_paths")
+    if paths is not None:
+        return "; ".join(paths.describe())
+    report = getattr(model, "optimization_report", None)
+    reverted = [n for n in report.notes if n.startswith("reverted")] if report else []
+    return "unchanged" + (f" ({reverted[-1]})" if reverted else "")

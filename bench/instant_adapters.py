@@ -42,7 +42,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from bench.common import RESULTS, ROOT, environment, markdown_table, print_table, where, write_json
+from bench.common import (
+    RESULTS,
+    ROOT,
+    environment,
+    installed_route,
+    markdown_table,
+    print_table,
+    where,
+    write_json,
+)
 from bench.inprocess import pyperf_benchmark, write_suite
 from ryzen_opt import OptimizeConfig, optimize
 from ryzen_opt.adapters import (
@@ -275,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = {k: target_weights(m) for k, m in eager.items()}
     fm = optimize(copy.deepcopy(base), config=fused_config(a.optimize_budget))
     torch.set_num_threads(threads)  # Numba's pool start resets OpenMP's threads
-    notes = [x for x in fm.optimization_report.notes if x.startswith("fast paths: ")]
-    route = notes[-1].removeprefix("fast paths: ") if notes else "unchanged"
+    route = installed_route(fm)
 
     @torch.no_grad()
     def put(name: str) -> None:

@@ -152,6 +152,41 @@ def _params_and_bytes(model: nn.Module) -> tuple[int, int]:
     return n, nbytes
 
 
+def drop_slower_routes(paths, checks, sites=()) -> list[str] | None:
+    """Remove from ``paths`` (installed fast paths) the routes that served the whole-model runs
+    in ``checks`` found slower than the original; what was removed, or ``None`` when a
+    failure is not a slower run that a route served (an error, or a shape no route serves:
+    then the caller reverts every swap). The fast-path site reports in ``sites`` lose the
+    dropped choices, with a note."""
+    dropped: list[str] = []
+    for c in checks:
+        if c.verdict == "error":
+            return None
+        if c.verdict != "slower":
+            continue
+        b = int(c.shape.split("x")[0])
+        if c.case == "decode":
+            hit = [r for r in paths.decode if r[0] <= b <= r[1]]
+            if not hit:
+                return None
+            for r in hit:
+                paths.decode.remove(r)
+                dropped.append(f"decode batch {r[0]}-{r[1]}: {r[2].name} ({c.speedup:.2f}x)")
+                for site in sites:
+                    if site.chosen.pop(f"decode b{r[0]}", None) is not None:
+                        why = f"whole model slower at {c.shape} ({c.speedup:.2f}x)"
+                        site.note = (site.note + "; " if site.note else "") + f"dropped: {why}"
+        elif c.case == "prefill":
+            t = int(c.shape.split("x")[1].split(" ")[0])
+            path = paths.prefill.pop((b, t), None)
+            if path is None:
+                return None
+            dropped.append(f"prefill {b}x{t}: {path.name} ({c.speedup:.2f}x)")
+        else:
+            return None
+    return dropped or None
+
+
 class KernelOptimizer:
     """Finds a model's matmuls, attention and norms and swaps in faster verified kernels.
 
@@ -428,8 +463,10 @@ class KernelOptimizer:
                     else:
                         fast_reports, paths = engine.fast_paths(model, plan.runs, report.sites)
                 report.sites += fast_reports
+                paths_undo = None
                 if paths is not None:
-                    undo.append(fastpaths.install(model, paths))
+                    paths_undo = fastpaths.install(model, paths)
+                    undo.append(paths_undo)
                     report.notes.append("fast paths: " + "; ".join(paths.describe()))
                 report.changed = bool(undo)
                 advance("whole-model check")
@@ -442,9 +479,41 @@ class KernelOptimizer:
                         )
                     else:
                         with phase("model check"):
+                            k, narrowed = len(report.model_checks), False
                             failure = check_whole_model(
                                 cfg, plan.reference, model, plan.runs, plan.device, report
                             )
+                            # A fast path slower on some runs loses only the routes serving
+                            # them, and the model is checked again (twice at most).
+                            for _ in range(2):
+                                if not failure or paths_undo is None or left() < 0.5 * check_s:
+                                    break
+                                dropped = drop_slower_routes(
+                                    paths, report.model_checks[k:], report.sites
+                                )
+                                if not dropped:
+                                    break
+                                report.notes.append(
+                                    "dropped the fast paths of the runs the whole model was "
+                                    f"slower on: {'; '.join(dropped)}; checked again"
+                                )
+                                if not paths.decode and not paths.prefill:
+                                    undo.remove(paths_undo)
+                                    paths_undo()
+                                    paths_undo = None
+                                if not undo:
+                                    failure = None
+                                    break
+                                k = len(report.model_checks)
+                                failure = check_whole_model(
+                                    cfg, plan.reference, model, plan.runs, plan.device, report
+                                )
+                                narrowed = True
+                            if not failure and narrowed and paths_undo is not None:
+                                report.notes.append(
+                                    "fast paths kept: " + "; ".join(paths.describe())
+                                )
+                            report.changed = bool(undo)
                 if failure:
                     for u in reversed(undo):
                         u()
