@@ -40,10 +40,16 @@ def test_one_run_writes_operations_decode_and_accuracy(inputs):
     assert len(data["mixed"]) == 6 and all(v["same_ids_as_eager"] for v in data["mixed"].values())
     assert all(t["median"] > 0 for t in data["operations"].values())
     assert all(v["decode_step_s"] >= 0 for v in data["decode"].values())
-    # The fused columns say how many decode steps their fast path computed (all of them).
+    # A fused column names the routes installed after optimize()'s whole-model check (which
+    # may revert them on a machine where a run measured slower) and, where any, how many
+    # decode steps they computed: all of them.
     for name in ("base, optimize()", "unmerged, optimize()"):
-        ran = _ran(data["decode"][name]["route"])
-        assert ran[0] == ran[1] > 0, data["decode"][name]["route"]
+        route = data["decode"][name]["route"]
+        if route.startswith("unchanged"):
+            assert "(fast path ran" not in route, route
+            continue
+        ran = _ran(route)
+        assert ran[0] == ran[1] > 0, route
     assert set(data["accuracy"]) >= {"base", "adapter", "task"}
     assert data["adapter_source"].startswith("saved adapter")
     assert out.with_suffix(".md").read_text().startswith("# bench.adapters")
@@ -63,10 +69,14 @@ def test_on_cuda_the_unmerged_adapter_runs_in_the_triton_decode_graph(inputs):
     dec = data["decode"]
     for name in ("merged", "unmerged", "peft", "merged, optimize()", "unmerged, optimize()"):
         assert dec[name]["same_ids_as_merged"], name
-    assert "triton_graph_decode" in dec["unmerged, optimize()"]["route"]
+    assert "triton_graph_decode" in dec["unmerged, optimize()"]["route"] or dec[
+        "unmerged, optimize()"
+    ]["route"].startswith("unchanged")
     for name in ("base, optimize()", "unmerged, optimize()"):
-        ran = _ran(dec[name]["route"])
-        assert ran[0] == ran[1] > 0, dec[name]["route"]
+        route = dec[name]["route"]
+        if not route.startswith("unchanged"):  # what the check kept ran every step
+            ran = _ran(route)
+            assert ran[0] == ran[1] > 0, route
     assert all(v["same_ids_as_eager"] for v in data["mixed"].values())
 
 
