@@ -63,7 +63,10 @@ def test_failures_a_route_did_not_cause_revert_everything(check):
     assert len(paths.decode) == 2  # nothing dropped
 
 
-def test_optimize_keeps_the_routes_that_were_not_slower(monkeypatch, tmp_path):
+def _optimize(monkeypatch, tmp_path, check):
+    """``optimize()`` of a small seed model whose fast-path selection routes batches 1-15 and
+    16 to the fused Numba step (fixed, so the test is about the check alone) and whose
+    whole-model check is ``check``."""
     from ryzen_opt.optimization.engine import Engine
     from ryzen_opt.optimization.fastpaths import NumbaFusedDecode
 
@@ -71,12 +74,18 @@ def test_optimize_keeps_the_routes_that_were_not_slower(monkeypatch, tmp_path):
     cfg = ModelConfig(vocab_size=97, embedding_dim=40, num_heads=5, num_layers=2, ff_dim=70)
     model = SimpleTransformerModel(cfg).eval()
     path = NumbaFusedDecode("serial")
-    # The selection is fixed (both batches routed), so the test is about the check alone.
-    monkeypatch.setattr(
-        Engine,
-        "fast_paths",
-        lambda self, m, runs, sites: ([], FastPaths([(1, 15, path), (16, 16, path)])),
-    )
+    routes = FastPaths([(1, 15, path), (16, 16, path)])
+    monkeypatch.setattr(Engine, "fast_paths", lambda self, m, runs, sites: ([], routes))
+    monkeypatch.setattr(optimizer, "check_whole_model", check)
+    return model, optimize(model, config=OptimizeConfig(cache_dir=tmp_path, backends=(), repeat=5))
+
+
+def _slower_at_16(report):
+    report.model_checks.append(_check("decode", "16x1 after 127", "slower", 0.9))
+    return "decode 16x1 after 127: whole model slower (0.90x)"
+
+
+def test_optimize_keeps_the_routes_that_were_not_slower(monkeypatch, tmp_path):
     real = optimizer.check_whole_model
     calls = []
 
@@ -84,13 +93,10 @@ def test_optimize_keeps_the_routes_that_were_not_slower(monkeypatch, tmp_path):
         calls.append(list(m._fast_paths.describe()))
         failure = real(cfg, reference, m, runs, device, report)
         if len(calls) == 1:  # the first round: batch 16 measured slower
-            report.model_checks.append(_check("decode", "16x1 after 127", "slower", 0.9))
-            return "decode 16x1 after 127: whole model slower (0.90x)"
+            return _slower_at_16(report)
         return None if failure and "slower" in failure else failure
 
-    monkeypatch.setattr(optimizer, "check_whole_model", check)
-    config = OptimizeConfig(cache_dir=tmp_path, backends=(), repeat=5)
-    fast = optimize(model, config=config)
+    model, fast = _optimize(monkeypatch, tmp_path, check)
     notes = fast.optimization_report.notes
     assert len(calls) == 2, notes
     assert any("dropped the fast paths" in n and "decode batch 16-16" in n for n in notes), notes
@@ -102,30 +108,16 @@ def test_optimize_keeps_the_routes_that_were_not_slower(monkeypatch, tmp_path):
 
 
 def test_an_error_in_the_second_round_reverts_every_swap(monkeypatch, tmp_path):
-    from ryzen_opt.optimization.engine import Engine
-    from ryzen_opt.optimization.fastpaths import NumbaFusedDecode
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=97, embedding_dim=40, num_heads=5, num_layers=2, ff_dim=70)
-    model = SimpleTransformerModel(cfg).eval()
-    path = NumbaFusedDecode("serial")
-    monkeypatch.setattr(
-        Engine,
-        "fast_paths",
-        lambda self, m, runs, sites: ([], FastPaths([(1, 15, path), (16, 16, path)])),
-    )
     rounds = []
 
     def check(cfg, reference, m, runs, device, report):
         rounds.append(1)
         if len(rounds) == 1:
-            report.model_checks.append(_check("decode", "16x1 after 127", "slower", 0.9))
-            return "decode 16x1 after 127: whole model slower (0.90x)"
+            return _slower_at_16(report)
         report.model_checks.append(_check("decode", "1x1 after 127", "error"))
         return "decode 1x1 after 127: relative error 1e-2"
 
-    monkeypatch.setattr(optimizer, "check_whole_model", check)
-    fast = optimize(model, config=OptimizeConfig(cache_dir=tmp_path, backends=(), repeat=5))
+    _, fast = _optimize(monkeypatch, tmp_path, check)
     notes = fast.optimization_report.notes
     assert len(rounds) == 2 and any(n.startswith("reverted every swap") for n in notes), notes
     assert "_fast_paths" not in fast.__dict__ and type(fast) is SimpleTransformerModel
