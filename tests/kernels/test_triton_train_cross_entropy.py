@@ -11,6 +11,7 @@ pytest.importorskip("triton")
 from ryzen_opt.kernels import reference  # noqa: E402
 from ryzen_opt.kernels.triton.training import SUPPORTS, linear_cross_entropy  # noqa: E402
 from ryzen_opt.kernels.triton.training import cross_entropy as ce  # noqa: E402
+from tests.assertions import TOL, assert_close_rel  # noqa: E402
 from tests.kernels.train_check import DEVICE, check_fwd_bwd, leaf  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -129,7 +130,9 @@ def test_frozen_weight_and_hidden_only():
     assert w.grad is None and hid.grad is not None
     hd = hid.detach().double().requires_grad_()
     reference.linear_cross_entropy(hd, w.double(), lab).backward()
-    torch.testing.assert_close(hid.grad.double(), hd.grad)
+    # fp32 against float64 at the fp32 tolerance (float64's own 1e-7 failed on the GPU's
+    # reduction order by 1.6e-7 in one element of 40).
+    assert_close_rel(hid.grad, hd.grad, TOL[torch.float32], "hidden grad", reduction=40)
 
 
 def test_no_grad_computes_only_the_loss():

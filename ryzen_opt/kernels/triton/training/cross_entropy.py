@@ -258,8 +258,11 @@ def linear_cross_entropy(
         _common.check_device(name, t)
     _common.check_dtype("hidden", hidden)
     vocab = weight.shape[0]
-    capturing = labels.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not torch.compiler.is_compiling() and not capturing and labels.numel():
+    # The label check reads a value back to the host: not while compiling (dynamo traces no
+    # capture query either) or capturing a CUDA graph.
+    tracing = torch.compiler.is_compiling()
+    capturing = not tracing and labels.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not tracing and not capturing and labels.numel():
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
             raise ValueError(

@@ -18,9 +18,11 @@ from ryzen_opt.kernels.triton.training import _common, _elementwise
 # Kernel signatures keep their arguments grouped by role (pointers, sizes, strides,
 # meta-parameters) on shared lines, as STYLE.md asks.
 
-_SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
-_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
-_SQRT_2_PI = 0.7978845608028654  # sqrt(2 / pi)
+# Compiled kernels read module globals only as constexprs (the interpreter reads any).
+
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
+_SQRT_2_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
 
 
 @triton.jit
