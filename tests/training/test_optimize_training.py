@@ -234,3 +234,45 @@ def test_causal_lm_loss_of_the_original_is_the_plain_computation():
     assert torch.equal(causal_lm_loss(m, (b["input_ids"], b["labels"])), want)
     with pytest.raises(ValueError, match="model cannot be served"):
         causal_lm_loss(nn.Linear(2, 2), b)
+
+
+def _float32_loss(h, w, labels, bias=None, *, ignore_index=-100, chunk_size=None):
+    logits = F.linear(h.float(), w.float(), None if bias is None else bias.float())
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index).to(h.dtype)
+
+
+def _wrong_by_five_percent(h, w, labels, bias=None, *, ignore_index=-100, chunk_size=None):
+    return 1.05 * _float32_loss(h, w, labels, bias, ignore_index=ignore_index)
+
+
+def test_bfloat16_steps_are_checked_against_a_float32_copy(monkeypatch):
+    _fake(monkeypatch, "f32_head", _float32_loss)
+    _fake(monkeypatch, "wrong_head", _wrong_by_five_percent)
+    names = ("f32_head", "wrong_head")
+    cfg = TrainingConfig(candidates=names, force=names, **QUICK)
+    fast = optimize_training(build("llama"), batches("llama", 1)[0], dtype="bfloat16", config=cfg)
+    rep = fast.optimization_report
+    res = {c.backend: c for s in rep.sites for r in s.cases for c in r.candidates}
+    assert res["f32_head"].status == "forced", res["f32_head"].detail
+    assert res["wrong_head"].status == "error" and "loss" in res["wrong_head"].detail
+    assert any("float32 copy of the original" in n for n in rep.notes)
+    assert rep.changed and rep.model_checks[0].verdict != "error"
+
+
+def test_a_16_bit_result_may_be_as_far_from_float32_as_the_original_and_no_farther():
+    from ryzen_opt.training.optimize import _References
+
+    # factors exact in bfloat16: 1 + 1/32 (the original), 1 + 1/64 and 1 + 3/64
+    exact = torch.ones(1000, dtype=torch.float32)
+    refs = _References.__new__(_References)
+    refs.loss, refs.grads = torch.tensor(1.0), {"w": (exact * 1.03125).bfloat16()}
+    refs.exact_loss, refs.exact_grads = torch.tensor(1.0), {"w": exact}
+    refs.limits = {"loss": 0.0, "w": 0.03125}  # the original's own error
+    err, allowed = refs.error("w", (exact * 1.015625).bfloat16(), 1e-2)
+    assert allowed == 0.03125 and err == pytest.approx(0.015625)
+    err, allowed = refs.error("w", (exact * 1.046875).bfloat16(), 1e-2)
+    assert err == pytest.approx(0.046875) and err > allowed
+    # no float32 copy (a float32 model): the original is the reference, at the tolerance
+    refs.exact_loss, refs.limits = None, {}
+    err, allowed = refs.error("w", (exact * 1.046875).bfloat16(), 1e-2)
+    assert allowed == 1e-2 and err == pytest.approx(0.015, abs=1e-3)
