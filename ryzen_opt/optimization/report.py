@@ -361,8 +361,13 @@ def _rejections(site: SiteReport, case: str) -> str:
             why = c.status
             if c.status == "error" and c.rel_error is not None:
                 why += f" {c.rel_error:.1e}"
+                if c.detail:
+                    why += f" ({c.detail[:120]})"
             elif c.status == "slower" and c.speedup is not None:
-                why += f" {c.speedup:.2f}x"
+                # "slower" covers a candidate faster by less than min_speedup: say which
+                why = f"slower {c.speedup:.2f}x" if c.speedup < 1 else f"{c.speedup:.2f}x"
+                if c.detail and c.speedup >= 1:
+                    why = f"not fast enough: {c.detail[:120]}"
             elif c.detail:
                 why += f" ({c.detail[:120]})"
             seen[c.backend] = why
