@@ -138,3 +138,29 @@ def test_gpu_candidate_wiring_converges_like_the_original(family, stand_in_gpu_o
     assert chosen["loss head"] == "triton_lce" and chosen["mlp activation"] == mlp
     if family == "seed":
         assert chosen["norm + residual"] == "triton_norm_residual"
+
+
+@pytest.fixture
+def real_gpu_ops_on_the_cpu(monkeypatch):
+    # The Triton kernels themselves, under the interpreter (TRITON_INTERPRET=1, set for the
+    # test run by tests/conftest.py): the candidates are allowed on the CPU for this test.
+    pytest.importorskip("triton")
+    from ryzen_opt.kernels.triton import _common as triton_common
+
+    if not triton_common.INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET=1 (the Triton kernels on CPU tensors)")
+    for name in ("triton_lce", "triton_gelu", "triton_swiglu", "triton_norm_residual"):
+        c = candidates.CANDIDATES[name]
+        monkeypatch.setitem(candidates.CANDIDATES, name, dataclasses.replace(c, devices=("cpu",)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_triton_kernels_converge_like_the_original(family, real_gpu_ops_on_the_cpu):
+    names = ("triton_lce", "triton_gelu", "triton_swiglu", "triton_norm_residual")
+    cfg = TrainingConfig(candidates=names, force=names)
+    fast = _converge(family, torch.float32, cfg)
+    chosen = {s.kind: s.chosen.get("train step") for s in fast.optimization_report.sites}
+    mlp = "triton_swiglu" if family in ("llama", "qwen2") else "triton_gelu"
+    assert chosen["loss head"] == "triton_lce" and chosen["mlp activation"] == mlp
+    if family == "seed":
+        assert chosen["norm + residual"] == "triton_norm_residual"
