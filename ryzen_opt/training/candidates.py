@@ -9,7 +9,8 @@ candidate's name.
 CPU: ``chunked_lce``, the fused linear + cross-entropy of :mod:`ryzen_opt.training.lce`,
 and the opt-in ``compiled_head`` (``torch.compile`` of the original head + loss). CUDA: the
 Triton training kernels of ``ryzen_opt.kernels.triton.training`` (fused linear +
-cross-entropy, SwiGLU, GELU, LayerNorm fused with the residual), imported on first use; where
+cross-entropy, SwiGLU, GELU, the seed model's LayerNorm fused with the residual, a transformers
+model's RMSNorm/LayerNorm modules), imported on first use; where
 that package is missing or fails to import, the report says so.
 """
 
@@ -322,4 +323,84 @@ class _TritonNormResidual:
         return _swap(
             model,
             {f"blocks.{i}": _NormResidualBlock(b, fused) for i, b in enumerate(model.blocks)},
+        )
+
+
+class _TritonRMSNorm(nn.Module):
+    """A transformers ``*RMSNorm`` (``weight * x / rms(x)``) through the fused Triton op.
+
+    Same ``weight`` Parameter, so the same ``state_dict``. The op multiplies by the weight in
+    float32 and rounds once, where transformers rounds the normalised row to the input dtype
+    first: identical in float32, a half-ulp closer to exact in 16-bit dtypes."""
+
+    def __init__(self, norm: nn.Module, op) -> None:
+        super().__init__()
+        self.weight, self.variance_epsilon, self._op = norm.weight, norm.variance_epsilon, op
+
+    def forward(self, x):
+        return self._op(x, None, self.weight, self.variance_epsilon)[0]
+
+
+class _TritonLayerNorm(nn.Module):
+    """An ``nn.LayerNorm`` (GPT-2's ``ln_1``/``ln_2``/``ln_f``) through the fused Triton op;
+    same ``weight``/``bias`` Parameters."""
+
+    def __init__(self, norm: nn.LayerNorm, op) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps, self._op = norm.weight, norm.bias, norm.eps, op
+        self.normalized_shape = norm.normalized_shape
+
+    def forward(self, x):
+        return self._op(x, None, self.weight, self.bias, self.eps)[0]
+
+
+def _hf_norms(model) -> tuple[dict[str, tuple[nn.Module, str]] | None, str | None]:
+    """``{path: (norm, "rms" | "layer")}`` of a transformers model's norms, or a reason."""
+    found: dict[str, tuple[nn.Module, str]] = {}
+    for path, m in model.named_modules():
+        name = type(m).__name__
+        if name.endswith("RMSNorm"):
+            w = getattr(m, "weight", None)
+            if not isinstance(w, nn.Parameter) or not hasattr(m, "variance_epsilon"):
+                return None, f"{path} ({name}) is not a weight * x / rms(x) norm"
+            if list(m.named_children()):
+                return None, f"{path} ({name}) has submodules: not a plain RMSNorm"
+            found[path] = (m, "rms")
+        elif isinstance(m, nn.LayerNorm):
+            if len(m.normalized_shape) != 1 or not m.elementwise_affine:
+                return None, f"{path}: a LayerNorm over {tuple(m.normalized_shape)} without affine"
+            found[path] = (m, "layer")
+    if not found:
+        return None, "no RMSNorm or LayerNorm modules found"
+    return found, None
+
+
+@candidate("triton_norm", "norm + residual", ("cuda",))
+class _TritonNorm:
+    """Every norm of a transformers model through the fused Triton kernels (one pass forward,
+    one backward, weight gradients summed in float32); the residual add stays the layer's."""
+
+    @staticmethod
+    def why_not(model, fam):
+        if fam is STM:
+            return "the seed model's norms go through triton_norm_residual"
+        norms, why = _hf_norms(model)
+        if why is not None:
+            return why
+        ops = {"rms": "rms_norm_residual", "layer": "layer_norm_residual"}
+        for how in sorted({how for _, how in norms.values()}):
+            if (why := _gpu_op(ops[how])[1]) is not None:
+                return why
+        return None
+
+    @staticmethod
+    def install(model, fam, config):
+        norms, _ = _hf_norms(model)
+        rms, layer = _gpu_op("rms_norm_residual")[0], _gpu_op("layer_norm_residual")[0]
+        return _swap(
+            model,
+            {
+                p: _TritonRMSNorm(m, rms) if how == "rms" else _TritonLayerNorm(m, layer)
+                for p, (m, how) in norms.items()
+            },
         )

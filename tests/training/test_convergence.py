@@ -101,6 +101,11 @@ def test_chunked_lce_with_small_chunks_converges(family):
 # swaps of the CUDA candidates compute the original model (the kernels are tested elsewhere).
 
 
+GPU_CANDIDATES = (
+    "triton_lce", "triton_gelu", "triton_swiglu", "triton_norm_residual", "triton_norm"
+)
+
+
 class _StandIn:
     @staticmethod
     def linear_cross_entropy(h, w, labels, bias=None, *, ignore_index=-100, chunk_size=None):
@@ -116,28 +121,33 @@ class _StandIn:
 
     @staticmethod
     def layer_norm_residual(x, residual, weight, bias, eps):
-        h = x + residual
+        h = x if residual is None else x + residual
         return F.layer_norm(h, h.shape[-1:], weight, bias, eps), h
+
+    @staticmethod
+    def rms_norm_residual(x, residual, weight, eps):
+        h = x if residual is None else x + residual
+        return F.rms_norm(h.float(), h.shape[-1:], weight.float(), eps).to(h.dtype), h
 
 
 @pytest.fixture
 def stand_in_gpu_ops(monkeypatch):
     monkeypatch.setattr(candidates, "gpu_ops", lambda: (_StandIn, None))
-    for name in ("triton_lce", "triton_gelu", "triton_swiglu", "triton_norm_residual"):
+    for name in GPU_CANDIDATES:
         c = candidates.CANDIDATES[name]
         monkeypatch.setitem(candidates.CANDIDATES, name, dataclasses.replace(c, devices=("cpu",)))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gpu_candidate_wiring_converges_like_the_original(family, stand_in_gpu_ops):
-    names = ("triton_lce", "triton_gelu", "triton_swiglu", "triton_norm_residual")
+    names = GPU_CANDIDATES
     cfg = TrainingConfig(candidates=names, force=names)
     fast = _converge(family, torch.float32, cfg)
     chosen = {s.kind: s.chosen.get("train step") for s in fast.optimization_report.sites}
     mlp = "triton_swiglu" if family in ("llama", "qwen2") else "triton_gelu"
     assert chosen["loss head"] == "triton_lce" and chosen["mlp activation"] == mlp
-    if family == "seed":
-        assert chosen["norm + residual"] == "triton_norm_residual"
+    norm = "triton_norm_residual" if family == "seed" else "triton_norm"
+    assert chosen["norm + residual"] == norm
 
 
 @pytest.fixture
@@ -149,18 +159,18 @@ def real_gpu_ops_on_the_cpu(monkeypatch):
 
     if not triton_common.INTERPRET:
         pytest.skip("needs TRITON_INTERPRET=1 (the Triton kernels on CPU tensors)")
-    for name in ("triton_lce", "triton_gelu", "triton_swiglu", "triton_norm_residual"):
+    for name in GPU_CANDIDATES:
         c = candidates.CANDIDATES[name]
         monkeypatch.setitem(candidates.CANDIDATES, name, dataclasses.replace(c, devices=("cpu",)))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_triton_kernels_converge_like_the_original(family, real_gpu_ops_on_the_cpu):
-    names = ("triton_lce", "triton_gelu", "triton_swiglu", "triton_norm_residual")
+    names = GPU_CANDIDATES
     cfg = TrainingConfig(candidates=names, force=names)
     fast = _converge(family, torch.float32, cfg)
     chosen = {s.kind: s.chosen.get("train step") for s in fast.optimization_report.sites}
     mlp = "triton_swiglu" if family in ("llama", "qwen2") else "triton_gelu"
     assert chosen["loss head"] == "triton_lce" and chosen["mlp activation"] == mlp
-    if family == "seed":
-        assert chosen["norm + residual"] == "triton_norm_residual"
+    norm = "triton_norm_residual" if family == "seed" else "triton_norm"
+    assert chosen["norm + residual"] == norm

@@ -279,3 +279,25 @@ def test_a_16_bit_result_may_be_as_far_from_float32_as_the_original_at_its_farth
     refs.exact_loss, refs.limits, refs.limit = None, {}, 0.0
     err, allowed = refs.error("w", (exact * 1.046875).bfloat16(), 1e-2)
     assert allowed == 1e-2 and err == pytest.approx(0.015, abs=1e-3)
+
+
+def test_the_norm_candidate_finds_every_norm_and_refuses_other_kinds():
+    llama = build("llama")
+    norms, why = candidates._hf_norms(llama)
+    assert why is None and all(how == "rms" for _, how in norms.values())
+    assert len(norms) == 2 * llama.config.num_hidden_layers + 1  # two a layer and the last
+    gpt2 = build("gpt2")
+    norms, why = candidates._hf_norms(gpt2)
+    assert why is None and {how for _, how in norms.values()} == {"layer"}
+
+    class OffsetRMSNorm(nn.Module):  # a (1 + weight) norm keeping ``eps``: not served
+        def __init__(self):
+            super().__init__()
+            self.weight, self.eps = nn.Parameter(torch.zeros(4)), 1e-6
+
+    llama.model.norm = OffsetRMSNorm()
+    norms, why = candidates._hf_norms(llama)
+    assert norms is None and "model.norm (OffsetRMSNorm)" in why
+    assert "triton_norm_residual" in candidates.CANDIDATES["triton_norm"].why_not(
+        build("seed"), candidates.STM
+    )
