@@ -793,3 +793,17 @@ def rotary(
     q_rot = q * c + rotate_half(q) * s
     k_rot = k * c + rotate_half(k) * s
     return q_rot.to(q.dtype), k_rot.to(k.dtype)
+
+
+def greedy_tail(logits, eos_mask, step_no, block, finished, pad, eos, tokens, j, ids):
+    """A greedy loop's per-token bookkeeping, in place (the contract of
+    :func:`ryzen_opt.kernels.triton.greedy_tail.greedy_tail`, whose docstring gives the
+    arguments): eos ids masked out of the argmax while ``step_no < block``, the argmax
+    (``torch.argmax``: first maximum, NaN the maximum), ``pad`` for finished rows, the token
+    into column ``j`` of ``tokens`` and into ``ids``, rows that emit an eos id finished."""
+    blocked = eos_mask & (step_no < block)
+    nxt = logits.masked_fill(blocked[None, :], float("-inf")).argmax(-1)
+    nxt = torch.where(finished, pad.expand_as(nxt), nxt)
+    tokens.index_copy_(1, j, nxt[:, None])
+    finished |= torch.isin(nxt, eos)  # the -1 padding only matches a finished row's pad
+    ids.copy_(nxt)

@@ -20,7 +20,8 @@ Paths (``PATHS``, name -> class):
   costs one graph replay and no host synchronisation (the host checks "all rows done" once
   every ``SYNC_EVERY`` tokens);
 * ``triton_graph_decode`` (CUDA): the graph over the fused Triton kernels of
-  :mod:`ryzen_opt.kernels.triton.decoder_step`;
+  :mod:`ryzen_opt.kernels.triton.decoder_step`, and the greedy loop's per-token bookkeeping
+  in one kernel (:mod:`ryzen_opt.kernels.triton.greedy_tail`);
 * ``numba_decoder[fp32]`` / ``numba_decoder[int8]`` / ``numba_decoder[bf16]`` (CPU): the step
   and the whole greedy loop in one Numba call each (:mod:`ryzen_opt.kernels.numba.decoder_step`);
   ``int8`` (weight-only, per-output-channel scales) and ``bf16`` (weights rounded to bfloat16,
@@ -37,6 +38,7 @@ from typing import Any
 
 import torch
 
+from ryzen_opt.kernels import reference
 from ryzen_opt.optimization.fastpaths.cuda_graph import capture
 from ryzen_opt.optimization.fastpaths.decoder_layout import DecoderLayout, reference_step
 
@@ -152,13 +154,14 @@ class GraphStepper(Stepper):
         super().__init__(layout, batch, max_len, shared)
         dev = layout.device
         self.ids = torch.zeros(batch, dtype=torch.int64, device=dev)
-        self.t = torch.zeros(1, dtype=torch.int64, device=dev)
+        # t (the slot), j (the token column) and step_no (steps of this call) advance
+        # together once a token: views of one tensor, one add in the loop graph
+        self._counters = torch.zeros(3, dtype=torch.int64, device=dev)
+        self.t, self.j, self.step_no = self._counters[0:1], self._counters[1:2], self._counters[2:3]
         self.tokens = torch.zeros(batch, SYNC_EVERY, dtype=torch.int64, device=dev)
-        self.j = torch.zeros(1, dtype=torch.int64, device=dev)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=dev)
         self.eos = torch.full((8,), -1, dtype=torch.int64, device=dev)
         self.eos_mask = torch.zeros(layout.vocab, dtype=torch.bool, device=dev)
-        self.step_no = torch.zeros(1, dtype=torch.int64, device=dev)  # steps of this call
         self.block = torch.zeros(1, dtype=torch.int64, device=dev)  # eos masked below it
         self.pad = torch.zeros(1, dtype=torch.int64, device=dev)
         self._step_graph = self._loop_graph = None
@@ -167,17 +170,21 @@ class GraphStepper(Stepper):
     def _raw_step(self) -> torch.Tensor:
         return reference_step(self.layout, self.ids, self.k, self.v, self.t, self.start)
 
+    def _tail_state(self) -> tuple[torch.Tensor, ...]:
+        """The device tensors a token's bookkeeping reads and updates, in
+        :func:`ryzen_opt.kernels.reference.greedy_tail`'s order after ``logits``."""
+        return (
+            self.eos_mask, self.step_no, self.block, self.finished, self.pad, self.eos,
+            self.tokens, self.j, self.ids,
+        )  # fmt: skip
+
+    def _tail(self, logits: torch.Tensor) -> None:
+        """The token's bookkeeping after the step (PyTorch kernels here)."""
+        reference.greedy_tail(logits, *self._tail_state())
+
     def _loop_body(self) -> None:
-        logits = self._raw_step()
-        blocked = self.eos_mask & (self.step_no < self.block)
-        nxt = logits.masked_fill(blocked[None, :], float("-inf")).argmax(-1)
-        nxt = torch.where(self.finished, self.pad.expand_as(nxt), nxt)
-        self.tokens.index_copy_(1, self.j, nxt[:, None])
-        self.finished |= torch.isin(nxt, self.eos)
-        self.ids.copy_(nxt)
-        self.t += 1
-        self.j += 1
-        self.step_no += 1
+        self._tail(self._raw_step())
+        self._counters += 1
 
     def step(self, ids: torch.Tensor, t: int) -> torch.Tensor:
         if self._step_graph is None:
@@ -262,6 +269,12 @@ class TritonGraphStepper(GraphStepper):
         from ryzen_opt.kernels.triton.decoder_step import decoder_step
 
         return decoder_step(self.layout, self.ids, self.k, self.v, self.t, self.start, self.ws)
+
+    def _tail(self, logits: torch.Tensor) -> None:
+        """The token's bookkeeping in one Triton launch (about ten PyTorch kernels else)."""
+        from ryzen_opt.kernels.triton.greedy_tail import greedy_tail
+
+        greedy_tail(logits, *self._tail_state())
 
 
 class NumbaStepper(Stepper):
