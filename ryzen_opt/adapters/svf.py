@@ -75,8 +75,10 @@ class SVFExperts:
     Args:
         model: the base model (its current weights are the base weights).
         targets: names of the ``nn.Linear`` modules to adapt.
-        feature_module: the module whose output is the final hidden state (the first pass's
-            features for :meth:`identify`); ``"ln_f"`` for ``SimpleTransformerModel``.
+        feature_module: the module whose output gives the first pass's features for
+            :meth:`identify` (the forward stops there): ``"ln_f"`` (the final hidden state)
+            or, cheaper, an earlier layer's input norm such as ``"blocks.1.ln1"`` (the
+            hidden state after the first layer) for ``SimpleTransformerModel``.
     """
 
     def __init__(
@@ -89,13 +91,7 @@ class SVFExperts:
             raise AdapterError(f"model must be an nn.Module, got {type(model).__name__}")
         self.targets = tuple(targets)
         self.paths = find_linear_targets(model, self.targets)
-        try:
-            model.get_submodule(feature_module)
-        except AttributeError:
-            raise AdapterError(
-                f"feature_module: the model has no module {feature_module!r}"
-            ) from None
-        self.feature_module = feature_module
+        self.set_feature_module(model, feature_module, keep_classifier=True)
         self.base: dict[str, torch.Tensor] = {}
         self.svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for p in self.paths:
@@ -203,6 +199,23 @@ class SVFExperts:
             dst.copy_(w)
         if key is not None:
             model.__dict__[_APPLIED] = key
+
+    def set_feature_module(
+        self, model: nn.Module, feature_module: str, keep_classifier: bool = False
+    ) -> None:
+        """Read the first pass's features from ``feature_module``; a fitted classifier read
+        another module's and is dropped (refit it) unless ``keep_classifier``."""
+        if not isinstance(feature_module, str):
+            raise AdapterError(f"feature_module must be a str, got {short_repr(feature_module)}")
+        try:
+            model.get_submodule(feature_module)
+        except AttributeError:
+            raise AdapterError(
+                f"feature_module: the model has no module {feature_module!r}"
+            ) from None
+        if not keep_classifier and feature_module != getattr(self, "feature_module", None):
+            self.classifier = None
+        self.feature_module = feature_module
 
     def _ptr(self, model: nn.Module) -> tuple[int, ...]:
         return tuple(_weight(model, p).data_ptr() for p in self.paths)

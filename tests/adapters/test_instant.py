@@ -338,6 +338,39 @@ def test_command_line_writes_every_checkpoint_with_its_command(tmp_path):
     assert TextToLoRA.load(tmp_path / "recon").generate("add numbers").num_parameters > 0
     svf = SVFExperts.load(tmp_path / "svf", make_stm())
     assert svf.names == [s.name for s in SEEN] and svf.classifier is not None
+    assert svf.feature_module == "blocks.1.ln1"  # the default first pass
+    # refit the classifier on another module, z-vectors kept
+    refit = ["svf-classifier", "--svf", str(tmp_path / "svf"), "--out", str(tmp_path / "svf2")]
+    assert main([*refit, "--feature-module", "ln_f", *common]) == 0
+    again = SVFExperts.load(tmp_path / "svf2", make_stm())
+    assert again.feature_module == "ln_f" and again.classifier is not None
+    assert all(torch.equal(again.experts[n][p], svf.experts[n][p]) for n in svf.names
+               for p in svf.paths)
+    assert not torch.equal(again.classifier["mean"], svf.classifier["mean"])
+    metrics = json.loads((tmp_path / "svf2" / "metrics.json").read_text())
+    assert metrics["feature_module"] == "ln_f" and "svf-classifier" in metrics["classifier_command"]
+
+
+def test_svf_feature_module_stops_the_first_pass_and_drops_a_stale_classifier():
+    base = make_stm()
+    svf = SVFExperts(base, feature_module="blocks.1.ln1")
+    ids = torch.randint(0, base.config.vocab_size, (2, 6))
+    calls = []
+    hook = base.blocks[1].attn.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        f = svf.features(base, ids)
+    finally:
+        hook.remove()
+    assert f.shape == (2, 2 * base.config.embedding_dim) and not calls  # stopped before it
+    svf.classifier = {"weight": torch.zeros(1)}
+    svf.set_feature_module(base, "blocks.1.ln1")
+    assert svf.classifier is not None  # same module: kept
+    svf.set_feature_module(base, "ln_f")
+    assert svf.classifier is None and svf.feature_module == "ln_f"
+    with pytest.raises(AdapterError, match="feature_module"):
+        svf.set_feature_module(base, "blocks.9.ln1")
+    with pytest.raises(AdapterError, match="feature_module"):
+        SVFExperts(base, feature_module=3)
 
 
 def test_svf_apply_skips_a_rewrite_only_of_what_it_wrote_last():
