@@ -11,8 +11,8 @@ into a copy of the model and measured by ``optimize()``'s engine
    bfloat16/float16 the original's own gradients are rounded too (two 16-bit computations of
    a 16-layer step differ by more than the 1e-2 tolerance while both are as close to exact),
    so there the reference is a float32 copy of the original on the same batch: a candidate's
-   loss and each gradient must be within the tolerance of it, or no farther from it than the
-   original's farthest result (:class:`_References`);
+   loss and each gradient may be as far from it as the original's own result plus the
+   tolerance (:class:`_References`);
 2. **time**: whole training steps (forward + backward), interleaved against the model as it
    is so far (:meth:`Engine.time`, :func:`ryzen_opt.timing.compare`);
 3. **choose**: per part, the candidate faster beyond the noise with the best speed-up
@@ -76,22 +76,25 @@ class _References:
     cast), and a fused kernel that rounds once can differ from it by more than the
     tolerance while being closer to exact. There ``exact_loss``/``exact_grads`` come from a
     float32 copy of the original on the same batch and dropout masks, and each result passes
-    if it is within the tolerance of the float32 value or no farther from it than the
-    original's farthest result (``limits``: the original's errors; ``limit`` their largest).
+    if its error against the float32 value is at most the original's own error on that
+    result (``limits``) plus the dtype tolerance: the bound a candidate within the tolerance
+    of a perfectly rounded original would meet (triangle inequality), applied to the
+    original as it is rounded.
 
-    Why the largest and not each result's own: past the swapped op the backward runs the
-    same 16-bit ops on slightly different inputs, so a candidate's error on any one gradient
-    is the original's plus or minus rounding noise of the same size; a per-tensor "no
-    farther" rejected an H200 Llama step whose every gradient was within the original's
-    envelope (largest 4.1e-2 against the original's 4.7e-2). A wrong gradient still fails:
-    its error is of order 1, not of order the rounding.
+    Measured on an H200 (Llama-1B step, bf16): the original's gradients lie up to 4.7e-2
+    from float32. Two rules tried first failed equally accurate candidates: "no farther than
+    the original on each gradient" (past the swapped op the backward runs the same bf16 ops
+    on slightly different inputs, so each error is the original's plus or minus rounding
+    noise: a coin flip per tensor) and "no farther than the original's farthest" (the fused
+    loss's farthest gradient, 4.7e-2, landed a hair above the original's). A wrong gradient
+    still fails: 5% off a gradient whose original error is 4.7e-2 puts it ~6.9e-2 away.
     """
 
     def __init__(self, reference: nn.Module, fam, batch: dict, ignore_index: int, tol) -> None:
         self.loss = _step(reference, fam, batch, ignore_index, seeded=True)
         self.grads = _grads(reference)
         dtype = next(reference.parameters()).dtype
-        self.exact_loss, self.exact_grads, self.limits, self.limit = None, {}, {}, 0.0
+        self.exact_loss, self.exact_grads, self.limits = None, {}, {}
         if dtype.itemsize >= 4:
             return
         wide = copy.deepcopy(reference).float()
@@ -103,7 +106,6 @@ class _References:
             r = self.exact_grads.get(name)
             if g is not None and r is not None:
                 self.limits[name] = _rel_error(g, r, tol(g.dtype))[0]
-        self.limit = max(self.limits.values())
 
     def error(self, name: str, out: torch.Tensor, tol: float) -> tuple[float, float]:
         """``(error, allowed)`` of result ``name`` (``"loss"`` or a parameter's name)."""
@@ -111,7 +113,7 @@ class _References:
             ref = self.loss if name == "loss" else self.grads[name]
             return _rel_error(out, ref, tol)[0], tol
         ref = self.exact_loss if name == "loss" else self.exact_grads[name]
-        return _rel_error(out, ref, tol)[0], max(tol, self.limit)
+        return _rel_error(out, ref, tol)[0], self.limits.get(name, 0.0) + tol
 
 
 def _check_grads(engine: Engine, res: CandidateResult, loss, grads, refs: _References) -> bool:
@@ -243,8 +245,8 @@ def _select(work, fam, batch, config: TrainingConfig, engine: Engine, report) ->
         name, worst = max(refs.limits.items(), key=lambda kv: kv[1])
         report.notes.append(
             f"checked against a float32 copy of the original on the same batch: each result "
-            f"passes within the {dtype_name(engine.dtype)} tolerance of it or no farther from "
-            f"it than the original's farthest ({worst:.2e}, {name})"
+            f"may be as far from it as the original's own plus the {dtype_name(engine.dtype)} "
+            f"tolerance (the original's farthest: {worst:.2e}, {name})"
         )
     wanted = config.candidates
     undo, installed = [], []
