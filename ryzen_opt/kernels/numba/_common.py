@@ -46,19 +46,27 @@ INLINE = dict(JIT, inline="always")
 ACT_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "relu": 4}
 
 
+_THREADS = threading.local()
+
+
 def set_threads() -> int:
     """Give numba as many threads as torch uses (never more than its pool holds).
 
     Starting numba's OpenMP pool resets the process-wide OpenMP thread count, which torch
     reads: measured ``torch.get_num_threads()`` going 1 -> 2 on the first numba call. The
     caller's torch setting is restored, so numba never changes what torch runs with.
+    The answer is remembered per Python thread (numba's count is per thread too) against
+    torch's setting: ``numba.get_num_threads()`` alone costs 0.6 us, a decode call ~5 us.
     """
     want = torch.get_num_threads()
+    if getattr(_THREADS, "want", None) == want:
+        return _THREADS.n
     n = max(1, min(want, numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
     if torch.get_num_threads() != want:
         torch.set_num_threads(want)
+    _THREADS.want, _THREADS.n = want, n
     return n
 
 
@@ -352,3 +360,267 @@ def _fma_rows_tile(typingctx, a, a0, lda, bp, kc, acc):
         return context.get_dummy_value()
 
     return types.void(a, a0, lda, bp, kc, acc), codegen
+
+
+def _pointer_intrinsic(elem: types.Type, llvm_elem: ir.Type, doc: str):
+    @intrinsic
+    def at(typingctx, addr):
+        if not isinstance(addr, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.inttoptr(args[0], ir.PointerType(llvm_elem))
+
+        return types.CPointer(elem)(addr), codegen
+
+    at.__doc__ = doc
+    return at
+
+
+# Typed pointers from integer addresses (``Tensor.data_ptr()``), for ``numba.carray``: a
+# launcher passes a tensor as its address and strides (~0.08 us) instead of a numpy view
+# (``t.detach().numpy()``: ~0.9 us each, measured), which matters for microsecond decode ops.
+_f32_ptr = _pointer_intrinsic(types.float32, ir.FloatType(), "float32 pointer at an address.")
+_i64_ptr = _pointer_intrinsic(types.int64, ir.IntType(64), "int64 pointer at an address.")
+_i32_ptr = _pointer_intrinsic(types.int32, ir.IntType(32), "int32 pointer at an address.")
+
+
+def _f32_data(context, builder, arr_type, arr):
+    return context.make_array(arr_type)(context, builder, arr).data
+
+
+def _load_v8(builder, base, index):
+    vec = ir.VectorType(ir.FloatType(), 8)
+    return builder.load(builder.bitcast(builder.gep(base, [index]), vec.as_pointer()), align=4)
+
+
+def _counted_loop(builder, n, step, body, carried):
+    """``for i in range(0, n, step)`` with loop-carried values: ``body(i, vals) -> vals``.
+
+    Returns the carried values after the loop (their initial values if it never ran).
+    """
+    i64 = ir.IntType(64)
+    entry = builder.block
+    loop = builder.append_basic_block("loop")
+    done = builder.append_basic_block("loop_done")
+    builder.cbranch(builder.icmp_signed(">", n, ir.Constant(i64, 0)), loop, done)
+    builder.position_at_end(loop)
+    i = builder.phi(i64)
+    i.add_incoming(ir.Constant(i64, 0), entry)
+    phis = []
+    for v in carried:
+        p = builder.phi(v.type)
+        p.add_incoming(v, entry)
+        phis.append(p)
+    new = body(i, phis)
+    i1 = builder.add(i, ir.Constant(i64, step))
+    tail = builder.block
+    i.add_incoming(i1, tail)
+    for p, v in zip(phis, new, strict=True):
+        p.add_incoming(v, tail)
+    builder.cbranch(builder.icmp_signed("<", i1, n), loop, done)
+    builder.position_at_end(done)
+    out = []
+    for v0, v in zip(carried, new, strict=True):
+        r = builder.phi(v.type)
+        r.add_incoming(v0, entry)
+        r.add_incoming(v, tail)
+        out.append(r)
+    return out
+
+
+def _hsum8x8(builder, accs):
+    """8 vectors of 8 -> one vector whose lane i is the sum of accs[i] (a transpose-add tree:
+    7 x 2 shuffles + 7 adds, instead of 8 separate horizontal sums)."""
+    i32 = ir.IntType(32)
+
+    def pairs(a, b, lo, hi):
+        m_lo = ir.Constant(ir.VectorType(i32, 8), lo)
+        m_hi = ir.Constant(ir.VectorType(i32, 8), hi)
+        return builder.fadd(builder.shuffle_vector(a, b, m_lo), builder.shuffle_vector(a, b, m_hi))
+
+    t = [
+        pairs(accs[i], accs[i + 1], [0, 8, 2, 10, 4, 12, 6, 14], [1, 9, 3, 11, 5, 13, 7, 15])
+        for i in range(0, 8, 2)
+    ]
+    u = [
+        pairs(t[i], t[i + 1], [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15])
+        for i in (0, 2)
+    ]
+    return pairs(u[0], u[1], [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15])
+
+
+@intrinsic
+def _dots8(typingctx, x, x0, rows, r0, ldr, n, out, o0):
+    """out[o0 + i] = sum over p < n of x[x0 + p] * rows[r0 + i*ldr + p], for i < 8.
+
+    Eight dot products against one vector (scores of eight keys against a query, or eight
+    weight rows against an activation row). ``n`` must be a multiple of 8: the caller adds
+    the tail. Each step loads one x vector and eight row vectors into eight independent FMA
+    chains (8 chains x 4-cycle FMA latency keep two FMA ports busy); the eight sums leave
+    through one transpose-add tree and one vector store, not eight horizontal sums.
+    """
+    ints = (x0, r0, ldr, n, o0)
+    if not (all(isinstance(v, types.Integer) for v in ints) and _f32_arrays(x, rows, out)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        vec = ir.VectorType(ir.FloatType(), 8)
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v8f32"
+        )
+        xp = _f32_data(context, builder, sig.args[0], args[0])
+        rp = _f32_data(context, builder, sig.args[2], args[2])
+        op = _f32_data(context, builder, sig.args[6], args[6])
+        xs, rs, ld, n_, os_ = (_as_i64(builder, args[i]) for i in (1, 3, 4, 5, 7))
+        starts = [builder.add(rs, builder.mul(ld, ir.Constant(i64, i))) for i in range(8)]
+
+        def body(p, accs):
+            xv = _load_v8(builder, xp, builder.add(xs, p))
+            return [
+                builder.call(fma, [_load_v8(builder, rp, builder.add(s, p)), xv, a])
+                for s, a in zip(starts, accs, strict=True)
+            ]
+
+        accs = _counted_loop(builder, n_, 8, body, [ir.Constant(vec, None)] * 8)
+        total = _hsum8x8(builder, accs)
+        dst = builder.bitcast(builder.gep(op, [os_]), vec.as_pointer())
+        builder.store(total, dst, align=4)
+        return context.get_dummy_value()
+
+    return types.void(x, x0, rows, r0, ldr, n, out, o0), codegen
+
+
+def _make_axpy_rows(width: int):
+    """The ``_axpy_rows`` intrinsic for a block of ``width`` vectors of 8 columns."""
+
+    @intrinsic
+    def axpy_rows(typingctx, w, w0, rows, r0, ldr, n, acc, a0):
+        ints = (w0, r0, ldr, n, a0)
+        if not (all(isinstance(v, types.Integer) for v in ints) and _f32_arrays(w, rows, acc)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            i64 = ir.IntType(64)
+            vec = ir.VectorType(ir.FloatType(), 8)
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v8f32"
+            )
+            wp = _f32_data(context, builder, sig.args[0], args[0])
+            rp = _f32_data(context, builder, sig.args[2], args[2])
+            ap = _f32_data(context, builder, sig.args[6], args[6])
+            ws, rs, ld, n_, as_ = (_as_i64(builder, args[i]) for i in (1, 3, 4, 5, 7))
+            slots = [builder.add(as_, ir.Constant(i64, 8 * h)) for h in range(width)]
+            init = [_load_v8(builder, ap, s) for s in slots]
+            lanes0 = ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)
+
+            def body(i, accs):
+                wi = builder.load(builder.gep(wp, [builder.add(ws, i)]))
+                one = builder.insert_element(
+                    ir.Constant(vec, ir.Undefined), wi, ir.Constant(ir.IntType(32), 0)
+                )
+                splat = builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), lanes0)
+                row = builder.add(rs, builder.mul(i, ld))
+                loads = [
+                    _load_v8(builder, rp, builder.add(row, ir.Constant(i64, 8 * h)))
+                    for h in range(width)
+                ]
+                return [builder.call(fma, [splat, x, a]) for x, a in zip(loads, accs, strict=True)]
+
+            accs = _counted_loop(builder, n_, 1, body, init)
+            for s, a in zip(slots, accs, strict=True):
+                builder.store(a, builder.bitcast(builder.gep(ap, [s]), vec.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return types.void(w, w0, rows, r0, ldr, n, acc, a0), codegen
+
+    axpy_rows.__doc__ = (
+        f"acc[a0 : a0 + {8 * width}] += sum over i < n of w[w0 + i] * "
+        f"rows[r0 + i*ldr : r0 + i*ldr + {8 * width}]: the {width}-vector accumulator stays "
+        "in registers over all n rows (one broadcast and one load + FMA per vector a row)."
+    )
+    return axpy_rows
+
+
+# 8 vectors = 64 columns (8 independent FMA chains: the 4-cycle latency of two ports) and a
+# single vector for what is left of a row.
+_axpy_rows8 = _make_axpy_rows(8)
+_axpy_rows1 = _make_axpy_rows(1)
+
+
+@njit(**JIT)
+def _dots(x, rows, r0, ldr, m, n, out):
+    """out[i] = x[:n] . rows[r0 + i*ldr : r0 + i*ldr + n] for i < m (eight rows at a time)."""
+    n8 = n - n % 8
+    i = 0
+    while i + 8 <= m:
+        _dots8(x, 0, rows, r0 + i * ldr, ldr, n8, out, i)
+        i += 8
+    while i < m:
+        o = r0 + i * ldr
+        r = rows[o : o + n8]
+        s = np.float32(0.0)
+        for p in range(n8):
+            s += x[p] * r[p]
+        out[i] = s
+        i += 1
+    if n8 < n:
+        for i in range(m):
+            o = r0 + i * ldr
+            s = out[i]
+            for p in range(n8, n):
+                s += x[p] * rows[o + p]
+            out[i] = s
+
+
+@njit(**JIT)
+def _axpys(w, rows, r0, ldr, m, n, acc):
+    """acc[:n] += sum over i < m of w[i] * rows[r0 + i*ldr : r0 + i*ldr + n]."""
+    c = 0
+    while c + 64 <= n:
+        _axpy_rows8(w, 0, rows, r0 + c, ldr, m, acc, c)
+        c += 64
+    while c + 8 <= n:
+        _axpy_rows1(w, 0, rows, r0 + c, ldr, m, acc, c)
+        c += 8
+    if c < n:
+        for i in range(m):
+            o = r0 + i * ldr
+            wi = w[i]
+            for e in range(c, n):
+                acc[e] += wi * rows[o + e]
+
+
+@intrinsic
+def _max8(typingctx, x, x0, n):
+    """max of x[x0 : x0 + n] (n a multiple of 8; -inf when n == 0), with vector maxima.
+
+    The plain loop ``m = max(m, x[i])`` stays scalar under fast-math without ``nnan`` (the
+    loop vectorizer needs it for a compare-and-select reduction): a 4-cycle dependency per
+    element, 1.3 ns a key of decode attention's softmax, measured.
+    """
+    if not (isinstance(x0, types.Integer) and isinstance(n, types.Integer) and _f32_arrays(x)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        f32 = ir.FloatType()
+        vec = ir.VectorType(f32, 8)
+        vmax = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vec, [vec, vec]), "llvm.maxnum.v8f32"
+        )
+        xp = _f32_data(context, builder, sig.args[0], args[0])
+        xs, n_ = _as_i64(builder, args[1]), _as_i64(builder, args[2])
+        ninf = ir.Constant(vec, [float("-inf")] * 8)
+
+        def body(p, accs):
+            return [builder.call(vmax, [_load_v8(builder, xp, builder.add(xs, p)), accs[0]])]
+
+        (m,) = _counted_loop(builder, n_, 8, body, [ninf])
+        best = builder.extract_element(m, ir.Constant(ir.IntType(32), 0))
+        for i in range(1, 8):
+            e = builder.extract_element(m, ir.Constant(ir.IntType(32), i))
+            best = builder.select(builder.fcmp_ordered(">", e, best), e, best)
+        return best
+
+    return types.float32(x, x0, n), codegen
