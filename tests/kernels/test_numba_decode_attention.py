@@ -231,3 +231,27 @@ def test_decode_output_is_fresh_per_call():
     second = nd.decode_attention(q * 2, k, v, cl)
     assert first.data_ptr() != second.data_ptr()
     assert torch.equal(first, keep)
+
+
+@pytest.mark.parametrize("m,n,ld", [(1, 1, 1), (7, 5, 9), (8, 8, 8), (9, 64, 64), (33, 70, 75)])
+def test_dot_axpy_max_intrinsics_match_float64(m, n, ld):
+    from ryzen_opt.kernels.numba._common import _axpys, _dots, _max8
+
+    rows = torch.randn(m * ld + 3).numpy()
+    x = torch.randn(n).numpy()
+    r = torch.from_numpy(rows[3:]).double()[: m * ld].reshape(m, ld)[:, :n]
+    out = np.zeros(m, dtype=np.float32)
+    _dots(x, rows, 3, ld, m, n, out)
+    assert_close_rel(torch.from_numpy(out), r @ torch.from_numpy(x).double(), TOL_DEC, "dots")
+    w = torch.randn(m).numpy()
+    acc = torch.randn(n).numpy()
+    want = torch.from_numpy(acc).double() + torch.from_numpy(w).double() @ r
+    _axpys(w, rows, 3, ld, m, n, acc)
+    assert_close_rel(torch.from_numpy(acc), want, TOL_DEC, "axpys")
+    from numba import njit
+
+    vmax = njit(lambda v, s, c: _max8(v, s, c))
+    vals = torch.randn(8 * n).numpy()
+    vals[5] = -np.inf
+    assert vmax(vals, 0, 8 * n) == vals.max()
+    assert vmax(vals, 8, 0) == -np.inf

@@ -10,6 +10,7 @@ pytest.importorskip("numba")
 from ryzen_opt.kernels import BackendError, reference  # noqa: E402
 from ryzen_opt.kernels import matmul as public_matmul  # noqa: E402
 from ryzen_opt.kernels.numba import matmul as nm  # noqa: E402
+from ryzen_opt.kernels.numba._common import ROWS_NR  # noqa: E402
 from tests.assertions import TOL, assert_close_rel  # noqa: E402
 
 # The kernel reassociates sums (8-wide partial dot products), so DESIGN allows fp32 1e-4; the
@@ -190,3 +191,96 @@ def test_micro_kernels_compile_to_packed_fma():
     x = np.linspace(-5, 5, 64, dtype=np.float32)
     loop(x, 1)
     assert np.isfinite(x).all()
+
+
+@pytest.fixture(params=["serial", "threaded"])
+def rows_driver(request, monkeypatch):
+    """The decode-size (row-tile) path on the calling thread or on the pool."""
+    import numba
+
+    if request.param == "threaded":
+        if numba.config.NUMBA_NUM_THREADS < 2:
+            pytest.skip("numba has one thread here: the threaded driver cannot run")
+        monkeypatch.setattr(nm, "ROWS_SERIAL_FMAS", 0)
+        prev = torch.get_num_threads()
+        torch.set_num_threads(2)
+        yield request.param
+        torch.set_num_threads(prev)
+        return
+    monkeypatch.setattr(nm, "ROWS_SERIAL_FMAS", 1 << 62)
+    yield request.param
+
+
+# Rows 1..23 (the row-tile path), primes, columns off the ROWS_NR-wide panel (the ragged
+# last panel, and fewer columns than one panel), K = 1.
+@pytest.mark.parametrize(
+    "m,k,n",
+    [
+        (1, 256, 768),
+        (16, 256, 768),
+        (23, 97, 2 * ROWS_NR + 5),
+        (3, 1, 7),
+        (7, 13, ROWS_NR),
+        (2, 300, 1),
+    ],
+)
+def test_matmul_row_tile_path_matches_reference(rows_driver, m, k, n):
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    assert_close_rel(nm.matmul(a, b), _ref(a, b), TOL_MM, f"{rows_driver} {m}x{k}x{n}")
+
+
+def test_matmul_row_tile_path_reads_views_in_place(rows_driver):
+    # Rows of a and b further apart than their lengths (slices of wider matrices), an offset
+    # start, and a whose columns are strided (copied first).
+    wide_a, wide_b = torch.randn(9, 300), torch.randn(130, 2 * ROWS_NR + 40)
+    a, b = wide_a[1:, 5:133], wide_b[2:, 3 : 3 + ROWS_NR + 9]
+    assert_close_rel(nm.matmul(a, b), _ref(a, b), TOL_MM, f"{rows_driver} views")
+    a2 = torch.randn(5, 256)[:, ::2]
+    assert_close_rel(nm.matmul(a2, b), _ref(a2, b), TOL_MM, f"{rows_driver} strided a")
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_matmul_row_tile_path_fused_epilogue(rows_driver, activation):
+    m, k, n = 5, 64, ROWS_NR + 3
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    bias, res = torch.randn(n), torch.randn(m, n)
+    out = nm.matmul(a, b, bias=bias, activation=activation, residual=res)
+    assert_close_rel(out, _ref(a, b, bias, activation, res), TOL_MM, str(activation))
+    out = nm.matmul(a, b, residual=res.double(), out_dtype=torch.float64)
+    assert out.dtype == torch.float64
+    assert_close_rel(out, _ref(a, b, None, None, res), TOL_MM, "float64 residual")
+
+
+def test_matmul_row_tile_output_is_fresh_per_call():
+    a, b = torch.randn(2, 40), torch.randn(40, 50)
+    first = nm.matmul(a, b)
+    keep = first.clone()
+    second = nm.matmul(a * 3, b)
+    assert first.data_ptr() != second.data_ptr() and torch.equal(first, keep)
+
+
+@pytest.mark.parametrize("vw", [8, 16])
+@pytest.mark.parametrize("mr", [1, 2, 4])
+def test_rows_tile_intrinsic_at_both_vector_widths(vw, mr):
+    # Both widths compile on any x86 host (LLVM splits 16-wide vectors without AVX-512), so
+    # the AVX2 tiling is checked on an AVX-512 machine and the other way round.
+    from numba import njit
+
+    from ryzen_opt.kernels.numba._common import _make_rows_tile
+
+    tile = _make_rows_tile(mr, 2, vw)
+
+    @njit
+    def run(a, lda, b, ldb, k, c, ldc):
+        tile(a, 1, lda, b, 2, ldb, k, c, 3, ldc)
+
+    k, lda, ldb, ldc, nr = 37, 41, 2 * vw + 5, 2 * vw + 7, 2 * vw
+    a = torch.randn(mr * lda + 1).numpy()
+    b = torch.randn(k * ldb + 2).numpy()
+    c = torch.zeros(mr * ldc + 3).numpy()
+    run(a, lda, b, ldb, k, c, ldc)
+    for i in range(mr):
+        ai = torch.from_numpy(a[1 + i * lda : 1 + i * lda + k]).double()
+        bm = torch.from_numpy(b[2:]).double()[: k * ldb].reshape(k, ldb)[:, :nr]
+        got = torch.from_numpy(c[3 + i * ldc : 3 + i * ldc + nr])
+        assert_close_rel(got, ai @ bm, TOL_MM, f"row {i}")

@@ -624,3 +624,102 @@ def _max8(typingctx, x, x0, n):
         return best
 
     return types.float32(x, x0, n), codegen
+
+
+def _host_vector_width() -> int:
+    """float32 lanes of the widest vector the compile target has: 16 with AVX-512F, else 8.
+
+    Read from numba's target (``NUMBA_CPU_FEATURES`` when set, else the host), never assumed:
+    the same source runs on AVX2-only and AVX-512 machines. Either width gives the same
+    results; only the register tiling depends on it.
+    """
+    import llvmlite.binding as ll
+
+    feats = numba.config.CPU_FEATURES
+    if feats:
+        return 16 if "+avx512f" in feats.split(",") else 8
+    if numba.config.CPU_NAME:  # a named target without a feature list: stay portable
+        return 8
+    return 16 if ll.get_host_cpu_features().get("avx512f", False) else 8
+
+
+VW = _host_vector_width()
+
+
+def _make_rows_tile(mr: int, nv: int, vw: int):
+    """The intrinsic ``tile(a, a0, lda, b, b0, ldb, k, c, c0, ldc)``:
+
+    c[c0 + i*ldc + j] = sum over p < k of a[a0 + i*lda + p] * b[b0 + p*ldb + j]
+    for i < mr, j < nv*vw: an mr x nv*vw register tile of ``A @ B`` with A's rows and B's
+    rows read in place (row-major, any leading dims), the full K reduced in registers and
+    stored once. Per step: mr broadcasts of A, nv loads of one B row, mr*nv FMAs.
+    """
+
+    @intrinsic
+    def tile(typingctx, a, a0, lda, b, b0, ldb, k, c, c0, ldc):
+        ints = (a0, lda, b0, ldb, k, c0, ldc)
+        if not (all(isinstance(v, types.Integer) for v in ints) and _f32_arrays(a, b, c)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            i64, i32 = ir.IntType(64), ir.IntType(32)
+            vec = ir.VectorType(ir.FloatType(), vw)
+            vptr = vec.as_pointer()
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{vw}f32"
+            )
+            ap = _f32_data(context, builder, sig.args[0], args[0])
+            bp = _f32_data(context, builder, sig.args[3], args[3])
+            cp = _f32_data(context, builder, sig.args[7], args[7])
+            a_0, a_ld, b_0, b_ld, k_, c_0, c_ld = (
+                _as_i64(builder, args[i]) for i in (1, 2, 4, 5, 6, 8, 9)
+            )
+            rows = [builder.add(a_0, builder.mul(a_ld, ir.Constant(i64, i))) for i in range(mr)]
+            lanes0 = ir.Constant(ir.VectorType(i32, vw), [0] * vw)
+
+            def body(p, accs):
+                brow = builder.add(b_0, builder.mul(p, b_ld))
+                bv = [
+                    builder.load(
+                        builder.bitcast(
+                            builder.gep(bp, [builder.add(brow, ir.Constant(i64, vw * h))]), vptr
+                        ),
+                        align=4,
+                    )
+                    for h in range(nv)
+                ]
+                new = []
+                for i in range(mr):
+                    x = builder.load(builder.gep(ap, [builder.add(rows[i], p)]))
+                    one = builder.insert_element(
+                        ir.Constant(vec, ir.Undefined), x, ir.Constant(i32, 0)
+                    )
+                    splat = builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), lanes0)
+                    for h in range(nv):
+                        new.append(builder.call(fma, [splat, bv[h], accs[i * nv + h]]))
+                return new
+
+            accs = _counted_loop(builder, k_, 1, body, [ir.Constant(vec, None)] * (mr * nv))
+            for i in range(mr):
+                crow = builder.add(c_0, builder.mul(c_ld, ir.Constant(i64, i)))
+                for h in range(nv):
+                    dst = builder.gep(cp, [builder.add(crow, ir.Constant(i64, vw * h))])
+                    builder.store(accs[i * nv + h], builder.bitcast(dst, vptr), align=4)
+            return context.get_dummy_value()
+
+        return types.void(a, a0, lda, b, b0, ldb, k, c, c0, ldc), codegen
+
+    tile.__doc__ = f"{mr} x {nv * vw} register tile of A @ B (see _make_rows_tile)."
+    return tile
+
+
+# Skinny-M tiles: NR = 6 vectors of columns, rows in tiles of 4/2/1 (AVX-512: 24 of 32 zmm
+# registers hold accumulators at 4 rows) or 2/1 (AVX2: 12 of 16 ymm). Six vectors a row keep
+# six FMA chains in flight even for one row (a decode GEMV): with three, 1 x 256 x 768 was
+# bound by the 4-cycle FMA latency.
+ROWS_NV = 6
+ROWS_NR = ROWS_NV * VW
+ROWS_MR = 4 if VW == 16 else 2
+_rows_tile_max = _make_rows_tile(ROWS_MR, ROWS_NV, VW)
+_rows_tile2 = _make_rows_tile(2, ROWS_NV, VW)
+_rows_tile1 = _make_rows_tile(1, ROWS_NV, VW)
