@@ -389,8 +389,28 @@ def _f32_data(context, builder, arr_type, arr):
     return context.make_array(arr_type)(context, builder, arr).data
 
 
-def _load_v8(builder, base, index):
-    vec = ir.VectorType(ir.FloatType(), 8)
+def _host_vector_width() -> int:
+    """float32 lanes of the widest vector the compile target has: 16 with AVX-512F, else 8.
+
+    Read from numba's target (``NUMBA_CPU_FEATURES`` when set, else the host), never assumed:
+    the same source runs on AVX2-only and AVX-512 machines. Either width gives the same
+    results; only the register tiling depends on it.
+    """
+    import llvmlite.binding as ll
+
+    feats = numba.config.CPU_FEATURES
+    if feats:
+        return 16 if "+avx512f" in feats.split(",") else 8
+    if numba.config.CPU_NAME:  # a named target without a feature list: stay portable
+        return 8
+    return 16 if ll.get_host_cpu_features().get("avx512f", False) else 8
+
+
+VW = _host_vector_width()
+
+
+def _load_v8(builder, base, index, vw=8):
+    vec = ir.VectorType(ir.FloatType(), vw)
     return builder.load(builder.bitcast(builder.gep(base, [index]), vec.as_pointer()), align=4)
 
 
@@ -450,50 +470,70 @@ def _hsum8x8(builder, accs):
     return pairs(u[0], u[1], [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15])
 
 
-@intrinsic
-def _dots8(typingctx, x, x0, rows, r0, ldr, n, out, o0):
-    """out[o0 + i] = sum over p < n of x[x0 + p] * rows[r0 + i*ldr + p], for i < 8.
+def _make_dots8(vw: int):
+    """The ``dots8`` intrinsic at ``vw`` lanes (see ``_dots8``)."""
+
+    @intrinsic
+    def dots8(typingctx, x, x0, rows, r0, ldr, n, out, o0):
+        ints = (x0, r0, ldr, n, o0)
+        if not (all(isinstance(v, types.Integer) for v in ints) and _f32_arrays(x, rows, out)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            i64, i32 = ir.IntType(64), ir.IntType(32)
+            vec = ir.VectorType(ir.FloatType(), vw)
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{vw}f32"
+            )
+            xp = _f32_data(context, builder, sig.args[0], args[0])
+            rp = _f32_data(context, builder, sig.args[2], args[2])
+            op = _f32_data(context, builder, sig.args[6], args[6])
+            xs, rs, ld, n_, os_ = (_as_i64(builder, args[i]) for i in (1, 3, 4, 5, 7))
+            starts = [builder.add(rs, builder.mul(ld, ir.Constant(i64, i))) for i in range(8)]
+
+            def body(p, accs):
+                xv = _load_v8(builder, xp, builder.add(xs, p), vw)
+                return [
+                    builder.call(fma, [_load_v8(builder, rp, builder.add(s, p), vw), xv, a])
+                    for s, a in zip(starts, accs, strict=True)
+                ]
+
+            accs = _counted_loop(builder, n_, vw, body, [ir.Constant(vec, None)] * 8)
+            if vw == 16:  # fold each 16-lane sum to 8 lanes first
+                lo = ir.Constant(ir.VectorType(i32, 8), list(range(8)))
+                hi = ir.Constant(ir.VectorType(i32, 8), list(range(8, 16)))
+                accs = [
+                    builder.fadd(builder.shuffle_vector(a, a, lo), builder.shuffle_vector(a, a, hi))
+                    for a in accs
+                ]
+            total = _hsum8x8(builder, accs)
+            v8 = ir.VectorType(ir.FloatType(), 8)
+            builder.store(total, builder.bitcast(builder.gep(op, [os_]), v8.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return types.void(x, x0, rows, r0, ldr, n, out, o0), codegen
+
+    dots8.__doc__ = _DOTS8_DOC
+    return dots8
+
+
+_DOTS8_DOC = """out[o0 + i] = sum over p < n of x[x0 + p] * rows[r0 + i*ldr + p], for i < 8.
 
     Eight dot products against one vector (scores of eight keys against a query, or eight
-    weight rows against an activation row). ``n`` must be a multiple of 8: the caller adds
-    the tail. Each step loads one x vector and eight row vectors into eight independent FMA
-    chains (8 chains x 4-cycle FMA latency keep two FMA ports busy); the eight sums leave
-    through one transpose-add tree and one vector store, not eight horizontal sums.
+    weight rows against an activation row). ``n`` must be a multiple of the vector width:
+    the caller adds the tail. Each step loads one x vector and eight row vectors into eight
+    independent FMA chains; the eight sums leave through one transpose-add tree and one
+    vector store, not eight horizontal sums.
     """
-    ints = (x0, r0, ldr, n, o0)
-    if not (all(isinstance(v, types.Integer) for v in ints) and _f32_arrays(x, rows, out)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        i64 = ir.IntType(64)
-        vec = ir.VectorType(ir.FloatType(), 8)
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v8f32"
-        )
-        xp = _f32_data(context, builder, sig.args[0], args[0])
-        rp = _f32_data(context, builder, sig.args[2], args[2])
-        op = _f32_data(context, builder, sig.args[6], args[6])
-        xs, rs, ld, n_, os_ = (_as_i64(builder, args[i]) for i in (1, 3, 4, 5, 7))
-        starts = [builder.add(rs, builder.mul(ld, ir.Constant(i64, i))) for i in range(8)]
-
-        def body(p, accs):
-            xv = _load_v8(builder, xp, builder.add(xs, p))
-            return [
-                builder.call(fma, [_load_v8(builder, rp, builder.add(s, p)), xv, a])
-                for s, a in zip(starts, accs, strict=True)
-            ]
-
-        accs = _counted_loop(builder, n_, 8, body, [ir.Constant(vec, None)] * 8)
-        total = _hsum8x8(builder, accs)
-        dst = builder.bitcast(builder.gep(op, [os_]), vec.as_pointer())
-        builder.store(total, dst, align=4)
-        return context.get_dummy_value()
-
-    return types.void(x, x0, rows, r0, ldr, n, out, o0), codegen
+_dots8 = _make_dots8(VW)
 
 
-def _make_axpy_rows(width: int):
-    """The ``_axpy_rows`` intrinsic for a block of ``width`` vectors of 8 columns."""
+def _make_axpy_rows(width: int, vw: int = 8, pair: bool = False):
+    """The ``axpy_rows`` intrinsic for a block of ``width`` vectors of ``vw`` columns.
+
+    ``pair``: rows go two at a time into two accumulator sets (summed at the end), which
+    doubles the independent FMA chains; ``n`` must then be even.
+    """
 
     @intrinsic
     def axpy_rows(typingctx, w, w0, rows, r0, ldr, n, acc, a0):
@@ -503,19 +543,21 @@ def _make_axpy_rows(width: int):
 
         def codegen(context, builder, sig, args):
             i64 = ir.IntType(64)
-            vec = ir.VectorType(ir.FloatType(), 8)
+            vec = ir.VectorType(ir.FloatType(), vw)
             fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v8f32"
+                builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{vw}f32"
             )
             wp = _f32_data(context, builder, sig.args[0], args[0])
             rp = _f32_data(context, builder, sig.args[2], args[2])
             ap = _f32_data(context, builder, sig.args[6], args[6])
             ws, rs, ld, n_, as_ = (_as_i64(builder, args[i]) for i in (1, 3, 4, 5, 7))
-            slots = [builder.add(as_, ir.Constant(i64, 8 * h)) for h in range(width)]
-            init = [_load_v8(builder, ap, s) for s in slots]
-            lanes0 = ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)
+            slots = [builder.add(as_, ir.Constant(i64, vw * h)) for h in range(width)]
+            init = [_load_v8(builder, ap, s, vw) for s in slots]
+            if pair:
+                init += [ir.Constant(vec, None)] * width
+            lanes0 = ir.Constant(ir.VectorType(ir.IntType(32), vw), [0] * vw)
 
-            def body(i, accs):
+            def row_update(i, accs):
                 wi = builder.load(builder.gep(wp, [builder.add(ws, i)]))
                 one = builder.insert_element(
                     ir.Constant(vec, ir.Undefined), wi, ir.Constant(ir.IntType(32), 0)
@@ -523,12 +565,21 @@ def _make_axpy_rows(width: int):
                 splat = builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), lanes0)
                 row = builder.add(rs, builder.mul(i, ld))
                 loads = [
-                    _load_v8(builder, rp, builder.add(row, ir.Constant(i64, 8 * h)))
+                    _load_v8(builder, rp, builder.add(row, ir.Constant(i64, vw * h)), vw)
                     for h in range(width)
                 ]
                 return [builder.call(fma, [splat, x, a]) for x, a in zip(loads, accs, strict=True)]
 
-            accs = _counted_loop(builder, n_, 1, body, init)
+            def body(i, accs):
+                if not pair:
+                    return row_update(i, accs)
+                first = row_update(i, accs[:width])
+                second = row_update(builder.add(i, ir.Constant(i64, 1)), accs[width:])
+                return first + second
+
+            accs = _counted_loop(builder, n_, 2 if pair else 1, body, init)
+            if pair:
+                accs = [builder.fadd(x, y) for x, y in zip(accs[:width], accs[width:], strict=True)]
             for s, a in zip(slots, accs, strict=True):
                 builder.store(a, builder.bitcast(builder.gep(ap, [s]), vec.as_pointer()), align=4)
             return context.get_dummy_value()
@@ -536,23 +587,24 @@ def _make_axpy_rows(width: int):
         return types.void(w, w0, rows, r0, ldr, n, acc, a0), codegen
 
     axpy_rows.__doc__ = (
-        f"acc[a0 : a0 + {8 * width}] += sum over i < n of w[w0 + i] * "
-        f"rows[r0 + i*ldr : r0 + i*ldr + {8 * width}]: the {width}-vector accumulator stays "
-        "in registers over all n rows (one broadcast and one load + FMA per vector a row)."
+        f"acc[a0 : a0 + {vw * width}] += sum over i < n of w[w0 + i] * "
+        f"rows[r0 + i*ldr : r0 + i*ldr + {vw * width}]: the accumulator stays in registers "
+        "over all n rows (one broadcast and one load + FMA per vector a row)."
     )
     return axpy_rows
 
 
-# 8 vectors = 64 columns (8 independent FMA chains: the 4-cycle latency of two ports) and a
-# single vector for what is left of a row.
-_axpy_rows8 = _make_axpy_rows(8)
+# 64 columns a block: 8 ymm accumulators (8 FMA chains: the 4-cycle latency of two ports),
+# or 4 zmm taken two rows at a time (8 chains again); a single 8-wide vector for what is left.
+_axpy_rows64 = _make_axpy_rows(64 // VW, VW, pair=VW == 16)
+_axpy_rows64_one = _make_axpy_rows(64 // VW, VW)
 _axpy_rows1 = _make_axpy_rows(1)
 
 
 @njit(**JIT)
 def _dots(x, rows, r0, ldr, m, n, out):
     """out[i] = x[:n] . rows[r0 + i*ldr : r0 + i*ldr + n] for i < m (eight rows at a time)."""
-    n8 = n - n % 8
+    n8 = n - n % VW
     i = 0
     while i + 8 <= m:
         _dots8(x, 0, rows, r0 + i * ldr, ldr, n8, out, i)
@@ -578,8 +630,11 @@ def _dots(x, rows, r0, ldr, m, n, out):
 def _axpys(w, rows, r0, ldr, m, n, acc):
     """acc[:n] += sum over i < m of w[i] * rows[r0 + i*ldr : r0 + i*ldr + n]."""
     c = 0
+    m2 = m - m % 2 if VW == 16 else m
     while c + 64 <= n:
-        _axpy_rows8(w, 0, rows, r0 + c, ldr, m, acc, c)
+        _axpy_rows64(w, 0, rows, r0 + c, ldr, m2, acc, c)
+        if m2 < m:
+            _axpy_rows64_one(w, m2, rows, r0 + m2 * ldr + c, ldr, 1, acc, c)
         c += 64
     while c + 8 <= n:
         _axpy_rows1(w, 0, rows, r0 + c, ldr, m, acc, c)
@@ -624,26 +679,6 @@ def _max8(typingctx, x, x0, n):
         return best
 
     return types.float32(x, x0, n), codegen
-
-
-def _host_vector_width() -> int:
-    """float32 lanes of the widest vector the compile target has: 16 with AVX-512F, else 8.
-
-    Read from numba's target (``NUMBA_CPU_FEATURES`` when set, else the host), never assumed:
-    the same source runs on AVX2-only and AVX-512 machines. Either width gives the same
-    results; only the register tiling depends on it.
-    """
-    import llvmlite.binding as ll
-
-    feats = numba.config.CPU_FEATURES
-    if feats:
-        return 16 if "+avx512f" in feats.split(",") else 8
-    if numba.config.CPU_NAME:  # a named target without a feature list: stay portable
-        return 8
-    return 16 if ll.get_host_cpu_features().get("avx512f", False) else 8
-
-
-VW = _host_vector_width()
 
 
 def _make_rows_tile(mr: int, nv: int, vw: int):
