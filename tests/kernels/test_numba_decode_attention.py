@@ -255,3 +255,35 @@ def test_dot_axpy_max_intrinsics_match_float64(m, n, ld):
     vals[5] = -np.inf
     assert vmax(vals, 0, 8 * n) == vals.max()
     assert vmax(vals, 8, 0) == -np.inf
+
+
+@pytest.mark.parametrize("vw", [8, 16])
+def test_dot_and_axpy_intrinsics_at_both_vector_widths(vw):
+    # Both widths compile on any x86 host, so the AVX2 and AVX-512 forms are both checked.
+    from numba import njit
+
+    from ryzen_opt.kernels.numba._common import _make_axpy_rows, _make_dots8
+
+    dots8 = _make_dots8(vw)
+    pair = _make_axpy_rows(2, vw, pair=True)
+    single = _make_axpy_rows(2, vw)
+
+    @njit
+    def run(x, rows, ld, n, out, w, acc, m):
+        dots8(x, 0, rows, 3, ld, n, out, 1)
+        pair(w, 0, rows, 3, ld, m, acc, 0)
+        single(w, m, rows, 3 + m * ld, ld, 1, acc, 0)
+
+    n, ld, m = 3 * vw, 3 * vw + 5, 6  # n a multiple of the width; rows further apart
+    rows = torch.randn(8 * ld + 3).numpy()
+    x = torch.randn(n).numpy()
+    out = np.zeros(9, dtype=np.float32)
+    w = torch.randn(m + 1).numpy()
+    acc = torch.randn(2 * vw).numpy()
+    r = torch.from_numpy(rows[3:]).double()[: 8 * ld].reshape(8, ld)
+    want_acc = torch.from_numpy(acc).double() + torch.from_numpy(w).double() @ r[: m + 1, : 2 * vw]
+    run(x, rows, ld, n, out, w, acc, m)
+    want = r[:, :n] @ torch.from_numpy(x).double()
+    assert_close_rel(torch.from_numpy(out[1:]), want, TOL_DEC, f"dots8 vw={vw}")
+    assert out[0] == 0
+    assert_close_rel(torch.from_numpy(acc), want_acc, TOL_DEC, f"axpy vw={vw}")
