@@ -38,7 +38,6 @@ from ryzen_opt.kernels.numba._common import (
     _dots,
     _exp,
     _f32_ptr,
-    _i32_ptr,
     _i64_ptr,
     _max8,
     available,
@@ -106,13 +105,20 @@ def _run(qf, kf, vf, lens, outf, parts, dims, strides, scale, n_split, t0, t1):
         longest = max(longest, lens[b])
     # One allocation for all scratch (each costs ~0.1 us, and a decode call is a few us).
     chunk = (longest + n_split - 1) // n_split
-    ws = np.empty(g_n * (2 * d + 2 + chunk), dtype=np.float32)
+    size = g_n * (2 * d + 2 + chunk)
+    buf = np.empty(size, dtype=np.float32)
+    # Views of a pointer-made array carry no reference count: the task code slices these
+    # buffers tens of times a task, each slice of an owned array an atomic inc/dec pair.
+    ws = numba.carray(_f32_ptr(buf.ctypes.data), (size,))
     qs = ws[: g_n * d].reshape((g_n, d))
     acc = ws[g_n * d : 2 * g_n * d].reshape((g_n, d))
     mlo = ws[2 * g_n * d : g_n * (2 * d + 2)].reshape((g_n, 2))
     sc = ws[g_n * (2 * d + 2) :].reshape((g_n, chunk))
     for t in range(t0, t1):
         _task(qf, kf, vf, lens, outf, parts, dims, strides, scale, n_split, t, qs, sc, mlo, acc)
+    # A use of buf after the tasks: numba frees an array after its last use, and the views
+    # above do not hold it.
+    return buf.size
 
 
 @njit(**JIT)
@@ -228,20 +234,6 @@ def _plan(lens, dims, threads, parallel_bytes, min_split):
 
 
 @njit(**JIT)
-def _lengths(la, is64, b_n):
-    out = np.empty(b_n, dtype=np.int64)
-    if is64:
-        src = numba.carray(_i64_ptr(la), (b_n,))
-        for b in range(b_n):
-            out[b] = src[b]
-    else:
-        src32 = numba.carray(_i32_ptr(la), (b_n,))
-        for b in range(b_n):
-            out[b] = src32[b]
-    return out
-
-
-@njit(**JIT)
 def _span(b_n, h_n, l_n, d, sb, sh, sl):
     """Elements from a (B, H, L, D) view's first to its last (last dim contiguous)."""
     return (b_n - 1) * sb + (h_n - 1) * sh + (l_n - 1) * sl + d
@@ -262,14 +254,14 @@ def _views(qa, ka, va, oa, dims, strides):
 
 
 @njit(parallel=True, **JIT)
-def _decode(qa, ka, va, la, is64, oa, dims, strides, scale, threads, parallel_bytes, min_split):
+def _decode(qa, ka, va, la, oa, dims, strides, scale, threads, parallel_bytes, min_split):
     """The whole op; returns 0, or 1 when a length lies outside [0, max_len] (nothing written).
 
     Explicit loops only: in a ``parallel=True`` function an array expression becomes a
     parallel region of its own, which would wake the pool on the serial path too.
     """
     b_n, hq, hkv, max_len, d = dims[0], dims[1], dims[2], dims[3], dims[4]
-    lens = _lengths(la, is64, b_n)
+    lens = numba.carray(_i64_ptr(la), (b_n,))
     status, n_split, parallel = _plan(lens, dims, threads, parallel_bytes, min_split)
     if status != 0:
         return status
@@ -281,7 +273,10 @@ def _decode(qa, ka, va, la, is64, oa, dims, strides, scale, threads, parallel_by
     qf, kf, vf, outf = _views(qa, ka, va, oa, dims, strides)
     sc = np.float32(scale)
     tasks = b_n * hkv * n_split
-    parts = np.empty((b_n if n_split > 1 else 1, hq, n_split, d + 2), dtype=np.float32)
+    if n_split > 1:
+        parts = np.empty((b_n, hq, n_split, d + 2), dtype=np.float32)
+    else:  # never read or written: a view of the output gives the calls one type, no malloc
+        parts = numba.carray(_f32_ptr(oa), (1, 1, 1, 1))
     if parallel:
         # One contiguous run of tasks per thread, so each allocates its scratch once.
         workers = min(threads, tasks)
@@ -362,7 +357,8 @@ def decode_attention(
             and ks[3] == qs[2]
             and ks[1] > 0
             and qs[1] % ks[1] == 0
-            and cache_lengths.shape == qs[:1]
+            and cache_lengths.dim() == 1
+            and cache_lengths.numel() == qs[0]
             and (scale is None or (type(scale) is float and math.isfinite(scale)))
         )
     except AttributeError:  # not tensors: the full check words the error
@@ -381,8 +377,8 @@ def decode_attention(
     if vst[3] != 1:
         v_cache = v_cache.contiguous()
         vst = v_cache.stride()
-    if not cache_lengths.is_contiguous():
-        cache_lengths = cache_lengths.contiguous()
+    if cache_lengths.dtype is not torch.int64 or not cache_lengths.is_contiguous():
+        cache_lengths = cache_lengths.to(torch.int64).contiguous()
     b, hq, d = qs
     out = torch.empty_like(q) if q.is_contiguous() else torch.empty(qs, dtype=_F32)
     if b == 0 or hq == 0 or d == 0:
@@ -392,7 +388,6 @@ def decode_attention(
         k_cache.data_ptr(),
         v_cache.data_ptr(),
         cache_lengths.data_ptr(),
-        cache_lengths.dtype is torch.int64,
         out.data_ptr(),
         (b, hq, ks[1], ks[2], d),
         (qst[0], qst[1], kst[0], kst[1], kst[2], vst[0], vst[1], vst[2]),
