@@ -284,3 +284,15 @@ def test_rows_tile_intrinsic_at_both_vector_widths(vw, mr):
         bm = torch.from_numpy(b[2:]).double()[: k * ldb].reshape(k, ldb)[:, :nr]
         got = torch.from_numpy(c[3 + i * ldc : 3 + i * ldc + nr])
         assert_close_rel(got, ai @ bm, TOL_MM, f"row {i}")
+
+
+def test_matmul_row_tile_output_is_float32_whatever_the_default_dtype():
+    a, b = torch.randn(3, 20), torch.randn(20, 9)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = nm.matmul(a, b)
+    finally:
+        torch.set_default_dtype(prev)
+    assert out.dtype == torch.float32
+    assert_close_rel(out, _ref(a, b), TOL_MM, "default float64")

@@ -68,6 +68,7 @@ _NONE1 = np.zeros(1, dtype=np.float32)
 _NONE3 = np.zeros((1, 1, 1), dtype=np.float32)
 _NONE2 = np.zeros((1, 1), dtype=np.float32)
 _F32 = torch.float32
+_default_dtype = torch.get_default_dtype
 # Row-tile path (2-D a of fewer rows than this, b (K, N) with contiguous rows): the weight is
 # streamed once in ROWS_NR-column panels, all rows of a at a time (see _rows_matmul).
 ROWS_MIN_M = PACKED_MIN_M
@@ -431,7 +432,8 @@ def matmul(
             ast, bst = a.stride(), b.stride()
             if kb == k and 0 < m < ROWS_MIN_M and n and k and ast[1] == 1 and bst[1] == 1:
                 threads = set_threads()
-                c = torch.empty(m, n, dtype=_F32)
+                # torch.empty(m, n): 0.65 us; with dtype=: 0.86 us (measured).
+                c = torch.empty(m, n) if _default_dtype() is _F32 else torch.empty(m, n, dtype=_F32)
                 _rows_matmul(
                     a.data_ptr(),
                     ast[0],
