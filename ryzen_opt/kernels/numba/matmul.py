@@ -12,6 +12,13 @@ other ``b`` is transposed once, K*N copies against M*N*K FMAs):
 * M < 24 (decoding, GEMV-like, bound by streaming ``b``): no packing, 3x3 (or 1x4 for M < 3)
   blocks of dot products over contiguous K runs, column blocks spread over the threads.
 
+A third path serves 2-D ``a`` with M < 24 and a ``b`` whose rows are contiguous (``(K, N)``
+row-major, e.g. a weight stored transposed once): no transpose at all. ``_rows_matmul`` reads
+both operands in place through their addresses and runs 4/2/1-row x 6-vector register tiles
+(``_common._make_rows_tile``, 16 lanes with AVX-512, else 8) over the full K, each thread on
+its own columns, so the weight is read once per call (1x256x768: 0.10x -> ~1.0x torch, see
+NOTES.md). Its launcher checks attributes only (~1.9 us of Python).
+
 The epilogue (bias, activation, residual) runs on each output block while it is in cache.
 """
 
