@@ -340,3 +340,23 @@ def test_avx2_tiling_matches_reference_in_a_haswell_target_process():
         [sys.executable, "-c", _AVX2_SCRIPT], cwd=root, env=env, capture_output=True, text=True
     )
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "m,k,n", [(1, 256, 768), (16, 256, 768), (23, 97, 21), (3, 1, 7), (2, 300, 1)]
+)
+def test_matmul_weight_rows_path_matches_reference(rows_driver, m, k, n):
+    # b = W.t() with W (n, k) row-major: the nn.Linear layout, W's rows read in place; W's
+    # rows further apart than k (a slice of a wider matrix) and an offset start.
+    a = torch.randn(m, k)
+    w = torch.randn(n + 1, k + 3)[1:, 2 : 2 + k]
+    assert_close_rel(nm.matmul(a, w.t()), _ref(a, w.t()), TOL_MM, f"{rows_driver} {m}x{k}x{n}")
+
+
+@pytest.mark.parametrize("activation", [None, "gelu", "silu"])
+def test_matmul_weight_rows_path_with_epilogue(rows_driver, activation):
+    m, k, n = 4, 40, 19
+    a, w = torch.randn(m, k), torch.randn(n, k)
+    bias, res = torch.randn(n), torch.randn(m, n)
+    out = nm.matmul(a, w.t(), bias=bias, activation=activation, residual=res)
+    assert_close_rel(out, _ref(a, w.t(), bias, activation, res), TOL_MM, str(activation))

@@ -40,6 +40,7 @@ from ryzen_opt.kernels.numba._common import (
     _activate,
     _dot1x4,
     _dot3x3,
+    _dots,
     _f32_ptr,
     _fma_tile,
     _rows_tile1,
@@ -359,6 +360,54 @@ def _rows_matmul(
         _rows_range(af, lda, bf, ldb, cf, m, n, k, 0, blocks, bias, has_bias, res, has_res, act)
 
 
+@njit(**JIT)
+def _wrows_range(af, lda, wf, ldw, cf, m, n, k, j0, j1, bias, has_bias, res, has_res, act):
+    """c[:, j0:j1] = a @ W[j0:j1].T for all m rows: eight weight rows at a time against each
+    row of a (``_dots``), so each block of W is read from memory once and from L1 m times."""
+    for jb in range(j0, j1, 8):
+        nj = min(8, j1 - jb)
+        for i in range(m):
+            _dots(
+                af[i * lda : i * lda + k],
+                wf,
+                jb * ldw,
+                ldw,
+                nj,
+                k,
+                cf[i * n + jb : i * n + jb + nj],
+            )
+    if has_bias or has_res or act != 0:
+        _epilogue(cf.reshape((m, n)), 0, m, j0, j1, bias, has_bias, res, has_res, act)
+
+
+@njit(parallel=True, **JIT)
+def _wrows_matmul(
+    a_addr, lda, w_addr, ldw, c_addr, m, n, k, bias_addr, res_addr, act, threads, serial
+):
+    """c (m x n, new) = act(a (m x k) @ W.T + bias) + res with W (n x k) rows read in place.
+
+    The ``b = W.t()`` layout of an ``nn.Linear`` weight; the threads split W's rows (whole
+    8-row blocks), every thread runs all m rows of a on its own. One thread below ``serial``
+    FMAs.
+    """
+    af = numba.carray(_f32_ptr(a_addr), ((m - 1) * lda + k,))
+    wf = numba.carray(_f32_ptr(w_addr), ((n - 1) * ldw + k,))
+    cf = numba.carray(_f32_ptr(c_addr), (m * n,))
+    has_bias = bias_addr != 0
+    has_res = res_addr != 0
+    bias = numba.carray(_f32_ptr(bias_addr if has_bias else c_addr), (n if has_bias else 1,))
+    res = numba.carray(_f32_ptr(res_addr if has_res else c_addr), (m if has_res else 1, n))
+    blocks = (n + 7) // 8
+    if threads > 1 and m * n * k >= serial and blocks > 1:
+        workers = min(threads, blocks)
+        for w in prange(workers):
+            j0 = w * blocks // workers * 8
+            j1 = min(n, (w + 1) * blocks // workers * 8)
+            _wrows_range(af, lda, wf, ldw, cf, m, n, k, j0, j1, bias, has_bias, res, has_res, act)
+    else:
+        _wrows_range(af, lda, wf, ldw, cf, m, n, k, 0, n, bias, has_bias, res, has_res, act)
+
+
 def _block_sizes(m: int, n: int, threads: int) -> tuple[int, int]:
     """MB x NB, narrowed for skinny M so that every thread gets several column blocks."""
     if m >= MB:
@@ -378,15 +427,17 @@ def supports(a, b, bias=None, activation=None, residual=None, out_dtype=None):
 
 
 def _rows_call(a, b, m, k, n, bias, act, residual) -> torch.Tensor:
-    """The row-tile path: ``a`` (m, k) and ``b`` (k, n), each with a unit column stride, read
-    in place; ``bias``/``residual`` contiguous float32 or None; a new (m, n) output."""
+    """The decode-size paths: ``a`` (m, k) with a unit column stride and ``b`` (k, n) with
+    unit column stride (row tiles) or unit row stride (``b = W.t()``: weight rows), read in
+    place; ``bias``/``residual`` contiguous float32 or None; a new (m, n) output."""
     threads = set_threads()
     c = torch.empty(m, n, dtype=_F32)
-    _rows_matmul(
+    weight_rows = b.stride(1) != 1
+    (_wrows_matmul if weight_rows else _rows_matmul)(
         a.data_ptr(),
         a.stride(0),
         b.data_ptr(),
-        b.stride(0),
+        b.stride(1) if weight_rows else b.stride(0),
         c.data_ptr(),
         m,
         n,
@@ -437,6 +488,26 @@ def matmul(
             m, k = ash
             kb, n = bsh
             ast, bst = a.stride(), b.stride()
+            if kb == k and 0 < m < ROWS_MIN_M and n and k and ast[1] == 1 and bst[0] == 1:
+                # b = W.t(): W's rows are contiguous.
+                threads = set_threads()
+                c = torch.empty(m, n) if _default_dtype() is _F32 else torch.empty(m, n, dtype=_F32)
+                _wrows_matmul(
+                    a.data_ptr(),
+                    ast[0],
+                    b.data_ptr(),
+                    bst[1],
+                    c.data_ptr(),
+                    m,
+                    n,
+                    k,
+                    0,
+                    0,
+                    0,
+                    threads,
+                    ROWS_SERIAL_FMAS,
+                )
+                return c
             if kb == k and 0 < m < ROWS_MIN_M and n and k and ast[1] == 1 and bst[1] == 1:
                 threads = set_threads()
                 # torch.empty(m, n): 0.65 us; with dtype=: 0.86 us (measured).
@@ -468,7 +539,7 @@ def matmul(
         and 0 < m < ROWS_MIN_M
         and n > 0
         and k > 0
-        and b.stride(1) == 1
+        and (b.stride(1) == 1 or b.stride(0) == 1)
     ):
         y = _rows_call(
             a if a.stride(1) == 1 else a.contiguous(),
