@@ -17,7 +17,9 @@ row-major, e.g. a weight stored transposed once): no transpose at all. ``_rows_m
 both operands in place through their addresses and runs 4/2/1-row x 6-vector register tiles
 (``_common._make_rows_tile``, 16 lanes with AVX-512, else 8) over the full K, each thread on
 its own columns, so the weight is read once per call (1x256x768: 0.10x -> ~1.0x torch, see
-NOTES.md). Its launcher checks attributes only (~1.9 us of Python).
+NOTES.md). Its launcher checks attributes only (~1.9 us of Python). A ``b = W.t()`` of the same
+sizes (W's rows contiguous, the ``nn.Linear`` layout) takes ``_wrows_matmul``: eight weight
+rows at a time through ``_common._dots8`` against each row of ``a``, W read in place.
 
 The epilogue (bias, activation, residual) runs on each output block while it is in cache.
 """
