@@ -1,7 +1,11 @@
 """Kernel benchmarks: the PyTorch baseline next to every registered backend, one pyperf suite.
 
     python -m bench.kernels [--device cpu|cuda] [--quick] [--mode inprocess|workers]
-                            [--repeat N] [-o results.json] [pyperf options, workers mode]
+                            [--only TEXT ...] [--repeat N] [-o results.json]
+                            [pyperf options, workers mode]
+
+``--only TEXT`` (repeatable) keeps the cases whose ``"<op> <label>"`` contains one of the
+texts, e.g. ``--only decode`` for the decode attention and decode-size matmul cases.
 
 For each case (op, shape, dtype) the "torch" column is what a PyTorch user already has
 (``torch.matmul``/``addmm`` + activation, ``scaled_dot_product_attention``,
@@ -90,6 +94,23 @@ def _make_time_func(case: Case, fn: Callable, device: str):
     return time_func
 
 
+def select(case_list: list[Case], only: list[str] | None) -> list[Case]:
+    """The cases whose ``"<op> <label>"`` contains one of ``only`` (all when ``only`` is empty)."""
+    if not only:
+        return case_list
+    return [c for c in case_list if any(t in f"{c.op} {c.label}" for t in only)]
+
+
+def _add_only_arg(ap) -> None:
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="keep the cases whose '<op> <label>' contains TEXT (repeatable)",
+    )
+
+
 def _bench_name(case: Case, backend: str, device: str) -> str:
     return f"{case.op}/{case.label}/{backend}/{case.dtype_name}/{device}"
 
@@ -101,6 +122,7 @@ def _parse_own_args(argv: list[str]):
     ap.add_argument("--device", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
+    _add_only_arg(ap)
     inprocess.add_mode_args(ap)
     ns, _ = ap.parse_known_args(argv)
     ns.device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -182,26 +204,33 @@ def main() -> int:
     if threads is not None:
         torch.set_num_threads(threads)
     mode = own.mode or inprocess.default_mode(device, quick)
+    case_list = select(cases(device, quick), own.only)
+    if not case_list:
+        print(f"error: no case matches --only {own.only}", file=sys.stderr)
+        return 2
     if mode == "workers":
-        return _main_workers(device, quick)
+        return _main_workers(device, quick, case_list)
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__)
     ap.add_argument("--device", default=device)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
+    _add_only_arg(ap)
     inprocess.add_mode_args(ap)
     ap.add_argument("--repeat", type=inprocess.positive_int, default=None, help="samples")
     ap.add_argument("-o", "--output", default=None, help="pyperf JSON file to write")
     args = inprocess.parse_args(ap, sys.argv[1:])
     repeat = args.repeat or (inprocess.QUICK_REPEAT if quick else inprocess.FULL_REPEAT)
     output = Path(args.output) if args.output else _default_output(device, quick)
-    rows = run_inprocess(cases(device, quick), device, repeat, output)
+    rows = run_inprocess(case_list, device, repeat, output)
     _report(rows, device, quick, output, mode=mode, repeat=repeat)
     return 0
 
 
-def _main_workers(device: str, quick: bool) -> int:  # noqa: C901 - one linear script
+def _main_workers(  # noqa: C901 - one linear script
+    device: str, quick: bool, case_list: list[Case]
+) -> int:
     import pyperf
 
     def add_cmdline_args(cmd, args):
@@ -210,6 +239,8 @@ def _main_workers(device: str, quick: bool) -> int:  # noqa: C901 - one linear s
             cmd.append("--quick")
         if args.threads:
             cmd += ["--threads", str(args.threads)]
+        for text in args.only or ():
+            cmd += ["--only", text]
 
     # --quick: one worker process of 5 values per benchmark (about 2 minutes on 2 cores);
     # the default keeps pyperf's statistics (several processes) for committed results.
@@ -220,6 +251,7 @@ def _main_workers(device: str, quick: bool) -> int:  # noqa: C901 - one linear s
     runner.argparser.add_argument("--device", default=device, choices=("cpu", "cuda"))
     runner.argparser.add_argument("--quick", action="store_true")
     runner.argparser.add_argument("--threads", type=int, default=None)
+    _add_only_arg(runner.argparser)
     inprocess.add_mode_args(runner.argparser)
     args = runner.parse_args()
     args.copy_env = True  # workers need TRITON_INTERPRET, CUDA_VISIBLE_DEVICES, cache dirs
@@ -230,7 +262,7 @@ def _main_workers(device: str, quick: bool) -> int:  # noqa: C901 - one linear s
         Path(args.output).unlink(missing_ok=True)
 
     rows: list[dict[str, Any]] = []
-    for case in cases(device, quick):
+    for case in case_list:
         # Workers make inputs lazily (each runs one benchmark); the parent makes them once per
         # case to check every candidate against torch and time its first call. The sequence of
         # bench_time_func calls must not depend on those checks: pyperf finds a worker's task

@@ -42,3 +42,15 @@ def test_every_cpu_case_runs_through_the_reference_op_and_matches_torch():
         args = case.make("cpu")
         out = registry.dispatch(case.op, "reference", *args)
         assert kernels._rel_error(out, case.torch_fn(*args)) < 1e-4, case.label
+
+
+def test_only_filter_keeps_the_matching_cases():
+    all_cases = kernels.cases("cpu", quick=False)
+    assert kernels.select(all_cases, None) == all_cases
+    picked = kernels.select(all_cases, ["decode"])
+    labels = {f"{c.op} {c.label}" for c in picked}
+    assert labels and all("decode" in x for x in labels)
+    assert any(c.op == "decode_attention" for c in picked)
+    assert any(c.op == "matmul" for c in picked)  # "decode qkv" matmul cases
+    assert kernels.select(all_cases, ["no such case"]) == []
+    assert len(kernels.select(all_cases, ["cache128", "cache4096"])) == 4

@@ -10,6 +10,7 @@ pytest.importorskip("numba")
 from ryzen_opt.kernels import BackendError, reference  # noqa: E402
 from ryzen_opt.kernels import matmul as public_matmul  # noqa: E402
 from ryzen_opt.kernels.numba import matmul as nm  # noqa: E402
+from ryzen_opt.kernels.numba._common import ROWS_NR  # noqa: E402
 from tests.assertions import TOL, assert_close_rel  # noqa: E402
 
 # The kernel reassociates sums (8-wide partial dot products), so DESIGN allows fp32 1e-4; the
@@ -190,3 +191,172 @@ def test_micro_kernels_compile_to_packed_fma():
     x = np.linspace(-5, 5, 64, dtype=np.float32)
     loop(x, 1)
     assert np.isfinite(x).all()
+
+
+@pytest.fixture(params=["serial", "threaded"])
+def rows_driver(request, monkeypatch):
+    """The decode-size (row-tile) path on the calling thread or on the pool."""
+    import numba
+
+    if request.param == "threaded":
+        if numba.config.NUMBA_NUM_THREADS < 2:
+            pytest.skip("numba has one thread here: the threaded driver cannot run")
+        monkeypatch.setattr(nm, "ROWS_SERIAL_FMAS", 0)
+        prev = torch.get_num_threads()
+        torch.set_num_threads(2)
+        yield request.param
+        torch.set_num_threads(prev)
+        return
+    monkeypatch.setattr(nm, "ROWS_SERIAL_FMAS", 1 << 62)
+    yield request.param
+
+
+# Rows 1..23 (the row-tile path), primes, columns off the ROWS_NR-wide panel (the ragged
+# last panel, and fewer columns than one panel), K = 1.
+@pytest.mark.parametrize(
+    "m,k,n",
+    [
+        (1, 256, 768),
+        (16, 256, 768),
+        (23, 97, 2 * ROWS_NR + 5),
+        (3, 1, 7),
+        (7, 13, ROWS_NR),
+        (2, 300, 1),
+    ],
+)
+def test_matmul_row_tile_path_matches_reference(rows_driver, m, k, n):
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    assert_close_rel(nm.matmul(a, b), _ref(a, b), TOL_MM, f"{rows_driver} {m}x{k}x{n}")
+
+
+def test_matmul_row_tile_path_reads_views_in_place(rows_driver):
+    # Rows of a and b further apart than their lengths (slices of wider matrices), an offset
+    # start, and a whose columns are strided (copied first).
+    wide_a, wide_b = torch.randn(9, 300), torch.randn(130, 2 * ROWS_NR + 40)
+    a, b = wide_a[1:, 5:133], wide_b[2:, 3 : 3 + ROWS_NR + 9]
+    assert_close_rel(nm.matmul(a, b), _ref(a, b), TOL_MM, f"{rows_driver} views")
+    a2 = torch.randn(5, 256)[:, ::2]
+    assert_close_rel(nm.matmul(a2, b), _ref(a2, b), TOL_MM, f"{rows_driver} strided a")
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_matmul_row_tile_path_fused_epilogue(rows_driver, activation):
+    m, k, n = 5, 64, ROWS_NR + 3
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    bias, res = torch.randn(n), torch.randn(m, n)
+    out = nm.matmul(a, b, bias=bias, activation=activation, residual=res)
+    assert_close_rel(out, _ref(a, b, bias, activation, res), TOL_MM, str(activation))
+    out = nm.matmul(a, b, residual=res.double(), out_dtype=torch.float64)
+    assert out.dtype == torch.float64
+    assert_close_rel(out, _ref(a, b, None, None, res), TOL_MM, "float64 residual")
+
+
+def test_matmul_row_tile_output_is_fresh_per_call():
+    a, b = torch.randn(2, 40), torch.randn(40, 50)
+    first = nm.matmul(a, b)
+    keep = first.clone()
+    second = nm.matmul(a * 3, b)
+    assert first.data_ptr() != second.data_ptr() and torch.equal(first, keep)
+
+
+@pytest.mark.parametrize("vw", [8, 16])
+@pytest.mark.parametrize("mr", [1, 2, 4])
+def test_rows_tile_intrinsic_at_both_vector_widths(vw, mr):
+    # Both widths compile on any x86 host (LLVM splits 16-wide vectors without AVX-512), so
+    # the AVX2 tiling is checked on an AVX-512 machine and the other way round.
+    from numba import njit
+
+    from ryzen_opt.kernels.numba._common import _make_rows_tile
+
+    tile = _make_rows_tile(mr, 2, vw)
+
+    @njit
+    def run(a, lda, b, ldb, k, c, ldc):
+        tile(a, 1, lda, b, 2, ldb, k, c, 3, ldc)
+
+    k, lda, ldb, ldc, nr = 37, 41, 2 * vw + 5, 2 * vw + 7, 2 * vw
+    a = torch.randn(mr * lda + 1).numpy()
+    b = torch.randn(k * ldb + 2).numpy()
+    c = torch.zeros(mr * ldc + 3).numpy()
+    run(a, lda, b, ldb, k, c, ldc)
+    for i in range(mr):
+        ai = torch.from_numpy(a[1 + i * lda : 1 + i * lda + k]).double()
+        bm = torch.from_numpy(b[2:]).double()[: k * ldb].reshape(k, ldb)[:, :nr]
+        got = torch.from_numpy(c[3 + i * ldc : 3 + i * ldc + nr])
+        assert_close_rel(got, ai @ bm, TOL_MM, f"row {i}")
+
+
+def test_matmul_row_tile_output_is_float32_whatever_the_default_dtype():
+    a, b = torch.randn(3, 20), torch.randn(20, 9)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = nm.matmul(a, b)
+    finally:
+        torch.set_default_dtype(prev)
+    assert out.dtype == torch.float32
+    assert_close_rel(out, _ref(a, b), TOL_MM, "default float64")
+
+
+_AVX2_SCRIPT = """
+import torch
+from ryzen_opt.kernels import reference
+from ryzen_opt.kernels.numba import _common
+from ryzen_opt.kernels.numba.decode_attention import decode_attention
+from ryzen_opt.kernels.numba.matmul import matmul
+
+assert _common.VW == 8, _common.VW
+torch.manual_seed(0)
+for m in (1, 2, 3, 7):
+    a, b = torch.randn(m, 50), torch.randn(50, 2 * _common.ROWS_NR + 5)
+    ref = a.double() @ b.double()
+    err = float((matmul(a, b).double() - ref).norm() / ref.norm())
+    assert err <= 1e-5, ("matmul", m, err)
+q, k, v = torch.randn(2, 4, 72), torch.randn(2, 2, 33, 72), torch.randn(2, 2, 33, 72)
+cl = torch.tensor([33, 5])
+ref = reference.decode_attention(q.double(), k.double(), v.double(), cl)
+err = float((decode_attention(q, k, v, cl).double() - ref).norm() / ref.norm())
+assert err <= 1e-5, ("decode", err)
+print("ok")
+"""
+
+
+def test_avx2_tiling_matches_reference_in_a_haswell_target_process():
+    # The kernels pick 8 or 16 lanes from numba's target. Compiling for haswell (AVX2 + FMA,
+    # which every AVX-512 host also runs) checks the 8-lane row tiles and decode intrinsics
+    # on any x86 machine. ~14 s the first time (compilation), ~2 s from numba's cache.
+    import os
+    import platform
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("haswell is an x86 target")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "PYTHONPATH": str(root)}
+    env.pop("NUMBA_CPU_FEATURES", None)
+    run = subprocess.run(
+        [sys.executable, "-c", _AVX2_SCRIPT], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "m,k,n", [(1, 256, 768), (16, 256, 768), (23, 97, 21), (3, 1, 7), (2, 300, 1)]
+)
+def test_matmul_weight_rows_path_matches_reference(rows_driver, m, k, n):
+    # b = W.t() with W (n, k) row-major: the nn.Linear layout, W's rows read in place; W's
+    # rows further apart than k (a slice of a wider matrix) and an offset start.
+    a = torch.randn(m, k)
+    w = torch.randn(n + 1, k + 3)[1:, 2 : 2 + k]
+    assert_close_rel(nm.matmul(a, w.t()), _ref(a, w.t()), TOL_MM, f"{rows_driver} {m}x{k}x{n}")
+
+
+@pytest.mark.parametrize("activation", [None, "gelu", "silu"])
+def test_matmul_weight_rows_path_with_epilogue(rows_driver, activation):
+    m, k, n = 4, 40, 19
+    a, w = torch.randn(m, k), torch.randn(n, k)
+    bias, res = torch.randn(n), torch.randn(m, n)
+    out = nm.matmul(a, w.t(), bias=bias, activation=activation, residual=res)
+    assert_close_rel(out, _ref(a, w.t(), bias, activation, res), TOL_MM, str(activation))

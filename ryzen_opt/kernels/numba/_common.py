@@ -46,19 +46,27 @@ INLINE = dict(JIT, inline="always")
 ACT_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "relu": 4}
 
 
+_THREADS = threading.local()
+
+
 def set_threads() -> int:
     """Give numba as many threads as torch uses (never more than its pool holds).
 
     Starting numba's OpenMP pool resets the process-wide OpenMP thread count, which torch
     reads: measured ``torch.get_num_threads()`` going 1 -> 2 on the first numba call. The
     caller's torch setting is restored, so numba never changes what torch runs with.
+    The answer is remembered per Python thread (numba's count is per thread too) against
+    torch's setting: ``numba.get_num_threads()`` alone costs 0.6 us, a decode call ~5 us.
     """
     want = torch.get_num_threads()
+    if getattr(_THREADS, "want", None) == want:
+        return _THREADS.n
     n = max(1, min(want, numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
     if torch.get_num_threads() != want:
         torch.set_num_threads(want)
+    _THREADS.want, _THREADS.n = want, n
     return n
 
 
@@ -352,3 +360,401 @@ def _fma_rows_tile(typingctx, a, a0, lda, bp, kc, acc):
         return context.get_dummy_value()
 
     return types.void(a, a0, lda, bp, kc, acc), codegen
+
+
+def _pointer_intrinsic(elem: types.Type, llvm_elem: ir.Type, doc: str):
+    @intrinsic
+    def at(typingctx, addr):
+        if not isinstance(addr, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.inttoptr(args[0], ir.PointerType(llvm_elem))
+
+        return types.CPointer(elem)(addr), codegen
+
+    at.__doc__ = doc
+    return at
+
+
+# Typed pointers from integer addresses (``Tensor.data_ptr()``), for ``numba.carray``: a
+# launcher passes a tensor as its address and strides (~0.08 us) instead of a numpy view
+# (``t.detach().numpy()``: ~0.9 us each, measured), which matters for microsecond decode ops.
+_f32_ptr = _pointer_intrinsic(types.float32, ir.FloatType(), "float32 pointer at an address.")
+_i64_ptr = _pointer_intrinsic(types.int64, ir.IntType(64), "int64 pointer at an address.")
+_i32_ptr = _pointer_intrinsic(types.int32, ir.IntType(32), "int32 pointer at an address.")
+
+
+def _f32_data(context, builder, arr_type, arr):
+    return context.make_array(arr_type)(context, builder, arr).data
+
+
+def _host_vector_width() -> int:
+    """float32 lanes of the widest vector the compile target has: 16 with AVX-512F, else 8.
+
+    Read from numba's target (``NUMBA_CPU_FEATURES`` when set, else the host), never assumed:
+    the same source runs on AVX2-only and AVX-512 machines. Either width gives the same
+    results; only the register tiling depends on it.
+    """
+    import llvmlite.binding as ll
+
+    feats = numba.config.CPU_FEATURES
+    if feats:
+        return 16 if "+avx512f" in feats.split(",") else 8
+    if numba.config.CPU_NAME:  # a named target without a feature list: stay portable
+        return 8
+    return 16 if ll.get_host_cpu_features().get("avx512f", False) else 8
+
+
+VW = _host_vector_width()
+
+
+def _load_v8(builder, base, index, vw=8):
+    vec = ir.VectorType(ir.FloatType(), vw)
+    return builder.load(builder.bitcast(builder.gep(base, [index]), vec.as_pointer()), align=4)
+
+
+def _counted_loop(builder, n, step, body, carried):
+    """``for i in range(0, n, step)`` with loop-carried values: ``body(i, vals) -> vals``.
+
+    Returns the carried values after the loop (their initial values if it never ran).
+    """
+    i64 = ir.IntType(64)
+    entry = builder.block
+    loop = builder.append_basic_block("loop")
+    done = builder.append_basic_block("loop_done")
+    builder.cbranch(builder.icmp_signed(">", n, ir.Constant(i64, 0)), loop, done)
+    builder.position_at_end(loop)
+    i = builder.phi(i64)
+    i.add_incoming(ir.Constant(i64, 0), entry)
+    phis = []
+    for v in carried:
+        p = builder.phi(v.type)
+        p.add_incoming(v, entry)
+        phis.append(p)
+    new = body(i, phis)
+    i1 = builder.add(i, ir.Constant(i64, step))
+    tail = builder.block
+    i.add_incoming(i1, tail)
+    for p, v in zip(phis, new, strict=True):
+        p.add_incoming(v, tail)
+    builder.cbranch(builder.icmp_signed("<", i1, n), loop, done)
+    builder.position_at_end(done)
+    out = []
+    for v0, v in zip(carried, new, strict=True):
+        r = builder.phi(v.type)
+        r.add_incoming(v0, entry)
+        r.add_incoming(v, tail)
+        out.append(r)
+    return out
+
+
+def _hsum8x8(builder, accs):
+    """8 vectors of 8 -> one vector whose lane i is the sum of accs[i] (a transpose-add tree:
+    7 x 2 shuffles + 7 adds, instead of 8 separate horizontal sums)."""
+    i32 = ir.IntType(32)
+
+    def pairs(a, b, lo, hi):
+        m_lo = ir.Constant(ir.VectorType(i32, 8), lo)
+        m_hi = ir.Constant(ir.VectorType(i32, 8), hi)
+        return builder.fadd(builder.shuffle_vector(a, b, m_lo), builder.shuffle_vector(a, b, m_hi))
+
+    t = [
+        pairs(accs[i], accs[i + 1], [0, 8, 2, 10, 4, 12, 6, 14], [1, 9, 3, 11, 5, 13, 7, 15])
+        for i in range(0, 8, 2)
+    ]
+    u = [
+        pairs(t[i], t[i + 1], [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15])
+        for i in (0, 2)
+    ]
+    return pairs(u[0], u[1], [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15])
+
+
+def _make_dots8(vw: int):
+    """The ``dots8`` intrinsic at ``vw`` lanes (see ``_dots8``)."""
+
+    @intrinsic
+    def dots8(typingctx, x, x0, rows, r0, ldr, n, out, o0):
+        ints = (x0, r0, ldr, n, o0)
+        if not (all(isinstance(v, types.Integer) for v in ints) and _f32_arrays(x, rows, out)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            i64, i32 = ir.IntType(64), ir.IntType(32)
+            vec = ir.VectorType(ir.FloatType(), vw)
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{vw}f32"
+            )
+            xp = _f32_data(context, builder, sig.args[0], args[0])
+            rp = _f32_data(context, builder, sig.args[2], args[2])
+            op = _f32_data(context, builder, sig.args[6], args[6])
+            xs, rs, ld, n_, os_ = (_as_i64(builder, args[i]) for i in (1, 3, 4, 5, 7))
+            starts = [builder.add(rs, builder.mul(ld, ir.Constant(i64, i))) for i in range(8)]
+
+            def body(p, accs):
+                xv = _load_v8(builder, xp, builder.add(xs, p), vw)
+                return [
+                    builder.call(fma, [_load_v8(builder, rp, builder.add(s, p), vw), xv, a])
+                    for s, a in zip(starts, accs, strict=True)
+                ]
+
+            accs = _counted_loop(builder, n_, vw, body, [ir.Constant(vec, None)] * 8)
+            if vw == 16:  # fold each 16-lane sum to 8 lanes first
+                lo = ir.Constant(ir.VectorType(i32, 8), list(range(8)))
+                hi = ir.Constant(ir.VectorType(i32, 8), list(range(8, 16)))
+                accs = [
+                    builder.fadd(builder.shuffle_vector(a, a, lo), builder.shuffle_vector(a, a, hi))
+                    for a in accs
+                ]
+            total = _hsum8x8(builder, accs)
+            v8 = ir.VectorType(ir.FloatType(), 8)
+            builder.store(total, builder.bitcast(builder.gep(op, [os_]), v8.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return types.void(x, x0, rows, r0, ldr, n, out, o0), codegen
+
+    dots8.__doc__ = _DOTS8_DOC
+    return dots8
+
+
+_DOTS8_DOC = """out[o0 + i] = sum over p < n of x[x0 + p] * rows[r0 + i*ldr + p], for i < 8.
+
+    Eight dot products against one vector (scores of eight keys against a query, or eight
+    weight rows against an activation row). ``n`` must be a multiple of the vector width:
+    the caller adds the tail. Each step loads one x vector and eight row vectors into eight
+    independent FMA chains; the eight sums leave through one transpose-add tree and one
+    vector store, not eight horizontal sums.
+    """
+_dots8 = _make_dots8(VW)
+
+
+def _make_axpy_rows(width: int, vw: int = 8, pair: bool = False):
+    """The ``axpy_rows`` intrinsic for a block of ``width`` vectors of ``vw`` columns.
+
+    ``pair``: rows go two at a time into two accumulator sets (summed at the end), which
+    doubles the independent FMA chains; ``n`` must then be even.
+    """
+
+    @intrinsic
+    def axpy_rows(typingctx, w, w0, rows, r0, ldr, n, acc, a0):
+        ints = (w0, r0, ldr, n, a0)
+        if not (all(isinstance(v, types.Integer) for v in ints) and _f32_arrays(w, rows, acc)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            i64 = ir.IntType(64)
+            vec = ir.VectorType(ir.FloatType(), vw)
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{vw}f32"
+            )
+            wp = _f32_data(context, builder, sig.args[0], args[0])
+            rp = _f32_data(context, builder, sig.args[2], args[2])
+            ap = _f32_data(context, builder, sig.args[6], args[6])
+            ws, rs, ld, n_, as_ = (_as_i64(builder, args[i]) for i in (1, 3, 4, 5, 7))
+            slots = [builder.add(as_, ir.Constant(i64, vw * h)) for h in range(width)]
+            init = [_load_v8(builder, ap, s, vw) for s in slots]
+            if pair:
+                init += [ir.Constant(vec, None)] * width
+            lanes0 = ir.Constant(ir.VectorType(ir.IntType(32), vw), [0] * vw)
+
+            def row_update(i, accs):
+                wi = builder.load(builder.gep(wp, [builder.add(ws, i)]))
+                one = builder.insert_element(
+                    ir.Constant(vec, ir.Undefined), wi, ir.Constant(ir.IntType(32), 0)
+                )
+                splat = builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), lanes0)
+                row = builder.add(rs, builder.mul(i, ld))
+                loads = [
+                    _load_v8(builder, rp, builder.add(row, ir.Constant(i64, vw * h)), vw)
+                    for h in range(width)
+                ]
+                return [builder.call(fma, [splat, x, a]) for x, a in zip(loads, accs, strict=True)]
+
+            def body(i, accs):
+                if not pair:
+                    return row_update(i, accs)
+                first = row_update(i, accs[:width])
+                second = row_update(builder.add(i, ir.Constant(i64, 1)), accs[width:])
+                return first + second
+
+            accs = _counted_loop(builder, n_, 2 if pair else 1, body, init)
+            if pair:
+                accs = [builder.fadd(x, y) for x, y in zip(accs[:width], accs[width:], strict=True)]
+            for s, a in zip(slots, accs, strict=True):
+                builder.store(a, builder.bitcast(builder.gep(ap, [s]), vec.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return types.void(w, w0, rows, r0, ldr, n, acc, a0), codegen
+
+    axpy_rows.__doc__ = (
+        f"acc[a0 : a0 + {vw * width}] += sum over i < n of w[w0 + i] * "
+        f"rows[r0 + i*ldr : r0 + i*ldr + {vw * width}]: the accumulator stays in registers "
+        "over all n rows (one broadcast and one load + FMA per vector a row)."
+    )
+    return axpy_rows
+
+
+# 64 columns a block: 8 ymm accumulators (8 FMA chains: the 4-cycle latency of two ports),
+# or 4 zmm taken two rows at a time (8 chains again); a single 8-wide vector for what is left.
+_axpy_rows64 = _make_axpy_rows(64 // VW, VW, pair=VW == 16)
+_axpy_rows64_one = _make_axpy_rows(64 // VW, VW)
+_axpy_rows1 = _make_axpy_rows(1)
+
+
+@njit(**JIT)
+def _dots(x, rows, r0, ldr, m, n, out):
+    """out[i] = x[:n] . rows[r0 + i*ldr : r0 + i*ldr + n] for i < m (eight rows at a time)."""
+    n8 = n - n % VW
+    i = 0
+    while i + 8 <= m:
+        _dots8(x, 0, rows, r0 + i * ldr, ldr, n8, out, i)
+        i += 8
+    while i < m:
+        o = r0 + i * ldr
+        r = rows[o : o + n8]
+        s = np.float32(0.0)
+        for p in range(n8):
+            s += x[p] * r[p]
+        out[i] = s
+        i += 1
+    if n8 < n:
+        for i in range(m):
+            o = r0 + i * ldr
+            s = out[i]
+            for p in range(n8, n):
+                s += x[p] * rows[o + p]
+            out[i] = s
+
+
+@njit(**JIT)
+def _axpys(w, rows, r0, ldr, m, n, acc):
+    """acc[:n] += sum over i < m of w[i] * rows[r0 + i*ldr : r0 + i*ldr + n]."""
+    c = 0
+    m2 = m - m % 2 if VW == 16 else m
+    while c + 64 <= n:
+        _axpy_rows64(w, 0, rows, r0 + c, ldr, m2, acc, c)
+        if m2 < m:
+            _axpy_rows64_one(w, m2, rows, r0 + m2 * ldr + c, ldr, 1, acc, c)
+        c += 64
+    while c + 8 <= n:
+        _axpy_rows1(w, 0, rows, r0 + c, ldr, m, acc, c)
+        c += 8
+    if c < n:
+        for i in range(m):
+            o = r0 + i * ldr
+            wi = w[i]
+            for e in range(c, n):
+                acc[e] += wi * rows[o + e]
+
+
+@intrinsic
+def _max8(typingctx, x, x0, n):
+    """max of x[x0 : x0 + n] (n a multiple of 8; -inf when n == 0), with vector maxima.
+
+    The plain loop ``m = max(m, x[i])`` stays scalar under fast-math without ``nnan`` (the
+    loop vectorizer needs it for a compare-and-select reduction): a 4-cycle dependency per
+    element, 1.3 ns a key of decode attention's softmax, measured.
+    """
+    if not (isinstance(x0, types.Integer) and isinstance(n, types.Integer) and _f32_arrays(x)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        f32 = ir.FloatType()
+        vec = ir.VectorType(f32, 8)
+        vmax = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vec, [vec, vec]), "llvm.maxnum.v8f32"
+        )
+        xp = _f32_data(context, builder, sig.args[0], args[0])
+        xs, n_ = _as_i64(builder, args[1]), _as_i64(builder, args[2])
+        ninf = ir.Constant(vec, [float("-inf")] * 8)
+
+        def body(p, accs):
+            return [builder.call(vmax, [_load_v8(builder, xp, builder.add(xs, p)), accs[0]])]
+
+        (m,) = _counted_loop(builder, n_, 8, body, [ninf])
+        best = builder.extract_element(m, ir.Constant(ir.IntType(32), 0))
+        for i in range(1, 8):
+            e = builder.extract_element(m, ir.Constant(ir.IntType(32), i))
+            best = builder.select(builder.fcmp_ordered(">", e, best), e, best)
+        return best
+
+    return types.float32(x, x0, n), codegen
+
+
+def _make_rows_tile(mr: int, nv: int, vw: int):
+    """The intrinsic ``tile(a, a0, lda, b, b0, ldb, k, c, c0, ldc)``:
+
+    c[c0 + i*ldc + j] = sum over p < k of a[a0 + i*lda + p] * b[b0 + p*ldb + j]
+    for i < mr, j < nv*vw: an mr x nv*vw register tile of ``A @ B`` with A's rows and B's
+    rows read in place (row-major, any leading dims), the full K reduced in registers and
+    stored once. Per step: mr broadcasts of A, nv loads of one B row, mr*nv FMAs.
+    """
+
+    @intrinsic
+    def tile(typingctx, a, a0, lda, b, b0, ldb, k, c, c0, ldc):
+        ints = (a0, lda, b0, ldb, k, c0, ldc)
+        if not (all(isinstance(v, types.Integer) for v in ints) and _f32_arrays(a, b, c)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            i64, i32 = ir.IntType(64), ir.IntType(32)
+            vec = ir.VectorType(ir.FloatType(), vw)
+            vptr = vec.as_pointer()
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{vw}f32"
+            )
+            ap = _f32_data(context, builder, sig.args[0], args[0])
+            bp = _f32_data(context, builder, sig.args[3], args[3])
+            cp = _f32_data(context, builder, sig.args[7], args[7])
+            a_0, a_ld, b_0, b_ld, k_, c_0, c_ld = (
+                _as_i64(builder, args[i]) for i in (1, 2, 4, 5, 6, 8, 9)
+            )
+            rows = [builder.add(a_0, builder.mul(a_ld, ir.Constant(i64, i))) for i in range(mr)]
+            lanes0 = ir.Constant(ir.VectorType(i32, vw), [0] * vw)
+
+            def body(p, accs):
+                brow = builder.add(b_0, builder.mul(p, b_ld))
+                bv = [
+                    builder.load(
+                        builder.bitcast(
+                            builder.gep(bp, [builder.add(brow, ir.Constant(i64, vw * h))]), vptr
+                        ),
+                        align=4,
+                    )
+                    for h in range(nv)
+                ]
+                new = []
+                for i in range(mr):
+                    x = builder.load(builder.gep(ap, [builder.add(rows[i], p)]))
+                    one = builder.insert_element(
+                        ir.Constant(vec, ir.Undefined), x, ir.Constant(i32, 0)
+                    )
+                    splat = builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), lanes0)
+                    for h in range(nv):
+                        new.append(builder.call(fma, [splat, bv[h], accs[i * nv + h]]))
+                return new
+
+            accs = _counted_loop(builder, k_, 1, body, [ir.Constant(vec, None)] * (mr * nv))
+            for i in range(mr):
+                crow = builder.add(c_0, builder.mul(c_ld, ir.Constant(i64, i)))
+                for h in range(nv):
+                    dst = builder.gep(cp, [builder.add(crow, ir.Constant(i64, vw * h))])
+                    builder.store(accs[i * nv + h], builder.bitcast(dst, vptr), align=4)
+            return context.get_dummy_value()
+
+        return types.void(a, a0, lda, b, b0, ldb, k, c, c0, ldc), codegen
+
+    tile.__doc__ = f"{mr} x {nv * vw} register tile of A @ B (see _make_rows_tile)."
+    return tile
+
+
+# Skinny-M tiles: NR = 6 vectors of columns, rows in tiles of 4/2/1 (AVX-512: 24 of 32 zmm
+# registers hold accumulators at 4 rows) or 2/1 (AVX2: 12 of 16 ymm). Six vectors a row keep
+# six FMA chains in flight even for one row (a decode GEMV): with three, 1 x 256 x 768 was
+# bound by the 4-cycle FMA latency.
+ROWS_NV = 6
+ROWS_NR = ROWS_NV * VW
+ROWS_MR = 4 if VW == 16 else 2
+_rows_tile_max = _make_rows_tile(ROWS_MR, ROWS_NV, VW)
+_rows_tile2 = _make_rows_tile(2, ROWS_NV, VW)
+_rows_tile1 = _make_rows_tile(1, ROWS_NV, VW)
