@@ -74,3 +74,16 @@ def test_graph_timings_and_a_failed_capture_are_recorded(monkeypatch):
     assert "graph_triton_s" not in row
     headers, table = bt._table([row])
     assert table[0][headers.index("graph: eager / compile / triton") + 1] == "error"
+
+
+def test_the_attention_tile_sweep_needs_a_gpu_and_says_so(capsys):
+    import torch
+
+    from bench import train_attention_tiles
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the sweep runs for real (bench, not a test)")
+    with pytest.raises(SystemExit) as e:
+        train_attention_tiles.main([])
+    assert e.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+    assert all(len(t) == 4 for t in train_attention_tiles.TILES)
