@@ -219,3 +219,45 @@ def test_compile_traces_each_op_as_one_node_forward_and_backward():
         "train_attention_backward",
     ):
         assert f"ryzen_opt.{op}.default" in bw, op
+
+
+def test_eager_calls_skip_the_dispatcher_forward_and_backward(monkeypatch):
+    # With grad: a plain autograd.Function whose backward runs the bare backward function;
+    # the backward custom op is never called (it raises here). Without grad: no graph at all.
+    from ryzen_opt.kernels.triton.training import _norm_ops, swiglu_op
+
+    def refuse(*a, **k):
+        raise AssertionError("the custom op ran on the eager path")
+
+    monkeypatch.setattr(swiglu_op, "_swiglu_backward_op", refuse)
+    monkeypatch.setattr(_norm_ops, "norm_backward_op", refuse)
+    x = torch.randn(4, 16, device=DEVICE, requires_grad=True)
+    r = torch.randn(4, 16, device=DEVICE, requires_grad=True)
+    w = torch.ones(16, device=DEVICE, requires_grad=True)
+    y = training.swiglu(x, r)
+    assert type(y.grad_fn).__name__.startswith("swiglu_impl_function")
+    y.sum().backward()
+    assert x.grad is not None and r.grad is not None
+    out, _ = training.rms_norm_residual(x, r, w, 1e-6)
+    assert type(out.grad_fn).__name__.startswith("rms_norm_impl_function")
+    out.sum().backward()
+    assert w.grad is not None
+    with torch.no_grad():
+        assert training.swiglu(x, r).grad_fn is None
+
+
+def test_the_traced_path_still_goes_through_the_custom_ops():
+    # Under a dispatch mode (what AOT autograd and FakeTensorMode install) the public function
+    # calls the custom op: its forward (the bare function) is never reached directly.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ryzen_opt.kernels.triton.training import _common as tc
+
+    assert tc._plain_eager((torch.ones(1),))
+    with FakeTensorMode() as mode:
+        assert not tc._plain_eager((mode.from_tensor(torch.ones(1)),))
+    assert not tc._plain_eager((torch.ones(1).as_subclass(_Sub),))
+
+
+class _Sub(torch.Tensor):
+    pass

@@ -68,3 +68,64 @@ def wants_grad(*tensors: torch.Tensor | None) -> bool:
 def sms(t: torch.Tensor) -> int:
     """Streaming multiprocessors of ``t``'s GPU (4 under the interpreter)."""
     return _common.num_sms(_common.device_index(t))
+
+
+class TrainingOp:
+    """A training op callable two ways, over the same forward and backward functions.
+
+    ``torch.compile`` traces ``op`` (a ``torch.library`` custom op with its autograd formula
+    registered here). An eager call skips the custom-op dispatcher and goes through a plain
+    ``torch.autograd.Function``: on an H200's host the dispatcher cost ~0.3 ms a call, several
+    times the GPU time of a norm (``bench/results/h200/train_op_host_profile.txt``). Without
+    grad (or with no input that needs one) the forward runs bare. A backward formula calls
+    its backward custom op through :func:`call`, which runs the bare function on the eager
+    path (``ctx.eager``) and the custom op when traced.
+
+    Args:
+        op: the custom op (``torch.library.custom_op``), its fake registered.
+        forward: the function ``op`` wraps (same arguments, same outputs).
+        setup_context, backward: ``register_autograd``'s pair.
+    """
+
+    def __init__(self, op, forward, setup_context, backward) -> None:
+        op.register_autograd(backward, setup_context=setup_context)
+        self.op, self.forward = op, forward
+
+        def eager_setup_context(ctx, inputs, output):
+            ctx.eager = True
+            setup_context(ctx, inputs, output)
+
+        self.function = type(
+            forward.__name__.strip("_") + "_function",
+            (torch.autograd.Function,),
+            {
+                "forward": staticmethod(forward),
+                "setup_context": staticmethod(eager_setup_context),
+                "backward": staticmethod(backward),
+            },
+        )
+
+    def __call__(self, *args):
+        if not _plain_eager(args):
+            return self.op(*args)  # traced, or under a fake/meta/functional mode
+        if not wants_grad(*args):
+            return self.forward(*args)
+        return self.function.apply(*args)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(args) -> bool:
+    """Whether this call runs on real tensors outside any tracing: not while dynamo
+    compiles, with no dispatch mode active (FakeTensorMode, AOT's functionalization) and
+    every tensor argument a plain tensor (not a fake or other subclass)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    return all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))
+
+
+def call(ctx, op, forward, *args):
+    """A backward custom op from a backward formula: ``forward(*args)`` (the function ``op``
+    wraps, no dispatcher) on :class:`TrainingOp`'s eager path, ``op(*args)`` otherwise."""
+    return forward(*args) if getattr(ctx, "eager", False) else op(*args)

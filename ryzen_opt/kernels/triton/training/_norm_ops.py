@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ryzen_opt.kernels.triton.training import _norm
+from ryzen_opt.kernels.triton.training import _common, _norm
 
 
-@torch.library.custom_op("ryzen_opt::train_norm_backward", mutates_args=())
-def norm_backward_op(
+def norm_backward_impl(
     dy: torch.Tensor,
     dh_out: torch.Tensor | None,
     h: torch.Tensor,
@@ -20,6 +19,11 @@ def norm_backward_op(
     want_db: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _norm.backward(dy, dh_out, h, weight, mean, rstd, rms, want_dw, want_db)
+
+
+norm_backward_op = torch.library.custom_op(
+    "ryzen_opt::train_norm_backward", mutates_args=()
+)(norm_backward_impl)
 
 
 @norm_backward_op.register_fake
@@ -42,7 +46,10 @@ def backward(ctx, dy, dh_out, rms):
         dh_out = None  # the op's h output is an empty placeholder; h is x itself
     want_dw = weight is not None and ctx.weight_needs_grad
     want_db = ctx.has_bias and ctx.bias_needs_grad
-    dh, dw, db = norm_backward_op(
+    dh, dw, db = _common.call(
+        ctx,
+        norm_backward_op,
+        norm_backward_impl,
         dy,
         dh_out,
         h,

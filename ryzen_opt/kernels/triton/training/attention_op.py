@@ -338,11 +338,15 @@ def _backward(do, q, k, v, o, lse, causal, scale):
     return dq, dk, dv
 
 
-@torch.library.custom_op("ryzen_opt::train_attention", mutates_args=())
-def _attention_op(
+def _attention_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, causal, scale)
+
+
+_attention_op = torch.library.custom_op(
+    "ryzen_opt::train_attention", mutates_args=()
+)(_attention_impl)
 
 
 @_attention_op.register_fake
@@ -350,8 +354,7 @@ def _(q, k, v, causal, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("ryzen_opt::train_attention_backward", mutates_args=())
-def _attention_backward_op(
+def _attention_backward_impl(
     do: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -362,6 +365,11 @@ def _attention_backward_op(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(do, q, k, v, o, lse, causal, scale)
+
+
+_attention_backward_op = torch.library.custom_op(
+    "ryzen_opt::train_attention_backward", mutates_args=()
+)(_attention_backward_impl)
 
 
 @_attention_backward_op.register_fake
@@ -380,11 +388,14 @@ def _grad(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
     if do is None:
         return None, None, None, None, None
-    dq, dk, dv = _attention_backward_op(do, q, k, v, o, lse, ctx.causal, ctx.scale)
+    dq, dk, dv = _common.call(
+        ctx, _attention_backward_op, _attention_backward_impl,
+        do, q, k, v, o, lse, ctx.causal, ctx.scale,
+    )
     return dq, dk, dv, None, None
 
 
-_attention_op.register_autograd(_grad, setup_context=_setup_context)
+_attention = _common.TrainingOp(_attention_op, _attention_impl, _setup_context, _grad)
 
 
 def supports(q, k, v, causal=False, scale=None) -> str | None:
@@ -429,4 +440,4 @@ def attention(
         raise ValueError(f"q's head_dim is {q.shape[-1]}; the triton training attention "
                          f"takes <= {_MAX_HEAD_DIM}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _attention_op(q, k, v, bool(causal), scale)[0]
+    return _attention(q, k, v, bool(causal), scale)[0]

@@ -163,8 +163,7 @@ def _forward(hidden, weight, labels, bias, ignore_index, chunk_size, want_h, wan
     return loss, gh, gw, gb
 
 
-@torch.library.custom_op("ryzen_opt::train_linear_cross_entropy", mutates_args=())
-def _lce_op(
+def _lce_impl(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
@@ -177,6 +176,11 @@ def _lce_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(hidden, weight, labels, bias, ignore_index, chunk_size, want_h, want_w,
                     want_b)
+
+
+_lce_op = torch.library.custom_op(
+    "ryzen_opt::train_linear_cross_entropy", mutates_args=()
+)(_lce_impl)
 
 
 @_lce_op.register_fake
@@ -210,7 +214,7 @@ def _backward(ctx, dloss, *_):
     )
 
 
-_lce_op.register_autograd(_backward, setup_context=_setup_context)
+_lce = _common.TrainingOp(_lce_op, _lce_impl, _setup_context, _backward)
 
 
 def supports(hidden, weight, labels, bias=None, *, ignore_index=-100, chunk_size=None):
@@ -272,7 +276,7 @@ def linear_cross_entropy(
     n = labels.numel()
     chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(n, vocab)
     grad = torch.is_grad_enabled()
-    loss, _, _, _ = _lce_op(
+    loss, _, _, _ = _lce(
         hidden, weight, labels, bias, int(ignore_index), chunk,
         grad and hidden.requires_grad, grad and weight.requires_grad,
         grad and bias is not None and bias.requires_grad,

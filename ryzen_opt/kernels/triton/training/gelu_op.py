@@ -80,9 +80,11 @@ def _launch(x, approximate, dy=None):
     return out
 
 
-@torch.library.custom_op("ryzen_opt::train_gelu", mutates_args=())
-def _gelu_op(x: torch.Tensor, approximate: str) -> torch.Tensor:
+def _gelu_impl(x: torch.Tensor, approximate: str) -> torch.Tensor:
     return _launch(x, approximate)
+
+
+_gelu_op = torch.library.custom_op("ryzen_opt::train_gelu", mutates_args=())(_gelu_impl)
 
 
 @_gelu_op.register_fake
@@ -90,9 +92,13 @@ def _(x, approximate):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("ryzen_opt::train_gelu_backward", mutates_args=())
-def _gelu_backward_op(dy: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.Tensor:
+def _gelu_backward_impl(dy: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.Tensor:
     return _launch(x, approximate, dy)
+
+
+_gelu_backward_op = torch.library.custom_op(
+    "ryzen_opt::train_gelu_backward", mutates_args=()
+)(_gelu_backward_impl)
 
 
 @_gelu_backward_op.register_fake
@@ -108,10 +114,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     (x,) = ctx.saved_tensors
-    return _gelu_backward_op(dy, x, ctx.approximate), None
+    return _common.call(ctx, _gelu_backward_op, _gelu_backward_impl, dy, x, ctx.approximate), None
 
 
-_gelu_op.register_autograd(_backward, setup_context=_setup_context)
+_gelu = _common.TrainingOp(_gelu_op, _gelu_impl, _setup_context, _backward)
 
 
 def supports(x, approximate="none") -> str | None:
@@ -137,4 +143,4 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     reference.check_gelu_args(x, approximate)
     _common.check_device("x", x)
     _common.check_dtype("x", x)
-    return _gelu_op(x, approximate)
+    return _gelu(x, approximate)

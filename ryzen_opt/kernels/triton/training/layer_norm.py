@@ -12,11 +12,10 @@ from __future__ import annotations
 import torch
 
 from ryzen_opt.kernels import reference
-from ryzen_opt.kernels.triton.training import _norm, _norm_ops
+from ryzen_opt.kernels.triton.training import _common, _norm, _norm_ops
 
 
-@torch.library.custom_op("ryzen_opt::train_layer_norm", mutates_args=())
-def _layer_norm_op(
+def _layer_norm_impl(
     x: torch.Tensor,
     residual: torch.Tensor | None,
     weight: torch.Tensor | None,
@@ -24,6 +23,11 @@ def _layer_norm_op(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _norm.forward(x, residual, weight, bias, eps, rms=False)
+
+
+_layer_norm_op = torch.library.custom_op(
+    "ryzen_opt::train_layer_norm", mutates_args=()
+)(_layer_norm_impl)
 
 
 @_layer_norm_op.register_fake
@@ -54,7 +58,7 @@ def _backward(ctx, dy, dh_out, _dmean, _drstd):
     return dx, dres, dw, db, None
 
 
-_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
+_layer_norm = _common.TrainingOp(_layer_norm_op, _layer_norm_impl, _setup_context, _backward)
 
 
 def supports(x, residual, weight, bias, eps=1e-5) -> str | None:
@@ -87,5 +91,5 @@ def layer_norm_residual(
     """
     reference.check_norm_residual_args(x, residual, weight, bias, eps)
     _norm.check("layer_norm_residual", x, residual, weight, bias)
-    y, h, _, _ = _layer_norm_op(x, residual, weight, bias, float(eps))
+    y, h, _, _ = _layer_norm(x, residual, weight, bias, float(eps))
     return y, (h if residual is not None else x)

@@ -11,15 +11,17 @@ from __future__ import annotations
 import torch
 
 from ryzen_opt.kernels import reference
-from ryzen_opt.kernels.triton.training import _norm, _norm_ops
+from ryzen_opt.kernels.triton.training import _common, _norm, _norm_ops
 
 
-@torch.library.custom_op("ryzen_opt::train_rms_norm", mutates_args=())
-def _rms_norm_op(
+def _rms_norm_impl(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y, h, _, rstd = _norm.forward(x, residual, weight, None, eps, rms=True)
     return y, h, rstd
+
+
+_rms_norm_op = torch.library.custom_op("ryzen_opt::train_rms_norm", mutates_args=())(_rms_norm_impl)
 
 
 @_rms_norm_op.register_fake
@@ -47,7 +49,7 @@ def _backward(ctx, dy, dh_out, _drstd):
     return dx, dres, dw, None
 
 
-_rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+_rms_norm = _common.TrainingOp(_rms_norm_op, _rms_norm_impl, _setup_context, _backward)
 
 
 def supports(x, residual, weight, eps=1e-6) -> str | None:
@@ -79,5 +81,5 @@ def rms_norm_residual(
     """
     reference.check_norm_residual_args(x, residual, weight, None, eps)
     _norm.check("rms_norm_residual", x, residual, weight, None)
-    y, h, _ = _rms_norm_op(x, residual, weight, float(eps))
+    y, h, _ = _rms_norm(x, residual, weight, float(eps))
     return y, (h if residual is not None else x)

@@ -91,11 +91,13 @@ def _rotate(x, cos, sin, backward):
     return out
 
 
-@torch.library.custom_op("ryzen_opt::train_rotary", mutates_args=())
-def _rotary_op(
+def _rotary_impl(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _rotate(q, cos, sin, False), _rotate(k, cos, sin, False)
+
+
+_rotary_op = torch.library.custom_op("ryzen_opt::train_rotary", mutates_args=())(_rotary_impl)
 
 
 @_rotary_op.register_fake
@@ -103,11 +105,15 @@ def _(q, k, cos, sin):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
-@torch.library.custom_op("ryzen_opt::train_rotary_backward", mutates_args=())
-def _rotary_backward_op(
+def _rotary_backward_impl(
     dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _rotate(dq, cos, sin, True), _rotate(dk, cos, sin, True)
+
+
+_rotary_backward_op = torch.library.custom_op(
+    "ryzen_opt::train_rotary_backward", mutates_args=()
+)(_rotary_backward_impl)
 
 
 @_rotary_backward_op.register_fake
@@ -128,11 +134,11 @@ def _backward(ctx, dq, dk):
         dq = torch.zeros(q_shape, device=cos.device, dtype=dtype)
     if dk is None:
         dk = torch.zeros(k_shape, device=cos.device, dtype=dtype)
-    dq_in, dk_in = _rotary_backward_op(dq, dk, cos, sin)
+    dq_in, dk_in = _common.call(ctx, _rotary_backward_op, _rotary_backward_impl, dq, dk, cos, sin)
     return dq_in, dk_in, None, None
 
 
-_rotary_op.register_autograd(_backward, setup_context=_setup_context)
+_rotary = _common.TrainingOp(_rotary_op, _rotary_impl, _setup_context, _backward)
 
 
 def supports(q, k, cos, sin) -> str | None:
@@ -169,4 +175,4 @@ def rotary(
         raise ValueError(f"q's head_dim is {q.shape[-1]}; the triton rotary supports <= 512")
     if _common.wants_grad(cos, sin):
         raise ValueError("cos and sin must not require grad: the triton rotary gives them none")
-    return _rotary_op(q, k, cos, sin)
+    return _rotary(q, k, cos, sin)

@@ -70,9 +70,11 @@ def _launch(gate, up, dy=None):
     return out, du
 
 
-@torch.library.custom_op("ryzen_opt::train_swiglu", mutates_args=())
-def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _swiglu_impl(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _launch(gate, up)[0]
+
+
+_swiglu_op = torch.library.custom_op("ryzen_opt::train_swiglu", mutates_args=())(_swiglu_impl)
 
 
 @_swiglu_op.register_fake
@@ -80,11 +82,15 @@ def _(gate, up):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("ryzen_opt::train_swiglu_backward", mutates_args=())
-def _swiglu_backward_op(
+def _swiglu_backward_impl(
     dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(gate, up, dy)
+
+
+_swiglu_backward_op = torch.library.custom_op(
+    "ryzen_opt::train_swiglu_backward", mutates_args=()
+)(_swiglu_backward_impl)
 
 
 @_swiglu_backward_op.register_fake
@@ -98,10 +104,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     gate, up = ctx.saved_tensors
-    return _swiglu_backward_op(dy, gate, up)
+    return _common.call(ctx, _swiglu_backward_op, _swiglu_backward_impl, dy, gate, up)
 
 
-_swiglu_op.register_autograd(_backward, setup_context=_setup_context)
+_swiglu = _common.TrainingOp(_swiglu_op, _swiglu_impl, _setup_context, _backward)
 
 
 def supports(gate, up) -> str | None:
@@ -126,4 +132,4 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _common.check_device("gate", gate)
     _common.check_device("up", up)
     _common.check_dtype("gate", gate)
-    return _swiglu_op(gate, up)
+    return _swiglu(gate, up)
