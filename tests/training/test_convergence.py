@@ -130,18 +130,17 @@ class _StandIn:
         return F.rms_norm(h.float(), h.shape[-1:], weight.float(), eps).to(h.dtype), h
 
 
-@pytest.fixture
-def stand_in_gpu_ops(monkeypatch):
-    monkeypatch.setattr(candidates, "gpu_ops", lambda: (_StandIn, None))
+def _on_the_cpu(monkeypatch):
+    """Allow the CUDA candidates on the CPU for one test."""
     for name in GPU_CANDIDATES:
         c = candidates.CANDIDATES[name]
         monkeypatch.setitem(candidates.CANDIDATES, name, dataclasses.replace(c, devices=("cpu",)))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_gpu_candidate_wiring_converges_like_the_original(family, stand_in_gpu_ops):
-    names = GPU_CANDIDATES
-    cfg = TrainingConfig(candidates=names, force=names)
+def _converge_with_every_gpu_candidate(family):
+    """Force every CUDA candidate; the step converges like the original's with each fused part
+    installed where the family has it."""
+    cfg = TrainingConfig(candidates=GPU_CANDIDATES, force=GPU_CANDIDATES)
     fast = _converge(family, torch.float32, cfg)
     chosen = {s.kind: s.chosen.get("train step") for s in fast.optimization_report.sites}
     mlp = "triton_swiglu" if family in ("llama", "qwen2") else "triton_gelu"
@@ -150,27 +149,21 @@ def test_gpu_candidate_wiring_converges_like_the_original(family, stand_in_gpu_o
     assert chosen["norm + residual"] == norm
 
 
-@pytest.fixture
-def real_gpu_ops_on_the_cpu(monkeypatch):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gpu_candidate_wiring_converges_like_the_original(family, monkeypatch):
+    monkeypatch.setattr(candidates, "gpu_ops", lambda: (_StandIn, None))
+    _on_the_cpu(monkeypatch)
+    _converge_with_every_gpu_candidate(family)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_triton_kernels_converge_like_the_original(family, monkeypatch):
     # The Triton kernels themselves, under the interpreter (TRITON_INTERPRET=1, set for the
-    # test run by tests/conftest.py): the candidates are allowed on the CPU for this test.
+    # test run by tests/conftest.py).
     pytest.importorskip("triton")
     from ryzen_opt.kernels.triton import _common as triton_common
 
     if not triton_common.INTERPRET:
         pytest.skip("needs TRITON_INTERPRET=1 (the Triton kernels on CPU tensors)")
-    for name in GPU_CANDIDATES:
-        c = candidates.CANDIDATES[name]
-        monkeypatch.setitem(candidates.CANDIDATES, name, dataclasses.replace(c, devices=("cpu",)))
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_the_triton_kernels_converge_like_the_original(family, real_gpu_ops_on_the_cpu):
-    names = GPU_CANDIDATES
-    cfg = TrainingConfig(candidates=names, force=names)
-    fast = _converge(family, torch.float32, cfg)
-    chosen = {s.kind: s.chosen.get("train step") for s in fast.optimization_report.sites}
-    mlp = "triton_swiglu" if family in ("llama", "qwen2") else "triton_gelu"
-    assert chosen["loss head"] == "triton_lce" and chosen["mlp activation"] == mlp
-    norm = "triton_norm_residual" if family == "seed" else "triton_norm"
-    assert chosen["norm + residual"] == norm
+    _on_the_cpu(monkeypatch)
+    _converge_with_every_gpu_candidate(family)
