@@ -12,6 +12,7 @@ from ryzen_opt.kernels import BackendError, reference  # noqa: E402
 from ryzen_opt.kernels import decode_attention as public_decode  # noqa: E402
 from ryzen_opt.kernels.numba import decode_attention as nd  # noqa: E402
 from tests.assertions import TOL, assert_close_rel  # noqa: E402
+from tests.kernels.numba_drivers import force_driver  # noqa: E402
 
 # Reordered sums over up to 5000 keys: measured <= 1.2e-6 (DESIGN's fp32 bound is 1e-4).
 TOL_DEC = TOL["fp32_exact"]
@@ -123,19 +124,7 @@ def test_decode_unsupported_dtype_raises_backend_error():
 @pytest.fixture(params=["serial", "threaded"])
 def driver(request, monkeypatch):
     """Run the call on the serial driver or on the thread pool, whatever its size."""
-    import numba
-
-    if request.param == "threaded":
-        if numba.config.NUMBA_NUM_THREADS < 2:
-            pytest.skip("numba has one thread here: the threaded driver cannot run")
-        monkeypatch.setattr(nd, "PARALLEL_BYTES", 0)
-        prev = torch.get_num_threads()
-        torch.set_num_threads(2)
-        yield request.param
-        torch.set_num_threads(prev)
-        return
-    monkeypatch.setattr(nd, "PARALLEL_BYTES", 1 << 62)
-    yield request.param
+    yield from force_driver(request.param, monkeypatch, nd, "PARALLEL_BYTES")
 
 
 # 1, primes, odd lengths, D off the 8- and 64-wide vector blocks (tails of the dot and axpy

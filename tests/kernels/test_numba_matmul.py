@@ -12,6 +12,7 @@ from ryzen_opt.kernels import matmul as public_matmul  # noqa: E402
 from ryzen_opt.kernels.numba import matmul as nm  # noqa: E402
 from ryzen_opt.kernels.numba._common import ROWS_NR  # noqa: E402
 from tests.assertions import TOL, assert_close_rel  # noqa: E402
+from tests.kernels.numba_drivers import force_driver  # noqa: E402
 
 # The kernel reassociates sums (8-wide partial dot products), so DESIGN allows fp32 1e-4; the
 # measured error is <= 2e-7 on every shape here, so the stricter 1e-5 is used to catch bugs.
@@ -196,19 +197,7 @@ def test_micro_kernels_compile_to_packed_fma():
 @pytest.fixture(params=["serial", "threaded"])
 def rows_driver(request, monkeypatch):
     """The decode-size (row-tile) path on the calling thread or on the pool."""
-    import numba
-
-    if request.param == "threaded":
-        if numba.config.NUMBA_NUM_THREADS < 2:
-            pytest.skip("numba has one thread here: the threaded driver cannot run")
-        monkeypatch.setattr(nm, "ROWS_SERIAL_FMAS", 0)
-        prev = torch.get_num_threads()
-        torch.set_num_threads(2)
-        yield request.param
-        torch.set_num_threads(prev)
-        return
-    monkeypatch.setattr(nm, "ROWS_SERIAL_FMAS", 1 << 62)
-    yield request.param
+    yield from force_driver(request.param, monkeypatch, nm, "ROWS_SERIAL_FMAS")
 
 
 # Rows 1..23 (the row-tile path), primes, columns off the ROWS_NR-wide panel (the ragged
