@@ -333,6 +333,17 @@ def _rows_range(af, lda, bf, ldb, cf, m, n, k, blk0, blk1, bias, has_bias, res, 
         _epilogue(c2, 0, m, j0, j1, bias, has_bias, res, has_res, act)
 
 
+@njit(**JIT)
+def _epilogue_operands(c_addr, bias_addr, res_addr, m, n):
+    """``(bias, has_bias, res, has_res)`` views at the addresses (0: absent). Absent operands
+    are never read; their views (over ``c``) only give the calls one type."""
+    has_bias = bias_addr != 0
+    has_res = res_addr != 0
+    bias = numba.carray(_f32_ptr(bias_addr if has_bias else c_addr), (n if has_bias else 1,))
+    res = numba.carray(_f32_ptr(res_addr if has_res else c_addr), (m if has_res else 1, n))
+    return bias, has_bias, res, has_res
+
+
 @njit(parallel=True, **JIT)
 def _rows_matmul(
     a_addr, lda, b_addr, ldb, c_addr, m, n, k, bias_addr, res_addr, act, threads, serial
@@ -346,11 +357,7 @@ def _rows_matmul(
     af = numba.carray(_f32_ptr(a_addr), ((m - 1) * lda + k,))
     bf = numba.carray(_f32_ptr(b_addr), ((k - 1) * ldb + n,))
     cf = numba.carray(_f32_ptr(c_addr), (m * n,))
-    has_bias = bias_addr != 0
-    has_res = res_addr != 0
-    # Absent operands are never read; the views only give the calls one type.
-    bias = numba.carray(_f32_ptr(bias_addr if has_bias else c_addr), (n if has_bias else 1,))
-    res = numba.carray(_f32_ptr(res_addr if has_res else c_addr), (m if has_res else 1, n))
+    bias, has_bias, res, has_res = _epilogue_operands(c_addr, bias_addr, res_addr, m, n)
     blocks = (n + ROWS_NR - 1) // ROWS_NR
     if threads > 1 and m * n * k >= serial and blocks > 1:
         workers = min(threads, blocks)
@@ -395,10 +402,7 @@ def _wrows_matmul(
     af = numba.carray(_f32_ptr(a_addr), ((m - 1) * lda + k,))
     wf = numba.carray(_f32_ptr(w_addr), ((n - 1) * ldw + k,))
     cf = numba.carray(_f32_ptr(c_addr), (m * n,))
-    has_bias = bias_addr != 0
-    has_res = res_addr != 0
-    bias = numba.carray(_f32_ptr(bias_addr if has_bias else c_addr), (n if has_bias else 1,))
-    res = numba.carray(_f32_ptr(res_addr if has_res else c_addr), (m if has_res else 1, n))
+    bias, has_bias, res, has_res = _epilogue_operands(c_addr, bias_addr, res_addr, m, n)
     blocks = (n + 7) // 8
     if threads > 1 and m * n * k >= serial and blocks > 1:
         workers = min(threads, blocks)
