@@ -80,6 +80,26 @@ def test_sampling_draws_the_same_stream(family, path):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("model_top_k", [None, 7])
+def test_sampling_with_unset_settings_uses_the_defaults_generate_uses(model_top_k):
+    # transformers 5 stores unset settings as None and fills them inside generate() (the
+    # model's generation config first, then top_k=50 and the rest); 4.x stores the defaults.
+    model = _fast(tiny("llama"))
+    if model_top_k is not None:
+        model.generation_config.top_k = model_top_k
+    cfg, reason = model.generate._settings(None, {"do_sample": True, "max_new_tokens": 4})
+    assert reason is None
+    assert cfg.top_k == (model_top_k or 50) and cfg.max_new_tokens == 4
+    ids, mask = left_padded(2, 5, [0, 2])
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=True, pad_token_id=0)
+    torch.manual_seed(3)
+    ref = _original(model)(ids, **kw)
+    torch.manual_seed(3)
+    out = model.generate(ids, **kw)
+    assert model.generate.last_route == "torch_static_decode"
+    assert torch.equal(out, ref)
+
+
 def test_unimplemented_settings_go_to_the_original():
     model = _fast(tiny("llama"))
     ids, mask = left_padded(1, 5, [0])

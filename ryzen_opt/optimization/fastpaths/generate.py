@@ -154,13 +154,28 @@ class FastGenerate:
         """The resolved GenerationConfig and ``None``, or ``(None, reason to fall back)``."""
         from transformers import GenerationConfig
 
-        base = generation_config if generation_config is not None else self.model.generation_config
-        cfg = copy.deepcopy(base)
+        defaults = GenerationConfig()
+        library = getattr(GenerationConfig, "_get_default_generation_params", None)
+        if library is None:  # transformers 4: the config given, or the model's, holds defaults
+            base = generation_config if generation_config is not None else self.model.generation_config
+            cfg = copy.deepcopy(base)
+        else:
+            # transformers 5 leaves unset settings None and fills them in generate(): first
+            # from the model's config, then the library's defaults (top_k=50, max_length=20,
+            # ...); resolve them the same way, or sampling would drop HF's default top-k.
+            given = generation_config if generation_config is not None else GenerationConfig()
+            cfg = copy.deepcopy(given)
+            cfg.update(
+                **self.model.generation_config.to_dict(),
+                defaults_only=True,
+                allow_custom_entries=True,
+            )
+            cfg.update(**library(), defaults_only=True)
+            defaults.update(**library(), defaults_only=True)
         unused = cfg.update(**kwargs)
         if unused:
             return None, f"model keyword arguments {sorted(unused)}"
         diff = cfg.to_diff_dict() if hasattr(cfg, "to_diff_dict") else {}
-        defaults = GenerationConfig()
         other = sorted(k for k in diff if k not in HANDLED and not _neutral(k, diff[k], defaults))
         if other:
             return None, f"generation settings {other}"
