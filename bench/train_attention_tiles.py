@@ -6,8 +6,9 @@ For head dims 64 and 128 (bf16, causal, ``q`` of ``(1, 2048 / d, 1024, d)``, 4 K
 the same random inputs and output gradients: the relative error against float64 autograd of
 ``out``, ``dq``, ``dk``, ``dv`` for SDPA (its flash/cuDNN kernels) and for the Triton op with
 every backward tile ``(BLOCK_M, BLOCK_N, warps, stages)`` listed in ``TILES``, and the Triton
-backward's time (CUDA events, mean of 10). ``attention_op._blocks`` is patched per row: this
-is how its tiles were chosen (``bench/results/h200/train_attention_bwd_tiles.txt``).
+backward's GPU kernel time (profiler, mean of 10 after 3 untimed). ``attention_op._blocks``
+is patched per row: this is how its tiles were chosen
+(``bench/results/h200/train_attention_bwd_tiles.txt``).
 Prints one line a row.
 """
 
@@ -44,6 +45,24 @@ def _errors(fn, q, k, v, g, ref) -> list[float]:
     return [_rel(o, ref[0])] + [_rel(t.grad, r) for t, r in zip((q, k, v), ref[1:], strict=True)]
 
 
+def _backward_kernel_us(o, inputs, g, n: int = 10) -> float:
+    """GPU kernel time of one backward, microseconds: the profiler's kernel durations over
+    ``n`` backward calls after three untimed ones. Kernel time, not wall time: launched
+    eagerly, the host's per-launch cost can exceed these kernels' (``train_op_host_profile``),
+    and wall-clock rows then measured the host's jitter, not the tile."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        torch.autograd.grad(o, inputs, g, retain_graph=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            torch.autograd.grad(o, inputs, g, retain_graph=True)
+        torch.cuda.synchronize()
+    total = sum(e.self_device_time_total for e in prof.key_averages())
+    return total / n
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.train_attention_tiles", description=__doc__)
     ap.add_argument("--seeds", type=int, default=1, help="input draws per head dim")
@@ -78,14 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                             t if backward else chosen(dd, backward)
                         )
                     e = _errors(triton_attn, q, k, v, g, ref)
-                    o = triton_attn(q, k, v)
-                    start, end = torch.cuda.Event(True), torch.cuda.Event(True)
-                    start.record()
-                    for _ in range(10):
-                        torch.autograd.grad(o, [q, k, v], g, retain_graph=True)
-                    end.record()
-                    torch.cuda.synchronize()
-                    us = start.elapsed_time(end) / 10 * 1000
+                    us = _backward_kernel_us(triton_attn(q, k, v), (q, k, v), g)
                     name = "chosen" if tile is None else str(tile)
                     print(f"d={d} seed={seed} triton {name}: out {e[0]:.4f} dq {e[1]:.4f} "
                           f"dk {e[2]:.4f} dv {e[3]:.4f} bwd {us:.0f} us", flush=True)  # fmt: skip

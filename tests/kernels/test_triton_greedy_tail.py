@@ -104,3 +104,39 @@ def test_bad_input_names_the_argument():
         greedy_tail(**{**st, "logits": st["logits"].double()})
     with pytest.raises(ValueError, match="eos"):
         greedy_tail(**{**st, "eos": torch.zeros(65, dtype=torch.int64, device=DEVICE)})
+
+
+def test_signed_zeros_and_infinities_rank_as_torch_argmax():
+    st = _state(4, 130)
+    st["logits"][0].fill_(-5.0)
+    st["logits"][0, [100, 20]] = torch.tensor([-0.0, 0.0])  # equal: the first (20) wins
+    st["logits"][0, 10] = -0.0
+    st["logits"][1].fill_(float("-inf"))
+    st["logits"][1, 129] = -3.0
+    st["logits"][2, 70] = float("inf")
+    st["logits"][3].fill_(-2.0)
+    st["logits"][3, 90] = -1.5  # the largest of negatives: their order reverses in the key
+    out = _both(st)
+    assert out["ids"].tolist() == [10, 129, 70, 90]
+
+
+def test_the_scratch_is_left_as_found_and_serves_the_next_call():
+    from ryzen_opt.kernels.triton.greedy_tail import KEY_EMPTY, tail_scratch
+
+    scratch = tail_scratch(3, DEVICE)
+    for seed in range(3):  # one scratch for every call, as a captured loop keeps it
+        st = _state(3, 300, seed=seed)  # several blocks a row
+        a = {k: v.clone() for k, v in st.items()}
+        greedy_tail(**a, scratch=scratch)
+        assert torch.equal(a["ids"], st["logits"].argmax(-1)), seed
+        assert (scratch[0] == KEY_EMPTY).all() and (scratch[1] == 0).all()
+
+
+def test_a_wrong_scratch_is_refused():
+    from ryzen_opt.kernels.triton.greedy_tail import tail_scratch
+
+    st = _state(2, 10)
+    with pytest.raises(ValueError, match="scratch"):
+        greedy_tail(**st, scratch=tail_scratch(3, DEVICE))
+    with pytest.raises(ValueError, match="scratch"):
+        greedy_tail(**st, scratch=tail_scratch(2, DEVICE).int())

@@ -262,8 +262,10 @@ class TritonGraphStepper(GraphStepper):
     ) -> None:
         super().__init__(layout, batch, max_len, shared)
         from ryzen_opt.kernels.triton.decoder_step import DecoderWorkspace
+        from ryzen_opt.kernels.triton.greedy_tail import tail_scratch
 
         self.ws = DecoderWorkspace(layout, batch)
+        self._tail_scratch = tail_scratch(batch, layout.device)
 
     def _raw_step(self) -> torch.Tensor:
         from ryzen_opt.kernels.triton.decoder_step import decoder_step
@@ -274,7 +276,7 @@ class TritonGraphStepper(GraphStepper):
         """The token's bookkeeping in one Triton launch (about ten PyTorch kernels else)."""
         from ryzen_opt.kernels.triton.greedy_tail import greedy_tail
 
-        greedy_tail(logits, *self._tail_state())
+        greedy_tail(logits, *self._tail_state(), scratch=self._tail_scratch)
 
 
 class NumbaStepper(Stepper):

@@ -157,8 +157,8 @@ class FastGenerate:
         defaults = GenerationConfig()
         library = getattr(GenerationConfig, "_get_default_generation_params", None)
         if library is None:  # transformers 4: the config given, or the model's, holds defaults
-            base = generation_config if generation_config is not None else self.model.generation_config
-            cfg = copy.deepcopy(base)
+            given = self.model.generation_config if generation_config is None else generation_config
+            cfg = copy.deepcopy(given)
         else:
             # transformers 5 leaves unset settings None and fills them in generate(): first
             # from the model's config, then the library's defaults (top_k=50, max_length=20,
