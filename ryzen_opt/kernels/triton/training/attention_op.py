@@ -41,15 +41,17 @@ def _blocks(d: int, backward: bool = False) -> tuple[int, int, int, int]:
     backward's long side, so that its two tile shapes differ there as on the GPU): small test
     shapes cross several tiles. On the GPU the forward takes the inference kernel's tiles.
     The backward's were measured on an H200 (Triton 3.6, bf16, causal, 1024 tokens, 4 KV
-    heads; ``bench/results/h200/train_attention_bwd_tiles.txt``): at head dim 64 a 64 x 64
-    tile (414 us) beats the 32 x 64 one (551 us); at head dim 128 the 32 x 64 tile with two
-    stages computed dK 1.6e-2 away from float64 (dQ, dV and SDPA's own dK 2.5e-3 to 3e-3;
-    16 x 64 0.8e-2), which no ordering of the same bf16 products explains, so it is not used:
-    32 x 32 with two stages is the fastest tile whose dK matched (538 us)."""
+    heads; ``python -m bench.train_attention_tiles``, GPU kernel time from the profiler:
+    ``bench/results/h200/train_attention_tiles.txt``): 64 x 64 with two stages is the fastest
+    at head dims 64 (173 us; 32 x 32 246 us) and 128 (142 us; 32 x 32 191 us). At head dim
+    128 the 32 x 64 two-stage tile computed dK 1.6e-2 away from float64 (dQ, dV and SDPA's
+    own dK 2.4e-3 to 3e-3; 16 x 64 0.8e-2), which no ordering of the same bf16 products
+    explains: it is not used (``bench/results/h200/train_attention_bwd_tiles.txt``, whose
+    wall-clock times measured the host's launch jitter, not the tiles)."""
     if _tcommon.INTERPRET:
         return (16, 32, 4, 1) if backward else (16, 16, 4, 1)
     if backward:
-        return (64, 64, 4, 2) if d <= 64 else (32, 32, 4, 2)
+        return (64, 64, 4, 2)
     return (128, 64, 8, 3) if d <= 64 else (64, 64, 4, 2)
 
 
