@@ -303,3 +303,74 @@ def test_the_norm_candidate_finds_every_norm_and_refuses_other_kinds():
     assert "triton_norm_residual" in candidates.CANDIDATES["triton_norm"].why_not(
         build("seed"), candidates.STM
     )
+
+
+def _exact_loss(h, w, labels, bias=None, *, ignore_index=-100, chunk_size=None):
+    return F.cross_entropy(F.linear(h, w, bias), labels, ignore_index=ignore_index)
+
+
+def _fake_norm(monkeypatch, name):
+    """Register a CPU norm candidate ``name`` that swaps nothing (exact, installs a marker)."""
+
+    def install(model, fam, config):
+        model.marked = getattr(model, "marked", ()) + (name,)
+
+        def undo():
+            model.marked = tuple(m for m in model.marked if m != name)
+
+        return undo
+
+    monkeypatch.setitem(
+        candidates.CANDIDATES,
+        name,
+        candidates.Candidate(name, "norm + residual", ("cpu",), lambda m, f: None, install),
+    )
+
+
+def _fake_timings(monkeypatch, speedups):
+    """``Engine.time`` records the given (median, ci low, ci high) per candidate name."""
+    from ryzen_opt.optimization.engine import Engine
+
+    def fake(self, res, op, name, baseline_id, shape, baseline, call):
+        med, lo, hi = speedups[name]
+        hit = {"speedup": med, "ci": [lo, hi], "baseline_s": 1.0, "candidate_s": 1.0 / med}
+        if not res.record_timing(hit, self.config.min_speedup):
+            res.detail = res.slower_detail(self.config.min_speedup)
+
+    monkeypatch.setattr(Engine, "time", fake)
+
+
+@pytest.mark.parametrize("joint", [(1.08, 1.06, 1.10), (1.04, 1.02, 1.06)])
+def test_near_misses_of_several_parts_are_timed_together(monkeypatch, joint):
+    _fake(monkeypatch, "head_a", _exact_loss)
+    _fake_norm(monkeypatch, "norm_b")
+    # each alone faster beyond the noise but under min_speedup (1.05x)
+    _fake_timings(
+        monkeypatch,
+        {"head_a": (1.03, 1.01, 1.05), "norm_b": (1.02, 1.01, 1.03), "head_a+norm_b": joint},
+    )
+    cfg = TrainingConfig(candidates=("head_a", "norm_b"), model_check=False, **QUICK)
+    fast = optimize_training(build("seed"), batches("seed", 1)[0], config=cfg)
+    rep = fast.optimization_report
+    res = {c.backend: c for s in rep.sites for r in s.cases for c in r.candidates}
+    assert res["head_a"].status == res["norm_b"].status == "slower"
+    together = res["head_a+norm_b"]
+    assert together.speedup == joint[0] and together.rel_error is not None
+    kept = joint[1] > 1.0 and joint[0] >= cfg.min_speedup
+    assert together.status == ("faster" if kept else "slower")
+    assert rep.changed == kept
+    assert isinstance(fast.head, FusedLMHead) == kept
+    assert getattr(fast, "marked", ()) == (("norm_b",) if kept else ())
+    md = rep.to_markdown()
+    assert "head_a+norm_b" in md and "together" in md
+
+
+def test_a_single_near_miss_is_not_retimed(monkeypatch):
+    _fake(monkeypatch, "head_a", _exact_loss)
+    _fake_norm(monkeypatch, "norm_b")
+    _fake_timings(monkeypatch, {"head_a": (1.03, 1.01, 1.05), "norm_b": (0.99, 0.97, 1.01)})
+    cfg = TrainingConfig(candidates=("head_a", "norm_b"), model_check=False, **QUICK)
+    fast = optimize_training(build("seed"), batches("seed", 1)[0], config=cfg)
+    rep = fast.optimization_report
+    assert not rep.changed
+    assert all(s.kind != "together" for s in rep.sites)
