@@ -34,6 +34,10 @@ class TrainingConfig:
         chunk_size: rows per chunk of the fused linear + cross-entropy (``None``: sized by
             the vocabulary).
         ignore_index: the label of positions without a loss.
+        check_rows: rows of the example batch the gradient checks run on (the timing
+            always takes the whole batch). ``None``: every row in float32; in 16-bit dtypes
+            a quarter of them (at least one), as the check there also runs a float32 copy
+            of the model whose activations take twice the step's memory.
 
     Example:
         >>> from ryzen_opt.training import TrainingConfig
@@ -59,6 +63,7 @@ class TrainingConfig:
     cache_dir: str | Path | None = None
     chunk_size: int | None = None
     ignore_index: int = -100
+    check_rows: int | None = None
 
     def __post_init__(self) -> None:
         from ryzen_opt.training.candidates import CANDIDATES
@@ -80,6 +85,9 @@ class TrainingConfig:
         c = self.chunk_size
         if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
             raise ValueError(f"chunk_size must be None or an int >= 1, got {c!r}")
+        r = self.check_rows
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+            raise ValueError(f"check_rows must be None or an int >= 1, got {r!r}")
         # the shared fields are validated (and their errors worded) by OptimizeConfig
         self.optimize_config()
 

@@ -95,6 +95,7 @@ class _References:
     """
 
     def __init__(self, reference: nn.Module, fam, batch: dict, ignore_index: int, tol) -> None:
+        self.batch = batch  # what every check runs (the timings take the whole batch)
         self.loss = _step(reference, fam, batch, ignore_index, seeded=True)
         self.grads = _grads(reference)
         dtype = next(reference.parameters()).dtype
@@ -237,13 +238,31 @@ def optimize_training(
     return work
 
 
+def _check_batch(batch: dict, config: TrainingConfig, dtype: torch.dtype) -> dict:
+    """The first rows of ``batch`` that the gradient checks run on
+    (:attr:`TrainingConfig.check_rows`)."""
+    rows = batch["input_ids"].shape[0]
+    n = config.check_rows
+    if n is None:
+        n = rows if dtype.itemsize >= 4 else -(-rows // 4)
+    n = min(n, rows)
+    return {k: v[:n] for k, v in batch.items()}
+
+
 def _select(work, fam, batch, config: TrainingConfig, engine: Engine, report) -> None:
     ii = config.ignore_index
     shape = "x".join(map(str, batch["input_ids"].shape))
     reference = weight_sharing_copy(work)
+    check = _check_batch(batch, config, engine.dtype)
     refs = _References(
-        reference, fam, batch, ii, lambda dt: engine.config.tolerance_for(dt, engine.device)
+        reference, fam, check, ii, lambda dt: engine.config.tolerance_for(dt, engine.device)
     )
+    if check["input_ids"].shape[0] < batch["input_ids"].shape[0]:
+        report.notes.append(
+            f"gradients checked on the first {check['input_ids'].shape[0]} of the example "
+            f"batch's {batch['input_ids'].shape[0]} rows (TrainingConfig.check_rows); every "
+            "timing takes the whole batch"
+        )
     reference.zero_grad(set_to_none=True)
     if refs.exact_loss is not None:
         name, worst = max(refs.limits.items(), key=lambda kv: kv[1])
@@ -345,7 +364,7 @@ def _measure(c, res, work, fam, batch, config, engine, refs, base_id) -> None:
     try:
         for x in cands:
             x.install(trial, fam, config)
-        loss = _step(trial, fam, batch, ii, seeded=True)
+        loss = _step(trial, fam, refs.batch, ii, seeded=True)
         grads = _grads(trial)
     except Exception as e:
         res.status, res.detail = "failed", f"{type(e).__name__}: {str(e)[:300]}"
@@ -376,7 +395,7 @@ def _check_whole(work, reference, refs, fam, batch, config, engine, report, shap
     """The optimized step against the references (:class:`_References`), and its speed."""
     ii = config.ignore_index
     cfg = engine.config
-    loss = _step(work, fam, batch, ii, seeded=True)
+    loss = _step(work, fam, refs.batch, ii, seeded=True)
     # each error against what it may reach; the check reports the worst share of it
     tol_of = lambda dt: cfg.tolerance_for(dt, engine.device)  # noqa: E731
     tol = tol_of(engine.dtype)

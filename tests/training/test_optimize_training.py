@@ -374,3 +374,32 @@ def test_a_single_near_miss_is_not_retimed(monkeypatch):
     rep = fast.optimization_report
     assert not rep.changed
     assert all(s.kind != "together" for s in rep.sites)
+
+
+@pytest.mark.parametrize(
+    "dtype, check_rows, expect", [("bfloat16", None, 1), ("float32", None, 4), ("bfloat16", 3, 3)]
+)
+def test_gradient_checks_run_on_the_rows_check_rows_names(monkeypatch, dtype, check_rows, expect):
+    from ryzen_opt.training import optimize as opt_mod
+
+    seen = []
+    real = opt_mod._step
+
+    def spy(model, fam, batch, ii, seeded):
+        if seeded:  # every check step is seeded; timing steps are not
+            seen.append(batch["input_ids"].shape[0])
+        return real(model, fam, batch, ii, seeded)
+
+    monkeypatch.setattr(opt_mod, "_step", spy)
+    _fake(monkeypatch, "exact_head", _exact_loss)
+    cfg = TrainingConfig(candidates=("exact_head",), check_rows=check_rows, **QUICK)
+    fast = optimize_training(build("llama"), batches("llama", 1)[0], dtype=dtype, config=cfg)
+    assert seen and set(seen) == {expect}
+    noted = any("gradients checked on the first" in n for n in fast.optimization_report.notes)
+    assert noted == (expect < 4)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_check_rows_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match="check_rows"):
+        TrainingConfig(check_rows=bad)
