@@ -54,19 +54,28 @@ def _logits(model, batch):
 
 
 def _converge(family, dtype, cfg, check_fused=True):
-    base = build(family, dtype)
-    fast = optimize_training(base, batches(family, 1, seed=99)[0], config=cfg)
+    return _converge_model(
+        build(family, dtype),
+        batches(family, 1, seed=99)[0],
+        batches(family, 2) * (STEPS // 2),  # seen again, so the loss must fall
+        batches(family, 1, seed=7)[0],
+        dtype,
+        cfg,
+        check_fused,
+    )
+
+
+def _converge_model(base, example, data, probe, dtype, cfg, check_fused=True):
+    fast = optimize_training(base, example, config=cfg)
     assert fast.optimization_report.changed, fast.optimization_report.to_markdown()
     fam, _ = find(fast)
     if check_fused:
         assert isinstance(fam.head(fast), FusedLMHead)
-    data = batches(family, 2) * (STEPS // 2)  # seen again, so the loss must fall
     fast_losses = _train(fast, data, LR[dtype])
     base_losses = _train(base, data, LR[dtype])
     la, lr, pa, pr = TOL[dtype]
     torch.testing.assert_close(fast_losses, base_losses, atol=la, rtol=lr)
     assert base_losses[-1] < base_losses[0]  # it trained
-    probe = batches(family, 1, seed=7)[0]
     torch.testing.assert_close(_logits(fast, probe), _logits(base, probe), atol=pa, rtol=pr)
     bp, fp = dict(base.named_parameters()), dict(fast.named_parameters())
     assert bp.keys() == fp.keys()
@@ -102,7 +111,11 @@ def test_chunked_lce_with_small_chunks_converges(family):
 
 
 GPU_CANDIDATES = (
-    "triton_lce", "triton_gelu", "triton_swiglu", "triton_norm_residual", "triton_norm"
+    "triton_lce",
+    "triton_gelu",
+    "triton_swiglu",
+    "triton_norm_residual",
+    "triton_norm",
 )
 
 
@@ -167,3 +180,47 @@ def test_the_triton_kernels_converge_like_the_original(family, monkeypatch):
         pytest.skip("needs TRITON_INTERPRET=1 (the Triton kernels on CPU tensors)")
     _on_the_cpu(monkeypatch)
     _converge_with_every_gpu_candidate(family)
+
+
+# ---------------------------------------------------------------- real sizes, on the GPU
+
+REAL = {  # a Llama at 1/2 the width and 1/2 the depth of the 1.2B benchmark model, GPT-2 small
+    "llama": dict(
+        hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+        num_key_value_heads=4, max_position_embeddings=1024, vocab_size=32000,
+    ),
+    "gpt2": dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=32000),
+}  # fmt: skip
+
+
+def _real_batches(n, seed, rows=2, seq=1024, vocab=32000):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (rows, seq), generator=g).cuda()
+        out.append({"input_ids": ids, "labels": ids.clone(), "attention_mask": ids.ne(-1).long()})
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_triton_kernels_converge_at_real_size_on_the_gpu(family, dtype):
+    # The CPU tests' checks at transformer sizes (sequence 1024, vocabulary 32000), with every
+    # Triton candidate forced: each step's loss, then logits and parameters after 12 steps.
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from tests.optimizer.hf_models import tiny
+
+    base = tiny(family, dtype, **REAL[family]).cuda()
+    cfg = TrainingConfig(candidates=GPU_CANDIDATES, force=GPU_CANDIDATES)
+    data = _real_batches(2, seed=0) * (STEPS // 2)
+    probe = _real_batches(1, seed=7)[0]
+    fast = _converge_model(base, _real_batches(1, 99)[0], data, probe, dtype, cfg)
+    chosen = {s.kind: s.chosen.get("train step") for s in fast.optimization_report.sites}
+    mlp = "triton_swiglu" if family == "llama" else "triton_gelu"
+    assert chosen == {
+        "loss head": "triton_lce",
+        "mlp activation": mlp,
+        "norm + residual": "triton_norm",
+    }
