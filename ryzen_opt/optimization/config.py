@@ -97,8 +97,11 @@ class OptimizeConfig:
             (CUDA), and the opt-in ``numba_decoder[int8]`` / ``numba_decoder[bf16]`` (weights
             in int8 or bfloat16: not numerically equal, so they are tried only when named
             here; their error is reported).
-        decode_tokens: greedy tokens generated per timed ``generate`` call when choosing a
-            Hugging Face decoder's decode path.
+        decode_tokens: greedy tokens each decode path is checked over (step by step against
+            the original) when choosing a Hugging Face decoder's decode path.
+        decode_timed_tokens: greedy tokens of each timed ``generate`` call of that choice
+            (``None``: ``decode_tokens`` on a CPU, 4x as many on a GPU, so the decode loop
+            and not the prefill dominates what is compared).
         lossy_tolerance: relative logit error allowed for an opt-in lossy decode path
             (``numba_decoder[int8]``, ``numba_decoder[bf16]``), which cannot meet the dtype
             tolerance by design.
@@ -149,6 +152,12 @@ class OptimizeConfig:
     # decode costs 10+ ms a token on a GPU, 90 ms for a 0.5B model on 2 CPU cores); short
     # enough that the original's batch-16 turn stays near a second or two on 2 cores.
     decode_tokens: int = 8
+    # The generate call timed when choosing a decode path: None times decode_tokens on a CPU
+    # and 4x as many on a GPU, where a fused token costs about a millisecond and 8 tokens
+    # leave the prefill (once a call) deciding between two decode loops: GPT-2 at batch 16
+    # on an H200 measured its Triton and CUDA-graph loops at 2.98x and 3.04x eager over 8
+    # tokens, and the one chosen then decoded 128 tokens at half the other's rate.
+    decode_timed_tokens: int | None = None
     # The bound on an opt-in lossy path's relative logit error (weight-only int8 measured
     # 0.9-1.2% on small Llama/Qwen2/GPT-2 configs): numerically different by design, so it
     # is held to this instead of the dtype tolerance, and its error is in the report.
@@ -224,6 +233,9 @@ class OptimizeConfig:
         n = self.decode_tokens
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ValueError(f"decode_tokens must be an int >= 2, got {n!r}")
+        t = self.decode_timed_tokens
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 2):
+            raise ValueError(f"decode_timed_tokens must be None or an int >= 2, got {t!r}")
         b = self.time_budget_s
         if b is not None and (
             isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < math.inf

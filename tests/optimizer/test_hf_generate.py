@@ -409,3 +409,50 @@ def test_narrow_weights_follow_in_place_edits_of_the_model(weights):
     assert model.generate.steppers[1].dec is not dec  # converted again from the new values
     fresh = _fast(copy.deepcopy(model), f"numba_decoder[{weights}]")
     assert torch.equal(out, fresh.generate(ids, **kw))
+
+
+def test_the_timed_generate_makes_decode_timed_tokens(monkeypatch):
+    from ryzen_opt import OptimizeConfig, optimize
+    from ryzen_opt.optimization.fastpaths import hf_select
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert hf_select.timed_tokens(OptimizeConfig(), cpu) == 8
+    assert hf_select.timed_tokens(OptimizeConfig(), cuda) == 32  # a GPU token is ~1 ms
+    assert hf_select.timed_tokens(OptimizeConfig(decode_timed_tokens=12), cuda) == 12
+    timed, checked = [], []
+    real_time, real_verify = hf_select._time, hf_select._verify
+
+    def spy_time(model, layout, name, b, kw, gk, *rest):
+        timed.append(gk["max_new_tokens"])
+        return real_time(model, layout, name, b, kw, gk, *rest)
+
+    def spy_verify(model, layout, name, b, kw, n, *rest):
+        checked.append(n)
+        return real_verify(model, layout, name, b, kw, n, *rest)
+
+    monkeypatch.setattr(hf_select, "_time", spy_time)
+    monkeypatch.setattr(hf_select, "_verify", spy_verify)
+    cfg = OptimizeConfig(
+        use_cache=False,
+        repeat=3,
+        warmup=1,
+        decode_batches=(1,),
+        fast_paths=("torch_static_decode",),
+        decode_tokens=4,
+        decode_timed_tokens=12,
+    )
+    ids, mask = left_padded(1, 8, [0])
+    fast = optimize(
+        tiny("llama"), example_inputs={"input_ids": ids, "attention_mask": mask}, config=cfg
+    )
+    site = next(s for s in fast.optimization_report.sites if s.kind == "generate")
+    assert timed == [12] and checked == [4]
+    assert "4 greedy tokens after the prompt checked, 12 timed" in site.detail
+
+
+@pytest.mark.parametrize("bad", [1, 0, 2.5, True, "8"])
+def test_decode_timed_tokens_must_be_an_int_of_two_or_more(bad):
+    from ryzen_opt import OptimizeConfig
+
+    with pytest.raises(ValueError, match="decode_timed_tokens"):
+        OptimizeConfig(decode_timed_tokens=bad)

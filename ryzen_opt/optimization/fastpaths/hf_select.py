@@ -80,8 +80,8 @@ def prompts(
 ) -> list[tuple[int, dict]]:
     """``(batch, generate kwargs)`` per batch size to measure; without an example, a random
     prompt of ``min(prompt_len, MAX_PROMPT)`` tokens (``prompt_len``: the synthetic
-    prefill's length, sized to the model), short enough for ``decode_tokens`` more to fit
-    in the model's context, and free of the pad token.
+    prefill's length, sized to the model), short enough for the checked and timed tokens
+    (:func:`timed_tokens`) to fit in the model's context, and free of the pad token.
 
     ``generate`` reads a pad token in a prompt given without an attention mask as padding
     (it infers the mask); the paths' checks prefill with an explicit mask, so a random
@@ -100,7 +100,8 @@ def prompts(
                 mask = (ids != pad).long()
         batches = sorted({ids.shape[0], *config.decode_batches})
     else:
-        room = layout.max_positions - int(getattr(config, "decode_tokens", 16))
+        tokens = max(int(getattr(config, "decode_tokens", 16)), timed_tokens(config, dev))
+        room = layout.max_positions - tokens
         p = max(1, min(prompt_len, MAX_PROMPT, room))
         g = torch.Generator().manual_seed(0)
         if pad is None or layout.vocab < 2:
@@ -277,13 +278,24 @@ def timing_cost_s(config, ref_s: float, path_s: float) -> float:
     return (2 + timing_repeat(config)) * (ref_s + path_s)
 
 
-def path_cost_s(config, ref_s: float, cached: bool) -> float:
+def path_cost_s(config, ref_s: float, cached: bool, scale: float = 1.0) -> float:
     """The expected seconds of one path at one batch size, from ``ref_s`` (the original's
-    own ``generate`` of the same tokens), counting the path as slow as the original: its
+    own ``generate`` of the checked tokens), counting the path as slow as the original: its
     check (a teacher-forced pass and its own ``generate``), and unless ``cached``, the
-    comparison (:func:`timing_cost_s`)."""
+    comparison (:func:`timing_cost_s`) of calls ``scale`` times as long (timed tokens over
+    checked tokens)."""
     check = 2 * ref_s
-    return check if cached else check + timing_cost_s(config, ref_s, ref_s)
+    return check if cached else check + timing_cost_s(config, ref_s * scale, ref_s * scale)
+
+
+def timed_tokens(config, device: torch.device) -> int:
+    """Greedy tokens of each timed ``generate`` call (``OptimizeConfig.decode_timed_tokens``:
+    ``None`` is ``decode_tokens`` on a CPU and 4x that on a GPU)."""
+    n = max(2, int(getattr(config, "decode_tokens", 16)))
+    t = getattr(config, "decode_timed_tokens", None)
+    if t is not None:
+        return int(t)
+    return 4 * n if device.type == "cuda" else n
 
 
 @dataclass
@@ -298,6 +310,7 @@ class _Batch:
     ref_logits: list
     exact: torch.Tensor | None
     warm: bool = False  # ref_s is from a second (warm) call
+    timed: dict | None = None  # the timed generate's keywords (None: the checked call's)
 
 
 def select(
@@ -324,10 +337,12 @@ def select(
     ``progress(what)``: called as each (path, batch size) step starts (:func:`steps`)."""
     dev = layout.device
     n = max(2, int(getattr(config, "decode_tokens", 16)))
+    nt = timed_tokens(config, dev)
     srep = SiteReport(
         "(whole model)",
         "generate",
-        f"{layout.family}-family decode loop: {n} greedy tokens after the prompt",
+        f"{layout.family}-family decode loop: {n} greedy tokens after the prompt checked"
+        + (f", {nt} timed" if nt != n else ", and timed"),
     )
     names = path_names(config, dev)
     tol = config.tolerance_for(layout.dtype, dev)
@@ -354,8 +369,10 @@ def select(
             )
             break
         p = kw["input_ids"].shape[1]
-        if p + n > layout.max_positions:
-            srep.note = _join(srep.note, f"batch {b}: prompt + {n} tokens exceed the context")
+        if p + max(n, nt) > layout.max_positions:
+            srep.note = _join(
+                srep.note, f"batch {b}: prompt + {max(n, nt)} tokens exceed the context"
+            )
             continue
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -367,7 +384,8 @@ def select(
         if layout.dtype != torch.float32:
             exact = exact_logits(model, layout, kw, n, ref_tokens)
         crep = CaseResult(f"decode b{b}", f"{b}x{p}+{n}")
-        batches.append(_Batch(b, kw, crep, ref_s, ref_tokens, list(ref.logits), exact))
+        timed = _greedy_kwargs(model, nt) if nt != n else None
+        batches.append(_Batch(b, kw, crep, ref_s, ref_tokens, list(ref.logits), exact, timed=timed))
         del ref
     for name in names:
         for m in batches:
@@ -390,7 +408,7 @@ def select(
                         name,
                         m.b,
                         m.kw["input_ids"].shape[1],
-                        n,
+                        n if nt == n else f"{n}/{nt}",
                         config,
                         dev_desc,
                         vers,
@@ -431,7 +449,9 @@ def _measure(
         res.detail = reason
         return res
     cached = cache.get(key) is not None
-    if not m.warm and path_cost_s(config, m.ref_s, cached) > left() > m.ref_s:
+    gt = m.timed if m.timed is not None else gk  # the timed call's keywords
+    scale = gt["max_new_tokens"] / n
+    if not m.warm and path_cost_s(config, m.ref_s, cached, scale) > left() > m.ref_s:
         # The first call (with logits) can be several times a warm one: time a warm call
         # before turning a path away for the budget.
         t0 = time.perf_counter()
@@ -439,7 +459,7 @@ def _measure(
             orig(**m.kw, **gk)
         _sync(layout.device)
         m.ref_s, m.warm = min(m.ref_s, time.perf_counter() - t0), True
-    if _over(res, path_cost_s(config, m.ref_s, cached), left()):
+    if _over(res, path_cost_s(config, m.ref_s, cached, scale), left()):
         return res
     before = set(shared)
     try:
@@ -466,10 +486,11 @@ def _measure(
                 f" within lossy_tolerance={config.lossy_tolerance:g}; " + res.detail
             )
         # The check ran the path's own generate once: the timing's cost is now known better.
-        if ok and not cached and _over(res, timing_cost_s(config, m.ref_s, verify_s / 2), left()):
+        cost = timing_cost_s(config, m.ref_s * scale, verify_s / 2 * scale)
+        if ok and not cached and _over(res, cost, left()):
             ok = False
         if ok:
-            _time(model, layout, name, m.b, m.kw, gk, orig, res, config, cache, key, shared)
+            _time(model, layout, name, m.b, m.kw, gt, orig, res, config, cache, key, shared)
     except Exception as e:  # a path that raises is reported, never shipped
         res.status, res.detail = "failed", f"{type(e).__name__}: {e}"
     finally:
