@@ -291,12 +291,14 @@ _AVX2_SCRIPT = """
 import torch
 from ryzen_opt.kernels import reference
 from ryzen_opt.kernels.numba import _common
+from ryzen_opt.kernels.numba.attention import attention
 from ryzen_opt.kernels.numba.decode_attention import decode_attention
 from ryzen_opt.kernels.numba.matmul import matmul
 
-assert _common.VW == 8, _common.VW
+assert _common.VW == 8 and _common.GEMM_NR == 16, (_common.VW, _common.GEMM_NR)
 torch.manual_seed(0)
-for m in (1, 2, 3, 7):
+for m in (1, 2, 3, 7, 30):  # 30 rows: the packed GEMM tile
+
     a, b = torch.randn(m, 50), torch.randn(50, 2 * _common.ROWS_NR + 5)
     ref = a.double() @ b.double()
     err = float((matmul(a, b).double() - ref).norm() / ref.norm())
@@ -306,14 +308,18 @@ cl = torch.tensor([33, 5])
 ref = reference.decode_attention(q.double(), k.double(), v.double(), cl)
 err = float((decode_attention(q, k, v, cl).double() - ref).norm() / ref.norm())
 assert err <= 1e-5, ("decode", err)
+q, k, v = torch.randn(1, 2, 37, 24), torch.randn(1, 2, 41, 24), torch.randn(1, 2, 41, 24)
+ref = reference.attention(q.double(), k.double(), v.double(), causal=True)
+err = float((attention(q, k, v, causal=True).double() - ref).norm() / ref.norm())
+assert err <= 1e-5, ("attention", err)
 print("ok")
 """
 
 
 def test_avx2_tiling_matches_reference_in_a_haswell_target_process():
     # The kernels pick 8 or 16 lanes from numba's target. Compiling for haswell (AVX2 + FMA,
-    # which every AVX-512 host also runs) checks the 8-lane row tiles and decode intrinsics
-    # on any x86 machine. ~14 s the first time (compilation), ~2 s from numba's cache.
+    # which every AVX-512 host also runs) checks the 8-lane row tiles, decode intrinsics and
+    # the 16-wide packed GEMM tile (matmul, attention) on any x86 machine. ~14 s the first time (compilation), ~2 s from numba's cache.
     import os
     import platform
     import subprocess

@@ -226,26 +226,56 @@ def _dot1x4(a0, b0, b1, b2, b3, n):
     return s0, s1, s2, s3
 
 
-# Register tile of the packed GEMM micro-kernel: 6 rows x 16 columns = 12 ymm accumulators +
-# 2 B vectors + 1 broadcast = 15 of 16 registers; 101 GFLOP/s on one core at KC=256, against
-# 58 for the 3x3 dot kernel (which needs no packing and stays in use for skinny M).
+def _host_vector_width() -> int:
+    """float32 lanes of the widest vector the compile target has: 16 with AVX-512F, else 8.
+
+    Read from numba's target (``NUMBA_CPU_FEATURES`` when set, else the host), never assumed:
+    the same source runs on AVX2-only and AVX-512 machines. Either width gives the same
+    results; only the register tiling depends on it.
+    """
+    import llvmlite.binding as ll
+
+    feats = numba.config.CPU_FEATURES
+    if feats:
+        return 16 if "+avx512f" in feats.split(",") else 8
+    if numba.config.CPU_NAME:  # a named target without a feature list: stay portable
+        return 8
+    return 16 if ll.get_host_cpu_features().get("avx512f", False) else 8
+
+
+VW = _host_vector_width()
+
+
+# Register tiles: MR = 6 rows x 2 vectors of columns. With AVX2 (8 lanes) 6 x 16 = 12 ymm
+# accumulators + 2 B vectors + 1 broadcast = 15 of 16 registers: 101 GFLOP/s on one core at
+# KC=256, against 58 for the 3x3 dot kernel (which needs no packing and stays in use for
+# skinny M). The packed GEMM tile (_fma_tile: matmul, attention) is GEMM_NR = 2 vectors wide
+# at the target's width: with AVX-512 the 6 x 32 tile in zmm registers (15 of 32) ran 189
+# GFLOP/s on one core of a 2-core Xeon against 130 for the 6 x 16 ymm tile (a one-off loop
+# of 256-step tiles; 8 x 32: 213, but no faster in whole matmuls). The rows tile
+# (_fma_rows_tile: decode steps, LoRA) stays NR = 16 wide: its columns are token rows, 1-16
+# at decode, and a 32-wide tile would compute zero rows (the LoRA expansion of 16 rows at
+# 2048 x 2048 ran 28.7 against 38.5 GFLOP/s at 32 wide).
 MR = 6
 NR = 16
+GEMM_NR = 2 * VW
 
 
-def _emit_fma_tile(builder, a_ptr, a_index, b_ptr, c_ptr, n) -> None:
-    """IR of the MR x NR register tile: c[i*NR + j] = sum_k a[a_index(k, i)] * b[k*NR + j].
+def _emit_fma_tile(builder, a_ptr, a_index, b_ptr, c_ptr, n, nr: int, vw: int) -> None:
+    """IR of the MR x nr register tile: c[i*nr + j] = sum_k a[a_index(k, i)] * b[k*nr + j],
+    in ``vw``-lane vectors.
 
     ``a_index(builder, k, i)`` gives the (i64) element index of A's row i at step k, so the
     same loop serves a packed k-major panel and rows read in place with a stride.
     """
+    NR, VW = nr, vw  # noqa: N806 (the tile's width and vector lanes, as in the IR below)
     f32, i64 = ir.FloatType(), ir.IntType(64)
-    vec = ir.VectorType(f32, 8)
+    vec = ir.VectorType(f32, VW)
     fma = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v8f32"
+        builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{VW}f32"
     )
     zero = ir.Constant(vec, None)
-    lanes0 = ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)
+    lanes0 = ir.Constant(ir.VectorType(ir.IntType(32), VW), [0] * VW)
     entry = builder.block
     loop = builder.append_basic_block("tile_loop")
     done = builder.append_basic_block("tile_done")
@@ -254,14 +284,14 @@ def _emit_fma_tile(builder, a_ptr, a_index, b_ptr, c_ptr, n) -> None:
     k = builder.phi(i64)
     k.add_incoming(ir.Constant(i64, 0), entry)
     accs = []
-    for _ in range(MR * NR // 8):
+    for _ in range(MR * NR // VW):
         p = builder.phi(vec)
         p.add_incoming(zero, entry)
         accs.append(p)
     b_off = builder.mul(k, ir.Constant(i64, NR))
     bv = []
-    for h in range(NR // 8):
-        ptr = builder.gep(b_ptr, [builder.add(b_off, ir.Constant(i64, 8 * h))])
+    for h in range(NR // VW):
+        ptr = builder.gep(b_ptr, [builder.add(b_off, ir.Constant(i64, VW * h))])
         bv.append(builder.load(builder.bitcast(ptr, vec.as_pointer()), align=4))
     new = []
     for i in range(MR):
@@ -270,8 +300,8 @@ def _emit_fma_tile(builder, a_ptr, a_index, b_ptr, c_ptr, n) -> None:
             ir.Constant(vec, ir.Undefined), a, ir.Constant(ir.IntType(32), 0)
         )
         splat = builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), lanes0)
-        for h in range(NR // 8):
-            new.append(builder.call(fma, [splat, bv[h], accs[i * (NR // 8) + h]]))
+        for h in range(NR // VW):
+            new.append(builder.call(fma, [splat, bv[h], accs[i * (NR // VW) + h]]))
     k1 = builder.add(k, ir.Constant(i64, 1))
     tail = builder.block
     k.add_incoming(k1, tail)
@@ -280,13 +310,13 @@ def _emit_fma_tile(builder, a_ptr, a_index, b_ptr, c_ptr, n) -> None:
     builder.cbranch(builder.icmp_signed("<", k1, n), loop, done)
     builder.position_at_end(done)
     outs = []
-    for j in range(MR * NR // 8):
+    for j in range(MR * NR // VW):
         r = builder.phi(vec)
         r.add_incoming(zero, entry)
         r.add_incoming(new[j], tail)
         outs.append(r)
     for j, r in enumerate(outs):
-        ptr = builder.gep(c_ptr, [ir.Constant(i64, 8 * j)])
+        ptr = builder.gep(c_ptr, [ir.Constant(i64, VW * j)])
         builder.store(r, builder.bitcast(ptr, vec.as_pointer()), align=4)
 
 
@@ -300,13 +330,14 @@ def _f32_arrays(*ts) -> bool:
 
 @intrinsic
 def _fma_tile(typingctx, ap, bp, kc, acc):
-    """acc[:MR*NR] = sum over k < kc of outer(ap[k*MR:(k+1)*MR], bp[k*NR:(k+1)*NR]).
+    """acc[:MR*GEMM_NR] = sum over k < kc of outer(ap[k*MR:(k+1)*MR], bp[k*GEMM_NR:(k+1)*GEMM_NR]).
 
     Written as LLVM IR because numba cannot express it: the loop vectorizer never keeps an
     accumulator tile in registers and the SLP vectorizer is off, so the same loop in Python
-    compiles to scalar FMAs (2.5 GFLOP/s). Here the 12 accumulators are <8 x float> phi nodes
-    and every update is one llvm.fma.v8f32. ``ap``/``bp`` are packed panels (k-major),
-    ``acc`` a contiguous float32 buffer of MR*NR.
+    compiles to scalar FMAs (2.5 GFLOP/s). Here the 12 accumulators are vector phi nodes of
+    the target's width (``VW`` lanes: <8 x float> with AVX2, <16 x float> with AVX-512) and
+    every update is one ``llvm.fma``. ``ap``/``bp`` are packed panels (k-major), ``acc`` a
+    contiguous float32 buffer of MR*GEMM_NR.
     """
     if not (isinstance(kc, types.Integer) and _f32_arrays(ap, bp, acc)):
         return None
@@ -320,7 +351,8 @@ def _fma_tile(typingctx, ap, bp, kc, acc):
         def a_index(b, k, i):
             return b.add(b.mul(k, ir.Constant(i64, MR)), ir.Constant(i64, i))
 
-        _emit_fma_tile(builder, a_ptr, a_index, b_ptr, c_ptr, _as_i64(builder, args[2]))
+        n = _as_i64(builder, args[2])
+        _emit_fma_tile(builder, a_ptr, a_index, b_ptr, c_ptr, n, GEMM_NR, VW)
         return context.get_dummy_value()
 
     return types.void(ap, bp, kc, acc), codegen
@@ -356,7 +388,8 @@ def _fma_rows_tile(typingctx, a, a0, lda, bp, kc, acc):
         def a_index(b, k, i):
             return b.add(rows[i], k)
 
-        _emit_fma_tile(builder, a_ptr, a_index, b_ptr, c_ptr, _as_i64(builder, args[4]))
+        n = _as_i64(builder, args[4])
+        _emit_fma_tile(builder, a_ptr, a_index, b_ptr, c_ptr, n, NR, 8)  # ymm: 16 wide
         return context.get_dummy_value()
 
     return types.void(a, a0, lda, bp, kc, acc), codegen
@@ -387,26 +420,6 @@ _i32_ptr = _pointer_intrinsic(types.int32, ir.IntType(32), "int32 pointer at an 
 
 def _f32_data(context, builder, arr_type, arr):
     return context.make_array(arr_type)(context, builder, arr).data
-
-
-def _host_vector_width() -> int:
-    """float32 lanes of the widest vector the compile target has: 16 with AVX-512F, else 8.
-
-    Read from numba's target (``NUMBA_CPU_FEATURES`` when set, else the host), never assumed:
-    the same source runs on AVX2-only and AVX-512 machines. Either width gives the same
-    results; only the register tiling depends on it.
-    """
-    import llvmlite.binding as ll
-
-    feats = numba.config.CPU_FEATURES
-    if feats:
-        return 16 if "+avx512f" in feats.split(",") else 8
-    if numba.config.CPU_NAME:  # a named target without a feature list: stay portable
-        return 8
-    return 16 if ll.get_host_cpu_features().get("avx512f", False) else 8
-
-
-VW = _host_vector_width()
 
 
 def _load_v8(builder, base, index, vw=8):

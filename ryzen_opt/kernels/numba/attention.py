@@ -1,12 +1,13 @@
 """Numba CPU attention: one pass over the keys with an online softmax (FlashAttention order).
 
-A parallel pre-pass packs K (as NR=16-column panels of K^T) and V (NR-column panels) once
-per call. Each task then owns ``BQ`` query rows of one (batch, head), packs them (scaled) into
-MR=6-row panels, and walks the visible keys in ``BK`` blocks: scores ``S = Q K^T`` and
-``O += P V`` both run on the ``_common._fma_tile`` register-tile micro-kernel, with the
-mask and the running max/sum rescale in between. Only a ``BQ x BK`` score tile exists per
-task, so memory stays O(BQ*BK) per thread at any length (plus the packed K/V copy). Causal
-blocks past the diagonal are skipped, not masked: half the FLOPs.
+A parallel pre-pass packs K (as GEMM_NR-column panels of K^T: 16 with AVX2, 32 with AVX-512)
+and V (GEMM_NR-column panels) once per call. Each task then owns ``BQ`` query rows of one
+(batch, head), packs them (scaled) into MR=6-row panels, and walks the visible keys in ``BK``
+blocks: scores ``S = Q K^T`` and ``O += P V`` both run on the ``_common._fma_tile``
+register-tile micro-kernel, with the mask and the running max/sum rescale in between. Only
+a ``BQ x BK`` score tile exists per task, so memory stays O(BQ*BK) per thread at any length
+(plus the packed K/V copy). Causal blocks past the diagonal are skipped, not masked: half the
+FLOPs.
 
 One core, (1, 1, 2048, 64) non-causal: 48 ms with 3x3 dot tiles for both products, 31 ms
 with the register tile for both, 32 ms with K/V packed once instead of per query block
@@ -23,9 +24,9 @@ from numba import njit, prange
 
 from ryzen_opt.kernels import reference, registry
 from ryzen_opt.kernels.numba._common import (
+    GEMM_NR,
     JIT,
     MR,
-    NR,
     _exp,
     _fma_tile,
     as_array,
@@ -38,7 +39,7 @@ from ryzen_opt.kernels.numba._common import (
 # BQ=48: 8 MR panels per task; (16, 4, 128, 64) gives 192 tasks, 2 threads balanced;
 # BQ=96/120 measured within noise at (1, 1, 2048, 64).
 BQ = 48
-# BK=384 (a multiple of NR): one core at (1, 1, 2048, 64) with the earlier dot-tile kernels,
+# BK=384 (a multiple of GEMM_NR): one core at (1, 1, 2048, 64) with the earlier dot-tile kernels,
 # 55 ms vs 66 ms at BK=192 and 56 ms at 512; the 72 KiB score tile sits in L2.
 BK = 384
 _NEG_INF = np.float32(-np.inf)
@@ -97,8 +98,9 @@ def _pack_rows(x, r0, nr, scale, out):
 
 @njit(**JIT)
 def _pack_kv_job(k, v, kp, vp, t):
-    """Job t packs keys [c*NR, c*NR + NR) of one (batch, kv head): kp[.., c, dd, j] = K^T,
-    vp[.., e, key, j] = V in NR-column panels; zero past the last key and past head_dim."""
+    """Job t packs keys [c*GEMM_NR, (c+1)*GEMM_NR) of one (batch, kv head): kp[.., c, dd, j]
+    = K^T, vp[.., e, key, j] = V in GEMM_NR-column panels; zero past the last key and past
+    head_dim."""
     hkv, lk, d = k.shape[1], k.shape[2], k.shape[3]
     n_c = kp.shape[2]
     b = t // (hkv * n_c)
@@ -106,21 +108,21 @@ def _pack_kv_job(k, v, kp, vp, t):
     c = t % n_c
     kpc = kp[b, h, c]
     vph = vp[b, h]
-    for j in range(NR):
-        key = c * NR + j
+    for j in range(GEMM_NR):
+        key = c * GEMM_NR + j
         if key < lk:
             kr = k[b, h, key]
             vr = v[b, h, key]
             for dd in range(d):
                 kpc[dd, j] = kr[dd]
             for e in range(vph.shape[0]):
-                for u in range(NR):
-                    vph[e, key, u] = vr[e * NR + u] if e * NR + u < d else 0.0
+                for u in range(GEMM_NR):
+                    vph[e, key, u] = vr[e * GEMM_NR + u] if e * GEMM_NR + u < d else 0.0
         else:
             for dd in range(d):
                 kpc[dd, j] = 0.0
             for e in range(vph.shape[0]):
-                for u in range(NR):
+                for u in range(GEMM_NR):
                     vph[e, key, u] = 0.0
 
 
@@ -129,13 +131,13 @@ def _tile_scores(qp, kp, s, nq, nk, d, acc):
     """s[:nq, :nk] = Q K^T from packed panels with the register-tile micro-kernel."""
     for p in range((nq + MR - 1) // MR):
         ni = min(MR, nq - p * MR)
-        for c in range((nk + NR - 1) // NR):
+        for c in range((nk + GEMM_NR - 1) // GEMM_NR):
             _fma_tile(qp[p], kp[c], d, acc)
-            nj = min(NR, nk - c * NR)
+            nj = min(GEMM_NR, nk - c * GEMM_NR)
             for i in range(ni):
-                row = s[p * MR + i, c * NR : c * NR + nj]
+                row = s[p * MR + i, c * GEMM_NR : c * GEMM_NR + nj]
                 for j in range(nj):
-                    row[j] = acc[i * NR + j]
+                    row[j] = acc[i * GEMM_NR + j]
 
 
 @njit(**JIT)
@@ -155,11 +157,11 @@ def _tile_pv(s, pp, vp, o, nq, nk, d, acc):
         ni = min(MR, nq - p * MR)
         for e in range(vp.shape[0]):
             _fma_tile(pp[p], vp[e], nk, acc)
-            nj = min(NR, d - e * NR)
+            nj = min(GEMM_NR, d - e * GEMM_NR)
             for i in range(ni):
-                row = o[p * MR + i, e * NR : e * NR + nj]
+                row = o[p * MR + i, e * GEMM_NR : e * GEMM_NR + nj]
                 for j in range(nj):
-                    row[j] += acc[i * NR + j]
+                    row[j] += acc[i * GEMM_NR + j]
 
 
 @njit(**JIT)
@@ -182,7 +184,7 @@ def _attention_task(q, kp, vp, lk, out, mask, has_mask, causal, scale, bq, bk, t
     s = np.empty((bq, bk), dtype=np.float32)
     qp = np.empty((npq, d, MR), dtype=np.float32)
     pp = np.empty((npq, bk, MR), dtype=np.float32)
-    acc = np.empty(MR * NR, dtype=np.float32)
+    acc = np.empty(MR * GEMM_NR, dtype=np.float32)
     o = np.zeros((bq, d), dtype=np.float32)
     m = np.full(bq, _NEG_INF, dtype=np.float32)
     lsum = np.zeros(bq, dtype=np.float32)
@@ -191,7 +193,7 @@ def _attention_task(q, kp, vp, lk, out, mask, has_mask, causal, scale, bq, bk, t
     _pack_rows(qm, i0, nq, scale, qp[: (nq + MR - 1) // MR])
     for j0 in range(0, max(kend, 0), bk):
         nk = min(bk, kend - j0)
-        _tile_scores(qp, kp[b, kv, j0 // NR :], s, nq, nk, d, acc)
+        _tile_scores(qp, kp[b, kv, j0 // GEMM_NR :], s, nq, nk, d, acc)
         _softmax_update(s, o, m, lsum, nq, nk, d, mk, has_mask, i0, j0, causal, off)
         _tile_pv(s, pp[: (nq + MR - 1) // MR], vp[b, kv, :, j0:], o, nq, nk, d, acc)
     for r in range(nq):
@@ -284,9 +286,9 @@ def attention(
     # Serial below ~2**18 FMAs: an OpenMP wake-up costs more than the work (see matmul).
     small = b * hq * lq * lk * d < (1 << 18)
     run = _attention_serial if threads == 1 or small else _attention_parallel
-    n_c = -(-lk // NR)
-    kp = scratch("attention_k", (b, k.shape[1], n_c, d, NR))
-    vp = scratch("attention_v", (b, k.shape[1], -(-d // NR), n_c * NR, NR))
+    n_c = -(-lk // GEMM_NR)
+    kp = scratch("attention_k", (b, k.shape[1], n_c, d, GEMM_NR))
+    vp = scratch("attention_v", (b, k.shape[1], -(-d // GEMM_NR), n_c * GEMM_NR, GEMM_NR))
     run(
         as_array(q.contiguous()),
         as_array(k.contiguous()),

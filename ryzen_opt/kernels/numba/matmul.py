@@ -1,14 +1,15 @@
-"""Numba CPU matmul: packed panels, an MR x NR register-tile micro-kernel, fused epilogue.
+"""Numba CPU matmul: packed panels, an MR x GEMM_NR register-tile micro-kernel, fused epilogue.
 
 Two paths, both over ``a`` row-major ``(M, K)`` and ``b^T`` row-major ``(N, K)`` (for an
 ``nn.Linear`` weight ``W`` passed as ``b = W.t()``, ``b^T`` is ``W`` itself: no copy; any
 other ``b`` is transposed once, K*N copies against M*N*K FMAs):
 
 * M >= 24 (prefill, training): both operands are packed once per call into k-major panels
-  (MR=6 rows of a, NR=16 columns of b), then each parallel task owns a 96 x 128 output block
-  and walks K in KC=256 slabs calling ``_common._fma_tile`` (LLVM-IR micro-kernel, 12 ymm
-  accumulators; 95 GFLOP/s per core on packed data, 78 for the whole serial kernel at
-  2048 x 256 x 2048, against 47 for the 3x3 dot-product path below).
+  (MR=6 rows of a, GEMM_NR=16 columns of b with AVX2, 32 with AVX-512), then each parallel
+  task owns a 96 x 128 output block and walks K in KC=256 slabs calling
+  ``_common._fma_tile`` (LLVM-IR micro-kernel, 12 vector accumulators; with AVX2 95 GFLOP/s
+  per core on packed data, 78 for the whole serial kernel at 2048 x 256 x 2048, against 47
+  for the 3x3 dot-product path below).
 * M < 24 (decoding, GEMV-like, bound by streaming ``b``): no packing, 3x3 (or 1x4 for M < 3)
   blocks of dot products over contiguous K runs, column blocks spread over the threads.
 
@@ -34,9 +35,9 @@ from numba import njit, prange
 from ryzen_opt.kernels import reference, registry
 from ryzen_opt.kernels.numba._common import (
     ACT_CODES,
+    GEMM_NR,
     JIT,
     MR,
-    NR,
     ROWS_MR,
     ROWS_NR,
     _activate,
@@ -63,7 +64,7 @@ KC = 256
 MB = 96
 NB = 96
 # Packed path (M >= PACKED_MIN_M): MB=96 is 16 panels of MR=6 rows, so the packed A slab
-# (96*256*4 = 96 KiB) stays in L2 while each NR=16-column B panel (16 KiB) sits in L1;
+# (96*256*4 = 96 KiB) stays in L2 while each GEMM_NR-column B panel (16/32 KiB) sits in L1;
 # NB=128 is 8 panels. Below 4 panels of rows the zero padding of the last panel and the
 # packing cost more than the 3x3 dot kernel loses.
 PMB = 96
@@ -222,7 +223,7 @@ def _pack_panel(x, r0, width, out):
 
 @njit(**JIT)
 def _pack_job(a, bt, ap, bp, t):
-    """Job t packs one MR-row panel of a or one NR-column panel of b^T (any batch)."""
+    """Job t packs one MR-row panel of a or one GEMM_NR-column panel of b^T (any batch)."""
     n_a = ap.shape[0] * ap.shape[1]
     if t < n_a:
         bi, p = t // ap.shape[1], t % ap.shape[1]
@@ -230,12 +231,12 @@ def _pack_job(a, bt, ap, bp, t):
     else:
         t -= n_a
         bi, q = t // bp.shape[1], t % bp.shape[1]
-        _pack_panel(bt[bi], q * NR, NR, bp[bi, q])
+        _pack_panel(bt[bi], q * GEMM_NR, GEMM_NR, bp[bi, q])
 
 
 @njit(**JIT)
 def _packed_task(ap, bp, c, bias, has_bias, res, has_res, act, mb, nb, t, acc):
-    """Output block t from packed panels ap (Ba, M/MR, K, MR), bp (Bb, N/NR, K, NR)."""
+    """Output block t from packed panels ap (Ba, M/MR, K, MR), bp (Bb, N/GEMM_NR, K, GEMM_NR)."""
     nbatch, m, n = c.shape
     k = ap.shape[2]
     n_mb = (m + mb - 1) // mb
@@ -253,19 +254,19 @@ def _packed_task(ap, bp, c, bias, has_bias, res, has_res, act, mb, nb, t, acc):
         cb[i0:i1, j0:j1] = 0.0
     for k0 in range(0, k, KC):
         kc = min(KC, k - k0)
-        for jq in range(j0, j1, NR):
-            nj = min(NR, j1 - jq)
-            bpan = bpb[jq // NR, k0:]
+        for jq in range(j0, j1, GEMM_NR):
+            nj = min(GEMM_NR, j1 - jq)
+            bpan = bpb[jq // GEMM_NR, k0:]
             for ip in range(i0, i1, MR):
                 _fma_tile(apb[ip // MR, k0:], bpan, kc, acc)
                 for i in range(min(MR, i1 - ip)):
                     crow = cb[ip + i, jq : jq + nj]
                     if k0 == 0:
                         for j in range(nj):
-                            crow[j] = acc[i * NR + j]
+                            crow[j] = acc[i * GEMM_NR + j]
                     else:
                         for j in range(nj):
-                            crow[j] += acc[i * NR + j]
+                            crow[j] += acc[i * GEMM_NR + j]
     rb = res[bi if res.shape[0] > 1 else 0]
     _epilogue(cb, i0, i1, j0, j1, bias, has_bias, rb, has_res, act)
 
@@ -275,7 +276,7 @@ def _packed_parallel(a, bt, ap, bp, c, bias, has_bias, res, has_res, act, mb, nb
     for t in prange(ap.shape[0] * ap.shape[1] + bp.shape[0] * bp.shape[1]):
         _pack_job(a, bt, ap, bp, t)
     for t in prange(tasks):
-        acc = np.empty(MR * NR, dtype=np.float32)
+        acc = np.empty(MR * GEMM_NR, dtype=np.float32)
         _packed_task(ap, bp, c, bias, has_bias, res, has_res, act, mb, nb, t, acc)
 
 
@@ -283,7 +284,7 @@ def _packed_parallel(a, bt, ap, bp, c, bias, has_bias, res, has_res, act, mb, nb
 def _packed_serial(a, bt, ap, bp, c, bias, has_bias, res, has_res, act, mb, nb, tasks):
     for t in range(ap.shape[0] * ap.shape[1] + bp.shape[0] * bp.shape[1]):
         _pack_job(a, bt, ap, bp, t)
-    acc = np.empty(MR * NR, dtype=np.float32)
+    acc = np.empty(MR * GEMM_NR, dtype=np.float32)
     for t in range(tasks):
         _packed_task(ap, bp, c, bias, has_bias, res, has_res, act, mb, nb, t, acc)
 
@@ -587,7 +588,7 @@ def matmul(
             mb = min(PMB, -(-m // MR) * MR)
             tasks = nbatch * -(-m // mb) * -(-n // PNB)
             ap = scratch("matmul_a", (a3.shape[0], -(-m // MR), k, MR))
-            bp = scratch("matmul_b", (bt3.shape[0], -(-n // NR), k, NR))
+            bp = scratch("matmul_b", (bt3.shape[0], -(-n // GEMM_NR), k, GEMM_NR))
             run = _packed_parallel if parallel else _packed_serial
             run(args[0], args[1], ap, bp, *args[2:], mb, PNB, tasks)
         else:
