@@ -319,7 +319,8 @@ print("ok")
 def test_avx2_tiling_matches_reference_in_a_haswell_target_process():
     # The kernels pick 8 or 16 lanes from numba's target. Compiling for haswell (AVX2 + FMA,
     # which every AVX-512 host also runs) checks the 8-lane row tiles, decode intrinsics and
-    # the 16-wide packed GEMM tile (matmul, attention) on any x86 machine. ~14 s the first time (compilation), ~2 s from numba's cache.
+    # the 16-wide packed GEMM tile (matmul, attention) on any x86 machine. ~14 s the first
+    # time (compilation), ~2 s from numba's cache.
     import os
     import platform
     import subprocess

@@ -109,7 +109,8 @@ def test_bad_input_names_the_argument():
 def test_signed_zeros_and_infinities_rank_as_torch_argmax():
     st = _state(4, 130)
     st["logits"][0].fill_(-5.0)
-    st["logits"][0, [100, 20]] = torch.tensor([-0.0, 0.0], device=DEVICE)  # equal: the first (20) wins
+    # -0.0 and 0.0 are equal: the first (20) wins
+    st["logits"][0, [100, 20]] = torch.tensor([-0.0, 0.0], device=DEVICE)
     st["logits"][0, 10] = -0.0
     st["logits"][1].fill_(float("-inf"))
     st["logits"][1, 129] = -3.0
