@@ -358,9 +358,44 @@ def _fma_tile(typingctx, ap, bp, kc, acc):
     return types.void(ap, bp, kc, acc), codegen
 
 
-@intrinsic
-def _fma_rows_tile(typingctx, a, a0, lda, bp, kc, acc):
-    """acc[i*NR + j] = sum over k < kc of a[a0 + i*lda + k] * bp[k*NR + j], i < MR, j < NR.
+def _make_fma_rows_tile(nr: int, vw: int):
+    """The ``fma_rows_tile`` intrinsic for an MR x ``nr`` tile in ``vw``-lane vectors."""
+
+    @intrinsic
+    def fma_rows_tile(typingctx, a, a0, lda, bp, kc, acc):
+        if not (
+            isinstance(a0, types.Integer)
+            and isinstance(lda, types.Integer)
+            and isinstance(kc, types.Integer)
+            and _f32_arrays(a, bp, acc)
+        ):
+            return None
+
+        def codegen(context, builder, sig, args):
+            a_ptr = context.make_array(sig.args[0])(context, builder, args[0]).data
+            b_ptr = context.make_array(sig.args[3])(context, builder, args[3]).data
+            c_ptr = context.make_array(sig.args[5])(context, builder, args[5]).data
+            start, stride = _as_i64(builder, args[1]), _as_i64(builder, args[2])
+            rows = [
+                builder.add(start, builder.mul(stride, ir.Constant(stride.type, i)))
+                for i in range(MR)
+            ]
+
+            def a_index(b, k, i):
+                return b.add(rows[i], k)
+
+            n = _as_i64(builder, args[4])
+            _emit_fma_tile(builder, a_ptr, a_index, b_ptr, c_ptr, n, nr, vw)
+            return context.get_dummy_value()
+
+        return types.void(a, a0, lda, bp, kc, acc), codegen
+
+    return fma_rows_tile
+
+
+_fma_rows_tile = _make_fma_rows_tile(NR, 8)  # ymm, 16 wide: token rows (decode, LoRA)
+_fma_rows_tile.__doc__ = """acc[i*NR + j] = sum over k < kc of a[a0 + i*lda + k] * bp[k*NR + j],
+    i < MR, j < NR.
 
     The :func:`_fma_tile` register tile with A's MR rows read in place (row stride ``lda``
     from element ``a0`` of the flat array ``a``) instead of from a packed panel: for
@@ -368,31 +403,9 @@ def _fma_rows_tile(typingctx, a, a0, lda, bp, kc, acc):
     ``X^T`` a small packed activation panel, which is how a decode step multiplies a few
     token rows by weights it must not copy.
     """
-    if not (
-        isinstance(a0, types.Integer)
-        and isinstance(lda, types.Integer)
-        and isinstance(kc, types.Integer)
-        and _f32_arrays(a, bp, acc)
-    ):
-        return None
-
-    def codegen(context, builder, sig, args):
-        a_ptr = context.make_array(sig.args[0])(context, builder, args[0]).data
-        b_ptr = context.make_array(sig.args[3])(context, builder, args[3]).data
-        c_ptr = context.make_array(sig.args[5])(context, builder, args[5]).data
-        start, stride = _as_i64(builder, args[1]), _as_i64(builder, args[2])
-        rows = [
-            builder.add(start, builder.mul(stride, ir.Constant(stride.type, i))) for i in range(MR)
-        ]
-
-        def a_index(b, k, i):
-            return b.add(rows[i], k)
-
-        n = _as_i64(builder, args[4])
-        _emit_fma_tile(builder, a_ptr, a_index, b_ptr, c_ptr, n, NR, 8)  # ymm: 16 wide
-        return context.get_dummy_value()
-
-    return types.void(a, a0, lda, bp, kc, acc), codegen
+# The same, GEMM_NR wide at the target's width: A's rows read in place against a packed
+# GEMM panel (attention's P V: the probability rows straight from the score tile).
+_fma_rows_gemm_tile = _make_fma_rows_tile(GEMM_NR, VW)
 
 
 def _pointer_intrinsic(elem: types.Type, llvm_elem: ir.Type, doc: str):
