@@ -235,7 +235,12 @@ def _optimize(model, device, example, workdir: Path, config=None, name="optimize
                 print(
                     f"  optimize {case['case']} {c['backend']}: {c['status']} {speed} {c['detail']}"
                 )
-    details = {"generate_sites": loops, "report_notes": list(report.notes)}
+    # where optimize()'s own time went (copy, plan, decoder paths, sites, ...), in seconds
+    details = {
+        "generate_sites": loops,
+        "report_notes": list(report.notes),
+        "build_phases_s": dict(report.phases),
+    }
     return Runner(name, gen, build_s, peak, note, details)
 
 

@@ -39,6 +39,9 @@ def test_hf_decode_tiny_writes_every_variant_with_equal_tokens(tmp_path):
             assert d["tokens_per_s"] != 0
         assert res["ttft_s"]["n"] == 1
     assert data["config"]["weight_bytes"] > 0
+    phases = data["results"]["optimize"]["build_phases_s"]
+    assert phases and all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) <= data["results"]["optimize"]["build_s"] + 1e-6
     md = out.with_suffix(".md").read_text()
     assert "| eager |" in md and "| optimize |" in md
     assert "yes / yes" in md
