@@ -448,6 +448,11 @@ def test_the_timed_generate_makes_decode_timed_tokens(monkeypatch):
     site = next(s for s in fast.optimization_report.sites if s.kind == "generate")
     assert timed == [12] and checked == [4]
     assert "4 greedy tokens after the prompt checked, 12 timed" in site.detail
+    # a prompt near the context's end: the timed call shrinks to fit (96 positions here)
+    timed.clear()
+    ids, mask = left_padded(1, 90, [0])
+    optimize(tiny("llama"), example_inputs={"input_ids": ids, "attention_mask": mask}, config=cfg)
+    assert timed == [6]
 
 
 @pytest.mark.parametrize("bad", [1, 0, 2.5, True, "8"])

@@ -369,11 +369,10 @@ def select(
             )
             break
         p = kw["input_ids"].shape[1]
-        if p + max(n, nt) > layout.max_positions:
-            srep.note = _join(
-                srep.note, f"batch {b}: prompt + {max(n, nt)} tokens exceed the context"
-            )
+        if p + n > layout.max_positions:
+            srep.note = _join(srep.note, f"batch {b}: prompt + {n} tokens exceed the context")
             continue
+        nt_b = max(n, min(nt, layout.max_positions - p))  # the timed call fits the context
         t0 = time.perf_counter()
         with torch.no_grad():
             ref = orig(**kw, **gk, return_dict_in_generate=True, output_logits=True)
@@ -384,7 +383,7 @@ def select(
         if layout.dtype != torch.float32:
             exact = exact_logits(model, layout, kw, n, ref_tokens)
         crep = CaseResult(f"decode b{b}", f"{b}x{p}+{n}")
-        timed = _greedy_kwargs(model, nt) if nt != n else None
+        timed = _greedy_kwargs(model, nt_b) if nt_b != n else None
         batches.append(_Batch(b, kw, crep, ref_s, ref_tokens, list(ref.logits), exact, timed=timed))
         del ref
     for name in names:
@@ -408,7 +407,7 @@ def select(
                         name,
                         m.b,
                         m.kw["input_ids"].shape[1],
-                        n if nt == n else f"{n}/{nt}",
+                        n if m.timed is None else f"{n}/{m.timed['max_new_tokens']}",
                         config,
                         dev_desc,
                         vers,
