@@ -38,7 +38,7 @@ def _qkv(b, hq, hkv, lq, lk, d):
     return torch.randn(b, hq, lq, d), torch.randn(b, hkv, lk, d), torch.randn(b, hkv, lk, d)
 
 
-# Lengths straddle BQ=48 and BK=192 and the 3x3 tiles; lq != lk both ways.
+# Lengths straddle BQ=48 and BK=128 (several key blocks a row) and the tiles; lq != lk both ways.
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(
     "b,hq,hkv,lq,lk,d",

@@ -40,9 +40,12 @@ from ryzen_opt.kernels.numba._common import (
 # BQ=48: 8 MR panels per task; (16, 4, 128, 64) gives 192 tasks, 2 threads balanced;
 # BQ=96/120 measured within noise at (1, 1, 2048, 64).
 BQ = 48
-# BK=384 (a multiple of GEMM_NR): one core at (1, 1, 2048, 64) with the earlier dot-tile kernels,
-# 55 ms vs 66 ms at BK=192 and 56 ms at 512; the 72 KiB score tile sits in L2.
-BK = 384
+# BK=128 (a multiple of GEMM_NR at 16 and 32 lanes): the 24 KiB score tile stays in L1.
+# With the two-pass softmax and the 32-wide tile (2 threads, 1x8x4096x64 causal, 3 runs
+# interleaved): 111.8-114.0 ms at 128, 108-116 at 96, 109-113 at 64, 120-123 at 192, 128-133
+# at 384, chosen earlier with the dot-tile kernels and a one-pass softmax (one core at
+# (1, 1, 2048, 64): 55 ms against 66 at 192); 16x4x128x64 the same at every size.
+BK = 128
 _NEG_INF = np.float32(-np.inf)
 
 
