@@ -100,7 +100,7 @@ class OptimizeConfig:
         decode_tokens: greedy tokens each decode path is checked over (step by step against
             the original) when choosing a Hugging Face decoder's decode path.
         decode_timed_tokens: greedy tokens of each timed ``generate`` call of that choice
-            (``None``: ``decode_tokens`` on a CPU, 4x as many on a GPU, so the decode loop
+            (``None``: ``decode_tokens`` on a CPU, twice as many on a GPU, so the decode loop
             and not the prefill dominates what is compared).
         lossy_tolerance: relative logit error allowed for an opt-in lossy decode path
             (``numba_decoder[int8]``, ``numba_decoder[bf16]``), which cannot meet the dtype
@@ -153,10 +153,13 @@ class OptimizeConfig:
     # enough that the original's batch-16 turn stays near a second or two on 2 cores.
     decode_tokens: int = 8
     # The generate call timed when choosing a decode path: None times decode_tokens on a CPU
-    # and 4x as many on a GPU, where a fused token costs about a millisecond and 8 tokens
+    # and twice as many on a GPU, where a fused token costs about a millisecond and 8 tokens
     # leave the prefill (once a call) deciding between two decode loops: GPT-2 at batch 16
-    # on an H200 measured its Triton and CUDA-graph loops at 2.98x and 3.04x eager over 8
-    # tokens, and the one chosen then decoded 128 tokens at half the other's rate.
+    # on an H200 measured its Triton and CUDA-graph loops at 12.8 and 13.8 ms (2.98x and
+    # 3.04x eager) over 8 tokens, and the one chosen then decoded 128 tokens at half the
+    # other's rate (0.6 against 1.2 ms a step). Twice, not more: every comparison also runs
+    # the original's eager generate (~12 ms a token for a 1.2B Llama), which is most of
+    # what optimize() spends on a GPU.
     decode_timed_tokens: int | None = None
     # The bound on an opt-in lossy path's relative logit error (weight-only int8 measured
     # 0.9-1.2% on small Llama/Qwen2/GPT-2 configs): numerically different by design, so it

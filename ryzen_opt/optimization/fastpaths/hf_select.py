@@ -290,12 +290,12 @@ def path_cost_s(config, ref_s: float, cached: bool, scale: float = 1.0) -> float
 
 def timed_tokens(config, device: torch.device) -> int:
     """Greedy tokens of each timed ``generate`` call (``OptimizeConfig.decode_timed_tokens``:
-    ``None`` is ``decode_tokens`` on a CPU and 4x that on a GPU)."""
+    ``None`` is ``decode_tokens`` on a CPU and twice that on a GPU)."""
     n = max(2, int(getattr(config, "decode_tokens", 16)))
     t = getattr(config, "decode_timed_tokens", None)
     if t is not None:
         return int(t)
-    return 4 * n if device.type == "cuda" else n
+    return 2 * n if device.type == "cuda" else n
 
 
 @dataclass
