@@ -495,35 +495,16 @@ def matmul(
             m, k = ash
             kb, n = bsh
             ast, bst = a.stride(), b.stride()
-            if kb == k and 0 < m < ROWS_MIN_M and n and k and ast[1] == 1 and bst[0] == 1:
-                # b = W.t(): W's rows are contiguous.
-                threads = set_threads()
-                c = torch.empty(m, n) if _default_dtype() is _F32 else torch.empty(m, n, dtype=_F32)
-                _wrows_matmul(
-                    a.data_ptr(),
-                    ast[0],
-                    b.data_ptr(),
-                    bst[1],
-                    c.data_ptr(),
-                    m,
-                    n,
-                    k,
-                    0,
-                    0,
-                    0,
-                    threads,
-                    ROWS_SERIAL_FMAS,
-                )
-                return c
-            if kb == k and 0 < m < ROWS_MIN_M and n and k and ast[1] == 1 and bst[1] == 1:
+            if kb == k and 0 < m < ROWS_MIN_M and n and k and ast[1] == 1 and 1 in bst:
+                weight_rows = bst[0] == 1  # b = W.t(): W's rows are contiguous
                 threads = set_threads()
                 # torch.empty(m, n): 0.65 us; with dtype=: 0.86 us (measured).
                 c = torch.empty(m, n) if _default_dtype() is _F32 else torch.empty(m, n, dtype=_F32)
-                _rows_matmul(
+                (_wrows_matmul if weight_rows else _rows_matmul)(
                     a.data_ptr(),
                     ast[0],
                     b.data_ptr(),
-                    bst[0],
+                    bst[1] if weight_rows else bst[0],
                     c.data_ptr(),
                     m,
                     n,
