@@ -307,14 +307,17 @@ def _config_of(kind: str, d: dict[str, Any], ds):
     return cls(**d)
 
 
-def sweep(bench: Bench, deadline: float, log) -> dict[str, Any]:
+SWEEP_ORDER = ("up", "down", "qkv", "o", "head", "attention")
+
+
+def sweep(bench: Bench, deadline: float, log, kinds=SWEEP_ORDER) -> dict[str, Any]:
     ds, lay = bench.ds, bench.lay
     best: dict[str, Any] = {}
     base_cfg = bench.chosen({})
     best_us = bench.time_us({})
     log(f"  default: {best_us:.1f} us")
     tried = [{"over": {}, "us": best_us}]
-    for kind in ("up", "down", "qkv", "o", "head", "attention"):
+    for kind in kinds:
         improved = True
         while improved and time.perf_counter() < deadline:
             improved = False
@@ -408,8 +411,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loop", action="store_true")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--budget-s", type=float, default=420.0)
+    p.add_argument(
+        "--sweep-kinds",
+        default=",".join(SWEEP_ORDER),
+        help="the kernel kinds the sweep moves, in order (default: %(default)s)",
+    )
     p.add_argument("-o", "--output", type=Path, default=None)
     args = p.parse_args(argv)
+    kinds = tuple(args.sweep_kinds.split(","))
+    if not set(kinds) <= set(SWEEP_ORDER):
+        p.error(f"--sweep-kinds: kinds are {','.join(SWEEP_ORDER)}, got {args.sweep_kinds}")
     if not torch.cuda.is_available():
         print("bench.decoder_step_tune needs CUDA", file=sys.stderr)
         return 2
@@ -475,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.sweep:
             left = args.budget_s - (time.perf_counter() - t0)
             deadline = time.perf_counter() + left / (len(batches) - i)
-            entry["sweep"] = sweep(bench, deadline, print)
+            entry["sweep"] = sweep(bench, deadline, print, kinds)
             best = {k: _config_of(k, v, bench.ds) for k, v in entry["sweep"]["best"].items()}
             entry["sweep"]["best_kernels_us"] = bench.profile(best)
             print(f"  best: {entry['sweep']['best_us']:.1f} us; {entry['sweep']['best']}")
