@@ -2,9 +2,11 @@
 
     python -m bench.instant_adapters [--eval-samples 512] [--quick] [-o out.json]
 
-On the default checkpoint (``checkpoints/default``) and the committed instant-adapter
-checkpoints (``checkpoints/instant/``: the library, ``t2l_recon``, ``t2l_sft``, ``svf``; made by
-``python -m ryzen_opt.adapters.instant``), in one process, per task of the family
+On the instant adapters' base model (``checkpoints/instant/base``: the default checkpoint
+fine-tuned on the seen tasks, :mod:`ryzen_opt.adapters.generalist`) and the committed
+instant-adapter checkpoints (``checkpoints/instant/``: the library, ``t2l_recon``, ``t2l_sft``,
+``svf``, all trained over that base; made by ``python -m ryzen_opt.adapters.instant``), in one
+process, per task of the family
 (:mod:`ryzen_opt.adapters.tasks`; seen and held-out):
 
 * **accuracy** (greedy exact match, test split, the same problems for every method, with its
@@ -53,6 +55,7 @@ from bench.common import (
     write_json,
 )
 from bench.inprocess import pyperf_benchmark, write_suite
+from bench.instant_goals import goal_rows
 from ryzen_opt import OptimizeConfig, optimize
 from ryzen_opt.adapters import (
     SVFExperts,
@@ -145,7 +148,7 @@ def svf_two_pass_accuracy(svf, base, name: str, task, n: int, mixture: bool) -> 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.instant_adapters", description=__doc__)
-    ap.add_argument("--checkpoint", default=str(CKPT / "default"))
+    ap.add_argument("--checkpoint", default=str(CKPT / "instant" / "base"))
     ap.add_argument("--library", default=str(CKPT / "instant" / "library"))
     ap.add_argument("--t2l-recon", default=str(CKPT / "instant" / "t2l_recon"))
     ap.add_argument("--t2l-sft", default=str(CKPT / "instant" / "t2l_sft"))
@@ -339,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     title = f"bench.instant_adapters on {where(env)}, {threads} threads"
     print_table(f"{title}: exact match ± standard error, n={n} per cell", acc_head, acc_rows)
+    goal_head, goal_rows_, goal_data = goal_rows(acc, n, seen)
+    goal_data["svf_parameters_of_lora"] = params["SVF expert"] / params["LoRA (trained)"]
+    print_table("goals: against the trained LoRA and the base model", goal_head, goal_rows_)
     near_head = ["task", "held-out description", "nearest library task", "cosine", "SVF top-1 hit"]
     near_rows = [
         [
@@ -398,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "tasks": extra,
         "skill_identification": {"per_task": ident, "mean": ident_mean},
+        "goals": goal_data,
         "parameters": params,
         "lora": lib_cfg.to_dict(),
         "generation": {k: v.to_dict() for k, v in gen_t.items()},
@@ -428,6 +435,11 @@ def main(argv: list[str] | None = None) -> int:
         f"# {title}\n\nExact match ± standard error, {n} test problems per cell "
         f"(the same problems for every method).\n\n"
         + markdown_table(acc_head, acc_rows)
+        + "\nGoals (`bench/instant_goals.py`): a fraction of the LoRA's accuracy, and the share "
+        "of its gain over the base, `(x - base) / (LoRA - base)`; held-out tasks: differences "
+        "± their standard error. SVF parameters: "
+        f"{goal_data['svf_parameters_of_lora']:.4f} of a LoRA's.\n\n"
+        + markdown_table(goal_head, goal_rows_)
         + "\n"
         + markdown_table(near_head, near_rows)
         + f"\nSkill identification on held-out prompts of the seen tasks: {ident_mean:.3f}"

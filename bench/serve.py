@@ -309,9 +309,18 @@ def main(argv: list[str] | None = None) -> int:
         "--generate-requests", type=int, default=None, help="idle /adapters/generate (50; 5)"
     )
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds before a request is lost")
-    ap.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "default")
     ap.add_argument(
-        "--adapters", nargs="*", type=Path, default=[ROOT / "checkpoints" / "lora_mul2"]
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="default checkpoints/default (with --instant: checkpoints/instant/base)",
+    )
+    ap.add_argument(
+        "--adapters",
+        nargs="*",
+        type=Path,
+        default=None,
+        help="default checkpoints/lora_mul2 (with --instant: the task-LoRA library)",
     )
     ap.add_argument(
         "--adapter-factory",
@@ -333,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.instant and a.adapter_factory:
         ap.error("argument --instant: not with --adapter-factory (it names its own)")
+    if a.checkpoint is None:  # the instant adapters belong to the base they were trained over
+        a.checkpoint = ROOT / "checkpoints" / ("instant/base" if a.instant else "default")
+    if a.adapters is None:
+        a.adapters = [ROOT / "checkpoints" / ("instant/library" if a.instant else "lora_mul2")]
     for name, full, quick in (
         ("clients", 32, 4),
         ("duration", 30.0, 3.0),

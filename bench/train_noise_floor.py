@@ -78,7 +78,7 @@ def _train(model, data, lr):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     with torch.no_grad():
         logits = model(_batches(1, 7)[0]["input_ids"]).logits.float()

@@ -249,6 +249,8 @@ def _compress(args: argparse.Namespace, methods: list[str], workdir: Path, out: 
 
 INSTANT_FACTORY = "ryzen_opt.serve.instant:text_to_lora"
 INSTANT_EXPERTS = "ryzen_opt.serve.instant:svf_experts"
+SERVE_CHECKPOINT, SERVE_ADAPTERS = "checkpoints/default", "checkpoints/lora_mul2"
+INSTANT_CHECKPOINT, INSTANT_ADAPTERS = "checkpoints/instant/base", "checkpoints/instant/library"
 
 
 def _add_serve(sub) -> None:
@@ -263,15 +265,20 @@ def _add_serve(sub) -> None:
     )
     p.add_argument("--port", type=int, default=8000, help="TCP port, 0 for a free one")
     p.add_argument(
-        "--checkpoint", type=Path, default=Path("checkpoints/default"), help="base model folder"
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help=f"base model folder (default: {SERVE_CHECKPOINT}, with --instant "
+        f"{INSTANT_CHECKPOINT}: the base the instant adapters were trained over)",
     )
     p.add_argument(
         "--adapters",
         nargs="*",
-        default=["checkpoints/lora_mul2"],
+        default=None,
         metavar="[ID=]FOLDER",
         help="PEFT-format adapter folders to serve, or folders of them; the id is the folder's "
-        "name unless given as ID=FOLDER (default: %(default)s)",
+        f"name unless given as ID=FOLDER (default: {SERVE_ADAPTERS}, with --instant "
+        f"{INSTANT_ADAPTERS}: the task-LoRA library)",
     )
     p.add_argument(
         "--adapter-factory",
@@ -374,8 +381,13 @@ def build_serve_app(args: argparse.Namespace, workdir: Path):
         ) from None
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    instant = getattr(args, "instant", False)
+    if getattr(args, "checkpoint", None) is None:
+        args.checkpoint = Path(INSTANT_CHECKPOINT if instant else SERVE_CHECKPOINT)
+    if getattr(args, "adapters", None) is None:
+        args.adapters = [INSTANT_ADAPTERS if instant else SERVE_ADAPTERS]
     folders = _adapter_folders(args.adapters)
-    if getattr(args, "instant", False):
+    if instant:
         if args.adapter_factory or getattr(args, "experts", None):
             raise UsageError(
                 "--instant names --adapter-factory and --experts: give one or the other"

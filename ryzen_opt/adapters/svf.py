@@ -25,6 +25,7 @@ Public API::
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -102,6 +103,15 @@ class SVFExperts:
         self.experts: dict[str, dict[str, torch.Tensor]] = {}
         self.classifier: dict[str, torch.Tensor] | None = None  # weight, bias, mean, std
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    @property
+    def base_fingerprint(self) -> str:
+        """SHA-256 (first 16 hex digits) of the target weights the SVD was taken of."""
+        h = hashlib.sha256()
+        for p in self.paths:
+            h.update(p.encode())
+            h.update(self.base[p].float().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     # -- experts -----------------------------------------------------------------------------
     @property
@@ -311,6 +321,7 @@ class SVFExperts:
         cfg = {
             "targets": list(self.targets),
             "paths": self.paths,
+            "base_fingerprint": self.base_fingerprint,
             "feature_module": self.feature_module,
             "experts": self.names,
             "meta": meta or {},
@@ -330,6 +341,13 @@ class SVFExperts:
         svf = cls(model, tuple(cfg["targets"]), cfg["feature_module"])
         if svf.paths != cfg["paths"]:
             raise AdapterError(f"{cfile}: targets {cfg['paths']} are not the model's {svf.paths}")
+        saved = cfg.get("base_fingerprint")  # absent in files written before it was recorded
+        if saved is not None and saved != svf.base_fingerprint:
+            raise AdapterError(
+                f"model: the experts in {str(folder)!r} were trained over another base model "
+                f"(target weights fingerprint {saved}, this model's {svf.base_fingerprint}); "
+                "a z-vector scales its own base's singular directions"
+            )
         state = load_file(str(wfile))
         for n in cfg["experts"]:
             svf.add_expert(n, {p: state[f"z.{n}.{p}"] for p in svf.paths})

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+BASE_FOLDER = ROOT / "checkpoints" / "instant" / "base"  # the base they were trained over
 T2L_FOLDER = ROOT / "checkpoints" / "instant" / "t2l_recon"
 SVF_FOLDER = ROOT / "checkpoints" / "instant" / "svf"
 

@@ -71,6 +71,15 @@ def test_quick_run_writes_every_method_table_and_plot(inputs):
     }
     assert all(v["same_ids_as_eager"] for v in data["decode"].values())
     assert data["two_pass"]["ratio"] > 0
+    goals = data["goals"]
+    svf = goals["seen"]["add2"]["SVF oracle"]
+    lora = seen["LoRA (trained)"]
+    assert svf["of_lora"] == (None if lora == 0 else pytest.approx(seen["SVF oracle"] / lora))
+    assert set(goals["held_out"]["add2_rev"]) == {"T2L recon, held-out desc",
+                                                  "T2L SFT, held-out desc"}  # fmt: skip
+    diff = goals["held_out"]["add2_rev"]["T2L SFT, held-out desc"]["minus_nearest"]
+    assert diff == pytest.approx(held["T2L SFT, held-out desc"] - held["nearest library LoRA"])
+    assert 0 < goals["svf_parameters_of_lora"] < 1
     assert out.with_suffix(".png").stat().st_size > 0
     assert out.with_suffix(".md").read_text().startswith("# bench.instant_adapters")
 

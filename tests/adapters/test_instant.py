@@ -244,6 +244,17 @@ def test_svf_mixture_is_the_weighted_sum_of_z_and_bad_tasks_raise(tmp_path):
     assert all(torch.equal(loaded.experts["b"][p], svf.experts["b"][p]) for p in svf.paths)
 
 
+def test_svf_load_refuses_experts_of_another_base(tmp_path):
+    base = make_stm()
+    folder = SVFExperts(base).save(tmp_path / "svf")
+    other = fresh_copy(base)
+    with torch.no_grad():
+        other.get_submodule(SVFExperts(base).paths[-1]).weight.mul_(1.001)
+    with pytest.raises(AdapterError, match="model: the experts .* another base model"):
+        SVFExperts.load(folder, other)
+    assert SVFExperts.load(folder, fresh_copy(base)).paths == SVFExperts(base).paths
+
+
 def test_skill_identification_accuracy_on_held_out_prompts():
     base = make_stm()
     svf = SVFExperts(base)
@@ -292,6 +303,23 @@ def test_reconstruction_learns_library_updates(tmp_path):
         assert err < 0.2, (s.name, err, res["losses"][::20])
 
 
+def test_generalist_base_trains_every_weight_on_the_seen_mixture_and_refuses_bad_input():
+    from ryzen_opt.adapters.generalist import train_generalist
+
+    model = make_stm()
+    before = [p.detach().clone() for p in model.parameters()]
+    specs = SEEN[:2]
+    res = train_generalist(model, specs, steps=3, batch=4, eval_every=2, eval_specs=specs,
+                           eval_samples=2)  # fmt: skip
+    assert len(res["losses"]) == 3 and [r["step"] for r in res["curve"]] == [0, 2, 3]
+    assert set(res["curve"][0]) == {"step", *(s.name for s in specs)}
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    for kw, match in (({"steps": 0}, "steps"), ({"batch": 1.5}, "batch"), ({"specs": ()}, "specs"),
+                      ({"lr": 0.0}, "lr"), ({"steps": 3, "stop_at": 4}, "stop_at")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            train_generalist(make_stm(), **{"specs": specs, **kw})
+
+
 def test_sft_and_svf_training_lower_the_loss():
     base = make_stm()
     net = TextToLoRA.for_model(base, LoraConfig(rank=4), encoder_dim=64, hidden=16)
@@ -323,6 +351,11 @@ def test_command_line_writes_every_checkpoint_with_its_command(tmp_path):
 
     save_checkpoint(make_stm(), tmp_path / "ckpt")
     common = ["--checkpoint", str(tmp_path / "ckpt"), "--eval-samples", "2"]
+    assert main(["base", "--out", str(tmp_path / "base"), "--steps", "2", "--eval-every", "1",
+                 *common]) == 0  # fmt: skip
+    metrics = json.loads((tmp_path / "base" / "metrics.json").read_text())
+    assert set(metrics["test_exact_match"]) == {s.name for s in ALL}
+    assert metrics["command"].startswith("python -m ryzen_opt.adapters.instant base")
     assert main(["library", "--out", str(tmp_path / "lib"), "--steps", "2", *common]) == 0
     argv = ["t2l", "--mode", "recon", "--library", str(tmp_path / "lib"), "--steps", "2"]
     assert main([*argv, "--out", str(tmp_path / "recon"), *common]) == 0

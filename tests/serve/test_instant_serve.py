@@ -18,8 +18,10 @@ from ryzen_opt.cli import build_parser, build_serve_app, main  # noqa: E402
 from ryzen_opt.models import load_checkpoint  # noqa: E402
 from ryzen_opt.models.tasks import CharTokenizer  # noqa: E402
 from ryzen_opt.serve import create_app  # noqa: E402
-from ryzen_opt.serve.instant import SVF_FOLDER, T2L_FOLDER  # noqa: E402
-from tests.serve.conftest import CHECKPOINT, live, sse_events  # noqa: E402
+from ryzen_opt.serve.instant import BASE_FOLDER, SVF_FOLDER, T2L_FOLDER  # noqa: E402
+from tests.serve.conftest import live, sse_events  # noqa: E402
+
+CHECKPOINT = BASE_FOLDER  # the base the instant adapters were trained over
 
 TOK = CharTokenizer()
 PROMPTS = ("12+34=", "=45+38=", "53-17=")  # plain, reversed-answer and plain tasks
@@ -143,3 +145,24 @@ def test_the_readmes_instant_curl_calls_work(server):
     assert answers[0]["adapter"] in listed  # the description's generated adapter served it
     shown = re.search(r'"adapter": "(expert:\w+)" in the answer', block).group(1)
     assert answers[1]["adapter"] == shown  # what the README says the first pass picks
+
+
+def test_instant_defaults_to_the_base_and_library_the_adapters_were_trained_over(
+    tmp_path, monkeypatch
+):
+    from ryzen_opt.adapters.tasks import SEEN
+    from tests.serve.conftest import ROOT
+
+    monkeypatch.chdir(ROOT)  # the defaults are relative folders, as on the command line
+    args = build_parser().parse_args(["serve", "--instant"])
+    _, ids = build_serve_app(args, tmp_path)
+    assert args.checkpoint.resolve() == BASE_FOLDER
+    assert sorted(ids) == sorted(s.name for s in SEEN)  # the task-LoRA library
+
+
+def test_instant_over_another_base_model_is_an_error_naming_the_model(capsys):
+    from tests.serve.conftest import CHECKPOINT as DEFAULT
+
+    assert main(["serve", "--checkpoint", str(DEFAULT), "--instant"]) == 1
+    err = capsys.readouterr().err
+    assert "model: the experts" in err and "another base model" in err
