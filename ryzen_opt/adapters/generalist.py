@@ -17,8 +17,10 @@ Example:
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -112,3 +114,46 @@ def train_generalist(
         record(stop_at)
     model.eval()
     return {"losses": losses, "train_seconds": round(spent, 2), "steps": stop_at, "curve": curve}
+
+
+def write_base(
+    model: nn.Module,
+    out: Path,
+    steps: int,
+    lr: float,
+    eval_every: int,
+    stop_at: int | None,
+    eval_samples: int,
+    meta: dict[str, Any],
+) -> dict[str, Any]:
+    """Train ``model`` with :func:`train_generalist` on the seen tasks, then save it as a
+    checkpoint in ``out`` with ``metrics.json`` (``meta`` + the run's figures: the validation
+    curve of 128 problems per task, test exact match of every task of the family).
+
+    Returns:
+        The metrics written.
+    """
+    from ryzen_opt.adapters.instant import EVAL_SEED
+    from ryzen_opt.adapters.tasks import HELD_OUT
+    from ryzen_opt.models.checkpoint import save_checkpoint
+    from ryzen_opt.models.train import evaluate
+
+    specs = SEEN + HELD_OUT
+    res = train_generalist(model, SEEN, steps, lr=lr, eval_every=eval_every, eval_specs=specs,
+                           stop_at=stop_at)  # fmt: skip
+    acc = {s.name: evaluate(model, s.task, "test", eval_samples, seed=EVAL_SEED) for s in specs}
+    save_checkpoint(model, out)
+    metrics = {
+        **meta,
+        "mixture": [s.name for s in SEEN],
+        "final_loss": res["losses"][-1],
+        "train_seconds": res["train_seconds"],
+        "steps": res["steps"],
+        "schedule_steps": steps,
+        "lr": lr,
+        "curve_128_val_problems": res["curve"],
+        "test_exact_match": acc,
+        "eval_samples": eval_samples,
+    }
+    (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

@@ -1,12 +1,16 @@
 """Train the instant adapters' checkpoints: the task-LoRA library, TextToLoRA, SVF experts.
 
-Command line (each writes a folder with ``metrics.json`` and the command that made it)::
+Command line (each writes a folder with ``metrics.json`` and the command that made it; the
+committed checkpoints were made over ``--checkpoint checkpoints/instant/base``)::
 
+    python -m ryzen_opt.adapters.instant base --stop-at 2000 --out checkpoints/instant/base
     python -m ryzen_opt.adapters.instant library --out checkpoints/instant/library
     python -m ryzen_opt.adapters.instant t2l --mode recon --out checkpoints/instant/t2l_recon
     python -m ryzen_opt.adapters.instant t2l --mode sft --out checkpoints/instant/t2l_sft
     python -m ryzen_opt.adapters.instant svf --out checkpoints/instant/svf
 
+* ``base``: the base model of the instant adapters (:mod:`ryzen_opt.adapters.generalist`):
+  the default checkpoint fine-tuned on the seen tasks, stopped while they are partly solved.
 * ``library``: one rank-16 LoRA per seen task (:data:`~ryzen_opt.adapters.tasks.SEEN`) with
   :func:`~ryzen_opt.adapters.train.train_adapter`, saved as ``<out>/<task>/`` (PEFT format).
 * ``t2l --mode recon``: TextToLoRA trained to reproduce the library's updates
@@ -358,33 +362,6 @@ def fit_svf_classifier(experts, base: nn.Module, n: int = 256) -> tuple[float, f
     return train_acc, float((logits.argmax(1) == ty).float().mean())
 
 
-def _train_base(base: nn.Module, out: Path, a: argparse.Namespace, cmd: str) -> None:
-    from ryzen_opt.adapters.generalist import train_generalist
-    from ryzen_opt.adapters.tasks import HELD_OUT
-    from ryzen_opt.models.checkpoint import save_checkpoint
-
-    res = train_generalist(base, SEEN, a.steps, lr=a.lr, eval_every=a.eval_every,
-                           eval_specs=SEEN + HELD_OUT, stop_at=a.stop_at)  # fmt: skip
-    acc = {s.name: evaluate(base, s.task, "test", a.eval_samples, seed=EVAL_SEED)
-           for s in SEEN + HELD_OUT}  # fmt: skip
-    save_checkpoint(base, out)
-    meta = {
-        "trained_from": a.checkpoint,
-        "mixture": [s.name for s in SEEN],
-        "final_loss": res["losses"][-1],
-        "train_seconds": res["train_seconds"],
-        "steps": res["steps"],
-        "schedule_steps": a.steps,
-        "lr": a.lr,
-        "curve_128_val_problems": res["curve"],
-        "test_exact_match": acc,
-        "eval_samples": a.eval_samples,
-        "command": cmd,
-        **_env(),
-    }
-    (out / "metrics.json").write_text(json.dumps(meta, indent=2))
-
-
 def main(argv: list[str] | None = None) -> int:
     from ryzen_opt.models import load_checkpoint
 
@@ -434,7 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     cmd = _command(a.what, argv[1:])
     if a.what == "base":
-        _train_base(base, out, a, cmd)
+        from ryzen_opt.adapters.generalist import write_base
+
+        write_base(base, out, a.steps, a.lr, a.eval_every, a.stop_at, a.eval_samples,
+                   {"trained_from": a.checkpoint, "command": cmd, **_env()})  # fmt: skip
     elif a.what == "library":
         specs = [get_spec(n) for n in a.tasks.split(",")]
         train_library(base, out, specs, a.steps, a.eval_samples, cmd)
