@@ -57,9 +57,10 @@ def _batches(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
 def _ulp_nudge(model: torch.nn.Module) -> torch.nn.Module:
     """A copy with every weight moved one unit in the last place up or down (seeded)."""
     m = copy.deepcopy(model)
-    g = torch.Generator(device="cuda").manual_seed(1)
+    gens: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for p in m.parameters():
+            g = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(1))
             up = torch.rand(p.shape, generator=g, device=p.device) < 0.5
             inf = torch.full_like(p, float("inf"))
             p.copy_(torch.where(up, torch.nextafter(p, inf), torch.nextafter(p, -inf)))
