@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import RESULTS, ROOT, environment, markdown_table, print_table, where, write_json
+from ryzen_opt import cli
 
 TEST_FACTORY = "tests.serve.lora_factory:HashLoraFactory"
 PROMPTS = ("07*41=", "23*19=", "482+317=", "093-018=", "650+199=", "12*12=")
@@ -343,9 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.instant and a.adapter_factory:
         ap.error("argument --instant: not with --adapter-factory (it names its own)")
     if a.checkpoint is None:  # the instant adapters belong to the base they were trained over
-        a.checkpoint = ROOT / "checkpoints" / ("instant/base" if a.instant else "default")
+        a.checkpoint = ROOT / (cli.INSTANT_CHECKPOINT if a.instant else cli.SERVE_CHECKPOINT)
     if a.adapters is None:
-        a.adapters = [ROOT / "checkpoints" / ("instant/library" if a.instant else "lora_mul2")]
+        a.adapters = [ROOT / (cli.INSTANT_ADAPTERS if a.instant else cli.SERVE_ADAPTERS)]
     for name, full, quick in (
         ("clients", 32, 4),
         ("duration", 30.0, 3.0),

@@ -103,15 +103,13 @@ class SVFExperts:
         self.experts: dict[str, dict[str, torch.Tensor]] = {}
         self.classifier: dict[str, torch.Tensor] | None = None  # weight, bias, mean, std
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
-
-    @property
-    def base_fingerprint(self) -> str:
-        """SHA-256 (first 16 hex digits) of the target weights the SVD was taken of."""
+        # SHA-256 (first 16 hex digits) of the target weights the SVD was taken of: saved with
+        # the experts, checked on load (a z-vector scales its own base's singular directions).
         h = hashlib.sha256()
         for p in self.paths:
             h.update(p.encode())
             h.update(self.base[p].float().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        self.base_fingerprint = h.hexdigest()[:16]
 
     # -- experts -----------------------------------------------------------------------------
     @property
