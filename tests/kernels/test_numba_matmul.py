@@ -303,6 +303,11 @@ for m in (1, 2, 3, 7, 30):  # 30 rows: the packed GEMM tile
     ref = a.double() @ b.double()
     err = float((matmul(a, b).double() - ref).norm() / ref.norm())
     assert err <= 1e-5, ("matmul", m, err)
+    w = torch.randn(21, 53)  # b = w.t(): the 8-lane dot tiles, a K tail, a ragged block
+    a = torch.randn(m, 53)
+    ref = a.double() @ w.double().t()
+    err = float((matmul(a, w.t()).double() - ref).norm() / ref.norm())
+    assert err <= 1e-5, ("matmul w.t()", m, err)
 q, k, v = torch.randn(2, 4, 72), torch.randn(2, 2, 33, 72), torch.randn(2, 2, 33, 72)
 cl = torch.tensor([33, 5])
 ref = reference.decode_attention(q.double(), k.double(), v.double(), cl)
@@ -356,3 +361,40 @@ def test_matmul_weight_rows_path_with_epilogue(rows_driver, activation):
     bias, res = torch.randn(n), torch.randn(m, n)
     out = nm.matmul(a, w.t(), bias=bias, activation=activation, residual=res)
     assert_close_rel(out, _ref(a, w.t(), bias, activation, res), TOL_MM, str(activation))
+
+
+# Every row count of the decode-size path (whole WROWS_MR tiles and each remainder), K and N
+# off the vector width and off the 8-row weight block, K below one vector.
+@pytest.mark.parametrize("m", range(1, 18))
+@pytest.mark.parametrize("k,n", [(37, 29), (8, 16), (256, 768)])
+def test_matmul_weight_rows_dot_tiles_on_odd_shapes(rows_driver, m, k, n):
+    a = torch.randn(m + 2, k + 5)[1:-1, 3 : 3 + k]  # rows k + 5 apart, offset start
+    w = torch.randn(n, k)
+    got = nm.matmul(a, w.t())
+    assert_close_rel(got, _ref(a, w.t()), TOL_MM, f"{rows_driver} {m}x{k}x{n}")
+
+
+@pytest.mark.parametrize("vw", [8, 16])
+@pytest.mark.parametrize("mr", [1, 2, 3])
+def test_dots_tile_intrinsic_at_both_vector_widths(vw, mr):
+    # Both widths compile on any x86 host, as for the row tiles above.
+    from numba import njit
+
+    from ryzen_opt.kernels.numba._dots_tile import _make_dots_tile
+
+    tile = _make_dots_tile(mr, vw)
+
+    @njit
+    def run(x, ldx, w, ldw, k, c, ldc):
+        tile(x, 1, ldx, w, 2, ldw, k, c, 3, ldc)
+
+    k, ldx, ldw, ldc = 3 * vw, 3 * vw + 5, 3 * vw + 3, 11
+    x = torch.randn(mr * ldx + 1).numpy()
+    w = torch.randn(8 * ldw + 2).numpy()
+    c = torch.full((mr * ldc + 3,), float("nan")).numpy()
+    run(x, ldx, w, ldw, k, c, ldc)
+    wm = torch.from_numpy(w[2:]).double()[: 8 * ldw].reshape(8, ldw)[:, :k]
+    for i in range(mr):
+        xi = torch.from_numpy(x[1 + i * ldx : 1 + i * ldx + k]).double()
+        got = torch.from_numpy(c[3 + i * ldc : 3 + i * ldc + 8])
+        assert_close_rel(got, wm @ xi, TOL_MM, f"row {i}")

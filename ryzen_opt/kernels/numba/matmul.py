@@ -20,7 +20,8 @@ both operands in place through their addresses and runs 4/2/1-row x 6-vector reg
 its own columns, so the weight is read once per call (1x256x768: 0.10x -> ~1.0x torch, see
 NOTES.md). Its launcher checks attributes only (~1.9 us of Python). A ``b = W.t()`` of the same
 sizes (W's rows contiguous, the ``nn.Linear`` layout) takes ``_wrows_matmul``: eight weight
-rows at a time through ``_common._dots8`` against each row of ``a``, W read in place.
+rows at a time against three rows of ``a`` (``_dots_tile``, 24 zmm accumulators; one row with
+AVX2), W read in place.
 
 The epilogue (bias, activation, residual) runs on each output block while it is in cache.
 """
@@ -40,6 +41,7 @@ from ryzen_opt.kernels.numba._common import (
     MR,
     ROWS_MR,
     ROWS_NR,
+    VW,
     _activate,
     _dot1x4,
     _dot3x3,
@@ -54,6 +56,12 @@ from ryzen_opt.kernels.numba._common import (
     cpu_fp32_reason,
     scratch,
     set_threads,
+)
+from ryzen_opt.kernels.numba._dots_tile import (
+    WROWS_MR,
+    _dots_tile1,
+    _dots_tile2,
+    _dots_tile_max,
 )
 
 # KC=256: 3 A rows + 3 B rows = 6 KiB, well inside the 32 KiB L1; K=64 slabs lose ~40% to the
@@ -372,20 +380,46 @@ def _rows_matmul(
 
 @njit(**JIT)
 def _wrows_range(af, lda, wf, ldw, cf, m, n, k, j0, j1, bias, has_bias, res, has_res, act):
-    """c[:, j0:j1] = a @ W[j0:j1].T for all m rows: eight weight rows at a time against each
-    row of a (``_dots``), so each block of W is read from memory once and from L1 m times."""
+    """c[:, j0:j1] = a @ W[j0:j1].T for all m rows: eight weight rows at a time against
+    WROWS_MR rows of a (``_dots_tile``), so each block of W is read from memory once and
+    from L1 m / WROWS_MR times. A ragged last block of < 8 weight rows takes ``_dots``."""
+    kv = k - k % VW
     for jb in range(j0, j1, 8):
         nj = min(8, j1 - jb)
-        for i in range(m):
-            _dots(
-                af[i * lda : i * lda + k],
-                wf,
-                jb * ldw,
-                ldw,
-                nj,
-                k,
-                cf[i * n + jb : i * n + jb + nj],
-            )
+        if nj < 8:
+            for i in range(m):
+                _dots(
+                    af[i * lda : i * lda + k],
+                    wf,
+                    jb * ldw,
+                    ldw,
+                    nj,
+                    k,
+                    cf[i * n + jb : i * n + jb + nj],
+                )
+            continue
+        r0 = jb * ldw
+        i = 0
+        # Four rows left go as 2 + 2, not 3 + 1: one row alone is bound by the loads.
+        while m - i >= WROWS_MR and (WROWS_MR != 3 or m - i != 4):
+            _dots_tile_max(af, i * lda, lda, wf, r0, ldw, kv, cf, i * n + jb, n)
+            i += WROWS_MR
+        while WROWS_MR > 2 and i + 2 <= m:
+            _dots_tile2(af, i * lda, lda, wf, r0, ldw, kv, cf, i * n + jb, n)
+            i += 2
+        if i < m:
+            _dots_tile1(af, i * lda, lda, wf, r0, ldw, kv, cf, i * n + jb, n)
+        if kv < k:  # the K tail (< VW elements), added to the tiles' sums
+            t = k - kv
+            for i in range(m):
+                ar = af[i * lda + kv : i * lda + k]
+                crow = cf[i * n + jb : i * n + jb + 8]
+                for j in range(8):
+                    wr = wf[r0 + j * ldw + kv : r0 + j * ldw + k]
+                    s = crow[j]
+                    for p in range(t):
+                        s += ar[p] * wr[p]
+                    crow[j] = s
     if has_bias or has_res or act != 0:
         _epilogue(cf.reshape((m, n)), 0, m, j0, j1, bias, has_bias, res, has_res, act)
 
