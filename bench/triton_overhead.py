@@ -14,7 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ryzen_opt.kernels.triton import _launcher
 from ryzen_opt.kernels.triton import decode_attention as td
+from ryzen_opt.kernels.triton import layer_norm as tln
 from ryzen_opt.kernels.triton import matmul as tm
 
 
@@ -44,24 +46,46 @@ def main() -> None:
     q = torch.randn(8, 32, 128, device="cuda", dtype=dt)
     kc = torch.randn(8, 8, 4096, 128, device="cuda", dtype=dt)
     lens = torch.full((8,), 4096, device="cuda", dtype=torch.int32)
+    ln_x = torch.randn(4, 768, device="cuda", dtype=dt)
+    ln_w = torch.randn(768, device="cuda", dtype=dt)
+    noop_direct = _launcher.CachedLauncher(_noop_kernel)
+    library = {
+        "tm.matmul M=1 (split-K, 2 launches)": partial(tm.matmul, x, w.t()),
+        "tm.matmul M=16": partial(tm.matmul, x.expand(16, -1).contiguous(), w.t()),
+        "tln.layer_norm 4x768": partial(tln.layer_norm, ln_x, ln_w, ln_w, 1e-5),
+        "td.decode_attention 8x4096": partial(td.decode_attention, q, kc, kc, lens),
+    }
     rows = {
         "torch x @ w.t()": partial(torch.matmul, x, w.t()),
-        "noop triton kernel (3 args)": lambda: _noop_kernel[(1,)](buf, 1024, BLOCK=1024),
-        "tm.matmul M=1 (split-K, 2 launches)": partial(tm.matmul, x, w.t()),
-        "tm._launch M=1": partial(tm._launch, x, w.t(), None, None, None, None),
+        "torch layer_norm 4x768": partial(
+            torch.nn.functional.layer_norm, ln_x, (768,), ln_w, ln_w, 1e-5
+        ),
         "torch.empty 4x4096 fp32": partial(torch.empty, (4, 1, 1, 4096), device="cuda"),
-        "td.decode_attention 8x4096": partial(td.decode_attention, q, kc, kc, lens),
-        "td._launch 8x4096": partial(td._launch, q, kc, kc, lens, None),
+        "noop triton kernel (3 args), kernel[grid]": lambda: _noop_kernel[(1,)](
+            buf, 1024, BLOCK=1024
+        ),
+        "noop triton kernel (3 args), CachedLauncher": lambda: noop_direct(
+            (1,), buf, 1024, BLOCK=1024
+        ),
     }
+    # The same library calls through Triton's own launch path and through the cached one.
+    old = _launcher.set_enabled(False)
+    rows.update({f"{name} [triton path]": fn for name, fn in library.items()})
     for name, fn in rows.items():
-        print(f"{name:<40} {_host_us(fn):8.1f} us host per call", flush=True)
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(200):
-        tm.matmul(x, w.t())
-    prof.disable()
-    torch.cuda.synchronize()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+        print(f"{name:<56} {_host_us(fn):8.1f} us host per call", flush=True)
+    _launcher.set_enabled(True)
+    for name, fn in library.items():
+        print(f"{name + ' [direct]':<56} {_host_us(fn):8.1f} us host per call", flush=True)
+    _launcher.set_enabled(old)
+    for name, fn in library.items():  # where the direct path's host time goes
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(200):
+            fn()
+        prof.disable()
+        torch.cuda.synchronize()
+        print(f"\n== profile: {name} [direct], 200 calls")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(12)
 
 
 if __name__ == "__main__":

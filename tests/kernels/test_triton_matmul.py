@@ -98,6 +98,19 @@ def test_matmul_skinny_split_k_matches_reference(m):
     assert_close_rel(out, _ref(a, b, bias, "gelu", res), TOL[torch.bfloat16], f"M={m}")
 
 
+def test_matmul_split_k_batched_leaves_tile_counters_zeroed():
+    # The last program of each tile re-zeroes its counter: a second call (and every later
+    # one) starts from zero, or it would skip or double a tile's reduction.
+    a, b = _rand(3, 2, 1024), _rand(3, 1024, 96)
+    assert tm._split_k(2, 96, 1024, 3, tm._common.num_sms(0)) > 1, "shape must take split-K"
+    for _ in range(2):
+        assert_close_rel(tm.matmul(a, b), _ref(a, b), TOL[torch.bfloat16], "batched split-K")
+    counters = [b for k, b in tm._common._SCRATCH.items() if k[0] == "splitk_counters"]
+    assert counters
+    for kept in counters:
+        assert int(kept.count_nonzero()) == 0
+
+
 def test_matmul_persistent_variant_matches_reference():
     a, b, bias = _rand(100, 70), _rand(70, 90), _rand(90)
     cfg = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": True}

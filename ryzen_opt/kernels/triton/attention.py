@@ -21,6 +21,7 @@ import triton.language as tl
 
 from ryzen_opt.kernels import reference, registry
 from ryzen_opt.kernels.triton import _common
+from ryzen_opt.kernels.triton._launcher import CachedLauncher
 
 # fmt: off
 # Kernel signatures and launches keep their arguments grouped by role (pointers, sizes,
@@ -217,10 +218,10 @@ def _launch(q, k, v, causal, scale):
     if lk == 0:
         return o.zero_()
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, _common.next_pow2(d))
 
     def grid(META):
-        return (triton.cdiv(lq, META["BLOCK_M"]), b * hq)
+        return (_common.cdiv(lq, META["BLOCK_M"]), b * hq)
 
     args = (
         q, k, v, o,
@@ -237,10 +238,19 @@ def _launch(q, k, v, causal, scale):
         # than compiling and timing six.
         small = {"BLOCK_M": 64, "BLOCK_N": 32 if block_d > 128 else 64, "num_warps": 4,
                  "num_stages": 2}
-        _attn_fwd_kernel.fn[grid](*args, **meta, **small)
+        _launch_fwd_fixed(grid, *args, **meta, **small)
     else:
-        _attn_fwd_kernel[grid](*args, **meta)
+        _launch_fwd(grid, *args, **meta)
     return o
+
+
+# Small eager calls are bound by host time: launch the compiled kernel directly (see _launcher).
+# Lengths and the strides they scale vary between prefills; the autotune key reads only their
+# power-of-two buckets, so they are keyed on Triton's own specialization.
+_LENGTHS = ("Lq", "Lk", "stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_vb",
+            "stride_vh", "stride_ob", "stride_oh")
+_launch_fwd = CachedLauncher(_attn_fwd_kernel, loose=_LENGTHS)
+_launch_fwd_fixed = CachedLauncher(_attn_fwd_kernel.fn, loose=_LENGTHS)
 
 
 @torch.library.custom_op("ryzen_opt::triton_attention", mutates_args=())

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from ryzen_opt.kernels import reference, registry
 from ryzen_opt.kernels.triton import _common
+from ryzen_opt.kernels.triton._launcher import CachedLauncher
 
 # fmt: off
 # Kernel signatures and launches keep their arguments grouped by role (pointers, sizes,
@@ -191,10 +192,10 @@ def _decode_reduce_kernel(
 
 def _plan_splits(rows: int, max_len: int, sms: int) -> tuple[int, int]:
     """(splits, chunk): ~4 programs per SM (enough loads in flight to saturate HBM)."""
-    max_chunks = max(1, triton.cdiv(max_len, _MIN_CHUNK))
-    splits = max(1, min(max_chunks, triton.cdiv(4 * sms, rows)))
-    chunk = triton.cdiv(triton.cdiv(max_len, splits), _CHUNK_QUANTUM) * _CHUNK_QUANTUM
-    return triton.cdiv(max_len, chunk), chunk
+    max_chunks = max(1, _common.cdiv(max_len, _MIN_CHUNK))
+    splits = max(1, min(max_chunks, _common.cdiv(4 * sms, rows)))
+    chunk = _common.cdiv(_common.cdiv(max_len, splits), _CHUNK_QUANTUM) * _CHUNK_QUANTUM
+    return _common.cdiv(max_len, chunk), chunk
 
 
 def supports(q, k_cache, v_cache, cache_lengths, scale=None) -> str | None:
@@ -221,12 +222,14 @@ def _launch(q, k_cache, v_cache, cache_lengths, scale):
         return o.zero_()
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     groups = hq // hkv
-    block_d = max(16, triton.next_power_of_2(d))
-    block_g = max(16, triton.next_power_of_2(groups))  # tl.dot takes M >= 16
+    block_d = max(16, _common.next_pow2(d))
+    block_g = max(16, _common.next_pow2(groups))  # tl.dot takes M >= 16
     splits, chunk = _plan_splits(b * hkv, max_len, _common.num_sms(_common.device_index(q)))
     lengths = cache_lengths.to(device=q.device)
-    part_acc = torch.empty((b, hq, splits, block_d), device=q.device, dtype=torch.float32)
-    part_ml = torch.empty((2, b, hq, splits), device=q.device, dtype=torch.float32)
+    # The partials are written before they are read: per-stream scratch, kept between calls.
+    part_acc = _common.stream_scratch("decode_acc", q.device, b * hq * splits * block_d,
+                                      torch.float32)
+    part_ml = _common.stream_scratch("decode_ml", q.device, 2 * b * hq * splits, torch.float32)
     args = (
         q, k_cache, v_cache, lengths, part_acc, part_ml,
         hkv, groups, max_len, chunk, _common.pow2_bucket(b * hkv), d, scale * _LOG2E,
@@ -238,15 +241,25 @@ def _launch(q, k_cache, v_cache, cache_lengths, scale):
     }
     if not _common.INTERPRET and b * hkv * max_len * d < 2**24:
         # Caches under 32 MB (bf16) stream in ~10 us: one fixed config, no autotuning.
-        _decode_split_kernel.fn[(splits, b * hkv)](*args, **meta, BLOCK_N=64, num_warps=4,
-                                                     num_stages=2)
+        _launch_split_fixed((splits, b * hkv), *args, **meta, BLOCK_N=64, num_warps=4,
+                            num_stages=2)
     else:
-        _decode_split_kernel[(splits, b * hkv)](*args, **meta)
-    _decode_reduce_kernel[(b * hq,)](
-        part_acc, part_ml, o, splits, b * hq * splits, hq, d, *o.stride(),
-        BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=4,
+        _launch_split((splits, b * hkv), *args, **meta)
+    _launch_reduce(
+        (b * hq,), part_acc, part_ml, o, splits, b * hq * splits, hq, d, *o.stride(),
+        BLOCK_S=_common.next_pow2(splits), BLOCK_D=block_d, num_warps=4,
     )
     return o
+
+
+# Decode calls are bound by host time: launch the compiled kernels directly (see _launcher).
+# A cache that grows by one position per step changes its length, batch/head strides and the
+# split count every call; no heuristic or autotune key reads them, so they are keyed on
+# Triton's own specialization (CHUNK, an autotune key, stays exact).
+_GROWING = ("MAX_LEN", "stride_kb", "stride_kh", "stride_vb", "stride_vh", "NUM_SPLITS")
+_launch_split = CachedLauncher(_decode_split_kernel, loose=_GROWING)
+_launch_split_fixed = CachedLauncher(_decode_split_kernel.fn, loose=_GROWING)
+_launch_reduce = CachedLauncher(_decode_reduce_kernel, loose=("NUM_SPLITS", "TOTAL"))
 
 
 @torch.library.custom_op("ryzen_opt::triton_decode_attention", mutates_args=())

@@ -193,7 +193,7 @@ _LORA_SHAPES = {
 
 
 def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    return _common.next_pow2(max(int(n), 1))
 
 
 def _linear(x, w, out, rows_per_program, *, ln=None, bias=None, gelu=False, res=None, qkv=None,
@@ -223,7 +223,7 @@ def _linear(x, w, out, rows_per_program, *, ln=None, bias=None, gelu=False, res=
     ids, tok, pe = embed if embed is not None else (w, w, w)
     la, lb, ls, lrow, lrank = lora if lora is not None else (w, w, w, w, w)
     lora_n, lora_r = la.shape[:2] if lora is not None else (0, 0)
-    _row_linear_kernel[(triton.cdiv(n, block_n), triton.cdiv(rows, rows_per_program))](
+    _row_linear_kernel[(_common.cdiv(n, block_n), _common.cdiv(rows, rows_per_program))](
         x, lnw, lnb, w, bias if bias is not None else w, res if res is not None else w, out,
         kc, vc, pos, ids, tok, pe, la, lb, ls, lrow, lrank,
         rows, rows_per_program, n, k, eps, c, heads, t_max, head_dim, lora_n, lora_r,

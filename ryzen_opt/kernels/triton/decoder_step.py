@@ -79,7 +79,7 @@ class AttnConfig:
 
 
 def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    return _common.next_pow2(max(int(n), 1))
 
 
 def _config(n: int, k: int, batch: int, *, sms: int = 132, accumulators: int = 1,
@@ -116,11 +116,11 @@ def _config(n: int, k: int, batch: int, *, sms: int = 132, accumulators: int = 1
     if divides is not None:
         block_n = min(block_n, divides & -divides)  # largest power of two dividing it
         min_n = min(min_n, block_n)
-    row_groups = triton.cdiv(batch, block_b)
-    while triton.cdiv(n, block_n) * row_groups < target and block_n > min_n:
+    row_groups = _common.cdiv(batch, block_b)
+    while _common.cdiv(n, block_n) * row_groups < target and block_n > min_n:
         block_n //= 2
-    tiles = triton.cdiv(n, block_n) * row_groups
-    k_tiles = triton.cdiv(k, block_k)
+    tiles = _common.cdiv(n, block_n) * row_groups
+    k_tiles = _common.cdiv(k, block_k)
     split_k = 1
     while tiles * split_k < min(target, 2 * sms) and split_k * 4 <= k_tiles:
         split_k *= 2  # >= 2 K tiles a split
@@ -686,7 +686,7 @@ class DecoderWorkspace:
             accs = 2 if name == "up" and gated else 1
             if c.split_k > 1:
                 part = max(part, c.split_k * accs * b * n_of[name])
-            tiles = max(tiles, triton.cdiv(n_of[name], c.block_n) * triton.cdiv(b, c.block_b))
+            tiles = max(tiles, _common.cdiv(n_of[name], c.block_n) * _common.cdiv(b, c.block_b))
         self.attn = attn_config(b, lay.kv_heads, lay.head_dim, 0, sms=sms)  # see bind()
         self._attn_config, self._sms = attn_config, sms
         self.partials = torch.empty(part, device=dev, dtype=torch.float32)
@@ -731,7 +731,7 @@ class DecoderWorkspace:
 
 
 def _grid(c: LinearConfig, n_blocks: int, batch: int):
-    return (n_blocks, c.split_k, triton.cdiv(batch, c.block_b))
+    return (n_blocks, c.split_k, _common.cdiv(batch, c.block_b))
 
 
 def _stats_block(k: int, c: LinearConfig) -> int:
@@ -742,7 +742,7 @@ def _stats_block(k: int, c: LinearConfig) -> int:
 
 
 def _k_per(c: LinearConfig, k: int) -> int:
-    return triton.cdiv(triton.cdiv(k, c.block_k), c.split_k) * c.block_k
+    return _common.cdiv(_common.cdiv(k, c.block_k), c.split_k) * c.block_k
 
 
 def _norm_args(norm, fallback):
@@ -761,7 +761,7 @@ def _linear(ws, c: LinearConfig, x, lin1, out, *, lin2=None, norm=None, act=0, r
     (s1o, s1i), (s2o, s2i) = lin1.strides(), lin2.strides()
     dt = w1.dtype
     # fmt: off
-    _linear_kernel[_grid(c, triton.cdiv(n, c.block_n), ws.batch)](
+    _linear_kernel[_grid(c, _common.cdiv(n, c.block_n), ws.batch)](
         x, nw, nb, w1, lin2.weight, lin1.bias if has_bias else w1,
         lin2.bias if lin2.bias is not None else w1, res if res is not None else out, out,
         ws.partials, ws.counters,

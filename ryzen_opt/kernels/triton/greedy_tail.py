@@ -171,12 +171,12 @@ def greedy_tail(
         )
     if b == 0:
         return
-    block_v = min(1024 if not _common.INTERPRET else 64, triton.next_power_of_2(max(v, 1)))
-    _greedy_tail_kernel[(b, triton.cdiv(v, block_v))](
+    block_v = min(1024 if not _common.INTERPRET else 64, _common.next_pow2(max(v, 1)))
+    _greedy_tail_kernel[(b, _common.cdiv(v, block_v))](
         logits, eos_mask, step_no, block, finished, pad, eos,
         tokens, j, ids, scratch[0], scratch[1],
         v, eos.numel(),
         logits.stride(0), tokens.stride(0),
-        BLOCK_V=block_v, BLOCK_EOS=max(2, triton.next_power_of_2(max(eos.numel(), 1))),
+        BLOCK_V=block_v, BLOCK_EOS=max(2, _common.next_pow2(max(eos.numel(), 1))),
         num_warps=4,
     )

@@ -61,19 +61,19 @@ def _tile_config(rows: int, in_features: int, out_features: int, rank: int, sms:
       aims at ~2 programs per SM; the expand narrows its tiles (down to 32 outputs) for the
       same reason. These follow from the arithmetic above; no GPU timing is behind them yet.
     """
-    block_r = triton.next_power_of_2(max(rank, 1))
+    block_r = _common.next_pow2(max(rank, 1))
     budget = 4096 if block_r <= 16 else 2048
-    block_k = max(8, min(512, budget // block_r, triton.next_power_of_2(max(in_features, 1))))
-    k_blocks = triton.cdiv(max(in_features, 1), block_k)
-    splits = max(1, min(k_blocks, triton.cdiv(2 * sms, max(rows, 1))))
-    k_per_split = triton.cdiv(k_blocks, splits) * block_k
-    splits = triton.cdiv(max(in_features, 1), k_per_split)
-    block_n = max(16, min(4096 // block_r, triton.next_power_of_2(max(out_features, 1))))
-    while block_n > 32 and rows * triton.cdiv(out_features, block_n) < 2 * sms:
+    block_k = max(8, min(512, budget // block_r, _common.next_pow2(max(in_features, 1))))
+    k_blocks = _common.cdiv(max(in_features, 1), block_k)
+    splits = max(1, min(k_blocks, _common.cdiv(2 * sms, max(rows, 1))))
+    k_per_split = _common.cdiv(k_blocks, splits) * block_k
+    splits = _common.cdiv(max(in_features, 1), k_per_split)
+    block_n = max(16, min(4096 // block_r, _common.next_pow2(max(out_features, 1))))
+    while block_n > 32 and rows * _common.cdiv(out_features, block_n) < 2 * sms:
         block_n //= 2
     return {
         "BLOCK_R": block_r, "BLOCK_K": block_k, "SPLITS": splits, "K_PER_SPLIT": k_per_split,
-        "BLOCK_N": block_n, "BLOCK_S": triton.next_power_of_2(splits),
+        "BLOCK_N": block_n, "BLOCK_S": _common.next_pow2(splits),
     }
 
 
@@ -187,7 +187,7 @@ def _launch(x, a, b, scales, indices, out):
         *x.stride(), *a.stride(),
         BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], num_warps=4,
     )
-    _expand_kernel[(rows, triton.cdiv(out_features, cfg["BLOCK_N"]))](
+    _expand_kernel[(rows, _common.cdiv(out_features, cfg["BLOCK_N"]))](
         part, b, scales, indices, y,
         n_adapters, rank, out_features, cfg["SPLITS"],
         *b.stride(), *y.stride(),

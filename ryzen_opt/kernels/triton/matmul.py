@@ -3,13 +3,17 @@
 ``activation(a @ b + bias) + residual`` cast to ``out_dtype``, for 2-D and batched 3-D inputs
 of any strides. bf16/fp16 operands accumulate in fp32; fp32 operands run through TF32 tensor
 cores only when ``torch.backends.cuda.matmul.allow_tf32`` is set (otherwise ``supports``
-says why not). Three kernels:
+says why not). Two kernels:
 
 * ``_matmul_kernel``: one output tile per program, or (``PERSISTENT``) one program per SM
   walking the tiles; the autotuner times both kinds of config and keeps the faster.
-* ``_matmul_splitk_kernel`` + ``_splitk_reduce_kernel``: skinny M (<= 64), where a plain
-  tiling leaves most SMs idle (M=16, N=4096 with BLOCK_N=64 is 64 programs for 132 SMs).
-  The K range is split across programs writing fp32 partials; the reduce applies the epilogue.
+* ``_matmul_splitk_kernel``: skinny M (<= 64), where a plain tiling leaves most SMs idle
+  (M=16, N=4096 with BLOCK_N=64 is 64 programs for 132 SMs). The K range is split across
+  programs writing fp32 partials; the last program of each tile to finish (counted on a tile
+  counter) sums them in a fixed order and applies the epilogue, all in one launch.
+
+Eager calls at decode sizes are bound by host time, so both launch through
+:class:`~ryzen_opt.kernels.triton._launcher.CachedLauncher`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import triton.language as tl
 
 from ryzen_opt.kernels import reference, registry
 from ryzen_opt.kernels.triton import _common
+from ryzen_opt.kernels.triton._launcher import CachedLauncher
 
 # fmt: off
 # Kernel signatures and launches keep their arguments grouped by role (pointers, sizes,
@@ -257,31 +262,37 @@ def _splitk_configs():
 def _prune_splitk(configs, named_args, **kwargs):
     if len(configs) == 1:
         return configs
-    bm = max(16, triton.next_power_of_2(named_args["M"]))
+    bm = max(16, _common.next_pow2(named_args["M"]))
     return [c for c in configs if c.kwargs["BLOCK_M"] == bm] or configs[:1]
 
 
 @triton.autotune(
     configs=_splitk_configs(),
-    key=["M_KEY", "N_KEY", "K_KEY", "SPLIT_K"],
+    key=["M_KEY", "N_KEY", "K_KEY", "SPLIT_K", "ACTIVATION"],
     prune_configs_by={"early_config_prune": _prune_splitk},
 )
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % (a["BLOCK_K"] * a["SPLIT_K"]) == 0})
 @triton.jit
 def _matmul_splitk_kernel(
-    # pointers
-    a_ptr, b_ptr, ws_ptr,
+    # pointers (counters: one int32 per output tile, zero between calls)
+    a_ptr, b_ptr, ws_ptr, count_ptr, c_ptr, bias_ptr, res_ptr,
     # sizes
     M, N, K, M_KEY, N_KEY, K_KEY,
     # strides (the workspace is contiguous (SPLIT_K, batch, M, N))
     stride_ab, stride_am, stride_ak,
     stride_bb, stride_bk, stride_bn,
     stride_wk, stride_wb,
+    stride_cb, stride_cm, stride_cn,
+    stride_bias, stride_rb, stride_rm, stride_rn,
     # meta-parameters
     SPLIT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PERSISTENT: tl.constexpr, EVEN_K: tl.constexpr,
 ):
+    # One launch: every program writes its K slice's fp32 partial, then counts itself in
+    # on the tile's counter; the last to arrive sums the SPLIT_K partials in split order (the
+    # same rounding whichever program is last), applies the epilogue and re-zeroes the counter.
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -315,50 +326,34 @@ def _matmul_splitk_kernel(
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    ws = ws_ptr + pid_k * stride_wk + pid_b * stride_wb
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(ws + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
-
-
-@triton.jit
-def _splitk_reduce_kernel(
-    # pointers
-    ws_ptr, c_ptr, bias_ptr, res_ptr,
-    # sizes
-    M, N,
-    # strides
-    stride_wk, stride_wb, stride_cb, stride_cm, stride_cn,
-    stride_bias, stride_rb, stride_rm, stride_rn,
-    # meta-parameters
-    SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     ws = ws_ptr + pid_b * stride_wb + offs_m[:, None] * N + offs_n[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in range(SPLIT_K):
-        acc += tl.load(ws + s * stride_wk, mask=mask, other=0.0)
-    _epilogue(
-        acc, offs_m, offs_n, M, N,
-        c_ptr + pid_b * stride_cb, stride_cm, stride_cn,
-        bias_ptr, stride_bias,
-        res_ptr + pid_b * stride_rb, stride_rm, stride_rn,
-        HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
-    )
+    tl.store(ws + pid_k * stride_wk, acc, mask=mask)
+    # Every thread's partial is stored before the release of the count (bar.sync, then a
+    # gpu-scope acq_rel atomic); the last program's acquire makes all partials visible.
+    tl.debug_barrier()
+    counter = count_ptr + pid_b * tl.num_programs(0) + pid
+    arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+    if arrived == SPLIT_K - 1:
+        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in range(SPLIT_K):
+            total += tl.load(ws + s * stride_wk, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(counter, 0)
+        _epilogue(
+            total, offs_m, offs_n, M, N,
+            c_ptr + pid_b * stride_cb, stride_cm, stride_cn,
+            bias_ptr, stride_bias,
+            res_ptr + pid_b * stride_rb, stride_rm, stride_rn,
+            HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
+        )
 
 
 def _split_k(m: int, n: int, k: int, batch: int, sms: int) -> int:
     """K splits for skinny M: enough programs for ~2 waves, each slice >= 256 deep."""
     if m > _SKINNY_M or k < 512:
         return 1
-    tiles = triton.cdiv(n, 64) * triton.cdiv(m, 64) * batch
-    split = min(k // 256, triton.cdiv(2 * sms, tiles))
+    tiles = _common.cdiv(n, 64) * _common.cdiv(m, 64) * batch
+    split = min(k // 256, _common.cdiv(2 * sms, tiles))
     if split <= 1:
         return 1
     return 1 << (split.bit_length() - 1)  # a power of two, so autotune keys stay few
@@ -383,17 +378,19 @@ def supports(a, b, bias=None, activation=None, residual=None, out_dtype=None) ->
     return None
 
 
-def _as3d(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """A 3-D view and its batch stride (0 when the batch broadcasts)."""
-    if t.dim() == 2:
-        return t.unsqueeze(0), 0
-    return t, (t.stride(0) if t.shape[0] != 1 else 0)
+def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, row, column) strides of a 2-D or 3-D operand; the batch stride is 0 when the
+    batch broadcasts (2-D, or a batch of 1). No 3-D view is made: a view costs host time."""
+    st = t.stride()
+    if len(st) == 2:
+        return 0, st[0], st[1]
+    return (st[0] if t.shape[0] != 1 else 0), st[1], st[2]
 
 
 def _small_config(m: int, elt: int) -> dict:
     # Problems under 2**27 multiply-adds (512^3) run in microseconds: timing a dozen configs
     # (each compiled per specialisation) costs seconds that the call never earns back.
-    return {"BLOCK_M": 64 if m > 32 else max(16, triton.next_power_of_2(m)), "BLOCK_N": 64,
+    return {"BLOCK_M": 64 if m > 32 else max(16, _common.next_pow2(m)), "BLOCK_N": 64,
             "BLOCK_K": 32 if elt == 4 else 64, "GROUP_M": 8, "PERSISTENT": False,
             "num_warps": 4, "num_stages": 3}
 
@@ -403,19 +400,15 @@ def _launch(a, b, bias, activation, residual, out_dtype, config=None) -> torch.T
     c = torch.empty(out_shape, device=a.device, dtype=out_dtype or a.dtype)
     if c.numel() == 0:
         return c
-    a3, sab = _as3d(a)
-    b3, sbb = _as3d(b)
-    c3 = c if c.dim() == 3 else c.unsqueeze(0)
-    batch = c3.shape[0]
-    m, k = a3.shape[1], a3.shape[2]
-    n = b3.shape[2]
-    if residual is not None:
-        r3 = residual if residual.dim() == 3 else residual.unsqueeze(0)
-        srb = r3.stride(0) if batch > 1 else 0
-        srm, srn = r3.stride(1), r3.stride(2)
-    else:
-        r3, srb, srm, srn = c3, 0, 0, 0
-    bias_t, sbias = (bias, bias.stride(0)) if bias is not None else (c3, 0)
+    batch = c.shape[0] if c.dim() == 3 else 1
+    m, k = a.shape[-2], a.shape[-1]
+    n = b.shape[-1]
+    sab, sam, sak = _strides3(a)
+    sbb, sbk, sbn = _strides3(b)
+    scb, scm, scn = _strides3(c)
+    r3 = residual if residual is not None else c
+    srb, srm, srn = _strides3(residual) if residual is not None else (0, 0, 0)
+    bias_t, sbias = (bias, bias.stride(0)) if bias is not None else (c, 0)
     act = _ACTIVATION_CODE[activation]
     precision = _common.dot_precision(a.dtype)
     upcast = _common.upcast_dot(a.dtype)
@@ -428,43 +421,53 @@ def _launch(a, b, bias, activation, residual, out_dtype, config=None) -> torch.T
         "HAS_RESIDUAL": residual is not None,
     }
     if split > 1:
-        ws = torch.empty((split, batch, m, n), device=a.device, dtype=torch.float32)
-        grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),
-                             split, batch)
-        _matmul_splitk_kernel[grid](
-            a3, b3, ws, m, n, k, *keys,
-            sab, a3.stride(1), a3.stride(2), sbb, b3.stride(1), b3.stride(2),
-            ws.stride(0), ws.stride(1),
-            SPLIT_K=split, INPUT_PRECISION=precision, UPCAST=upcast,
+        # Partials are overwritten before they are read; the counters are left zeroed by every
+        # launch (the last program of each tile resets its own). Tiles of 16 x 16 bound the
+        # tile count of any config.
+        ws = _common.stream_scratch("splitk_ws", a.device, split * batch * m * n, torch.float32)
+        counters = _common.stream_scratch(
+            "splitk_counters", a.device, _common.cdiv(m, 16) * _common.cdiv(n, 16) * batch,
+            torch.int32, zeroed=True,
         )
-        # 64 columns x 16 rows per program: 4 KB of fp32 partials per split, coalesced rows.
-        rbm, rbn = min(16, triton.next_power_of_2(m)), 64
-        _splitk_reduce_kernel[(triton.cdiv(m, rbm), triton.cdiv(n, rbn), batch)](
-            ws, c3, bias_t, r3, m, n,
-            ws.stride(0), ws.stride(1), c3.stride(0) if batch > 1 else 0, c3.stride(1),
-            c3.stride(2), sbias, srb, srm, srn,
-            SPLIT_K=split, BLOCK_M=rbm, BLOCK_N=rbn, num_warps=4, **epilogue_meta,
+        _launch_splitk(
+            lambda META: (_common.cdiv(m, META["BLOCK_M"]) * _common.cdiv(n, META["BLOCK_N"]),
+                          split, batch),
+            a, b, ws, counters, c, bias_t, r3, m, n, k, *keys,
+            sab, sam, sak, sbb, sbk, sbn, m * n * batch, m * n,
+            scb, scm, scn, sbias, srb, srm, srn,
+            SPLIT_K=split, INPUT_PRECISION=precision, UPCAST=upcast, **epilogue_meta,
         )
         return c
 
     def grid(META):
-        tiles = triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"])
+        tiles = _common.cdiv(m, META["BLOCK_M"]) * _common.cdiv(n, META["BLOCK_N"])
         return (min(tiles, sms) if META["PERSISTENT"] else tiles, batch)
 
     args = (
-        a3, b3, c3, bias_t, r3, m, n, k, *keys, sms,
-        sab, a3.stride(1), a3.stride(2), sbb, b3.stride(1), b3.stride(2),
-        c3.stride(0) if batch > 1 else 0, c3.stride(1), c3.stride(2),
-        sbias, srb, srm, srn,
+        a, b, c, bias_t, r3, m, n, k, *keys, sms,
+        sab, sam, sak, sbb, sbk, sbn, scb, scm, scn, sbias, srb, srm, srn,
     )
     meta = {"INPUT_PRECISION": precision, "UPCAST": upcast, **epilogue_meta}
     if config is None and not _common.INTERPRET and m * n * k < 2**27:
         config = _small_config(m, a.element_size())
     if config is None:
-        _matmul_kernel[grid](*args, **meta)
+        _launch_tuned(grid, *args, **meta)
     else:
-        _matmul_kernel_fixed[grid](*args, **meta, **config)
+        _launch_fixed(grid, *args, **meta, **config)
     return c
+
+
+# Eager calls at decode sizes are bound by host time: these launch the compiled kernels
+# directly after the first call of each shape (see _launcher). M (a prefill's token count)
+# and the batch strides it scales vary between calls; autotune keys read only M's bucket and
+# EVEN_K reads K, so they are keyed on Triton's own specialization.
+_launch_splitk = CachedLauncher(
+    _matmul_splitk_kernel, loose=("M", "stride_ab", "stride_wb", "stride_cb", "stride_rb")
+)
+_launch_tuned = CachedLauncher(_matmul_kernel, loose=("M", "stride_ab", "stride_cb", "stride_rb"))
+_launch_fixed = CachedLauncher(
+    _matmul_kernel_fixed, loose=("M", "stride_ab", "stride_cb", "stride_rb")
+)
 
 
 @torch.library.custom_op("ryzen_opt::triton_matmul", mutates_args=())

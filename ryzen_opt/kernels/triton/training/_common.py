@@ -14,6 +14,9 @@ from ryzen_opt.kernels.triton import _common
 
 KERNEL_DTYPES = _common.KERNEL_DTYPES
 INTERPRET = _common.INTERPRET
+# Host-side integer helpers (``triton.cdiv`` costs microseconds from Python).
+cdiv = _common.cdiv
+next_pow2 = _common.next_pow2
 
 
 def check_device(name: str, t: torch.Tensor | None) -> None:

@@ -8,7 +8,7 @@ its row stride and is not copied.
 
 from __future__ import annotations
 
-import triton
+from ryzen_opt.kernels.triton import _common
 
 # 1024 elements (4 per thread over 4 warps): element-wise kernels are bandwidth-bound and
 # this is the Triton tutorial's vector-add block, which reaches the copy rate on Hopper.
@@ -17,4 +17,4 @@ NUM_WARPS = 4
 
 
 def grid(n_rows: int, n: int) -> tuple[int]:
-    return (n_rows * triton.cdiv(n, BLOCK),)
+    return (n_rows * _common.cdiv(n, BLOCK),)

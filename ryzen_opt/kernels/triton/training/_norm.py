@@ -129,11 +129,11 @@ def forward(x, residual, weight, bias, eps, rms):
     r2 = _common.rows(residual, n) if residual is not None else x2
     y2 = y.view(-1, n)
     h2 = h.view(-1, n) if residual is not None else y2
-    block_n = triton.next_power_of_2(n)
+    block_n = _common.next_pow2(n)
     # ~4096 values per program, 8-16 per thread, as the inference layer_norm (measured there).
     rows = max(1, min(16, 4096 // block_n))
     warps = min(16, max(4, block_n * rows // 512))
-    _norm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
+    _norm_fwd_kernel[(_common.cdiv(n_rows, rows),)](
         x2, r2, weight if weight is not None else y2, bias if bias is not None else y2,
         y2, h2, mean if not rms else rstd, rstd,
         n_rows, n, float(eps),
@@ -162,12 +162,12 @@ def backward(dy, dh_out, h, weight, mean, rstd, rms, want_dw, want_db):
     # Two programs per SM keep every SM busy while one waits on memory; each writes one
     # partial row of dweight/dbias, so the partials stay tiny (2 * SMs rows).
     programs = min(n_rows, 2 * _common.sms(h))
-    per_program = triton.cdiv(n_rows, programs)
-    programs = triton.cdiv(n_rows, per_program)
+    per_program = _common.cdiv(n_rows, programs)
+    programs = _common.cdiv(n_rows, per_program)
     f32 = {"device": h.device, "dtype": torch.float32}
     dw = torch.empty((programs, n) if want_dw else (0, n), **f32)
     db = torch.empty((programs, n) if want_db else (0, n), **f32)
-    block_n = triton.next_power_of_2(n)
+    block_n = _common.next_pow2(n)
     warps = min(16, max(4, block_n // 256))
     _norm_bwd_kernel[(programs,)](
         dy2, dho2, h2, weight if weight is not None else h2, mean if not rms else rstd, rstd,

@@ -276,7 +276,7 @@ def _bwd_dq_kernel(
 def _meta(q):
     d = q.shape[-1]
     return {
-        "BLOCK_D": max(16, triton.next_power_of_2(d)),
+        "BLOCK_D": max(16, _common.next_pow2(d)),
         "INPUT_PRECISION": _tcommon.dot_precision(q.dtype),
         "UPCAST": _tcommon.upcast_dot(q.dtype),
     }
@@ -293,7 +293,7 @@ def _forward(q, k, v, causal, scale):
         return o.zero_(), lse
     bm, bn, warps, stages = _blocks(d)
     meta = _meta(q)
-    _fwd_kernel[(triton.cdiv(lq, bm), b * hq)](
+    _fwd_kernel[(_common.cdiv(lq, bm), b * hq)](
         q, k, v, o, lse,
         hq, hq // hkv, lq, lk, d, scale * _LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *o.stride()[:3],
@@ -317,7 +317,7 @@ def _backward(do, q, k, v, o, lse, causal, scale):
     meta = _meta(q)
     # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij: the softmax backward's row term.
     delta = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
-    _delta_kernel[(triton.cdiv(lq, big), b * hq)](
+    _delta_kernel[(_common.cdiv(lq, big), b * hq)](
         o, do, delta,
         hq, lq, d,
         *o.stride()[:3], *do.stride(),
@@ -325,13 +325,13 @@ def _backward(do, q, k, v, o, lse, causal, scale):
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     # dK/dV: a tile of `big` keys against `small` queries at a time; dQ the other way round.
-    _bwd_dkdv_kernel[(triton.cdiv(lk, big), b * hkv)](
+    _bwd_dkdv_kernel[(_common.cdiv(lk, big), b * hkv)](
         q, k, v, do, lse, delta, dk, dv,
         hq, hkv, hq // hkv, lq, lk, d, scale * _LOG2E, scale,
         *strides,
         CAUSAL=causal, **meta, BLOCK_M=small, BLOCK_N=big, num_warps=warps, num_stages=stages,
     )
-    _bwd_dq_kernel[(triton.cdiv(lq, big), b * hq)](
+    _bwd_dq_kernel[(_common.cdiv(lq, big), b * hq)](
         q, k, v, do, lse, delta, dq,
         hq, hq // hkv, lq, lk, d, scale * _LOG2E, scale,
         *strides,

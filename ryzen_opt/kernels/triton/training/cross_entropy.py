@@ -139,7 +139,7 @@ def _forward(hidden, weight, labels, bias, ignore_index, chunk_size, want_h, wan
     if n > 0:
         gh2 = gh.view(n, h_dim) if want_h else gh
         wt = weight.t()
-        block_v = min(_MAX_BLOCK_V, triton.next_power_of_2(vocab))
+        block_v = min(_MAX_BLOCK_V, _common.next_pow2(vocab))
         warps = min(32, max(4, block_v // 1024))
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)

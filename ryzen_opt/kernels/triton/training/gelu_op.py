@@ -72,7 +72,7 @@ def _launch(x, approximate, dy=None):
     o2 = out.view(n_rows, n)
     _gelu_kernel[_elementwise.grid(n_rows, n)](
         dy2, x2, o2,
-        n, triton.cdiv(n, _elementwise.BLOCK),
+        n, _common.cdiv(n, _elementwise.BLOCK),
         dy2.stride(0), x2.stride(0), o2.stride(0),
         TANH=approximate == "tanh", BACKWARD=dy is not None, BLOCK=_elementwise.BLOCK,
         num_warps=_elementwise.NUM_WARPS,

@@ -75,12 +75,12 @@ def _rotate(x, cos, sin, backward):
         return out
     b, h, s, d = x.shape
     half = d // 2
-    block_half = triton.next_power_of_2(half)
+    block_half = _common.next_pow2(half)
     # ~2048 elements of each half per program (16 per thread over 4 warps).
-    block_s = max(1, min(triton.next_power_of_2(s), 2048 // block_half))
+    block_s = max(1, min(_common.next_pow2(s), 2048 // block_half))
     cb = 0 if cos.shape[0] == 1 else cos.stride(0)  # batch 1 broadcasts
     sb = 0 if sin.shape[0] == 1 else sin.stride(0)
-    _rotary_kernel[(b * h, triton.cdiv(s, block_s))](
+    _rotary_kernel[(b * h, _common.cdiv(s, block_s))](
         x, cos, sin, out,
         h, s, half,
         *x.stride(),

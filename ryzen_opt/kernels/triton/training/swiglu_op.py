@@ -63,7 +63,7 @@ def _launch(gate, up, dy=None):
     o2, du2 = out.view(n_rows, n), du.view(n_rows, n)
     _swiglu_kernel[_elementwise.grid(n_rows, n)](
         dy2, g2, u2, o2, du2,
-        n, triton.cdiv(n, _elementwise.BLOCK),
+        n, _common.cdiv(n, _elementwise.BLOCK),
         dy2.stride(0), g2.stride(0), u2.stride(0), o2.stride(0), du2.stride(0),
         BACKWARD=dy is not None, BLOCK=_elementwise.BLOCK, num_warps=_elementwise.NUM_WARPS,
     )
