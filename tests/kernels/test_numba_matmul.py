@@ -398,3 +398,42 @@ def test_dots_tile_intrinsic_at_both_vector_widths(vw, mr):
         xi = torch.from_numpy(x[1 + i * ldx : 1 + i * ldx + k]).double()
         got = torch.from_numpy(c[3 + i * ldc : 3 + i * ldc + 8])
         assert_close_rel(got, wm @ xi, TOL_MM, f"row {i}")
+
+
+# The fast path also takes a contiguous float32 bias and an activation (no residual): both
+# layouts of b, rows around the tile sizes, N off every block width.
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 16, 17])
+@pytest.mark.parametrize("activation", ACTS)
+def test_matmul_decode_path_bias_and_activation(rows_driver, transpose_b, m, activation):
+    k, n = 37, ROWS_NR + 11
+    a = torch.randn(m, k)
+    b = torch.randn(n, k).t() if transpose_b else torch.randn(k, n)
+    bias = torch.randn(n)
+    out = nm.matmul(a, b, bias=bias, activation=activation)
+    ref = _ref(a, b, bias, activation)
+    assert_close_rel(out, ref, TOL_MM, f"{rows_driver} {m} {activation} {transpose_b}")
+
+
+def test_matmul_decode_path_bias_it_cannot_read_in_place():
+    # float64, strided or broadcast biases take the full path (converted there); a bias of the
+    # wrong shape or type, or an unknown activation, still raises naming the argument.
+    a, w = torch.randn(3, 20), torch.randn(9, 20)
+    for bias in (
+        torch.randn(9, dtype=torch.float64),
+        torch.randn(18)[::2],
+        torch.randn(1).expand(9),
+    ):
+        assert_close_rel(
+            nm.matmul(a, w.t(), bias), _ref(a, w.t(), bias), TOL_MM, str(bias.stride())
+        )
+    with pytest.raises(ValueError, match="bias"):
+        nm.matmul(a, w.t(), bias=torch.randn(8))
+    with pytest.raises(ValueError, match="bias"):
+        nm.matmul(a, w.t(), bias=torch.tensor(1.0))
+    with pytest.raises(TypeError, match="bias"):
+        nm.matmul(a, w.t(), bias=[0.0] * 9)
+    with pytest.raises(ValueError, match="activation"):
+        nm.matmul(a, w.t(), activation="tanh")
+    with pytest.raises(ValueError, match="activation"):
+        nm.matmul(a, w.t(), activation=["gelu"])

@@ -492,6 +492,25 @@ def _rows_call(a, b, m, k, n, bias, act, residual) -> torch.Tensor:
     return c
 
 
+def _fast_epilogue(bias, activation, n: int) -> tuple[int, int] | None:
+    """``(bias address or 0, activation code)`` when the decode-size fast path can apply
+    them as given (no bias, or a contiguous float32 CPU ``(n,)`` bias; a known activation),
+    else None: the full checks then convert, or raise naming the argument."""
+    if activation is None:
+        act = 0
+    elif type(activation) is str and activation in ACT_CODES:
+        act = ACT_CODES[activation]
+    else:
+        return None
+    if bias is None:
+        return 0, act
+    try:
+        ok = bias.dtype is _F32 and bias.is_cpu and bias.shape == (n,) and bias.stride(0) == 1
+    except (AttributeError, TypeError):  # not a tensor (or 0-D): the full check raises
+        return None
+    return (bias.data_ptr(), act) if ok else None
+
+
 def matmul(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -516,10 +535,11 @@ def matmul(
     Example:
         >>> y = matmul(torch.randn(5, 7), torch.randn(7, 3), activation="gelu")
     """
-    # Decode-size calls (a few rows times a weight, float32, both operands' rows contiguous)
-    # take the row-tile path after attribute checks only (~1.5 us of Python in all): the
-    # general checks and copies below cost more than the product at 1 x 256 x 768.
-    if bias is None and activation is None and residual is None and out_dtype is None:
+    # Decode-size calls (a few rows times a weight, float32, both operands' rows contiguous,
+    # a contiguous float32 bias or none) take the row-tile path after attribute checks only
+    # (~1.5 us of Python in all): the general checks and copies below cost more than the
+    # product at 1 x 256 x 768 (an nn.Linear with bias: 21.4 us that way, see NOTES.md).
+    if residual is None and out_dtype is None:
         try:
             fast = a.dtype is _F32 and b.dtype is _F32 and a.is_cpu and b.is_cpu
             ash, bsh = a.shape, b.shape
@@ -529,7 +549,8 @@ def matmul(
             m, k = ash
             kb, n = bsh
             ast, bst = a.stride(), b.stride()
-            if kb == k and 0 < m < ROWS_MIN_M and n and k and ast[1] == 1 and 1 in bst:
+            epi = _fast_epilogue(bias, activation, n)
+            if kb == k and 0 < m < ROWS_MIN_M and n and k and ast[1] == 1 and 1 in bst and epi:
                 weight_rows = bst[0] == 1  # b = W.t(): W's rows are contiguous
                 threads = set_threads()
                 # torch.empty(m, n): 0.65 us; with dtype=: 0.86 us (measured).
@@ -543,9 +564,9 @@ def matmul(
                     m,
                     n,
                     k,
+                    epi[0],
                     0,
-                    0,
-                    0,
+                    epi[1],
                     threads,
                     ROWS_SERIAL_FMAS,
                 )
