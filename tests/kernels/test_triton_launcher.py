@@ -65,6 +65,17 @@ def test_loose_arguments_share_an_entry_only_within_a_value_class():
     assert key(32) == key(64) and key(32) != key(33) and key(1) != key(17)
 
 
+@pytest.mark.parametrize(
+    "value,allowed",
+    [("0", False), ("off", False), (" False ", False), ("no", False), ("1", True), ("", True)],
+)
+def test_environment_switch(monkeypatch, value, allowed):
+    monkeypatch.setenv("RYZEN_OPT_DIRECT_LAUNCH", value)
+    assert _launcher._env_allows() is allowed
+    monkeypatch.delenv("RYZEN_OPT_DIRECT_LAUNCH")
+    assert _launcher._env_allows()
+
+
 @pytest.mark.skipif(not _common.INTERPRET, reason="the interpreter's behaviour")
 def test_interpreter_takes_tritons_own_path():
     assert not _launcher.enabled()

@@ -30,14 +30,16 @@ the compiled kernel; every later call with the same key skips Triton's Python la
 Limits, checked where they can be: grid callables receive only the keyword and constexpr
 values (not the positional arguments); heuristics may read integer arguments and tensor
 dtypes only (the key has no tensor shapes); configs with a ``pre_hook`` always take the slow
-path. Under ``TRITON_INTERPRET=1``, on a Triton older than 3.3 (whose compiled launcher takes
-only the non-constexpr arguments), or after any failure of the direct launch (warned once),
-every call takes the plain ``kernel[grid](...)`` path.
+path. With ``RYZEN_OPT_DIRECT_LAUNCH=0`` in the environment, under ``TRITON_INTERPRET=1``,
+on a Triton older than 3.3 (whose compiled launcher takes only the non-constexpr arguments),
+or after any failure of the direct launch (warned once), every call takes the plain
+``kernel[grid](...)`` path.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 
 import torch
@@ -62,7 +64,16 @@ def _triton_at_least(major: int, minor: int) -> bool:
         return False
 
 
-_state = {"enabled": not _common.INTERPRET and _triton_at_least(3, 3), "warned": False}
+def _env_allows() -> bool:
+    """``RYZEN_OPT_DIRECT_LAUNCH=0`` (or ``false``/``no``/``off``) turns the direct path off."""
+    flag = os.environ.get("RYZEN_OPT_DIRECT_LAUNCH", "1").strip().lower()
+    return flag not in ("0", "false", "no", "off")
+
+
+_state = {
+    "enabled": not _common.INTERPRET and _triton_at_least(3, 3) and _env_allows(),
+    "warned": False,
+}
 
 
 def enabled() -> bool:
