@@ -44,11 +44,17 @@ def _gen(seed: int) -> torch.Generator:
     return g
 
 
-def _matmul_case(m, k, n, dtype, label, epilogue=None, seed=0) -> Case:
+def _matmul_case(m, k, n, dtype, label, epilogue=None, seed=0, weight_t=False) -> Case:
+    """``weight_t``: ``b`` is ``W.t()`` of a contiguous ``(n, k)`` weight, as ``nn.Linear``
+    passes it, rather than a contiguous ``(k, n)`` matrix."""
+
     def make(device):
         g = _gen(seed)
         a = _rand(m, k, dtype=dtype, device=device, gen=g)
-        b = _rand(k, n, dtype=dtype, device=device, gen=g) / math.sqrt(k)
+        if weight_t:
+            b = (_rand(n, k, dtype=dtype, device=device, gen=g) / math.sqrt(k)).t()
+        else:
+            b = _rand(k, n, dtype=dtype, device=device, gen=g) / math.sqrt(k)
         bias = _rand(n, dtype=dtype, device=device, gen=g) if epilogue else None
         return (a, b, bias, "gelu" if epilogue == "gelu" else None, None, None)
 
@@ -191,6 +197,10 @@ def cases(device: str, quick: bool) -> list[Case]:
             out.append(_matmul_case(2048, 2048, 256, f32, "2048x2048x256"))
         for m in (16,) if quick else (1, 16):
             out.append(_matmul_case(m, 256, 768, f32, f"decode qkv {m}x256x768"))
+        if not quick:  # the nn.Linear call at decode: x @ W.t() + bias
+            for m in (1, 16):
+                label = f"decode linear {m}x256x768 W.t()+bias"
+                out.append(_matmul_case(m, 256, 768, f32, label, "bias", weight_t=True))
         out.append(_attention_case(16, 4, 128, 64, True, f32, "16x4x128x64 causal"))
         out.append(_attention_case(1, 8, 4096, 64, True, f32, "1x8x4096x64 causal"))
         for b in (1, 16):
