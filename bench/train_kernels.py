@@ -20,6 +20,11 @@ on the same inputs; samples interleave the columns in a balanced order
   warm-up;
 * ``triton``: :mod:`ryzen_opt.kernels.triton.training`.
 
+``--launch-compare`` adds a ``triton, Triton's launch`` column: the same kernels launched
+through Triton's own ``kernel[grid](...)`` path instead of the cached direct launch
+(:mod:`ryzen_opt.kernels.triton._launcher`), timed in the same interleaved rounds, so the
+launcher's effect on an eager step is a ratio of one run.
+
 On CUDA each column is also captured in a CUDA graph and its replays timed (``graph``
 columns): that removes the host's Python, custom-op dispatch and Triton launch time, which
 at these sizes is comparable to a norm's GPU time and which a training step's GPU work
@@ -203,6 +208,20 @@ def _fwd_bwd(fn, leaves, grads):
     return run
 
 
+def _tritons_launch(fn):
+    """``fn`` with the cached direct launch turned off for its duration."""
+    from ryzen_opt.kernels.triton import _launcher
+
+    def run():
+        old = _launcher.set_enabled(False)
+        try:
+            return fn()
+        finally:
+            _launcher.set_enabled(old)
+
+    return run
+
+
 def _rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     err = 0.0
     for x, y in zip(a, b, strict=True):
@@ -233,7 +252,15 @@ def _short(e: Exception) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
-def measure(case: Case, device: str, repeat: int, warmup: int, compile_: bool, graph: bool) -> dict:
+def measure(
+    case: Case,
+    device: str,
+    repeat: int,
+    warmup: int,
+    compile_: bool,
+    graph: bool,
+    launch_compare: bool = False,
+) -> dict:
     leaves = case.leaves
     ref_outs = case.eager(*leaves)
     grads = [torch.randn_like(o) for o in ref_outs]
@@ -250,6 +277,8 @@ def measure(case: Case, device: str, repeat: int, warmup: int, compile_: bool, g
         "eager": _fwd_bwd(case.eager, leaves, grads),
         "triton": _fwd_bwd(case.triton, leaves, grads),
     }
+    if launch_compare:
+        fns["triton_plain"] = _tritons_launch(fns["triton"])
     if compile_:
         try:
             compiled = torch.compile(case.eager)
@@ -266,12 +295,16 @@ def measure(case: Case, device: str, repeat: int, warmup: int, compile_: bool, g
     row["speedup_vs_eager"] = row["eager_s"] / row["triton_s"]
     if "compile_s" in row:
         row["speedup_vs_compile"] = row["compile_s"] / row["triton_s"]
+    if "triton_plain_s" in row:
+        row["speedup_vs_tritons_launch"] = row["triton_plain_s"] / row["triton_s"]
     if case.op == "linear_cross_entropy":
         for name, fn in fns.items():
             row[f"{name}_peak_bytes"] = peak_memory(fn, device)
     if graph:
         graphed = {}
         for name, fn in fns.items():
+            if name == "triton_plain":  # the same GPU work as "triton" once captured
+                continue
             try:
                 graphed[name] = _graphed(fn)
             except Exception as e:  # recorded, and the other columns still run
@@ -317,6 +350,9 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         "rel err",
         "peak mem eager / compile / triton",
     ]
+    compare = any("triton_plain_s" in r for r in rows)
+    if compare:
+        headers[5:5] = ["triton, Triton's launch", "direct vs Triton's launch"]
     table = []
     for r in rows:
         mem = graph = ""
@@ -328,22 +364,26 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             graph = " / ".join(
                 _fmt_s(r.get(f"graph_{k}_s")) for k in ("eager", "compile", "triton")
             )
-        table.append(
-            [
-                r["op"],
-                r["shape"],
-                _fmt_s(r["eager_s"]),
-                _fmt_s(r.get("compile_s")),
-                _fmt_s(r["triton_s"]),
-                f"{r['speedup_vs_eager']:.2f}x",
-                _ratio(r, "speedup_vs_compile", "compile_error"),
-                graph,
-                _ratio(r, "graph_speedup_vs_eager", "graph_triton_error"),
-                _ratio(r, "graph_speedup_vs_compile", "graph_compile_error"),
-                f"{r['rel_err_vs_eager']:.1e}",
-                mem,
+        cells = [
+            r["op"],
+            r["shape"],
+            _fmt_s(r["eager_s"]),
+            _fmt_s(r.get("compile_s")),
+            _fmt_s(r["triton_s"]),
+            f"{r['speedup_vs_eager']:.2f}x",
+            _ratio(r, "speedup_vs_compile", "compile_error"),
+            graph,
+            _ratio(r, "graph_speedup_vs_eager", "graph_triton_error"),
+            _ratio(r, "graph_speedup_vs_compile", "graph_compile_error"),
+            f"{r['rel_err_vs_eager']:.1e}",
+            mem,
+        ]
+        if compare:
+            cells[5:5] = [
+                _fmt_s(r.get("triton_plain_s")),
+                _ratio(r, "speedup_vs_tritons_launch", "triton_plain_error"),
             ]
-        )
+        table.append(cells)
     return headers, table
 
 
@@ -356,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile column")
     ap.add_argument("--no-graph", action="store_true", help="leave out the CUDA-graph timings")
     ap.add_argument("--only", default=None, help="comma-separated ops to run")
+    ap.add_argument(
+        "--launch-compare",
+        action="store_true",
+        help="also time the triton column through Triton's own launch path",
+    )
     ap.add_argument("--out", default=None, help="folder for train_kernels.{json,md}")
     a = ap.parse_args(argv)
     from ryzen_opt.kernels.triton import _common
@@ -381,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     for case in all_cases:
         if case.op not in only:
             continue
-        rows.append(measure(case, a.device, repeat, 1 if a.quick else 3, compile_, graph))
+        rows.append(
+            measure(case, a.device, repeat, 1 if a.quick else 3, compile_, graph, a.launch_compare)
+        )
         print(f"{case.op}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
         del case
         if a.device == "cuda":

@@ -76,6 +76,30 @@ def test_graph_timings_and_a_failed_capture_are_recorded(monkeypatch):
     assert table[0][headers.index("graph: eager / compile / triton") + 1] == "error"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run (interpreter)")
+def test_launch_compare_times_tritons_own_path_and_restores_the_switch(monkeypatch):
+    from ryzen_opt.kernels.triton import _launcher
+
+    seen = []
+    monkeypatch.setattr(_launcher, "set_enabled", lambda flag: seen.append(flag) or True)
+    case = bt.cases("cpu", torch.float32, bt.QUICK)[3]  # swiglu
+    row = bt.measure(case, "cpu", 3, 1, False, False, launch_compare=True)
+    assert row["triton_plain_s"] > 0
+    assert row["speedup_vs_tritons_launch"] == pytest.approx(
+        row["triton_plain_s"] / row["triton_s"]
+    )
+    # every timed call of the plain column turns the direct path off, then back on
+    assert (
+        seen
+        and seen[0::2] == [False] * (len(seen) // 2)
+        and seen[1::2] == [True] * (len(seen) // 2)
+    )
+    headers, table = bt._table([row])
+    assert table[0][headers.index("direct vs Triton's launch")].endswith("x")
+    headers, _ = bt._table([bt.measure(case, "cpu", 3, 1, False, False)])
+    assert "triton, Triton's launch" not in headers
+
+
 def test_the_attention_tile_sweep_needs_a_gpu_and_says_so(capsys):
     import torch
 

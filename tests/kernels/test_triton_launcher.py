@@ -56,6 +56,17 @@ def test_loose_must_name_parameters():
         _launcher.CachedLauncher(_axpy_kernel, loose=("nope",))
 
 
+def test_loose_ints_only_for_plain_kernels():
+    launch = _launcher.CachedLauncher(_axpy_kernel, loose="ints")
+    assert launch.loose == tuple(range(len(launch.arg_names)))
+    with pytest.raises(ValueError, match="autotune or heuristics"):
+        _launcher.CachedLauncher(tm._matmul_kernel, loose="ints")
+    with pytest.raises(ValueError, match="heuristics"):
+        _launcher.CachedLauncher(tm._matmul_kernel_fixed, loose="ints")
+    with pytest.raises(ValueError, match="'ints'"):
+        _launcher.CachedLauncher(_axpy_kernel, loose="n")
+
+
 def test_loose_arguments_share_an_entry_only_within_a_value_class():
     launch = _launcher.CachedLauncher(_axpy_kernel, loose=("n",))
     x = torch.zeros(64)
@@ -252,3 +263,76 @@ def test_split_k_scratch_is_per_stream(direct):
     for o1, o2 in outs:
         assert_close_rel(o1, r1, TOL[torch.bfloat16])
         assert_close_rel(o2, r2, TOL[torch.bfloat16])
+
+
+@gpu
+def test_split_k_two_pass_is_compiled_inside_a_capture_after_eager_warm_up(direct):
+    # Eager calls take the one-pass split-K; a capture then takes the two-pass one, compiled
+    # for the first time inside the capture (no autotuning there: the pass is not a key).
+    w = torch.randn(2752, 4096, device="cuda", dtype=torch.bfloat16)  # a shape no test uses
+    x = torch.randn(3, 4096, device="cuda", dtype=torch.bfloat16)
+    assert tm._split_k(3, 2752, 4096, 1, _common.num_sms(0)) > 1
+    reduce_calls = tm._launch_reduce.hits + tm._launch_reduce.misses
+    eager = tm.matmul(x, w.t())
+    assert tm._launch_reduce.hits + tm._launch_reduce.misses == reduce_calls  # one pass
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        tm.matmul(x, w.t())
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tm.matmul(x, w.t())
+    assert tm._launch_reduce.hits + tm._launch_reduce.misses == reduce_calls + 1  # two passes
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close_rel(out, _ref_mm(x, w.t()), TOL[torch.bfloat16])
+    assert torch.equal(out, tm.matmul(x, w.t()))  # both passes sum in split order
+    assert not torch.equal(out, eager)
+
+
+def _training_calls(device="cuda"):
+    """One forward + backward of each training op and a LoRA call, on odd sizes."""
+    from ryzen_opt.kernels.triton import lora as tlora
+    from ryzen_opt.kernels.triton import training as tt
+
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, device=device, dtype=dtype, generator=g).requires_grad_()
+
+    outs = []
+    x, w = rnd(5, 37, 96), rnd(96)
+    r = rnd(5, 37, 96)
+    y, h = tt.rms_norm_residual(x, r, w, eps=1e-6)
+    outs += [y, h, *torch.autograd.grad((y.float().square().sum(), h.float().sum()), (x, r, w))]
+    gate, up = rnd(3, 41, 160), rnd(3, 41, 160)
+    y = tt.swiglu(gate, up)
+    outs += [y, *torch.autograd.grad(y.float().sum(), (gate, up))]
+    q, k, v = rnd(2, 4, 33, 64), rnd(2, 2, 33, 64), rnd(2, 2, 33, 64)
+    y = tt.attention(q, k, v, causal=True)
+    outs += [y, *torch.autograd.grad(y.float().sum(), (q, k, v))]
+    xs = torch.randn(7, 96, device=device, dtype=torch.bfloat16, generator=g)
+    a = torch.randn(3, 8, 96, device=device, dtype=torch.bfloat16, generator=g)
+    b = torch.randn(3, 72, 8, device=device, dtype=torch.bfloat16, generator=g)
+    idx = torch.tensor([0, 2, 1, -1, 0, 1, 2], device=device)
+    outs.append(tlora.lora_bgmv(xs, a, b, torch.ones(3, device=device), idx))
+    return [o.detach() for o in outs]
+
+
+@gpu
+def test_training_ops_and_lora_direct_equal_tritons_path_bitwise(direct):
+    from ryzen_opt.kernels.triton import lora as tlora
+    from ryzen_opt.kernels.triton.training import _norm, attention_op, swiglu_op
+
+    launchers = (_norm._launch_norm_fwd, _norm._launch_norm_bwd, swiglu_op._launch_swiglu,
+                 attention_op._launch_fwd, attention_op._launch_bwd_dq, tlora._launch_shrink)
+    _training_calls()  # compiles; the next calls hit
+    hits = [lc.hits for lc in launchers]
+    direct_outs = _training_calls()
+    assert all(lc.hits > h for lc, h in zip(launchers, hits, strict=True))
+    _launcher.set_enabled(False)
+    plain_outs = _training_calls()
+    for d, p in zip(direct_outs, plain_outs, strict=True):
+        assert torch.equal(d, p)

@@ -98,6 +98,20 @@ def test_matmul_skinny_split_k_matches_reference(m):
     assert_close_rel(out, _ref(a, b, bias, "gelu", res), TOL[torch.bfloat16], f"M={m}")
 
 
+@pytest.mark.parametrize("m", [1, 5, 64])
+def test_matmul_split_k_one_and_two_pass_agree_bitwise(m, monkeypatch):
+    # Both sum the fp32 partials in split order, so the two launches' result (the choice
+    # under CUDA-graph capture) is the one launch's (eager calls), bit for bit.
+    k, n = 1024, 96
+    a, b, bias, res = _rand(m, k), _rand(k, n), _rand(n), _rand(m, n)
+    outs = []
+    for one_pass in (False, True):
+        monkeypatch.setattr(tm, "_split_k_one_pass", lambda device, flag=one_pass: flag)
+        outs.append(tm.matmul(a, b, bias=bias, activation="gelu_tanh", residual=res))
+    assert torch.equal(outs[0], outs[1])
+    assert_close_rel(outs[0], _ref(a, b, bias, "gelu_tanh", res), TOL[torch.bfloat16])
+
+
 def test_matmul_split_k_batched_leaves_tile_counters_zeroed():
     # The last program of each tile re-zeroes its counter: a second call (and every later
     # one) starts from zero, or it would skip or double a tile's reduction.

@@ -20,7 +20,10 @@ keys and pruning read integer values. The cache key is therefore:
 * each integer, float, bool or string argument: its exact value, except the parameters named
   in ``loose``, which are keyed on Triton's own value classes only. Name an argument loose
   only when no heuristic, autotune key or grid function reads it (for example a cache length
-  that changes every decode step: an exact key would miss on every call);
+  that changes every decode step: an exact key would miss on every call). ``loose="ints"``
+  keys every integer that way; it is refused for a kernel under ``triton.autotune`` or
+  ``triton.heuristics`` (they read integer values), and right for a plain ``@triton.jit``
+  kernel, whose binary depends on nothing else;
 * the keyword arguments (constexprs and launch options), exactly;
 * the current CUDA device (a compiled kernel is loaded per device).
 
@@ -144,14 +147,15 @@ class CachedLauncher:
     Args:
         kernel: the Triton kernel object, as it would be launched with ``kernel[grid](...)``.
         loose: parameter names keyed on Triton's value classes instead of exact values (see
-            the module docstring for when that is safe).
+            the module docstring for when that is safe), or ``"ints"`` for every parameter of
+            a kernel with no autotuner or heuristics.
 
     Example:
         >>> launch = CachedLauncher(my_kernel)  # doctest: +SKIP
         >>> launch((triton.cdiv(n, 1024),), x, y, n, BLOCK=1024)  # doctest: +SKIP
     """
 
-    def __init__(self, kernel, loose: tuple[str, ...] = ()):
+    def __init__(self, kernel, loose: tuple[str, ...] | str = ()):
         self.kernel = kernel
         self.autotuner, self.heuristics, self.jit = _unwrap(kernel)
         inner = kernel
@@ -165,6 +169,15 @@ class CachedLauncher:
             for name, p in sig.parameters.items()
             if p.default is not inspect.Parameter.empty
         }
+        if loose == "ints":
+            if self.autotuner is not None or self.heuristics:
+                raise ValueError(
+                    f"loose='ints' needs a kernel without autotune or heuristics; {self.name} "
+                    "has them, and they read integer values: name the loose parameters"
+                )
+            loose = tuple(self.arg_names)
+        elif isinstance(loose, str):
+            raise ValueError(f"loose must be a tuple of parameter names or 'ints', got {loose!r}")
         unknown = set(loose) - set(self.arg_names)
         if unknown:
             raise ValueError(f"loose names parameters the kernel does not have: {sorted(unknown)}")

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from ryzen_opt.kernels import reference, registry
 from ryzen_opt.kernels.triton import _common
+from ryzen_opt.kernels.triton._launcher import CachedLauncher
 
 # fmt: off
 # Kernel signatures and launches keep their arguments grouped by role (pointers, sizes,
@@ -112,6 +113,9 @@ def _shrink_kernel(
     tl.store(part + offs_r, acc)
 
 
+_launch_shrink = CachedLauncher(_shrink_kernel, loose="ints")
+
+
 @triton.jit
 def _expand_kernel(
     # pointers
@@ -154,6 +158,9 @@ def _expand_kernel(
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
+_launch_expand = CachedLauncher(_expand_kernel, loose="ints")
+
+
 def supports(x, a, b, scales, indices, out=None) -> str | None:
     """``None`` if the Triton LoRA kernels can serve this call, else the reason."""
     tensors = (("x", x), ("a", a), ("b", b), ("scales", scales), ("indices", indices))
@@ -181,13 +188,15 @@ def _launch(x, a, b, scales, indices, out):
         _common.device_index(x)))
     part = torch.empty((rows, cfg["SPLITS"], cfg["BLOCK_R"]), device=x.device,
                        dtype=torch.float32)
-    _shrink_kernel[(rows, cfg["SPLITS"])](
+    _launch_shrink(
+        (rows, cfg["SPLITS"]),
         x, a, indices, part,
         n_adapters, rank, in_features, cfg["K_PER_SPLIT"],
         *x.stride(), *a.stride(),
         BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], num_warps=4,
     )
-    _expand_kernel[(rows, _common.cdiv(out_features, cfg["BLOCK_N"]))](
+    _launch_expand(
+        (rows, _common.cdiv(out_features, cfg["BLOCK_N"])),
         part, b, scales, indices, y,
         n_adapters, rank, out_features, cfg["SPLITS"],
         *b.stride(), *y.stride(),

@@ -9,8 +9,10 @@ says why not). Two kernels:
   walking the tiles; the autotuner times both kinds of config and keeps the faster.
 * ``_matmul_splitk_kernel``: skinny M (<= 64), where a plain tiling leaves most SMs idle
   (M=16, N=4096 with BLOCK_N=64 is 64 programs for 132 SMs). The K range is split across
-  programs writing fp32 partials; the last program of each tile to finish (counted on a tile
-  counter) sums them in a fixed order and applies the epilogue, all in one launch.
+  programs writing fp32 partials. Called eagerly, the last program of each tile to finish
+  (counted on a tile counter) sums them in a fixed order and applies the epilogue, all in
+  one launch; under CUDA-graph capture ``_splitk_reduce_kernel`` sums them in a second
+  launch spread over many programs (see :func:`_split_k_one_pass` for the measurements).
 
 Eager calls at decode sizes are bound by host time, so both launch through
 :class:`~ryzen_opt.kernels.triton._launcher.CachedLauncher`.
@@ -268,6 +270,8 @@ def _prune_splitk(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=_splitk_configs(),
+    # ONE_PASS is not in the key: the main loop is the same work either way, and a key of its
+    # own would autotune (time kernels) inside a CUDA-graph capture after eager warm-up calls.
     key=["M_KEY", "N_KEY", "K_KEY", "SPLIT_K", "ACTIVATION"],
     prune_configs_by={"early_config_prune": _prune_splitk},
 )
@@ -287,12 +291,14 @@ def _matmul_splitk_kernel(
     # meta-parameters
     SPLIT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    ONE_PASS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PERSISTENT: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    # One launch: every program writes its K slice's fp32 partial, then counts itself in
-    # on the tile's counter; the last to arrive sums the SPLIT_K partials in split order (the
-    # same rounding whichever program is last), applies the epilogue and re-zeroes the counter.
+    # ONE_PASS=False: store the partial and stop (_splitk_reduce_kernel sums). ONE_PASS: every
+    # program writes its K slice's fp32 partial, then counts itself in on the tile's counter;
+    # the last to arrive sums the SPLIT_K partials in split order (the same rounding whichever
+    # program is last), applies the epilogue and re-zeroes the counter.
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -329,6 +335,8 @@ def _matmul_splitk_kernel(
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     ws = ws_ptr + pid_b * stride_wb + offs_m[:, None] * N + offs_n[None, :]
     tl.store(ws + pid_k * stride_wk, acc, mask=mask)
+    if not ONE_PASS:
+        return
     # Every thread's partial is stored before the release of the count (bar.sync, then a
     # gpu-scope acq_rel atomic); the last program's acquire makes all partials visible.
     tl.debug_barrier()
@@ -346,6 +354,52 @@ def _matmul_splitk_kernel(
             res_ptr + pid_b * stride_rb, stride_rm, stride_rn,
             HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
         )
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    # pointers
+    ws_ptr, c_ptr, bias_ptr, res_ptr,
+    # sizes
+    M, N,
+    # strides (the workspace as in _matmul_splitk_kernel)
+    stride_wk, stride_wb, stride_cb, stride_cm, stride_cn,
+    stride_bias, stride_rb, stride_rm, stride_rn,
+    # meta-parameters
+    SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # The second launch of a two-pass split-K: the partials summed in split order (the same
+    # order as the one-pass kernel's last program), then the epilogue.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    ws = ws_ptr + pid_b * stride_wb + offs_m[:, None] * N + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(ws + s * stride_wk, mask=mask, other=0.0)
+    _epilogue(
+        acc, offs_m, offs_n, M, N,
+        c_ptr + pid_b * stride_cb, stride_cm, stride_cn,
+        bias_ptr, stride_bias,
+        res_ptr + pid_b * stride_rb, stride_rm, stride_rn,
+        HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
+    )
+
+
+def _split_k_one_pass(device: torch.device) -> bool:
+    """Whether split-K sums its partials in the same launch (else in a second kernel).
+
+    Eager calls are bound by host time: one launch fewer saved 20-50 us a call on an H200.
+    Under CUDA-graph capture launches cost no host time, and two passes took less GPU time in
+    14 of 18 skinny shapes (M 1-64, up to 2.6 us of ~10 at 4096x4096): the last program of
+    each tile summing every partial serially is a tail the second kernel spreads out
+    (``bench/results/h200/splitk_one_vs_two_pass.log``)."""
+    return device.type != "cuda" or not torch._C._cuda_isCurrentStreamCapturing()
 
 
 def _split_k(m: int, n: int, k: int, batch: int, sms: int) -> int:
@@ -429,14 +483,25 @@ def _launch(a, b, bias, activation, residual, out_dtype, config=None) -> torch.T
             "splitk_counters", a.device, _common.cdiv(m, 16) * _common.cdiv(n, 16) * batch,
             torch.int32, zeroed=True,
         )
+        one_pass = _split_k_one_pass(a.device)
         _launch_splitk(
             lambda META: (_common.cdiv(m, META["BLOCK_M"]) * _common.cdiv(n, META["BLOCK_N"]),
                           split, batch),
             a, b, ws, counters, c, bias_t, r3, m, n, k, *keys,
             sab, sam, sak, sbb, sbk, sbn, m * n * batch, m * n,
             scb, scm, scn, sbias, srb, srm, srn,
-            SPLIT_K=split, INPUT_PRECISION=precision, UPCAST=upcast, **epilogue_meta,
+            SPLIT_K=split, INPUT_PRECISION=precision, UPCAST=upcast, ONE_PASS=one_pass,
+            **epilogue_meta,
         )
+        if not one_pass:
+            # 64 columns x 16 rows per program: 4 KB of fp32 partials per split, coalesced.
+            rbm = min(16, _common.next_pow2(m))
+            _launch_reduce(
+                (_common.cdiv(m, rbm), _common.cdiv(n, 64), batch),
+                ws, c, bias_t, r3, m, n, m * n * batch, m * n,
+                scb, scm, scn, sbias, srb, srm, srn,
+                SPLIT_K=split, BLOCK_M=rbm, BLOCK_N=64, num_warps=4, **epilogue_meta,
+            )
         return c
 
     def grid(META):
@@ -464,6 +529,7 @@ def _launch(a, b, bias, activation, residual, out_dtype, config=None) -> torch.T
 _launch_splitk = CachedLauncher(
     _matmul_splitk_kernel, loose=("M", "stride_ab", "stride_wb", "stride_cb", "stride_rb")
 )
+_launch_reduce = CachedLauncher(_splitk_reduce_kernel, loose="ints")
 _launch_tuned = CachedLauncher(_matmul_kernel, loose=("M", "stride_ab", "stride_cb", "stride_rb"))
 _launch_fixed = CachedLauncher(
     _matmul_kernel_fixed, loose=("M", "stride_ab", "stride_cb", "stride_rb")

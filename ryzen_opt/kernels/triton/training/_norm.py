@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ryzen_opt.kernels.triton._launcher import CachedLauncher
 from ryzen_opt.kernels.triton.training import _common
 
 # fmt: off
@@ -68,6 +69,9 @@ def _norm_fwd_kernel(
              mask=mask)
 
 
+_launch_norm_fwd = CachedLauncher(_norm_fwd_kernel, loose="ints")
+
+
 @triton.jit
 def _norm_bwd_kernel(
     # pointers
@@ -114,6 +118,9 @@ def _norm_bwd_kernel(
         tl.store(db_ptr + pid * stride_dw + cols, db, mask=cmask)
 
 
+_launch_norm_bwd = CachedLauncher(_norm_bwd_kernel, loose="ints")
+
+
 def forward(x, residual, weight, bias, eps, rms):
     """``(y, h, mean, rstd)``; ``h`` is empty without ``residual``, ``mean`` empty for RMS."""
     n = x.shape[-1]
@@ -133,7 +140,8 @@ def forward(x, residual, weight, bias, eps, rms):
     # ~4096 values per program, 8-16 per thread, as the inference layer_norm (measured there).
     rows = max(1, min(16, 4096 // block_n))
     warps = min(16, max(4, block_n * rows // 512))
-    _norm_fwd_kernel[(_common.cdiv(n_rows, rows),)](
+    _launch_norm_fwd(
+        (_common.cdiv(n_rows, rows),),
         x2, r2, weight if weight is not None else y2, bias if bias is not None else y2,
         y2, h2, mean if not rms else rstd, rstd,
         n_rows, n, float(eps),
@@ -169,7 +177,8 @@ def backward(dy, dh_out, h, weight, mean, rstd, rms, want_dw, want_db):
     db = torch.empty((programs, n) if want_db else (0, n), **f32)
     block_n = _common.next_pow2(n)
     warps = min(16, max(4, block_n // 256))
-    _norm_bwd_kernel[(programs,)](
+    _launch_norm_bwd(
+        (programs,),
         dy2, dho2, h2, weight if weight is not None else h2, mean if not rms else rstd, rstd,
         dh2, dw if want_dw else dh2, db if want_db else dh2,
         n_rows, n, per_program,

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from ryzen_opt.kernels import reference
 from ryzen_opt.kernels.triton import _common as _tcommon
+from ryzen_opt.kernels.triton._launcher import CachedLauncher
 from ryzen_opt.kernels.triton.attention import _attn_tiles
 from ryzen_opt.kernels.triton.training import _common
 
@@ -117,6 +118,9 @@ def _fwd_kernel(
     tl.store(lse_ptr + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
 
 
+_launch_fwd = CachedLauncher(_fwd_kernel, loose="ints")
+
+
 @triton.jit
 def _delta_kernel(
     # pointers
@@ -139,6 +143,9 @@ def _delta_kernel(
     do = tl.load(do_ptr + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm
                  + offs_d[None, :] * stride_dd, mask=mask, other=0.0).to(tl.float32)
     tl.store(delta_ptr + pid_bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+
+
+_launch_delta = CachedLauncher(_delta_kernel, loose="ints")
 
 
 @triton.jit
@@ -215,6 +222,9 @@ def _bwd_dkdv_kernel(
     tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
+_launch_bwd_dkdv = CachedLauncher(_bwd_dkdv_kernel, loose="ints")
+
+
 @triton.jit
 def _bwd_dq_kernel(
     # pointers
@@ -273,6 +283,9 @@ def _bwd_dq_kernel(
     tl.store(dq_ptr + out, (dq * scale).to(dq_ptr.dtype.element_ty), mask=io_mask)
 
 
+_launch_bwd_dq = CachedLauncher(_bwd_dq_kernel, loose="ints")
+
+
 def _meta(q):
     d = q.shape[-1]
     return {
@@ -293,7 +306,8 @@ def _forward(q, k, v, causal, scale):
         return o.zero_(), lse
     bm, bn, warps, stages = _blocks(d)
     meta = _meta(q)
-    _fwd_kernel[(_common.cdiv(lq, bm), b * hq)](
+    _launch_fwd(
+        (_common.cdiv(lq, bm), b * hq),
         q, k, v, o, lse,
         hq, hq // hkv, lq, lk, d, scale * _LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *o.stride()[:3],
@@ -317,7 +331,8 @@ def _backward(do, q, k, v, o, lse, causal, scale):
     meta = _meta(q)
     # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij: the softmax backward's row term.
     delta = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
-    _delta_kernel[(_common.cdiv(lq, big), b * hq)](
+    _launch_delta(
+        (_common.cdiv(lq, big), b * hq),
         o, do, delta,
         hq, lq, d,
         *o.stride()[:3], *do.stride(),
@@ -325,13 +340,15 @@ def _backward(do, q, k, v, o, lse, causal, scale):
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     # dK/dV: a tile of `big` keys against `small` queries at a time; dQ the other way round.
-    _bwd_dkdv_kernel[(_common.cdiv(lk, big), b * hkv)](
+    _launch_bwd_dkdv(
+        (_common.cdiv(lk, big), b * hkv),
         q, k, v, do, lse, delta, dk, dv,
         hq, hkv, hq // hkv, lq, lk, d, scale * _LOG2E, scale,
         *strides,
         CAUSAL=causal, **meta, BLOCK_M=small, BLOCK_N=big, num_warps=warps, num_stages=stages,
     )
-    _bwd_dq_kernel[(_common.cdiv(lq, big), b * hq)](
+    _launch_bwd_dq(
+        (_common.cdiv(lq, big), b * hq),
         q, k, v, do, lse, delta, dq,
         hq, hq // hkv, lq, lk, d, scale * _LOG2E, scale,
         *strides,

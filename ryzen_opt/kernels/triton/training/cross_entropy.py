@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ryzen_opt.kernels import reference
+from ryzen_opt.kernels.triton._launcher import CachedLauncher
 from ryzen_opt.kernels.triton.training import _common
 
 # fmt: off
@@ -92,6 +93,9 @@ def _ce_kernel(
             tl.store(base + offs, g.to(logits_ptr.dtype.element_ty), mask=offs < V)
 
 
+_launch_ce = CachedLauncher(_ce_kernel, loose="ints")
+
+
 def default_chunk_size(n_rows: int, vocab: int) -> int:
     """Rows per chunk when ``chunk_size`` is ``None``: the largest power of two whose
     ``(rows, vocab)`` logits fit in 2**25 values (at least 1), capped at ``n_rows``."""
@@ -145,7 +149,8 @@ def _forward(hidden, weight, labels, bias, ignore_index, chunk_size, want_h, wan
             end = min(start + chunk_size, n)
             hc = h2[start:end]
             logits = torch.addmm(bias, hc, wt) if bias is not None else hc @ wt
-            _ce_kernel[(end - start,)](
+            _launch_ce(
+                (end - start,),
                 logits, lab[start:end], row_loss[start:end], n_valid,
                 vocab, int(ignore_index),
                 logits.stride(0),

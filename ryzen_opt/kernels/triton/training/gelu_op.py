@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ryzen_opt.kernels import reference
+from ryzen_opt.kernels.triton._launcher import CachedLauncher
 from ryzen_opt.kernels.triton.training import _common, _elementwise
 
 # fmt: off
@@ -60,6 +61,9 @@ def _gelu_kernel(
     tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+_launch_gelu = CachedLauncher(_gelu_kernel, loose="ints")
+
+
 def _launch(x, approximate, dy=None):
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     if x.numel() == 0:
@@ -70,7 +74,8 @@ def _launch(x, approximate, dy=None):
         x2, dy2 = _common.flat_pair(x, dy)
     n_rows, n = x2.shape
     o2 = out.view(n_rows, n)
-    _gelu_kernel[_elementwise.grid(n_rows, n)](
+    _launch_gelu(
+        _elementwise.grid(n_rows, n),
         dy2, x2, o2,
         n, _common.cdiv(n, _elementwise.BLOCK),
         dy2.stride(0), x2.stride(0), o2.stride(0),

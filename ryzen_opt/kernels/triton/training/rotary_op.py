@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ryzen_opt.kernels import reference
+from ryzen_opt.kernels.triton._launcher import CachedLauncher
 from ryzen_opt.kernels.triton.training import _common
 
 # fmt: off
@@ -69,6 +70,9 @@ def _rotary_kernel(
     tl.store(op + HALF, o2.to(o_ptr.dtype.element_ty), mask=mask)
 
 
+_launch_rotary = CachedLauncher(_rotary_kernel, loose="ints")
+
+
 def _rotate(x, cos, sin, backward):
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # contiguous
     if x.numel() == 0:
@@ -80,7 +84,8 @@ def _rotate(x, cos, sin, backward):
     block_s = max(1, min(_common.next_pow2(s), 2048 // block_half))
     cb = 0 if cos.shape[0] == 1 else cos.stride(0)  # batch 1 broadcasts
     sb = 0 if sin.shape[0] == 1 else sin.stride(0)
-    _rotary_kernel[(b * h, _common.cdiv(s, block_s))](
+    _launch_rotary(
+        (b * h, _common.cdiv(s, block_s)),
         x, cos, sin, out,
         h, s, half,
         *x.stride(),

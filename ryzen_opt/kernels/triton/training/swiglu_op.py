@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ryzen_opt.kernels import reference
+from ryzen_opt.kernels.triton._launcher import CachedLauncher
 from ryzen_opt.kernels.triton.training import _common, _elementwise
 
 # fmt: off
@@ -52,6 +53,9 @@ def _swiglu_kernel(
                  mask=mask)
 
 
+_launch_swiglu = CachedLauncher(_swiglu_kernel, loose="ints")
+
+
 def _launch(gate, up, dy=None):
     out = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
     du = torch.empty_like(out) if dy is not None else out
@@ -61,7 +65,8 @@ def _launch(gate, up, dy=None):
     n_rows, n = g2.shape
     dy2 = _common.rows(dy, n) if dy is not None else g2
     o2, du2 = out.view(n_rows, n), du.view(n_rows, n)
-    _swiglu_kernel[_elementwise.grid(n_rows, n)](
+    _launch_swiglu(
+        _elementwise.grid(n_rows, n),
         dy2, g2, u2, o2, du2,
         n, _common.cdiv(n, _elementwise.BLOCK),
         dy2.stride(0), g2.stride(0), u2.stride(0), o2.stride(0), du2.stride(0),
