@@ -57,6 +57,16 @@ def test_attention_matches_reference(b, hq, hkv, lq, lk, d, causal, dtype):
     assert_close_rel(out, _ref(q, k, v, causal), tol, f"{(b, hq, hkv, lq, lk, d, causal)}")
 
 
+@pytest.mark.parametrize("scale", [-0.4, 0.0, 0.3])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_any_sign_of_scale(scale, causal):
+    # scale >= 0 takes the folded path on unmasked key tiles (max of raw scores, one FMA per
+    # score); a negative scale, whose max is the raw scores' min, keeps the scale-first path.
+    q, k, v = _qkv(1, 2, 1, 45, 77, 32, torch.float32)
+    out = ta.attention(q, k, v, causal=causal, scale=scale)
+    assert_close_rel(out, _ref(q, k, v, causal, scale), TOL[torch.float32], f"scale={scale}")
+
+
 def test_attention_rows_that_see_no_key_are_zero():
     q, k, v = _qkv(1, 2, 2, 50, 10, 32, torch.float32)
     out = ta.attention(q, k, v, causal=True)

@@ -113,6 +113,26 @@ def test_non_contiguous_projections_and_custom_scale():
     )
 
 
+@pytest.mark.parametrize("scale", [-0.5, 0.0])
+def test_negative_and_zero_scale(scale):
+    # A negative scale keeps the scale-first forward (the row max of scaled scores is the raw
+    # scores' min); zero takes the folded one. Forward, log-sum-exp and the backward agree.
+    f32 = torch.float32
+    q, k, v = (
+        leaf(1, 2, 37, 16, dtype=f32),
+        leaf(1, 1, 45, 16, dtype=f32),
+        leaf(1, 1, 45, 16, dtype=f32),
+    )
+    check_fwd_bwd(
+        lambda q, k, v: attention(q, k, v, causal=True, scale=scale),
+        lambda q, k, v: reference.attention(q, k, v, causal=True, scale=scale),
+        [q, k, v],
+        lambda ts: ts,
+        torch.float32,
+        f"scale={scale}",
+    )
+
+
 def test_empty_keys_and_queries():
     q, k = leaf(1, 2, 5, 16, dtype=torch.float32), leaf(1, 2, 0, 16, dtype=torch.float32)
     v = leaf(1, 2, 0, 16, dtype=torch.float32)

@@ -29,6 +29,9 @@ from ryzen_opt.kernels.triton._launcher import CachedLauncher
 # one per line.
 
 _MAX_HEAD_DIM = 256
+# The folded scale (see _attn_tiles) on unmasked tiles; False only to measure it against the
+# scale-first form in one process.
+_FOLD_SCALE = True
 _LOG2E = 1.4426950408889634
 
 
@@ -76,8 +79,11 @@ def _attn_tiles(
     offs_m, offs_d, lo, hi, Lk, diag, qk_scale, HEAD_DIM,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, FOLD_SCALE: tl.constexpr,
 ):
+    # FOLD_SCALE (qk_scale >= 0): on unmasked tiles the row max is taken of the raw scores and
+    # scaled once per row, and the scale and the max subtraction are one FMA per score
+    # (max(s * x) = s * max(x) only for s >= 0): one pass over the score tile fewer.
     offs_n0 = tl.arange(0, BLOCK_N)
     d_mask = offs_d[None, :] < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -93,17 +99,23 @@ def _attn_tiles(
             k = tl.load(k_ptrs, mask=d_mask, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-        if MASKED:
-            keep = offs_n[None, :] < Lk
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
-            qk = tl.where(keep, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A row with every key masked so far keeps m = -inf; subtracting 0 instead keeps
-        # exp2(-inf) = 0 rather than exp2(-inf + inf) = NaN.
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new) if MASKED else m_new
-        p = tl.math.exp2(qk - m_sub[:, None])
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        if MASKED or not FOLD_SCALE:
+            qk = qk * qk_scale
+            if MASKED:
+                keep = offs_n[None, :] < Lk
+                if CAUSAL:
+                    keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
+                qk = tl.where(keep, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # A row with every key masked so far keeps m = -inf; subtracting 0 instead keeps
+            # exp2(-inf) = 0 rather than exp2(-inf + inf) = NaN.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new) if MASKED else m_new
+            p = tl.math.exp2(qk - m_sub[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_sub = m_new
+            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:
@@ -122,7 +134,7 @@ def _attn_tiles(
 
 @triton.autotune(
     configs=_attn_configs(),
-    key=["LQ_KEY", "LK_KEY", "BLOCK_D", "CAUSAL"],
+    key=["LQ_KEY", "LK_KEY", "BLOCK_D", "CAUSAL", "FOLD_SCALE"],
     prune_configs_by={"early_config_prune": _prune_attn},
 )
 @triton.jit
@@ -138,7 +150,7 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     # meta-parameters
     CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -180,12 +192,12 @@ def _attn_fwd_kernel(
     acc, l_i, m_i = _attn_tiles(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, 0, full_end, Lk, diag, qk_scale, HEAD_DIM,
-        False, CAUSAL, EVEN_D, INPUT_PRECISION, UPCAST, BLOCK_N,
+        False, CAUSAL, EVEN_D, INPUT_PRECISION, UPCAST, BLOCK_N, FOLD_SCALE,
     )
     acc, l_i, m_i = _attn_tiles(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, full_end, hi, Lk, diag, qk_scale, HEAD_DIM,
-        True, CAUSAL, EVEN_D, INPUT_PRECISION, UPCAST, BLOCK_N,
+        True, CAUSAL, EVEN_D, INPUT_PRECISION, UPCAST, BLOCK_N, FOLD_SCALE,
     )
     # Rows that saw no key have l = 0 and acc = 0: dividing by 1 gives the defined zeros.
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -232,6 +244,7 @@ def _launch(q, k, v, causal, scale):
     meta = {
         "CAUSAL": bool(causal), "BLOCK_D": block_d, "EVEN_D": block_d == d,
         "INPUT_PRECISION": _common.dot_precision(q.dtype), "UPCAST": _common.upcast_dot(q.dtype),
+        "FOLD_SCALE": _FOLD_SCALE and scale >= 0,
     }
     if not _common.INTERPRET and b * hq * lq * lk * d < 2**31:
         # Under 2**31 score-MACs the call takes tens of microseconds: one fixed config rather

@@ -69,7 +69,7 @@ def _fwd_kernel(
     stride_ob, stride_oh, stride_om,
     # meta-parameters
     CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FOLD_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -102,12 +102,12 @@ def _fwd_kernel(
     acc, l_i, m_i = _attn_tiles(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, 0, full_end, Lk, diag, qk_scale, HEAD_DIM,
-        False, CAUSAL, EVEN_D, INPUT_PRECISION, UPCAST, BLOCK_N,
+        False, CAUSAL, EVEN_D, INPUT_PRECISION, UPCAST, BLOCK_N, FOLD_SCALE,
     )
     acc, l_i, m_i = _attn_tiles(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, full_end, hi, Lk, diag, qk_scale, HEAD_DIM,
-        True, CAUSAL, EVEN_D, INPUT_PRECISION, UPCAST, BLOCK_N,
+        True, CAUSAL, EVEN_D, INPUT_PRECISION, UPCAST, BLOCK_N, FOLD_SCALE,
     )
     seen = l_i > 0.0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -311,7 +311,8 @@ def _forward(q, k, v, causal, scale):
         q, k, v, o, lse,
         hq, hq // hkv, lq, lk, d, scale * _LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *o.stride()[:3],
-        CAUSAL=causal, EVEN_D=meta["BLOCK_D"] == d, **meta, BLOCK_M=bm, BLOCK_N=bn,
+        CAUSAL=causal, EVEN_D=meta["BLOCK_D"] == d, FOLD_SCALE=scale >= 0, **meta,
+        BLOCK_M=bm, BLOCK_N=bn,
         num_warps=warps, num_stages=stages,
     )
     return o, lse
