@@ -246,6 +246,25 @@ def test_eager_calls_skip_the_dispatcher_forward_and_backward(monkeypatch):
         assert training.swiglu(x, r).grad_fn is None
 
 
+def test_eager_calls_bind_no_signature(monkeypatch):
+    # The eager autograd.Function takes ctx in forward: Function.apply then skips its
+    # per-call inspect.signature binding (tens of microseconds of host time a call).
+    import inspect
+
+    def refuse(*a, **k):
+        raise AssertionError("inspect.signature ran on the eager path")
+
+    x = torch.randn(4, 16, device=DEVICE, requires_grad=True)
+    r = torch.randn(4, 16, device=DEVICE, requires_grad=True)
+    w = torch.ones(16, device=DEVICE, requires_grad=True)
+    monkeypatch.setattr(inspect, "signature", refuse)
+    y = training.swiglu(x, r)
+    out, h = training.rms_norm_residual(x, r, w, 1e-6)
+    monkeypatch.undo()
+    (y.sum() + out.sum() + h.sum()).backward()
+    assert x.grad is not None and r.grad is not None and w.grad is not None
+
+
 def test_the_traced_path_still_goes_through_the_custom_ops():
     # Under a dispatch mode (what AOT autograd and FakeTensorMode install) the public function
     # calls the custom op: its forward (the bare function) is never reached directly.

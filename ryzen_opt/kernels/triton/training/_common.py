@@ -78,9 +78,10 @@ class TrainingOp:
 
     ``torch.compile`` traces ``op`` (a ``torch.library`` custom op with its autograd formula
     registered here). An eager call skips the custom-op dispatcher and goes through a plain
-    ``torch.autograd.Function``: on an H200's host the dispatcher cost ~0.3 ms a call, several
-    times the GPU time of a norm (``bench/results/h200/train_op_host_profile.txt``). Without
-    grad (or with no input that needs one) the forward runs bare. A backward formula calls
+    ``torch.autograd.Function`` whose forward takes ``ctx``: on an H200's host the dispatcher
+    cost ~0.3 ms a call, several times the GPU time of a norm
+    (``bench/results/h200/train_op_host_profile.txt``). Without grad (or with no input that
+    needs one) the forward runs bare. A backward formula calls
     its backward custom op through :func:`call`, which runs the bare function on the eager
     path (``ctx.eager``) and the custom op when traced.
 
@@ -94,12 +95,27 @@ class TrainingOp:
         op.register_autograd(backward, setup_context=setup_context)
         self.op, self.forward = op, forward
 
+        def eager_forward(ctx, *inputs):
+            ctx.eager = True
+            output = forward(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
         def eager_setup_context(ctx, inputs, output):
             ctx.eager = True
             setup_context(ctx, inputs, output)
 
+        name = forward.__name__.strip("_") + "_function"
+        # The ctx-taking form: with a separate setup_context, Function.apply binds every
+        # call's arguments through inspect.signature (30-45 us a call on a CPU host). The
+        # functorch transforms (torch.func.grad, ...) need the separate form: self.func_function.
         self.function = type(
-            forward.__name__.strip("_") + "_function",
+            name,
+            (torch.autograd.Function,),
+            {"forward": staticmethod(eager_forward), "backward": staticmethod(backward)},
+        )
+        self.func_function = type(
+            name,
             (torch.autograd.Function,),
             {
                 "forward": staticmethod(forward),
@@ -113,6 +129,8 @@ class TrainingOp:
             return self.op(*args)  # traced, or under a fake/meta/functional mode
         if not wants_grad(*args):
             return self.forward(*args)
+        if torch._C._are_functorch_transforms_active():
+            return self.func_function.apply(*args)
         return self.function.apply(*args)
 
 
