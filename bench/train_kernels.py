@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from bench.common import (
     RESULTS,
+    cuda_graphed,
     device_name,
     environment,
     markdown_table,
@@ -236,16 +237,7 @@ def _graphed(fn):
     Takes Python, custom-op dispatch and Triton launch time out (tens of microseconds a call,
     comparable to a norm's GPU time at these sizes): what remains is GPU time, as in a
     training step whose GPU work hides the host's launches."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    return cuda_graphed(fn)
 
 
 def _short(e: Exception) -> str:

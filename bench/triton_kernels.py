@@ -23,6 +23,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from bench.common import cuda_graphed
 from ryzen_opt.cpu_info import cpu_isa
 from ryzen_opt.kernels import reference
 from ryzen_opt.timing import compare, time_fn
@@ -67,17 +68,7 @@ def _graphed(fn):
     of a 30-argument kernel): what remains is GPU time, as under torch.compile's
     ``mode="reduce-overhead"`` or any graph-captured decode loop.
     """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(GRAPH_CALLS):
-            fn()
-    return graph.replay
+    return cuda_graphed(fn, GRAPH_CALLS)
 
 
 def _cmp_graphed(base, cand) -> dict:
