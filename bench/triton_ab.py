@@ -1,0 +1,174 @@
+"""A/B timings of two forms of one Triton kernel, in one process, with the vendor kernel
+alongside (GPU).
+
+    python -m bench.triton_ab splitk [--out DIR]
+    python -m bench.triton_ab attention-scale [--out DIR]
+
+``splitk``: the skinny-M split-K matmul summing its fp32 partials in the same launch (the
+last program of each tile, ``one``) against a second reduce kernel (``two``), with
+``torch.matmul`` (cuBLAS), bf16, M 1-64 at 4096x4096, 11008x4096 and 4096x11008 (``nn.Linear``
+layout); median microseconds per call eager, and per call over a replay of 20 captured calls
+(GPU time). ``ryzen_opt.kernels.triton.matmul._split_k_one_pass`` is patched per form: this is
+how the pass was chosen (``bench/results/h200/splitk_one_vs_two_pass.log``).
+
+``attention-scale``: the attention forward with the softmax scale folded into one FMA per
+score (``fold``) against the scale-first form (``first``,
+``ryzen_opt.kernels.triton.attention._FOLD_SCALE = False``), with cuDNN SDPA, bf16, on the
+attention cases of ``bench.triton_kernels`` (a 2048-wide model, 16k tokens a call); each form
+autotunes on its own (``bench/results/h200/attention_fold_scale.log``).
+
+Every case times its callables in interleaved rounds (:func:`ryzen_opt.timing.time_interleaved`,
+CUDA events) on the same inputs. Prints one line a case; writes ``splitk_one_vs_two_pass.json``
+or ``attention_fold_scale.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import cuda_graphed, environment
+from ryzen_opt.timing import time_interleaved
+
+GRAPH_CALLS = 20
+
+
+def _patched(module, name: str, value, fn):
+    """``fn`` with ``module.name`` set to ``value`` for the duration of each call."""
+
+    def run():
+        old = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            return fn()
+        finally:
+            setattr(module, name, old)
+
+    return run
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def splitk(repeat: int) -> list[dict]:
+    from ryzen_opt.kernels.triton import matmul as tm
+
+    dt = torch.bfloat16
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    print("m n k split | eager us: cublas one two | graph us/call: cublas one two")
+    for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        w = torch.randn(n, k, device="cuda", dtype=dt)
+        for m in (1, 8, 16, 32, 48, 64):
+            x = torch.randn(m, k, device="cuda", dtype=dt)
+            call = partial(tm.matmul, x, w.t())
+            fns = {
+                "cublas": partial(torch.matmul, x, w.t()),
+                "one": _patched(tm, "_split_k_one_pass", lambda device: True, call),
+                "two": _patched(tm, "_split_k_one_pass", lambda device: False, call),
+            }
+            ref = x.float() @ w.float().t()
+            errs = {f: _rel(fns[f](), ref) for f in ("one", "two")}
+            eager = time_interleaved(fns, repeat=repeat, warmup=3, device="cuda")
+            graphs = {f: cuda_graphed(fn, GRAPH_CALLS) for f, fn in fns.items()}
+            graph = time_interleaved(graphs, repeat=repeat, warmup=3, device="cuda")
+            r = {
+                "m": m, "n": n, "k": k, "split": tm._split_k(m, n, k, 1, sms),
+                "eager_us": {f: t.median * 1e6 for f, t in eager.items()},
+                "graph_us_per_call": {f: t.median * 1e6 / GRAPH_CALLS for f, t in graph.items()},
+                "rel_err_vs_fp32": errs,
+            }  # fmt: skip
+            rows.append(r)
+            e, g = r["eager_us"], r["graph_us_per_call"]
+            print(
+                f"{m} {n} {k} {r['split']} | {e['cublas']:.1f} {e['one']:.1f} {e['two']:.1f} | "
+                f"{g['cublas']:.2f} {g['one']:.2f} {g['two']:.2f}",
+                flush=True,
+            )
+    return rows
+
+
+def attention_scale(repeat: int) -> list[dict]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ryzen_opt.kernels.triton import attention as ta
+
+    dt = torch.bfloat16
+    rows = []
+    print("d seq batch causal | ms: cudnn fold first | fold/first")
+    for d in (64, 128):
+        heads = 2048 // d
+        for seq in (1024, 4096, 16384):
+            batch = max(1, 16384 // seq)
+            q = torch.randn(batch, heads, seq, d, device="cuda", dtype=dt)
+            k, v = torch.randn_like(q), torch.randn_like(q)
+            for causal in (False, True):
+
+                def cudnn(q=q, k=k, v=v, c=causal):
+                    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                        return F.scaled_dot_product_attention(q, k, v, is_causal=c)
+
+                call = partial(ta.attention, q, k, v, causal)
+                fns = {
+                    "cudnn": cudnn,
+                    "fold": _patched(ta, "_FOLD_SCALE", True, call),
+                    "first": _patched(ta, "_FOLD_SCALE", False, call),
+                }
+                ref = cudnn()
+                errs = {f: _rel(fns[f](), ref) for f in ("fold", "first")}
+                t = time_interleaved(fns, repeat=repeat, warmup=2, device="cuda")
+                ms = {f: x.median * 1e3 for f, x in t.items()}
+                flops = 4 * batch * heads * seq * seq * d * (0.5 if causal else 1.0)
+                r = {
+                    "d": d, "seq": seq, "batch": batch, "heads": heads, "causal": causal,
+                    "ms": ms, "rel_err_vs_cudnn": errs,
+                    "fold_vs_cudnn": ms["cudnn"] / ms["fold"],
+                    "first_vs_cudnn": ms["cudnn"] / ms["first"],
+                    "TFLOPs": {f: flops / x / 1e9 for f, x in ms.items()},
+                }  # fmt: skip
+                rows.append(r)
+                print(
+                    f"{d} {seq} {batch} {causal} | {ms['cudnn']:.3f} {ms['fold']:.3f} "
+                    f"{ms['first']:.3f} | {ms['first'] / ms['fold']:.3f}",
+                    flush=True,
+                )
+    return rows
+
+
+# name: (function, JSON file, default rounds); the short split-K calls are noisier.
+RUNS = {
+    "splitk": (splitk, "splitk_one_vs_two_pass.json", 30),
+    "attention-scale": (attention_scale, "attention_fold_scale.json", 12),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.triton_ab", description=__doc__)
+    ap.add_argument("what", choices=sorted(RUNS))
+    ap.add_argument("--repeat", type=int, default=None, help="rounds (30 splitk, 12 attention)")
+    ap.add_argument("--out", default=".", help="folder for the JSON")
+    a = ap.parse_args(argv)
+    fn, name, default_repeat = RUNS[a.what]
+    repeat = default_repeat if a.repeat is None else a.repeat
+    if repeat < 3:
+        ap.error(f"argument --repeat: must be >= 3, got {a.repeat}")
+    if not torch.cuda.is_available():
+        print("bench.triton_ab needs a CUDA GPU (it times Triton kernels)", file=sys.stderr)
+        return 2
+    rows = fn(repeat)
+    out = Path(a.out) / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"environment": environment("cuda"), "rows": rows}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
