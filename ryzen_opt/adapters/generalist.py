@@ -3,11 +3,12 @@
 Text-to-LoRA and Transformer² adapt a base model that already has some of the skills asked
 for: SVF only rescales the singular values of the base weights, so it can amplify a skill the
 base half has, never teach one it lacks. The default checkpoint (3-digit ``+ - *``, plain
-answers) scores 0% on every task of the family (:mod:`ryzen_opt.adapters.tasks`: new digit
-counts, new answer formats): adapted from it, the SVF experts reached 2% of the task LoRAs'
-accuracy. This module makes the base the family is measured on instead: all weights of the
-default checkpoint trained for a short run on an even mixture of the seen tasks, stopped while
-the tasks are partly solved, so every adapter has something to add and something to amplify.
+answers) scores 0-1% on most tasks of the family (:mod:`ryzen_opt.adapters.tasks`: new digit
+counts, new answer formats; 18% and 9% on plain 3-digit sums and differences): adapted from
+it, SVF experts reached 2% of the task LoRAs' accuracy (on an earlier version of the family).
+This module makes the base the family is measured on instead: all weights of the default
+checkpoint trained for a short run on an even mixture of the seen tasks, stopped while the
+tasks are partly solved, so every adapter has something to add and something to amplify.
 The held-out tasks stay out of its data.
 
 Example:

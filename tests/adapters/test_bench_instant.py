@@ -51,12 +51,12 @@ def test_quick_run_writes_every_method_table_and_plot(inputs):
     out = inputs / "instant.json"
     argv = ["--checkpoint", str(inputs / "ckpt"), "--library", str(inputs / "lib")]
     argv += ["--t2l-recon", str(inputs / "recon"), "--t2l-sft", str(inputs / "sft")]
-    argv += ["--svf", str(inputs / "svf"), "--tasks", "add2,add2_rev", "--eval-samples", "4"]
+    argv += ["--svf", str(inputs / "svf"), "--tasks", "add2,sub2_rev", "--eval-samples", "4"]
     argv += ["--repeat", "3", "--new-tokens", "4", "--optimize-budget", "5", "-o", str(out)]
     assert bi.main(argv) == 0
     data = json.loads(out.read_text())
-    assert list(data["accuracy"]) == ["add2", "add2_rev"]
-    seen, held = data["accuracy"]["add2"], data["accuracy"]["add2_rev"]
+    assert list(data["accuracy"]) == ["add2", "sub2_rev"]
+    seen, held = data["accuracy"]["add2"], data["accuracy"]["sub2_rev"]
     assert all(seen[m] is not None for m in bi.METHODS)
     for m in ("LoRA (trained)", "T2L recon, train desc", "SVF oracle"):
         assert held[m] is None, m  # no trained adapter, no training paraphrase, no expert
@@ -75,9 +75,9 @@ def test_quick_run_writes_every_method_table_and_plot(inputs):
     svf = goals["seen"]["add2"]["SVF oracle"]
     lora = seen["LoRA (trained)"]
     assert svf["of_lora"] == (None if lora == 0 else pytest.approx(seen["SVF oracle"] / lora))
-    assert set(goals["held_out"]["add2_rev"]) == {"T2L recon, held-out desc",
+    assert set(goals["held_out"]["sub2_rev"]) == {"T2L recon, held-out desc",
                                                   "T2L SFT, held-out desc"}  # fmt: skip
-    diff = goals["held_out"]["add2_rev"]["T2L SFT, held-out desc"]["minus_nearest"]
+    diff = goals["held_out"]["sub2_rev"]["T2L SFT, held-out desc"]["minus_nearest"]
     assert diff == pytest.approx(held["T2L SFT, held-out desc"] - held["nearest library LoRA"])
     assert 0 < goals["svf_parameters_of_lora"] < 1
     assert out.with_suffix(".png").stat().st_size > 0
