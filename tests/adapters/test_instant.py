@@ -371,7 +371,7 @@ def test_command_line_writes_every_checkpoint_with_its_command(tmp_path):
     assert TextToLoRA.load(tmp_path / "recon").generate("add numbers").num_parameters > 0
     svf = SVFExperts.load(tmp_path / "svf", make_stm())
     assert svf.names == [s.name for s in SEEN] and svf.classifier is not None
-    assert svf.feature_module == "blocks.1.ln1"  # the default first pass
+    assert svf.feature_module == "blocks.0.ln1"  # the default first pass
     # refit the classifier on another module, z-vectors kept
     refit = ["svf-classifier", "--svf", str(tmp_path / "svf"), "--out", str(tmp_path / "svf2")]
     assert main([*refit, "--feature-module", "ln_f", *common]) == 0
