@@ -477,13 +477,17 @@ def _launch(a, b, bias, activation, residual, out_dtype, config=None) -> torch.T
     if split > 1:
         # Partials are overwritten before they are read; the counters are left zeroed by every
         # launch (the last program of each tile resets its own). Tiles of 16 x 16 bound the
-        # tile count of any config.
+        # tile count of any config. The two-pass kernel never reads its counters: an unzeroed
+        # int32 placeholder (the dtype is part of the autotune key) adds no memset to a graph.
         ws = _common.stream_scratch("splitk_ws", a.device, split * batch * m * n, torch.float32)
-        counters = _common.stream_scratch(
-            "splitk_counters", a.device, _common.cdiv(m, 16) * _common.cdiv(n, 16) * batch,
-            torch.int32, zeroed=True,
-        )
         one_pass = _split_k_one_pass(a.device)
+        if one_pass:
+            counters = _common.stream_scratch(
+                "splitk_counters", a.device, _common.cdiv(m, 16) * _common.cdiv(n, 16) * batch,
+                torch.int32, zeroed=True,
+            )
+        else:
+            counters = torch.empty(1, device=a.device, dtype=torch.int32)
         _launch_splitk(
             lambda META: (_common.cdiv(m, META["BLOCK_M"]) * _common.cdiv(n, META["BLOCK_N"]),
                           split, batch),
