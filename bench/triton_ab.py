@@ -3,6 +3,7 @@ alongside (GPU).
 
     python -m bench.triton_ab splitk [--out DIR]
     python -m bench.triton_ab attention-scale [--out DIR]
+    python -m bench.triton_ab attention-bwd-split [--out DIR]
 
 ``splitk``: the skinny-M split-K matmul summing its fp32 partials in the same launch (the
 last program of each tile, ``one``) against a second reduce kernel (``two``), with
@@ -16,6 +17,13 @@ score (``fold``) against the scale-first form (``first``,
 ``ryzen_opt.kernels.triton.attention._FOLD_SCALE = False``), with cuDNN SDPA, bf16, on the
 attention cases of ``bench.triton_kernels`` (a 2048-wide model, 16k tokens a call); each form
 autotunes on its own (``bench/results/h200/attention_fold_scale.log``).
+
+``attention-bwd-split``: the training attention's forward + backward with each KV head's query
+heads split into ``n`` shares for dK/dV (``s1``: one program per key tile and KV head, the
+kernel of old; ``s<n>``: ``attention_op._DKDV_SHARES = n``, every divisor of the group), with
+SDPA (``enable_gqa=True``, PyTorch's own choice of backend) alongside, bf16, grouped heads;
+eager and over graph replays; ``auto`` names the share count the library picks
+(``attention_bwd_split.json``).
 
 Every case times its callables in interleaved rounds (:func:`ryzen_opt.timing.time_interleaved`,
 CUDA events) on the same inputs. Prints one line a case; writes ``splitk_one_vs_two_pass.json``
@@ -142,10 +150,73 @@ def attention_scale(repeat: int) -> list[dict]:
     return rows
 
 
+def attention_bwd_split(repeat: int) -> list[dict]:
+    from bench.train_kernels import _fwd_bwd
+    from ryzen_opt.kernels.triton.training import attention_op
+
+    dt = torch.bfloat16
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    print("b hq hkv seq d causal auto | eager ms: sdpa s1 s2 ... | graph ms: sdpa s1 s2 ...")
+    for b, hq, hkv, seq, d, causal in (
+        (2, 32, 4, 2048, 64, True),  # bench.train_kernels' attention case
+        (1, 32, 8, 4096, 128, True),
+        (4, 32, 8, 1024, 128, True),
+        (1, 32, 4, 4096, 64, False),
+    ):
+        leaves = [
+            torch.randn(b, h, seq, d, device="cuda", dtype=dt, requires_grad=True)
+            for h in (hq, hkv, hkv)
+        ]
+        grads = [torch.randn(b, hq, seq, d, device="cuda", dtype=dt)]
+
+        def sdpa(q, k, v, c=causal):
+            return (F.scaled_dot_product_attention(q, k, v, is_causal=c, enable_gqa=True),)
+
+        def ours(q, k, v, c=causal):
+            return (attention_op.attention(q, k, v, causal=c),)
+
+        call = _fwd_bwd(ours, leaves, grads)
+        groups = hq // hkv
+        fns = {"sdpa": _fwd_bwd(sdpa, leaves, grads)}
+        for n in (n for n in range(1, groups + 1) if groups % n == 0):
+            fns[f"s{n}"] = _patched(attention_op, "_DKDV_SHARES", n, call)
+        ref = torch.autograd.grad(sdpa(*leaves), leaves, grads)
+        errs = {
+            f: max(_rel(g, r) for g, r in zip(fn(), ref, strict=True))
+            for f, fn in fns.items()
+            if f != "sdpa"
+        }
+        eager = time_interleaved(fns, repeat=repeat, warmup=2, device="cuda")
+        graphs = {f: cuda_graphed(fn) for f, fn in fns.items()}
+        graph = time_interleaved(graphs, repeat=repeat, warmup=2, device="cuda")
+        tiles = -(-seq // attention_op._blocks(d, backward=True)[1])
+        auto = f"s{attention_op._dkdv_split(tiles * b * hkv, groups, sms, causal, seq * groups)}"
+        r = {
+            "b": b, "hq": hq, "hkv": hkv, "seq": seq, "d": d, "causal": causal,
+            "auto": auto, "rel_err_vs_sdpa": errs,
+            "eager_ms": {f: t.median * 1e3 for f, t in eager.items()},
+            "graph_ms": {f: t.median * 1e3 for f, t in graph.items()},
+        }  # fmt: skip
+        r["graph_auto_vs_s1"] = r["graph_ms"]["s1"] / r["graph_ms"][auto]
+        r["graph_auto_vs_sdpa"] = r["graph_ms"]["sdpa"] / r["graph_ms"][auto]
+        rows.append(r)
+        print(
+            f"{b} {hq} {hkv} {seq} {d} {causal} {auto} | "
+            + " ".join(f"{f}={t:.3f}" for f, t in r["eager_ms"].items())
+            + " | "
+            + " ".join(f"{f}={t:.3f}" for f, t in r["graph_ms"].items()),
+            flush=True,
+        )
+        del graphs
+    return rows
+
+
 # name: (function, JSON file, default rounds); the short split-K calls are noisier.
 RUNS = {
     "splitk": (splitk, "splitk_one_vs_two_pass.json", 30),
     "attention-scale": (attention_scale, "attention_fold_scale.json", 12),
+    "attention-bwd-split": (attention_bwd_split, "attention_bwd_split.json", 12),
 }
 
 

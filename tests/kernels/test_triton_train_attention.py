@@ -168,3 +168,67 @@ def test_supports_gives_the_reason_or_none():
     assert "float64" in SUPPORTS["attention"](q.double(), q.double(), q.double())
     big = torch.empty(1, 1, 2, 256, device="meta")
     assert "head_dim" in SUPPORTS["attention"](big, big, big)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (2, 4, 2, 37, 53, 16, True),  # GQA, q_len < k_len
+        (1, 8, 2, 40, 70, 16, True),  # 4 query heads a KV head
+        (1, 6, 1, 21, 33, 24, False),  # MQA, 6 query heads
+    ],
+)
+def test_dkdv_split_over_query_heads_matches_reference(monkeypatch, case):
+    """Every divisor of the group as the number of dK/dV shares: each matches float64, and
+    the shares' sums agree with the one-program-per-KV-head kernel."""
+    from ryzen_opt.kernels.triton.training import attention_op
+
+    b, hq, hkv, lq, lk, d, causal = case
+    groups = hq // hkv
+    torch.manual_seed(1)
+    inputs = [
+        leaf(b, hq, lq, d, dtype=torch.float32),
+        leaf(b, hkv, lk, d, dtype=torch.float32),
+        leaf(b, hkv, lk, d, dtype=torch.float32),
+    ]
+    grads = {}
+    for shares in [s for s in range(1, groups + 1) if groups % s == 0]:
+        monkeypatch.setattr(attention_op, "_DKDV_SHARES", shares)
+        check_fwd_bwd(
+            lambda q, k, v: attention(q, k, v, causal=causal),
+            _ref(causal),
+            inputs,
+            lambda ts: ts,
+            torch.float32,
+            f"{case} shares={shares}",
+            {"grad0": d, "grad1": lq, "grad2": lq},
+        )
+        q, k, v = (t.detach().clone().requires_grad_(True) for t in inputs)
+        attention(q, k, v, causal=causal).square().sum().backward()
+        grads[shares] = (k.grad, v.grad)
+    for shares, (dk, dv) in grads.items():
+        # the same fp32 products, summed in another grouping: the fp32 tolerance
+        assert_close_rel(dk, grads[1][0], TOL[torch.float32], f"dk shares={shares}")
+        assert_close_rel(dv, grads[1][1], TOL[torch.float32], f"dv shares={shares}")
+
+
+def test_dkdv_split_choice():
+    from ryzen_opt.kernels.triton.training.attention_op import _dkdv_split
+
+    # (programs with one share, groups, SMs, causal, rows walked with one share): causal
+    # only; the fewest shares dividing the group that give 4 programs an SM or walks of at
+    # most 4096 rows, else the whole group
+    assert _dkdv_split(256, 8, 132, True, 2048 * 8) == 4  # the train_kernels bench shape
+    assert _dkdv_split(512, 4, 132, True, 4096 * 4) == 2
+    assert _dkdv_split(512, 4, 132, True, 1024 * 4) == 1  # short walks: not split
+    assert _dkdv_split(256, 8, 132, False, 4096 * 8) == 1  # no causal imbalance
+    assert _dkdv_split(100, 6, 132, True, 10**6) == 6
+    assert _dkdv_split(10, 1, 132, True, 10**6) == 1  # no grouping: nothing to split
+
+
+def test_dkdv_forced_shares_must_divide_the_group(monkeypatch):
+    from ryzen_opt.kernels.triton.training import attention_op
+
+    monkeypatch.setattr(attention_op, "_DKDV_SHARES", 3)
+    with pytest.raises(ValueError, match="does not divide 4"):
+        attention_op._dkdv_split(8, 4, 132, True, 8192)

@@ -7,8 +7,12 @@ see no key output zeros and receive zero gradient. The forward reuses the infere
 kernel's tile loop (:mod:`ryzen_opt.kernels.triton.attention`). Backward:
 
 * one program per (query tile, query head) computes ``delta = rowsum(dO * O)``;
-* one program per (key tile, KV head) keeps its ``dK``, ``dV`` tiles in registers and walks
-  every query tile of every query head of its group (no atomics for grouped heads);
+* one program per (key tile, KV head, share of the group's query heads) keeps its ``dK``,
+  ``dV`` tiles in registers and walks every query tile of its query heads (no atomics). With
+  grouped heads and few key tiles, one program per KV head leaves most of the GPU idle (2 x 4
+  KV heads x 32 tiles of 64 keys = 256 programs on 132 SMs, each walking 8 query heads, the
+  causal first tiles the longest): the group is then split into shares (:func:`_dkdv_split`)
+  whose fp32 partial ``dK``, ``dV`` are summed in share order afterwards;
 * one program per (query tile, query head) accumulates ``dQ`` over the key tiles it sees.
 
 None materialises the ``(Lq, Lk)`` probabilities: memory is ``O(L)`` beyond the inputs,
@@ -163,8 +167,8 @@ def _probs(q, k, lse, offs_m, offs_n, Lq, Lk, diag, qk_scale, INPUT_PRECISION: t
 def _bwd_dkdv_kernel(
     # pointers
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    # sizes
-    HQ, HKV, GROUPS, Lq, Lk, HEAD_DIM, qk_scale, scale,
+    # sizes (SHARE: query heads per program; dk, dv hold one (B, HKV, Lk, D) slab per share)
+    HQ, HKV, GROUPS, SHARE, Lq, Lk, HEAD_DIM, qk_scale, scale,
     # strides (dk, dv are contiguous like k)
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -175,7 +179,11 @@ def _bwd_dkdv_kernel(
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # axis 1 runs over (share, batch, KV head), share slowest: the program's output slab
+    pid_sbh = tl.program_id(1)
+    n_bh = tl.num_programs(1) // (GROUPS // SHARE)
+    g0 = (pid_sbh // n_bh) * SHARE
+    pid_bh = pid_sbh % n_bh
     b = (pid_bh // HKV).to(tl.int64)
     hk = (pid_bh % HKV).to(tl.int64)
     start_n = pid_n * BLOCK_N
@@ -196,7 +204,7 @@ def _bwd_dkdv_kernel(
     diag = Lk - Lq
     # Causal: query row m sees key n when n <= m + diag; the first row that sees this tile.
     lo = max(start_n - diag, 0) // BLOCK_M * BLOCK_M if CAUSAL else 0
-    for g in range(0, GROUPS):
+    for g in range(g0, g0 + SHARE):
         h = hk * GROUPS + g
         row0 = b * HQ + h
         for start_m in range(lo, Lq, BLOCK_M):
@@ -217,7 +225,7 @@ def _bwd_dkdv_kernel(
             dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
             ds = p * (dp - delta[:, None])
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
-    out = (b * HKV + hk) * Lk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    out = pid_sbh.to(tl.int64) * Lk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
@@ -318,6 +326,37 @@ def _forward(q, k, v, causal, scale):
     return o, lse
 
 
+# None: chosen by _dkdv_split; an int forces the number of shares (tests, A/B timings).
+_DKDV_SHARES: int | None = None
+
+
+def _dkdv_split(programs: int, groups: int, sms: int, causal: bool, rows: int) -> int:
+    """Shares to split each KV head's query-head group into for the dK/dV kernel.
+
+    ``programs`` is the dK/dV grid with one program per (key tile, KV head); ``rows`` the
+    query rows such a program walks (``Lq * groups``). Causal masking leaves the first key
+    tiles with the longest walks, so the longest program sets the time: the fewest shares (a
+    divisor of ``groups``) that give four programs an SM, or walks of at most 4096 rows.
+    Measured on an H200 (``python -m bench.triton_ab attention-bwd-split``, graph replay,
+    ``bench/results/h200/attention_bwd_split.log``): 2 x 32 query / 4 KV heads x 2048
+    tokens, head dim 64: 0.636 ms one share, 0.520 four; 32 / 8 heads x 4096 tokens, head dim
+    128: 1.747 ms, 1.627 two; 4 x 32 / 8 heads x 1024 tokens: 0.540 ms one share, 0.558 two
+    (walks of 4096 rows: not split). Without causal masking the programs are even and
+    splitting measured 0.99-1.00x: one share. Each share beyond one costs an fp32
+    (B, HKV, Lk, D) slab for dK and for dV and a sum over them.
+    """
+    if _DKDV_SHARES is not None:
+        if groups % _DKDV_SHARES:
+            raise ValueError(f"_DKDV_SHARES={_DKDV_SHARES} does not divide {groups} groups")
+        return _DKDV_SHARES
+    if not causal:
+        return 1
+    for shares in range(1, groups + 1):
+        if groups % shares == 0 and (programs * shares >= 4 * sms or rows // shares <= 4096):
+            return shares
+    return groups
+
+
 def _backward(do, q, k, v, o, lse, causal, scale):
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -326,8 +365,6 @@ def _backward(do, q, k, v, o, lse, causal, scale):
         return (torch.zeros(q.shape, **z), torch.zeros(k.shape, **z), torch.zeros(v.shape, **z))
     # Every element is written: each program owns its tile (rows past Lq/Lk masked).
     dq = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
-    dk = torch.empty((b, hkv, lk, d), device=q.device, dtype=q.dtype)
-    dv = torch.empty_like(dk)
     small, big, warps, stages = _blocks(d, backward=True)
     meta = _meta(q)
     # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij: the softmax backward's row term.
@@ -341,13 +378,25 @@ def _backward(do, q, k, v, o, lse, causal, scale):
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     # dK/dV: a tile of `big` keys against `small` queries at a time; dQ the other way round.
+    groups = hq // hkv
+    shares = _dkdv_split(_common.cdiv(lk, big) * b * hkv, groups, _common.sms(q), causal,
+                         lq * groups)
+    # one share writes dK, dV in place; more write an fp32 slab each
+    dk_out = torch.empty((shares, b, hkv, lk, d), device=q.device,
+                         dtype=q.dtype if shares == 1 else torch.float32)
+    dv_out = torch.empty_like(dk_out)
     _launch_bwd_dkdv(
-        (_common.cdiv(lk, big), b * hkv),
-        q, k, v, do, lse, delta, dk, dv,
-        hq, hkv, hq // hkv, lq, lk, d, scale * _LOG2E, scale,
+        (_common.cdiv(lk, big), shares * b * hkv),
+        q, k, v, do, lse, delta, dk_out, dv_out,
+        hq, hkv, groups, groups // shares, lq, lk, d, scale * _LOG2E, scale,
         *strides,
         CAUSAL=causal, **meta, BLOCK_M=small, BLOCK_N=big, num_warps=warps, num_stages=stages,
     )
+    if shares == 1:
+        dk, dv = dk_out[0], dv_out[0]
+    else:
+        # fp32 partials summed in share order (deterministic), one rounding to the dtype
+        dk, dv = dk_out.sum(0).to(q.dtype), dv_out.sum(0).to(q.dtype)
     _launch_bwd_dq(
         (_common.cdiv(lq, big), b * hq),
         q, k, v, do, lse, delta, dq,
