@@ -49,6 +49,9 @@ def _qkv(b, hq, hkv, lq, lk, d):
         (1, 2, 2, 97, 389, 64),
         (1, 3, 1, 193, 193, 37),
         (1, 1, 1, 50, 3, 8),
+        # head dims of whole GEMM_NR panels (V read in place): one and three 32-wide panels
+        (2, 4, 2, 45, 70, 32),
+        (1, 2, 1, 61, 61, 96),
     ],
 )
 def test_attention_matches_reference_on_odd_shapes(b, hq, hkv, lq, lk, d, causal):

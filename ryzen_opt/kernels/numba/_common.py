@@ -261,12 +261,13 @@ NR = 16
 GEMM_NR = 2 * VW
 
 
-def _emit_fma_tile(builder, a_ptr, a_index, b_ptr, c_ptr, n, nr: int, vw: int) -> None:
-    """IR of the MR x nr register tile: c[i*nr + j] = sum_k a[a_index(k, i)] * b[k*nr + j],
+def _emit_fma_tile(builder, a_ptr, a_index, b_ptr, c_ptr, n, nr: int, vw: int, b_ld=None) -> None:
+    """IR of the MR x nr register tile: c[i*nr + j] = sum_k a[a_index(k, i)] * b[k*ldb + j],
     in ``vw``-lane vectors.
 
     ``a_index(builder, k, i)`` gives the (i64) element index of A's row i at step k, so the
-    same loop serves a packed k-major panel and rows read in place with a stride.
+    same loop serves a packed k-major panel and rows read in place with a stride. ``b_ld``
+    (an i64 value) is B's row stride; ``None``: ``nr``, a packed panel.
     """
     NR, VW = nr, vw  # noqa: N806 (the tile's width and vector lanes, as in the IR below)
     f32, i64 = ir.FloatType(), ir.IntType(64)
@@ -288,7 +289,7 @@ def _emit_fma_tile(builder, a_ptr, a_index, b_ptr, c_ptr, n, nr: int, vw: int) -
         p = builder.phi(vec)
         p.add_incoming(zero, entry)
         accs.append(p)
-    b_off = builder.mul(k, ir.Constant(i64, NR))
+    b_off = builder.mul(k, ir.Constant(i64, NR) if b_ld is None else b_ld)
     bv = []
     for h in range(NR // VW):
         ptr = builder.gep(b_ptr, [builder.add(b_off, ir.Constant(i64, VW * h))])
@@ -404,8 +405,42 @@ _fma_rows_tile.__doc__ = """acc[i*NR + j] = sum over k < kc of a[a0 + i*lda + k]
     token rows by weights it must not copy.
     """
 # The same, GEMM_NR wide at the target's width: A's rows read in place against a packed
-# GEMM panel (attention's P V: the probability rows straight from the score tile).
+# GEMM panel (attention's Q K^T: the query rows in place).
 _fma_rows_gemm_tile = _make_fma_rows_tile(GEMM_NR, VW)
+
+
+@intrinsic
+def _fma_rows_strided_tile(typingctx, a, a0, lda, b, b0, ldb, kc, acc):
+    """acc[i*GEMM_NR + j] = sum over k < kc of a[a0 + i*lda + k] * b[b0 + k*ldb + j], i < MR,
+    j < GEMM_NR: both operands read in place, A's MR rows and B's kc rows of GEMM_NR
+    columns each with its own row stride (attention's P V: the probability rows straight from
+    the score tile against V's rows as stored, no packed copy of V).
+    """
+    if not (
+        all(isinstance(x, types.Integer) for x in (a0, lda, b0, ldb, kc)) and _f32_arrays(a, b, acc)
+    ):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a_ptr = context.make_array(sig.args[0])(context, builder, args[0]).data
+        b_arr = context.make_array(sig.args[3])(context, builder, args[3]).data
+        c_ptr = context.make_array(sig.args[7])(context, builder, args[7]).data
+        start, stride = _as_i64(builder, args[1]), _as_i64(builder, args[2])
+        rows = [
+            builder.add(start, builder.mul(stride, ir.Constant(stride.type, i))) for i in range(MR)
+        ]
+
+        def a_index(bld, k, i):
+            return bld.add(rows[i], k)
+
+        b_ptr = builder.gep(b_arr, [_as_i64(builder, args[4])])
+        n = _as_i64(builder, args[6])
+        _emit_fma_tile(
+            builder, a_ptr, a_index, b_ptr, c_ptr, n, GEMM_NR, VW, _as_i64(builder, args[5])
+        )
+        return context.get_dummy_value()
+
+    return types.void(a, a0, lda, b, b0, ldb, kc, acc), codegen
 
 
 def _pointer_intrinsic(elem: types.Type, llvm_elem: ir.Type, doc: str):
