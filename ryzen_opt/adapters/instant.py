@@ -17,9 +17,10 @@ committed checkpoints were made over ``--checkpoint checkpoints/instant/base``):
   (``scaling * B @ A``) from the seen tasks' training paraphrases.
 * ``t2l --mode sft``: TextToLoRA trained through the frozen base model: each batch row draws a
   seen task and a training paraphrase; the generated adapter's answer-token cross-entropy.
-* ``svf``: one z-vector per seen task (:class:`~ryzen_opt.adapters.svf.SVFExperts`), trained
-  supervised (cross-entropy on the answers; the Transformer² paper used RL), and the
-  skill classifier of the two-pass inference.
+* ``svf``: one z-vector per seen task (:class:`~ryzen_opt.adapters.svf.SVFExperts`, tiled
+  SVF with ``--block 128`` by default, ``--block 0`` for the paper's), each trained alone and
+  supervised (cross-entropy on the answers; the Transformer² paper used RL), and the skill
+  classifier of the two-pass inference.
 """
 
 from __future__ import annotations
@@ -65,6 +66,18 @@ EVAL_SEED = 4321  # the test problems every figure of the instant adapters is me
 # classifier refit per module). Prompts whose skill needs reading (not this family's) want a
 # deeper module: --feature-module. (On the earlier family: blocks.1.ln1 99.7%, ln_f 98.8%.)
 SVF_FEATURES = "blocks.0.ln1"
+# Tiled SVF (ryzen_opt.adapters.svf): 128 x 128 tiles give 8192 scales an expert over the base,
+# 0.083 of a rank-16 LoRA's 98304 parameters (the goal allows 0.1); plain SVF's 2048 stalled
+# (sub2_pad 35% in 800 steps of 64 on that task alone, tiled 91%; LoRA 100%).
+SVF_BLOCK = 128
+
+
+def _lora_parameters(base: nn.Module) -> int:
+    from ryzen_opt.adapters.lora import add_lora
+
+    m = add_lora(copy.deepcopy(base), LIBRARY_LORA)
+    return sum(p.numel() for n, p in m.named_parameters() if "lora_" in n)
+
 
 def _command(sub: str, argv: Sequence[str] | None) -> str:
     return " ".join(["python -m ryzen_opt.adapters.instant", sub, *(argv or sys.argv[2:])])
@@ -308,39 +321,53 @@ def train_t2l_sft(
 
 
 def train_svf(
-    svf, base: nn.Module, steps: int = 1500, batch: int = 128, lr: float = 5e-3, seed: int = 0
+    svf,
+    base: nn.Module,
+    steps: int = 1500,
+    batch: int = 64,
+    lr: float = 4e-2,
+    seed: int = 0,
+    specs: Sequence[TaskSpec] = SEEN,
 ) -> dict[str, Any]:
-    """Train one z-vector per seen task at once (each batch row uses its task's z)."""
-    tasks = [s.task for s in SEEN]
-    z = {p: torch.ones(len(SEEN), n, requires_grad=True) for p, n in svf.sizes().items()}
-    pool = TaskPool(tasks, max(256, steps * batch // len(tasks)), seed)
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    """Train one z-vector per task of ``specs``, each task alone: ``steps`` steps of ``batch``
+    of its problems (Adam, :func:`lr_at`), ``W' - W`` formed once a step.
+
+    (Until the tiled experts, all tasks trained at once, each batch row with its task's z; on
+    ``sub3`` that and a run on ``sub3`` alone stalled alike, at a loss of 0.60, so the joint
+    batch was not what held plain SVF back, and training alone is what makes one step cheap.)
+
+    Returns:
+        ``losses`` and ``train_seconds`` per task name, and ``steps`` (per task).
+    """
     for p in base.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.Adam(list(z.values()), lr=lr)
-    losses, t0 = [], time.perf_counter()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr)
-        rows = [i % len(tasks) for i in range(batch)]
-        x, y = pool.batch(rows, gen)
-        idx = torch.tensor(rows)
-        handles = svf_forward_hooks(base, svf, {p: v[idx] for p, v in z.items()})
-        try:
-            loss = loss_of(base, x, y)
-        finally:
-            for h in handles:
-                h.remove()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % 200 == 0:
-            print(f"svf step {step} loss {loss.item():.4f}", flush=True)
-    for i, spec in enumerate(SEEN):
-        svf.add_expert(spec.name, {p: v[i] for p, v in z.items()})
-    return {"losses": losses, "train_seconds": round(time.perf_counter() - t0, 2), "steps": steps}
+    losses: dict[str, list[float]] = {}
+    seconds: dict[str, float] = {}
+    for spec in specs:
+        pool = TaskPool([spec.task], max(256, steps * batch), seed)
+        gen = torch.Generator().manual_seed(seed)
+        z = {p: torch.ones(n, requires_grad=True) for p, n in svf.sizes().items()}
+        opt = torch.optim.Adam(list(z.values()), lr=lr)
+        losses[spec.name], t0 = [], time.perf_counter()
+        for step in range(steps):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, steps, lr)
+            x, y = pool.batch([0] * batch, gen)
+            handles = svf_forward_hooks(base, svf, z)
+            try:
+                loss = loss_of(base, x, y)
+            finally:
+                for h in handles:
+                    h.remove()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses[spec.name].append(loss.item())
+            if step % 200 == 0 or step == steps - 1:
+                print(f"svf {spec.name} step {step} loss {loss.item():.4f}", flush=True)
+        seconds[spec.name] = round(time.perf_counter() - t0, 2)
+        svf.add_expert(spec.name, z)
+    return {"losses": losses, "train_seconds": seconds, "steps": steps}
 
 
 def classifier_data(
@@ -356,11 +383,12 @@ def classifier_data(
 
 
 def fit_svf_classifier(experts, base: nn.Module, n: int = 256) -> tuple[float, float]:
-    """Fit ``experts``' skill classifier on ``n`` training prompts per seen task (first-pass
+    """Fit ``experts``' skill classifier on ``n`` training prompts per expert's task (first-pass
     features of ``experts.feature_module``); ``(train accuracy, test-split accuracy)``."""
-    fx, fy = classifier_data(experts, base, "train", n)
+    specs = [get_spec(name) for name in experts.names]
+    fx, fy = classifier_data(experts, base, "train", n, specs)
     train_acc = experts.fit_classifier(fx, fy)
-    tx, ty = classifier_data(experts, base, "test", n)
+    tx, ty = classifier_data(experts, base, "test", n, specs)
     c = experts.classifier
     logits = ((tx - c["mean"]) / c["std"]) @ c["weight"].T + c["bias"]
     return train_acc, float((logits.argmax(1) == ty).float().mean())
@@ -390,9 +418,13 @@ def main(argv: list[str] | None = None) -> int:
         "--word-dropout", type=float, default=0.0, help="recon: word-dropped paraphrase copies"
     )
     svf = sub.add_parser("svf", help="train one SVF z-vector per seen task + the classifier")
-    svf.add_argument("--steps", type=int, default=1500)
-    svf.add_argument("--lr", type=float, default=5e-3)
-    svf.add_argument("--batch", type=int, default=128, help="rows per step (spread over tasks)")
+    svf.add_argument("--steps", type=int, default=1500, help="steps per task (the library's)")
+    svf.add_argument("--lr", type=float, default=4e-2)
+    svf.add_argument("--batch", type=int, default=64, help="problems per step")
+    svf.add_argument("--tasks", default=",".join(s.name for s in SEEN))
+    svf.add_argument(
+        "--block", type=int, default=SVF_BLOCK, help="tile side of tiled SVF; 0: plain SVF"
+    )
     refit = sub.add_parser(
         "svf-classifier", help="refit the skill classifier of saved SVF experts (z kept)"
     )
@@ -457,20 +489,23 @@ def main(argv: list[str] | None = None) -> int:
         (out / "metrics.json").write_text(json.dumps(meta, indent=2))
         print(f"classifier on {a.feature_module}: train {train_acc:.3f}, test {test_acc:.3f}")
     else:
-        experts = SVFExperts(base, feature_module=a.feature_module)
-        res = train_svf(experts, base, a.steps, batch=a.batch, lr=a.lr)
+        specs = [get_spec(n) for n in a.tasks.split(",")]
+        experts = SVFExperts(base, feature_module=a.feature_module, block=a.block or None)
+        res = train_svf(experts, base, a.steps, batch=a.batch, lr=a.lr, specs=specs)
         train_acc, test_acc = fit_svf_classifier(experts, base)
         acc = {}
-        for spec in SEEN:
+        for spec in specs:
             model = copy.deepcopy(base)
             experts.apply(model, spec.name)
             acc[spec.name] = evaluate(model, spec.task, "test", a.eval_samples, seed=EVAL_SEED)
             print(spec.name, acc[spec.name], flush=True)
         meta = {
-            "final_loss": res["losses"][-1],
+            "final_loss": {k: v[-1] for k, v in res["losses"].items()},
             "train_seconds": res["train_seconds"],
             "steps": res["steps"],
+            "block": experts.block,
             "parameters_per_expert": experts.num_parameters,
+            "lora_parameters": _lora_parameters(base),
             "training": "supervised (answer-token cross-entropy); the paper used RL",
             "classifier_train_accuracy": train_acc,
             "classifier_test_accuracy": test_acc,

@@ -244,6 +244,53 @@ def test_svf_mixture_is_the_weighted_sum_of_z_and_bad_tasks_raise(tmp_path):
     assert all(torch.equal(loaded.experts["b"][p], svf.experts["b"][p]) for p in svf.paths)
 
 
+def test_tiled_svf_scales_each_tiles_own_singular_values(tmp_path):
+    from ryzen_opt.adapters.svf import svf_forward_hooks
+
+    base = make_stm()
+    ids = torch.tensor([[1, 5, 6, 13, 7, 8, 16]])
+    want = logits(base, ids)
+    svf = SVFExperts(base, block=16)
+    # m x n / 16 scales a weight (qkv 96 x 32, proj 32 x 32, fc1 48 x 32, fc2 32 x 48)
+    assert svf.sizes()["blocks.0.attn.qkv"] == 96 * 32 // 16
+    assert svf.num_parameters == 2 * (96 * 32 + 32 * 32 + 48 * 32 + 32 * 48) // 16
+    svf.add_expert("ones", svf.ones())
+    model = fresh_copy(base)
+    svf.apply(model, "ones")
+    assert float((logits(model, ids) - want).norm() / want.norm()) <= 1e-6
+    g = torch.Generator().manual_seed(0)
+    z = {p: 1 + 0.3 * torch.randn(n, generator=g) for p, n in svf.sizes().items()}
+    svf.add_expert("z", z)
+    svf.apply(model, "z")
+    for p in svf.paths:  # float64 reference, one 16 x 16 tile at a time, row-major
+        w = base.get_submodule(p).weight.detach().double()
+        ref, zs = torch.empty_like(w), z[p].double().split(16)
+        for t, (r, c) in enumerate((r, c) for r in range(0, w.shape[0], 16)
+                                   for c in range(0, w.shape[1], 16)):  # fmt: skip
+            u, s, vh = torch.linalg.svd(w[r : r + 16, c : c + 16])
+            ref[r : r + 16, c : c + 16] = u @ torch.diag(s * zs[t]) @ vh
+        got_w = model.get_submodule(p).weight.detach().double()
+        assert float((got_w - ref).norm() / ref.norm()) <= 1e-5, p
+    # training's hooks (W' - W formed from a shared z) give the applied model's logits
+    handles = svf_forward_hooks(base, svf, z)
+    try:
+        hooked = logits(base, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    got = logits(model, ids)
+    assert float((hooked - got).norm() / got.norm()) <= 1e-5
+    assert float((got - want).norm() / want.norm()) > 1e-3
+    with pytest.raises(AdapterError, match="one expert per row needs plain SVF"):
+        svf_forward_hooks(base, svf, {p: v[None].expand(2, -1) for p, v in z.items()})
+    loaded = SVFExperts.load(svf.save(tmp_path / "svf"), base)
+    assert loaded.block == 16 and loaded.sizes() == svf.sizes()
+    assert all(torch.equal(loaded.weights("z")[p], svf.weights("z")[p]) for p in svf.paths)
+    for bad in (0, 5, True, 2.0):  # 5 divides no side; 0, True, 2.0 are no tile sides
+        with pytest.raises(AdapterError, match="block"):
+            SVFExperts(base, block=bad)
+
+
 def test_svf_load_refuses_experts_of_another_base(tmp_path):
     base = make_stm()
     folder = SVFExperts(base).save(tmp_path / "svf")
@@ -328,8 +375,15 @@ def test_sft_and_svf_training_lower_the_loss():
     assert sum(res["losses"][-5:]) < sum(res["losses"][:5])
     svf = SVFExperts(base)
     res = train_svf(svf, base, steps=30, batch=16, lr=3e-2)
-    assert sum(res["losses"][-5:]) < sum(res["losses"][:5])
+    assert set(res["losses"]) == set(res["train_seconds"]) == {s.name for s in SEEN}
+    for name, losses in res["losses"].items():  # each task trains alone, from all-ones
+        assert len(losses) == 30 and sum(losses[-5:]) < sum(losses[:5]), name
     assert svf.names == [s.name for s in SEEN]
+    tiled = SVFExperts(base, block=16)
+    specs = [get_spec("add2"), get_spec("sub3_pad")]
+    res = train_svf(tiled, base, steps=30, batch=16, lr=3e-2, specs=specs)
+    assert tiled.names == ["add2", "sub3_pad"]
+    assert all(sum(v[-5:]) < sum(v[:5]) for v in res["losses"].values())
     assert all(torch.equal(a, b) for a, b in zip(before, base.parameters(), strict=True))
 
 
