@@ -65,13 +65,20 @@ def test_attention_matches_reference_on_odd_shapes(b, hq, hkv, lq, lk, d, causal
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_attention_serial_and_parallel_paths_agree_with_reference(threads):
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 4, 2, 100, 450, 32),  # GQA; V read in place (head dim a whole number of panels)
+        (1, 4, 1, 100, 450, 24),  # one KV head; head dim 24: V packed
+    ],
+)
+def test_attention_serial_and_parallel_paths_agree_with_reference(threads, shape):
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)  # 1 thread: the serial kernel; 2: the prange kernel
     try:
-        q, k, v = _qkv(2, 4, 2, 100, 450, 32)
+        q, k, v = _qkv(*shape)
         out = na.attention(q, k, v, True)
-        assert_close_rel(out, _ref(q, k, v, True), TOL_AT, f"{threads} threads")
+        assert_close_rel(out, _ref(q, k, v, True), TOL_AT, f"{threads} threads {shape}")
     finally:
         torch.set_num_threads(prev)
 
