@@ -50,7 +50,7 @@ def main() -> None:
     ln_w = torch.randn(768, device="cuda", dtype=dt)
     noop_direct = _launcher.CachedLauncher(_noop_kernel)
     library = {
-        "tm.matmul M=1 (split-K, 2 launches)": partial(tm.matmul, x, w.t()),
+        "tm.matmul M=1 (split-K)": partial(tm.matmul, x, w.t()),
         "tm.matmul M=16": partial(tm.matmul, x.expand(16, -1).contiguous(), w.t()),
         "tln.layer_norm 4x768": partial(tln.layer_norm, ln_x, ln_w, ln_w, 1e-5),
         "td.decode_attention 8x4096": partial(td.decode_attention, q, kc, kc, lens),
@@ -74,8 +74,14 @@ def main() -> None:
     for name, fn in rows.items():
         print(f"{name:<56} {_host_us(fn):8.1f} us host per call", flush=True)
     _launcher.set_enabled(True)
+    plans = tm.eager_plans(False)
     for name, fn in library.items():
         print(f"{name + ' [direct]':<56} {_host_us(fn):8.1f} us host per call", flush=True)
+    tm.eager_plans(True)  # the matmul's eager plans (replayed launches) on top
+    for name, fn in library.items():
+        if name.startswith("tm.matmul"):
+            print(f"{name + ' [plan]':<56} {_host_us(fn):8.1f} us host per call", flush=True)
+    tm.eager_plans(plans)
     _launcher.set_enabled(old)
     for name, fn in library.items():  # where the direct path's host time goes
         prof = cProfile.Profile()
@@ -84,7 +90,7 @@ def main() -> None:
             fn()
         prof.disable()
         torch.cuda.synchronize()
-        print(f"\n== profile: {name} [direct], 200 calls")
+        print(f"\n== profile: {name} [direct{', plan' if plans else ''}], 200 calls")
         pstats.Stats(prof).sort_stats("tottime").print_stats(12)
 
 

@@ -17,6 +17,10 @@ from ryzen_opt.kernels.triton import matmul as tm  # noqa: E402
 from tests.assertions import TOL, assert_close_rel  # noqa: E402
 
 
+def _ref_mm(a, b):
+    return reference.matmul(a.double().cpu(), b.double().cpu())
+
+
 @triton.jit
 def _axpy_kernel(x_ptr, y_ptr, out_ptr, n, alpha, BLOCK: tl.constexpr = 128):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -98,6 +102,27 @@ def test_interpreter_takes_tritons_own_path():
     assert launch.hits == launch.misses == 0
 
 
+@pytest.mark.skipif(not _common.INTERPRET, reason="the interpreter's behaviour")
+def test_interpreter_matmul_makes_no_eager_plans():
+    stats = dict(tm._plan_state)
+    a, w = torch.randn(3, 40, dtype=torch.float16), torch.randn(24, 40, dtype=torch.float16)
+    for _ in range(2):
+        assert_close_rel(tm.matmul(a, w.t()), _ref_mm(a, w.t()), TOL[torch.float16])
+    assert not tm._PLANS
+    assert (tm._plan_state["hits"], tm._plan_state["misses"]) == (stats["hits"], stats["misses"])
+
+
+def test_eager_plans_switch_returns_the_old_setting_and_clears():
+    old = tm.eager_plans()
+    try:
+        tm._PLANS["sentinel"] = object()
+        assert tm.eager_plans(False) == old
+        assert not tm._PLANS and tm.eager_plans() is False
+        assert tm.eager_plans(True) is False and tm.eager_plans() is True
+    finally:
+        tm.eager_plans(old)
+
+
 gpu = pytest.mark.gpu
 
 
@@ -161,10 +186,6 @@ def test_failed_direct_launch_falls_back_with_one_warning(direct, monkeypatch):
     torch.testing.assert_close(out, x + y)
     assert not _launcher.enabled()
     assert any("direct Triton launch" in str(w.message) for w in caught)
-
-
-def _ref_mm(a, b):
-    return reference.matmul(a.double().cpu(), b.double().cpu())
 
 
 @gpu
@@ -290,6 +311,97 @@ def test_split_k_two_pass_is_compiled_inside_a_capture_after_eager_warm_up(direc
     assert_close_rel(out, _ref_mm(x, w.t()), TOL[torch.bfloat16])
     assert torch.equal(out, tm.matmul(x, w.t()))  # both passes sum in split order
     assert not torch.equal(out, eager)
+
+
+@pytest.fixture
+def plans(direct):
+    old = tm.eager_plans(True)
+    yield
+    tm.eager_plans(old)
+
+
+def _plan_cases():
+    g = torch.Generator(device="cuda").manual_seed(3)
+
+    def rnd(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, device="cuda", dtype=dtype, generator=g)
+
+    w1, w2, w3 = rnd(4096, 4096), rnd(3072, 2048), rnd(1024, 1024)
+    return {
+        # name: (a maker, b, keyword arguments)
+        "split-K M=1": (lambda: rnd(1, 4096), w1.t(), {}),
+        "split-K M=16 bias gelu": (lambda: rnd(16, 2048), w2.t(),
+                                   {"bias": rnd(3072), "activation": "gelu"}),
+        "small config 7x96x80 residual": (lambda: rnd(7, 80), rnd(96, 80).t(),
+                                          {"residual": rnd(7, 96), "activation": "silu"}),
+        "tuned 300x1024x1024 fp32 out": (lambda: rnd(300, 1024), w3.t(),
+                                         {"out_dtype": torch.float32}),
+        "batched 3x5x64 @ 3x64x48": (lambda: rnd(3, 5, 64), rnd(3, 64, 48), {}),
+    }
+
+
+@gpu
+def test_eager_plans_replay_bitwise_what_the_checked_path_gives(plans):
+    for name, (make_a, b, kw) in _plan_cases().items():
+        inputs = [make_a() for _ in range(3)]  # new values (and addresses) every call
+        hits = tm._plan_state["hits"]
+        fast = [tm.matmul(a, b, **kw) for a in inputs]
+        assert tm._plan_state["hits"] == hits + 2, name  # the first call makes the plan
+        tm.eager_plans(False)
+        slow = [tm.matmul(a, b, **kw) for a in inputs]
+        tm.eager_plans(True)
+        for f, s_, a in zip(fast, slow, inputs, strict=True):
+            assert torch.equal(f, s_), name
+            ref = _ref_mm(a, b)
+            if "bias" in kw or "residual" in kw:
+                ref = reference.matmul(a.double().cpu(), b.double().cpu(),
+                                       **{k: (v.double().cpu() if torch.is_tensor(v) else v)
+                                          for k, v in kw.items() if k != "out_dtype"})
+            assert_close_rel(f, ref, TOL[torch.bfloat16], name)
+
+
+@gpu
+def test_eager_plans_do_not_skip_the_checks_for_another_signature(plans):
+    a = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(256, device="cuda", dtype=torch.bfloat16)
+    for _ in range(2):
+        tm.matmul(a, w.t(), bias=bias)
+    with pytest.raises(ValueError, match="bias"):
+        tm.matmul(a, w.t(), bias=bias.cpu())  # another device: not the plan
+    with pytest.raises(ValueError, match="bias"):
+        tm.matmul(a, w.t(), bias=bias[:128])  # another shape
+    with pytest.raises(ValueError, match="must be on one device"):
+        tm.matmul(a, w.t().cpu())
+    x = torch.randn(4, 512, device="cuda")
+    wf = torch.randn(256, 512, device="cuda")
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        for _ in range(2):
+            tm.matmul(x, wf.t())
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with pytest.raises(TypeError, match="allow_tf32"):
+            tm.matmul(x, wf.t())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@gpu
+def test_eager_plan_failure_falls_back_with_a_warning(plans):
+    a = torch.randn(2, 256, device="cuda", dtype=torch.float16)
+    w = torch.randn(128, 256, device="cuda", dtype=torch.float16)
+    tm.matmul(a, w.t())
+    (plan,) = [p for k, p in tm._PLANS.items() if k[0] == a.shape and k[5] == w.t().shape]
+
+    def broken(*args):
+        raise RuntimeError("launcher ABI changed")
+
+    plan.run = broken
+    with pytest.warns(RuntimeWarning, match="eager matmul"):
+        out = tm.matmul(a, w.t())
+    assert_close_rel(out, _ref_mm(a, w.t()), TOL[torch.float16])
+    assert tm.eager_plans() is False and not tm._PLANS
 
 
 def _training_calls(device="cuda"):

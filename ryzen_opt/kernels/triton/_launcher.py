@@ -51,7 +51,7 @@ from triton.runtime.autotuner import Autotuner, Heuristics
 
 from ryzen_opt.kernels.triton import _common
 
-__all__ = ["CachedLauncher", "enabled", "set_enabled"]
+__all__ = ["CachedLauncher", "enabled", "hooks_installed", "raw_stream", "set_enabled"]
 
 # Entries per launcher before the cache is cleared: a bound on memory when a caller keys on a
 # value that keeps changing (a miss costs one ordinary Triton launch plus a cache lookup).
@@ -130,8 +130,14 @@ def _no_launch_hooks() -> bool:
     return True
 
 
-def _raw_stream(device: int) -> int:
-    """The current CUDA stream's handle, as Triton's driver reads it."""
+def hooks_installed() -> bool:
+    """Whether a launch hook (a profiler) is installed: direct launches then go through
+    the compiled kernel's own runner, which calls the hooks."""
+    return not _no_launch_hooks()
+
+
+def raw_stream(device: int) -> int:
+    """The current CUDA stream's handle on ``device``, as Triton's driver reads it."""
     return torch._C._cuda_getCurrentRawStream(device)
 
 
@@ -243,7 +249,7 @@ class CachedLauncher:
             n = len(g)
             try:
                 compiled.run(
-                    g[0], g[1] if n > 1 else 1, g[2] if n > 2 else 1, _raw_stream(key[0]),
+                    g[0], g[1] if n > 1 else 1, g[2] if n > 2 else 1, raw_stream(key[0]),
                     compiled.function, compiled.packed_metadata, None, None, None, *args, *tail,
                 )  # fmt: skip
                 return
@@ -252,6 +258,17 @@ class CachedLauncher:
                 self.kernel[grid](*args, **kwargs)
                 return
         self._direct(compiled, g, args, tail, grid, kwargs)
+
+    def entry(self, args, kwargs):
+        """The cached ``(compiled kernel, meta, constexpr values)`` a call with these arguments
+        launches directly, or ``None`` when it would take Triton's own path (direct launches
+        off, a launch hook installed, a key not yet seen or kept on the slow path). Callers
+        that replay one call signature many times (the matmul's eager plans) launch it
+        themselves through ``compiled.run`` with the same arguments."""
+        if not _state["enabled"] or self.jit is None or not _no_launch_hooks():
+            return None
+        found = self._cache.get(self._key(args, kwargs))
+        return None if found is None or found is _SLOW else found
 
     def _fail(self, e: Exception) -> None:
         _state["enabled"] = False

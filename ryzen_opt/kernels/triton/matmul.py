@@ -15,17 +15,22 @@ says why not). Two kernels:
   launch spread over many programs (see :func:`_split_k_one_pass` for the measurements).
 
 Eager calls at decode sizes are bound by host time, so both launch through
-:class:`~ryzen_opt.kernels.triton._launcher.CachedLauncher`.
+:class:`~ryzen_opt.kernels.triton._launcher.CachedLauncher`, and an eager call whose
+signature (shapes, strides, dtypes, devices, alignment, options, stream) was seen before
+replays that launch directly (:class:`_EagerPlan`): no argument checks, no kernel choice,
+no launcher key; only the output's allocation and the launch.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import triton
 import triton.language as tl
 
 from ryzen_opt.kernels import reference, registry
-from ryzen_opt.kernels.triton import _common
+from ryzen_opt.kernels.triton import _common, _launcher
 from ryzen_opt.kernels.triton._launcher import CachedLauncher
 
 # fmt: off
@@ -449,7 +454,8 @@ def _small_config(m: int, elt: int) -> dict:
             "num_warps": 4, "num_stages": 3}
 
 
-def _launch(a, b, bias, activation, residual, out_dtype, config=None) -> torch.Tensor:
+def _launch(a, b, bias, activation, residual, out_dtype, config=None, plan_key=None):
+    """Launch the matmul; with ``plan_key`` (an eager call), remember how it was launched."""
     out_shape = reference.matmul_out_shape(a, b)
     c = torch.empty(out_shape, device=a.device, dtype=out_dtype or a.dtype)
     if c.numel() == 0:
@@ -488,15 +494,19 @@ def _launch(a, b, bias, activation, residual, out_dtype, config=None) -> torch.T
             )
         else:
             counters = torch.empty(1, device=a.device, dtype=torch.int32)
-        _launch_splitk(
-            lambda META: (_common.cdiv(m, META["BLOCK_M"]) * _common.cdiv(n, META["BLOCK_N"]),
-                          split, batch),
-            a, b, ws, counters, c, bias_t, r3, m, n, k, *keys,
-            sab, sam, sak, sbb, sbk, sbn, m * n * batch, m * n,
-            scb, scm, scn, sbias, srb, srm, srn,
-            SPLIT_K=split, INPUT_PRECISION=precision, UPCAST=upcast, ONE_PASS=one_pass,
-            **epilogue_meta,
-        )
+        def splitk_grid(META):
+            return (_common.cdiv(m, META["BLOCK_M"]) * _common.cdiv(n, META["BLOCK_N"]),
+                    split, batch)
+
+        args = (a, b, ws, counters, c, bias_t, r3, m, n, k, *keys,
+                sab, sam, sak, sbb, sbk, sbn, m * n * batch, m * n,
+                scb, scm, scn, sbias, srb, srm, srn)
+        meta = {"SPLIT_K": split, "INPUT_PRECISION": precision, "UPCAST": upcast,
+                "ONE_PASS": one_pass, **epilogue_meta}
+        _launch_splitk(splitk_grid, *args, **meta)
+        if plan_key is not None and one_pass and ws.numel() * 4 <= _common.KEEP_SCRATCH_BYTES:
+            _remember(plan_key, _launch_splitk, splitk_grid, args, meta, out_shape, c.dtype,
+                      (ws, counters))
         if not one_pass:
             # 64 columns x 16 rows per program: 4 KB of fp32 partials per split, coalesced.
             rbm = min(16, _common.next_pow2(m))
@@ -519,11 +529,114 @@ def _launch(a, b, bias, activation, residual, out_dtype, config=None) -> torch.T
     meta = {"INPUT_PRECISION": precision, "UPCAST": upcast, **epilogue_meta}
     if config is None and not _common.INTERPRET and m * n * k < 2**27:
         config = _small_config(m, a.element_size())
-    if config is None:
-        _launch_tuned(grid, *args, **meta)
-    else:
-        _launch_fixed(grid, *args, **meta, **config)
+    launcher = _launch_tuned if config is None else _launch_fixed
+    if config is not None:
+        meta.update(config)
+    launcher(grid, *args, **meta)
+    if plan_key is not None:
+        _remember(plan_key, launcher, grid, args, meta, out_shape, c.dtype, ())
     return c
+
+
+class _EagerPlan:
+    """One eager call signature's launch, replayed without Triton's Python layer or ours.
+
+    It holds the compiled kernel the first call launched, its grid, its integer arguments
+    and constexpr values, and the split-K scratch buffers of the stream it ran on (kept
+    alive here; the counters stay zeroed by every launch). A replay allocates the output and
+    launches with the tensors' addresses as integers, which the compiled launcher takes
+    as they are (a tensor would cost it a ``data_ptr`` call and a driver pointer query)."""
+
+    __slots__ = ("shape", "dtype", "run", "grid", "stream", "function", "packed", "scratch",
+                 "pre", "rest")
+
+    def __init__(self, compiled, grid, stream, shape, dtype, scratch, ints, tail):
+        self.shape, self.dtype, self.stream = shape, dtype, stream
+        self.run, self.function = compiled.run, compiled.function
+        self.packed = compiled.packed_metadata
+        self.grid = grid
+        self.scratch = scratch
+        self.pre = tuple(t.data_ptr() for t in scratch)
+        self.rest = (*ints, *tail)
+
+    def __call__(self, a, b, bias, residual):
+        c = torch.empty(self.shape, device=a.device, dtype=self.dtype)
+        cp = c.data_ptr()
+        g = self.grid
+        self.run(g[0], g[1], g[2], self.stream, self.function, self.packed, None, None, None,
+                 a.data_ptr(), b.data_ptr(), *self.pre, cp,
+                 cp if bias is None else bias.data_ptr(),
+                 cp if residual is None else residual.data_ptr(), *self.rest)
+        return c
+
+
+# Eager plans by call signature (see matmul()); cleared when full, like the launchers' caches.
+_PLANS: dict = {}
+_MAX_PLANS = 256
+_plan_state = {"enabled": True, "hits": 0, "misses": 0}
+
+
+def eager_plans(flag: bool | None = None) -> bool:
+    """Whether eager calls replay remembered launches (see :func:`matmul`); with ``flag``,
+    turn them on or off (tests, benchmarks of the plain path) and clear them. Returns the
+    setting before the call."""
+    old = _plan_state["enabled"]
+    if flag is not None:
+        _plan_state["enabled"] = bool(flag)
+        _PLANS.clear()
+    return old
+
+
+def _plan_failed(e: Exception) -> None:
+    _plan_state["enabled"] = False
+    _PLANS.clear()
+    warnings.warn(
+        f"ryzen_opt: replaying an eager matmul launch failed ({type(e).__name__}: {e}); "
+        "eager matmuls take the checked path from now on",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _remember(plan_key, launcher, grid, args, meta, shape, dtype, scratch) -> None:
+    entry = launcher.entry(args, meta)
+    if entry is None:
+        return  # this call took Triton's own path: nothing to replay
+    compiled, full_meta, tail = entry
+    if getattr(compiled, "function", None) is None:
+        return  # not loaded on the device yet (never launched through this object)
+    g = grid(full_meta) if callable(grid) else grid
+    g = (g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1)
+    tensors = 5 + len(scratch)  # a, b, scratch..., c, bias, residual
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[plan_key] = _EagerPlan(compiled, g, plan_key[-1], shape, dtype, scratch,
+                                  args[tensors:], tail)
+
+
+def _tensor_sig(t):
+    """What a plan depends on in an optional tensor argument (None when absent)."""
+    if t is None:
+        return None
+    if type(t) not in _PLAIN:
+        raise TypeError  # the slow path validates it and names it
+    return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plan_key(a, b, bias, activation, residual, out_dtype):
+    """Everything the checks, the kernel choice and its compiled specialization read from an
+    eager call: shapes, strides, dtypes, devices, 16-byte alignment, the options, TF32, and
+    the current device and stream (the launch and the split-K scratch are per stream)."""
+    if type(a) not in _PLAIN or type(b) not in _PLAIN or not a.is_cuda:
+        raise TypeError
+    device = torch._C._cuda_getDevice()
+    return (a.shape, a.stride(), a.dtype, a.device, a.data_ptr() % 16 == 0,
+            b.shape, b.stride(), b.dtype, b.device, b.data_ptr() % 16 == 0,
+            _tensor_sig(bias), activation, _tensor_sig(residual), out_dtype,
+            torch.backends.cuda.matmul.allow_tf32, device, _launcher.raw_stream(device))
 
 
 # Eager calls at decode sizes are bound by host time: these launch the compiled kernels
@@ -578,9 +691,41 @@ def matmul(
     Returns:
         The ``(M, N)`` or ``(B, M, N)`` product, fp32-accumulated.
 
+    Eager calls remember, per call signature, the launch they made (at most 256 signatures;
+    :func:`eager_plans` turns this off): a repeated call (a decode step's projections) only
+    allocates its output and launches, bitwise equal to the checked path. A signature covers
+    everything the checks and the kernel choice read, so a call that differs in any of them
+    (a shape, a stride, a device, an alignment, TF32, the stream) takes the checked path.
+
     Example:
         >>> y = matmul(x, w.t(), bias=b, activation="gelu")  # doctest: +SKIP
     """
+    plan_key = None
+    if (
+        _plan_state["enabled"]
+        and _launcher.enabled()
+        and not torch.compiler.is_compiling()
+        and not _launcher.hooks_installed()
+        and not torch._C._cuda_isCurrentStreamCapturing()
+    ):
+        try:
+            plan_key = _plan_key(a, b, bias, activation, residual, out_dtype)
+        except (TypeError, AttributeError, RuntimeError):
+            plan_key = None  # not plain CUDA tensors: the checks below say what is wrong
+        else:
+            plan = _PLANS.get(plan_key)
+            if plan is not None:
+                # This exact signature passed the checks below and launched before.
+                try:
+                    out = plan(a, b, bias, residual)
+                except Exception as e:  # noqa: BLE001 - any failure: the plain path, for good
+                    _plan_failed(e)
+                    plan_key = None
+                else:
+                    _plan_state["hits"] += 1
+                    return out
+            else:
+                _plan_state["misses"] += 1
     reference.check_matmul_args(a, b, bias, activation, residual, out_dtype)
     for name, t in (("a", a), ("b", b), ("bias", bias), ("residual", residual)):
         if t is not None:
@@ -593,7 +738,7 @@ def matmul(
     # Eager calls skip the custom-op dispatcher. With it and a meta-tensor shape check, a
     # 4096^3 bf16 call took 0.348 ms against 0.211 ms for the same kernel launched directly
     # (H100, torch 2.11): host time, not GPU time.
-    return _launch(a, b, bias, activation, residual, out_dtype)
+    return _launch(a, b, bias, activation, residual, out_dtype, plan_key=plan_key)
 
 
 registry.register(
