@@ -217,3 +217,73 @@ def test_matmul_gpu_persistent_config_matches_reference():
     }
     out = tm._launch(a, b, None, "silu", None, None, config=cfg)
     assert_close_rel(out, _ref(a, b, activation="silu"), TOL[torch.bfloat16])
+
+
+# The TMA kernel (sm_90+; on the CPU through the interpreter when asked with tma=True).
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("m,n,k", [(1, 8, 8), (70, 96, 80), (33, 40, 104), (130, 200, 72)])
+@pytest.mark.parametrize("nn_linear", [True, False])
+def test_matmul_tma_kernel_matches_reference(m, n, k, dtype, nn_linear):
+    # Tiles past M, N and K: the descriptors' bounds read zeros and drop the stores.
+    a, w = _rand(m, k, dtype=dtype), _rand(n, k, dtype=dtype)
+    b = w.t() if nn_linear else w.t().contiguous()
+    bias, res = _rand(n, dtype=dtype), _rand(m, n, dtype=dtype)
+    out = tm._launch(a, b, bias, "gelu", res, None, tma=True)
+    assert_close_rel(out, _ref(a, b, bias, "gelu", res), TOL[dtype])
+    plain = tm._launch(a, b, None, None, None, torch.float32, tma=True)
+    assert plain.dtype == torch.float32
+    assert_close_rel(plain, _ref(a, b), TOL[dtype])
+
+
+def test_matmul_tma_layout_rules():
+    a, w = _rand(64, 128), _rand(96, 128)
+    c = torch.empty(64, 96, device=DEVICE, dtype=torch.bfloat16)
+    assert tm._tma_layout(a, w.t(), c, 1) == 0  # nn.Linear: W's rows are B's columns
+    assert tm._tma_layout(a, w.t().contiguous(), c, 1) == 1
+    assert tm._tma_layout(a.float(), w.t().float(), c.float(), 1) is None  # TF32 stays off
+    assert tm._tma_layout(a[:, 1:], w[:, 1:].t(), c, 1) is None  # rows not 16-byte aligned
+    assert tm._tma_layout(a.t().contiguous().t(), w.t(), c, 1) is None  # A column-major
+    assert tm._tma_layout(a, w.t(), c, 2) is None  # batched
+    odd = _rand(64, 100)  # 200-byte rows
+    with pytest.raises(ValueError, match="16-byte aligned rows"):
+        tm._launch(odd, _rand(100, 8), None, None, None, None, tma=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(2048, 4096, 4096), (1000, 3000, 776), (520, 5504, 1024)])
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_matmul_gpu_tma_path_is_taken_and_matches_reference(m, n, k, activation):
+    a = _rand(m, k)
+    w = _rand(n, k) * 0.05
+    bias = _rand(n)
+    calls = tm._launch_tma.hits + tm._launch_tma.misses
+    out = tm.matmul(a, w.t(), bias=bias, activation=activation)
+    assert tm._launch_tma.hits + tm._launch_tma.misses == calls + 1  # the TMA kernel ran
+    assert_close_rel(out, _ref(a, w.t(), bias, activation), TOL[torch.bfloat16])
+    again = tm.matmul(a, w.t(), bias=bias, activation=activation)  # an eager plan's replay
+    assert torch.equal(again, out)
+    pointer = tm._launch(a, w.t(), bias, activation, None, None, tma=False)
+    assert_close_rel(pointer, _ref(a, w.t(), bias, activation), TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_matmul_gpu_tma_path_in_a_new_thread_and_a_graph():
+    # The descriptors' allocator is per thread context; a graph capture allocates from its pool.
+    import threading
+
+    a, w = _rand(512, 1024), _rand(2048, 1024)
+    ref = _ref(a, w.t())
+    outs = []
+    thread = threading.Thread(target=lambda: outs.append(tm.matmul(a, w.t())))
+    thread.start()
+    thread.join()
+    assert_close_rel(outs[0], ref, TOL[torch.bfloat16])
+    tm.matmul(a, w.t())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tm.matmul(a, w.t())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, outs[0])

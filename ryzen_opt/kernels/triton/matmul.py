@@ -254,6 +254,188 @@ _matmul_kernel = triton.autotune(
 _matmul_kernel_fixed = _even_k(_matmul_kernel_body)
 
 
+# ---- Hopper: a persistent kernel whose operands and output move by TMA --------------------
+#
+# On an H200, for the MLP up-projection 8192 x 4096 -> 16384 in the nn.Linear layout
+# (``b = W.t()``, K contiguous), the pointer kernel above ran at 0.84x of cuBLAS plain and its
+# fused bias + GELU at 0.82x of ``gelu(addmm)``; this kernel, with ``tl.range(flatten=True)``
+# (one tile's epilogue scheduled beside the next tile's loads) and the output stored by TMA in
+# two column halves, ran at 1.01x and 1.00x (``bench/gpu/matmul_probe.py tma``,
+# ``bench/results/h200/matmul_probe-tma.log``). Used on sm_90+ for 16-bit operands whose rows
+# are contiguous and 16-byte aligned, outside split-K and the small-problem config.
+
+
+def _tma_configs():
+    if _common.INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4,
+                               "FLATTEN": False, "EPI_SPLIT": 2}, num_stages=1, num_warps=4)]
+    out = []
+    for bm, bn, stages, warps, split in ((128, 256, 3, 8, 2), (128, 256, 4, 8, 2),
+                                         (128, 128, 4, 4, 1), (128, 128, 4, 8, 1)):
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8,
+                                  "FLATTEN": True, "EPI_SPLIT": split},
+                                 num_stages=stages, num_warps=warps))
+    return out
+
+
+def _prune_tma(configs, named_args, **kwargs):
+    m, n = named_args["M"], named_args["N"]
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_M"] <= 2 * max(m, 16) and c.kwargs["BLOCK_N"] <= 2 * max(n, 16)]
+    return kept or configs[-1:]
+
+
+@triton.jit
+def _tma_tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    per_group = GROUP_M * num_pid_n
+    first_m = (tile_id // per_group) * GROUP_M
+    size_m = min(num_pid_m - first_m, GROUP_M)
+    return first_m + (tile_id % per_group) % size_m, (tile_id % per_group) // size_m
+
+
+@triton.jit
+def _tma_store_part(
+    c_desc, part, om, on, M, N,
+    bias_ptr, stride_bias, res_ptr, stride_rm, stride_rn,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, WIDTH: tl.constexpr,
+):
+    offs_n = on + tl.arange(0, WIDTH)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=offs_n < N, other=0.0)
+        part = part + bias.to(tl.float32)[None, :]
+    part = _activate(part, ACTIVATION)
+    if HAS_RESIDUAL:
+        offs_m = om + tl.arange(0, BLOCK_M)
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn,
+                      mask=mask, other=0.0)
+        part = part + res.to(tl.float32)
+    c_desc.store([om, on], part.to(c_desc.dtype))  # TMA clips the rows and columns past M, N
+
+
+@triton.jit
+def _matmul_tma_body(
+    # pointers
+    a_ptr, b_ptr, c_ptr, bias_ptr, res_ptr,
+    # sizes (M_KEY/N_KEY/K_KEY: power-of-two buckets, the autotune key)
+    M, N, K, M_KEY, N_KEY, K_KEY, NUM_SMS,
+    # strides (the unit strides are implied: rows of A, B and C are contiguous)
+    stride_am, stride_b, stride_cm, stride_bias, stride_rm, stride_rn,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    B_KN: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    FLATTEN: tl.constexpr, EPI_SPLIT: tl.constexpr,
+):
+    # B is W (N, K) with K contiguous (b = W.t(), the nn.Linear layout; W's row stride is
+    # stride_b), or with B_KN a (K, N) with N contiguous. The descriptors' bounds replace the
+    # masks: reads past M, N or K give zeros, stores past M or N are dropped.
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                       block_shape=[BLOCK_M, BLOCK_K])
+    if B_KN:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
+    else:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+    c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
+                                       block_shape=[BLOCK_M, BLOCK_N // EPI_SPLIT])
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    start = tl.program_id(0)
+    tile_out = start - NUM_SMS
+    for tile_id in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN):
+        pid_m, pid_n = _tma_tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        om = pid_m * BLOCK_M
+        on = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            ok = ki * BLOCK_K
+            a = a_desc.load([om, ok])
+            if B_KN:  # noqa: SIM108 - a constexpr branch in a Triton kernel
+                b = b_desc.load([ok, on])
+            else:
+                b = b_desc.load([on, ok]).T
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+        # The output tile's coordinates are recomputed, not kept live across the K loop.
+        tile_out += NUM_SMS
+        pid_m, pid_n = _tma_tile_coords(tile_out, num_pid_m, num_pid_n, GROUP_M)
+        om = pid_m * BLOCK_M
+        on = pid_n * BLOCK_N
+        if EPI_SPLIT == 1:
+            _tma_store_part(c_desc, acc, om, on, M, N, bias_ptr, stride_bias,
+                            res_ptr, stride_rm, stride_rn, HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
+                            BLOCK_M, BLOCK_N)
+        else:
+            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            left, right = tl.split(halves)
+            _tma_store_part(c_desc, left, om, on, M, N, bias_ptr, stride_bias,
+                            res_ptr, stride_rm, stride_rn, HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
+                            BLOCK_M, BLOCK_N // 2)
+            _tma_store_part(c_desc, right, om, on + BLOCK_N // 2, M, N, bias_ptr, stride_bias,
+                            res_ptr, stride_rm, stride_rn, HAS_BIAS, ACTIVATION, HAS_RESIDUAL,
+                            BLOCK_M, BLOCK_N // 2)
+
+
+_matmul_tma_kernel = triton.autotune(
+    configs=_tma_configs(),
+    key=["M_KEY", "N_KEY", "K_KEY", "ACTIVATION", "B_KN"],
+    prune_configs_by={"early_config_prune": _prune_tma},
+)(_matmul_tma_body)
+
+
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the kernels' device-side tensor descriptors (Triton asks for it at
+    launch through the allocator set with ``triton.set_allocator``)."""
+    device = "cpu" if _common.INTERPRET else torch.device("cuda", torch.cuda.current_device())
+    return torch.empty(size, device=device, dtype=torch.int8)
+
+
+try:  # the allocator lives in a context variable: unset in every new thread
+    from triton.runtime import _allocation as _tma_alloc_state
+
+    _NULL_ALLOCATOR = _tma_alloc_state.NullAllocator
+except (ImportError, AttributeError):  # pragma: no cover - another Triton layout
+    _tma_alloc_state = None
+    _NULL_ALLOCATOR = None
+
+
+def _ensure_tma_allocator() -> None:
+    """Set :func:`_tma_scratch` as Triton's allocator where none is set (this thread's
+    context); an allocator the user set is kept."""
+    if _tma_alloc_state is None or isinstance(_tma_alloc_state._allocator.get(), _NULL_ALLOCATOR):
+        triton.set_allocator(_tma_scratch)
+
+
+def _aligned_rows(t: torch.Tensor, row_stride: int) -> bool:
+    return t.data_ptr() % 16 == 0 and (row_stride * t.element_size()) % 16 == 0
+
+
+def _tma_layout(a, b, c, batch: int) -> int | None:
+    """``0`` (B is W.t(), K contiguous), ``1`` (B contiguous) or ``None`` (no TMA path)."""
+    if batch != 1 or a.dim() != 2 or b.dim() != 2 or a.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if a.stride(1) != 1 or not _aligned_rows(a, a.stride(0)) or not _aligned_rows(c, c.stride(0)):
+        return None
+    if b.stride(0) == 1 and b.shape[1] > 1 and _aligned_rows(b, b.stride(1)):
+        return 0
+    if b.stride(1) == 1 and _aligned_rows(b, b.stride(0)):
+        return 1
+    return None
+
+
+def _tma_available(device_index: int) -> bool:
+    """TMA descriptors: sm_90 and newer, the same condition as programmatic dependent launch
+    (the interpreter runs the kernel only when asked)."""
+    return not _common.INTERPRET and _common.pdl_supported(device_index)
+
+
 def _splitk_configs():
     if _common.INTERPRET:
         return [_config(16, 32, 32, 1, 1, 4)]
@@ -454,8 +636,12 @@ def _small_config(m: int, elt: int) -> dict:
             "num_warps": 4, "num_stages": 3}
 
 
-def _launch(a, b, bias, activation, residual, out_dtype, config=None, plan_key=None):
-    """Launch the matmul; with ``plan_key`` (an eager call), remember how it was launched."""
+def _launch(a, b, bias, activation, residual, out_dtype, config=None, plan_key=None, tma=None):
+    """Launch the matmul; with ``plan_key`` (an eager call), remember how it was launched.
+
+    ``config`` launches the pointer kernel with one fixed config; ``tma`` True forces the TMA
+    kernel (tests, the interpreter; ValueError where the operands do not allow it), False
+    keeps it off, None lets the rules in :func:`_tma_layout` decide on sm_90+."""
     out_shape = reference.matmul_out_shape(a, b)
     c = torch.empty(out_shape, device=a.device, dtype=out_dtype or a.dtype)
     if c.numel() == 0:
@@ -518,6 +704,28 @@ def _launch(a, b, bias, activation, residual, out_dtype, config=None, plan_key=N
             )
         return c
 
+    layout = None
+    if config is None and (tma or (tma is None and m * n * k >= 2**27
+                                   and _tma_available(_common.device_index(a)))):
+        layout = _tma_layout(a, b, c, batch)
+        if layout is None and tma:
+            raise ValueError("tma=True needs 2-D float16/bfloat16 operands with contiguous, "
+                             "16-byte aligned rows")
+    if layout is not None:
+        def tma_grid(META):
+            return (min(sms, _common.cdiv(m, META["BLOCK_M"]) * _common.cdiv(n, META["BLOCK_N"])),)
+
+        _ensure_tma_allocator()
+        args = (a, b, c, bias_t, r3, m, n, k, *keys, sms,
+                a.stride(0), b.stride(1) if layout == 0 else b.stride(0), c.stride(0),
+                sbias, srm, srn)
+        meta = {**epilogue_meta, "B_KN": layout == 1, "UPCAST": upcast}
+        _launch_tma(tma_grid, *args, **meta)
+        if plan_key is not None:
+            _remember(plan_key, _launch_tma, tma_grid, args, meta, out_shape, c.dtype, (),
+                      prepare=_ensure_tma_allocator)
+        return c
+
     def grid(META):
         tiles = _common.cdiv(m, META["BLOCK_M"]) * _common.cdiv(n, META["BLOCK_N"])
         return (min(tiles, sms) if META["PERSISTENT"] else tiles, batch)
@@ -548,9 +756,10 @@ class _EagerPlan:
     as they are (a tensor would cost it a ``data_ptr`` call and a driver pointer query)."""
 
     __slots__ = ("shape", "dtype", "run", "grid", "stream", "function", "packed", "scratch",
-                 "pre", "rest")
+                 "pre", "rest", "prepare")
 
-    def __init__(self, compiled, grid, stream, shape, dtype, scratch, ints, tail):
+    def __init__(self, compiled, grid, stream, shape, dtype, scratch, ints, tail, prepare):
+        self.prepare = prepare  # a call made before each launch (the TMA kernel's allocator)
         self.shape, self.dtype, self.stream = shape, dtype, stream
         self.run, self.function = compiled.run, compiled.function
         self.packed = compiled.packed_metadata
@@ -560,6 +769,8 @@ class _EagerPlan:
         self.rest = (*ints, *tail)
 
     def __call__(self, a, b, bias, residual):
+        if self.prepare is not None:
+            self.prepare()
         c = torch.empty(self.shape, device=a.device, dtype=self.dtype)
         cp = c.data_ptr()
         g = self.grid
@@ -598,7 +809,7 @@ def _plan_failed(e: Exception) -> None:
     )
 
 
-def _remember(plan_key, launcher, grid, args, meta, shape, dtype, scratch) -> None:
+def _remember(plan_key, launcher, grid, args, meta, shape, dtype, scratch, prepare=None):
     entry = launcher.entry(args, meta)
     if entry is None:
         return  # this call took Triton's own path: nothing to replay
@@ -611,7 +822,7 @@ def _remember(plan_key, launcher, grid, args, meta, shape, dtype, scratch) -> No
     if len(_PLANS) >= _MAX_PLANS:
         _PLANS.clear()
     _PLANS[plan_key] = _EagerPlan(compiled, g, plan_key[-1], shape, dtype, scratch,
-                                  args[tensors:], tail)
+                                  args[tensors:], tail, prepare)
 
 
 def _tensor_sig(t):
@@ -651,6 +862,7 @@ _launch_tuned = CachedLauncher(_matmul_kernel, loose=("M", "stride_ab", "stride_
 _launch_fixed = CachedLauncher(
     _matmul_kernel_fixed, loose=("M", "stride_ab", "stride_cb", "stride_rb")
 )
+_launch_tma = CachedLauncher(_matmul_tma_kernel, loose=("M",))
 
 
 @torch.library.custom_op("ryzen_opt::triton_matmul", mutates_args=())
