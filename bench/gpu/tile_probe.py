@@ -1,0 +1,243 @@
+"""Tile sweeps for the two matmul goals still open on Hopper (GPU only, a probe).
+
+    python bench/gpu/tile_probe.py skinny   # M = 32, 64: split-K tiles and split counts
+    python bench/gpu/tile_probe.py square   # 4096^3: the TMA kernel's tile, group, stages
+
+``skinny``: decode-time projections (``x @ W.t()``, bf16, W of 4096 x 4096, 11008 x 4096 and
+4096 x 11008) at M = 32 and 64, where ``bench.triton_kernels`` has the library at 0.73-0.89x
+of cuBLAS. Every split-K config (``BLOCK_N`` 64-256, ``BLOCK_K`` 64/128, 3-4 stages) at 2, 4
+and 8 splits in the two-pass form that CUDA-graph capture uses, and the pointer kernel without
+split (one fixed config each), timed as CUDA-graph replays of 20 calls (GPU time, no host
+launch cost), beside cuBLAS and the library's own choice, in interleaved rounds per shape.
+With M = 64 a 64 x 64 tile reads as many bytes of A as of B, so wider tiles might pay.
+
+``square``: the persistent TMA kernel at 4096^3 (0.970x cuBLAS in
+``triton_kernels-matmul-tma.log``) launched with one config each: 128x256 and 256x128 tiles,
+GROUP_M 4-16, 3-4 stages, on the bench's contiguous B and on ``W.t()``.
+
+Every variant is checked against the fp32 product first. Writes ``tile_probe-<mode>.json``
+under ``$OUT``.
+"""
+
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+import triton
+
+from bench.common import environment
+from ryzen_opt.kernels.triton import _common
+from ryzen_opt.kernels.triton import matmul as tm
+from ryzen_opt.timing import time_interleaved
+
+# fmt: off
+# Kernel launches keep their arguments grouped by role, as STYLE.md asks.
+
+OUT = os.environ.get("OUT", ".")
+GRAPH_CALLS = 20
+# Stop adding variants past this many seconds (one device call is at most 10 minutes).
+BUDGET_S = float(os.environ.get("TILE_PROBE_BUDGET_S", "330"))
+
+
+def _graphed(fn):
+    """A callable replaying a CUDA graph of ``GRAPH_CALLS`` calls of ``fn``."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(GRAPH_CALLS):
+            fn()
+    return g.replay
+
+
+def _splitk(x, wt, split, cfg):
+    """The library's split-K kernel, two passes (as under graph capture), one fixed config."""
+    m, k = x.shape
+    n = wt.shape[1]
+    c = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    ws = torch.empty(split * m * n, device=x.device, dtype=torch.float32)
+    cnt = torch.empty(1, device=x.device, dtype=torch.int32)
+    keys = (_common.pow2_bucket(m), _common.pow2_bucket(n), _common.pow2_bucket(k))
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split, 1)
+    tm._matmul_splitk_kernel.fn[grid](
+        x, wt, ws, cnt, c, c, c, m, n, k, *keys,
+        0, x.stride(0), x.stride(1), 0, wt.stride(0), wt.stride(1), m * n, m * n,
+        0, c.stride(0), c.stride(1), 0, 0, 0, 0,
+        SPLIT_K=split, INPUT_PRECISION=_common.dot_precision(x.dtype),
+        UPCAST=_common.upcast_dot(x.dtype), HAS_BIAS=False, ACTIVATION=0, HAS_RESIDUAL=False,
+        ONE_PASS=False, GROUP_M=1, PERSISTENT=False, **cfg)
+    rbm = min(16, _common.next_pow2(m))
+    tm._splitk_reduce_kernel[(triton.cdiv(m, rbm), triton.cdiv(n, 64), 1)](
+        ws, c, c, c, m, n, m * n, m * n, 0, c.stride(0), c.stride(1), 0, 0, 0, 0,
+        SPLIT_K=split, HAS_BIAS=False, ACTIVATION=0, HAS_RESIDUAL=False,
+        BLOCK_M=rbm, BLOCK_N=64, num_warps=4)
+    return c
+
+
+def _tma(a, b, cfg, b_kn):
+    m, k = a.shape
+    n = b.shape[1]
+    c = torch.empty(m, n, device=a.device, dtype=a.dtype)
+    sms = _common.num_sms(a.device.index or 0)
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    keys = (_common.pow2_bucket(m), _common.pow2_bucket(n), _common.pow2_bucket(k))
+    tm._ensure_tma_allocator()
+    tm._matmul_tma_kernel.fn[(min(sms, tiles),)](
+        a, b, c, c, c, m, n, k, *keys, sms,
+        a.stride(0), b.stride(0) if b_kn else b.stride(1), c.stride(0), 0, 0, 0,
+        HAS_BIAS=False, ACTIVATION=0, HAS_RESIDUAL=False, B_KN=b_kn,
+        UPCAST=_common.upcast_dot(a.dtype), FLATTEN=True, **cfg)
+    return c
+
+
+def _skinny_variants(m):
+    bm = max(16, _common.next_pow2(m))
+    out = []
+    for bn in (64, 128, 256):
+        for bk in (64, 128):
+            for stages in (3, 4):
+                for warps in ((4, 8) if bn == 256 else (4,)):
+                    if (bm * bk + bk * bn) * 2 * stages > 200 * 1024:
+                        continue
+                    cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                           "num_warps": warps, "num_stages": stages}
+                    for split in (1, 2, 4, 8):
+                        out.append((split, cfg))
+    return out
+
+
+def _name(split, cfg):
+    return (f"{'split' + str(split) if split > 1 else 'nosplit'} "
+            f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{cfg['num_stages']} "
+            f"w{cfg['num_warps']}")
+
+
+def _check(fn, ref):
+    out = fn()
+    return float((out.float() - ref).norm() / ref.norm())
+
+
+def skinny(t0):
+    rows = []
+    dt = torch.bfloat16
+    sms = _common.num_sms(0)
+    for m in (64, 32):
+        for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
+            if time.time() - t0 > BUDGET_S:
+                print("budget spent: skipping", m, n, k, flush=True)
+                continue
+            torch.manual_seed(0)
+            w = torch.randn(n, k, device="cuda", dtype=dt) * 0.02
+            x = torch.randn(m, k, device="cuda", dtype=dt)
+            wt = w.t()
+            ref = x.float() @ wt.float()
+            fns = {"cublas": lambda x=x, wt=wt: x @ wt,
+                   "library": lambda x=x, wt=wt: tm.matmul(x, wt)}
+            errors = {name: _check(fn, ref) for name, fn in fns.items()}
+            for split, cfg in _skinny_variants(m):
+                if split > 1 and k // split < cfg["BLOCK_K"] * 2:
+                    continue
+                name = _name(split, cfg)
+                if split == 1:
+                    fixed = {**cfg, "GROUP_M": 8, "PERSISTENT": False}
+
+                    def fn(x=x, wt=wt, fixed=fixed):
+                        return tm._launch(x, wt, None, None, None, None, config=fixed)
+                else:
+                    def fn(x=x, wt=wt, split=split, cfg=cfg):
+                        return _splitk(x, wt, split, cfg)
+                try:
+                    errors[name] = _check(fn, ref)
+                    fns[name] = fn
+                except Exception:  # noqa: BLE001 - a config that does not compile is a result
+                    errors[name] = "failed: " + traceback.format_exc(limit=1).splitlines()[-1]
+            bad = [nm for nm, e in errors.items() if isinstance(e, float) and e > 1e-2]
+            for nm in bad:
+                fns.pop(nm)
+            graphs = {nm: _graphed(fn) for nm, fn in fns.items()}
+            times = time_interleaved(graphs, repeat=7, warmup=2, device="cuda")
+            base = times["cublas"].median
+            print(f"== M={m} N={n} K={k} (library split {tm._split_k(m, n, k, 1, sms)}, "
+                  f"wrong: {bad})", flush=True)
+            ranked = sorted(times.items(), key=lambda kv: kv[1].median)
+            for rank, (nm, t) in enumerate(ranked):
+                us = t.median / GRAPH_CALLS * 1e6
+                rows.append({"shape_mnk": [m, n, k], "case": nm, "us": us,
+                             "x_cublas": base / t.median, "rel_error": errors[nm]})
+                if rank < 12 or nm in ("cublas", "library"):
+                    print(f"  {nm:<34} {us:8.2f} us  x{base / t.median:5.3f} cuBLAS", flush=True)
+            for nm, e in errors.items():
+                if isinstance(e, str):
+                    rows.append({"shape_mnk": [m, n, k], "case": nm, "failed": e})
+    return rows
+
+
+def square(t0):
+    rows = []
+    dt = torch.bfloat16
+    n = 4096
+    torch.manual_seed(0)
+    a = torch.randn(n, n, device="cuda", dtype=dt)
+    b = torch.randn(n, n, device="cuda", dtype=dt)
+    w = b.t().contiguous()  # W.t() == b, K contiguous
+    ref = a.float() @ b.float()
+    fns = {"cublas": lambda: a @ b, "cublas W.t()": lambda: a @ w.t(),
+           "library": lambda: tm.matmul(a, b), "library W.t()": lambda: tm.matmul(a, w.t())}
+    errors = {nm: _check(fn, ref) for nm, fn in fns.items()}
+    cfgs = []
+    for bm, bn, warps, split in ((128, 256, 8, 2), (256, 128, 8, 1), (128, 128, 4, 1),
+                                 (128, 128, 8, 1)):
+        for group in (4, 8, 16):
+            for stages in (3, 4):
+                if (bm * 64 + 64 * bn) * 2 * stages + bm * bn * 2 // split > 225 * 1024:
+                    continue
+                cfgs.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": group,
+                             "EPI_SPLIT": split, "num_warps": warps, "num_stages": stages})
+    for cfg in cfgs:
+        for b_kn in (True, False):
+            if time.time() - t0 > BUDGET_S:
+                break
+            nm = (f"tma {cfg['BLOCK_M']}x{cfg['BLOCK_N']} g{cfg['GROUP_M']} "
+                  f"s{cfg['num_stages']} w{cfg['num_warps']} {'B' if b_kn else 'W.t()'}")
+
+            def fn(cfg=cfg, b_kn=b_kn):
+                return _tma(a, b if b_kn else w.t(), cfg, b_kn)
+            try:
+                errors[nm] = _check(fn, ref)
+                fns[nm] = fn
+            except Exception:  # noqa: BLE001 - a config that does not compile is a result
+                errors[nm] = "failed: " + traceback.format_exc(limit=1).splitlines()[-1]
+                print(nm, errors[nm], flush=True)
+    bad = [nm for nm, e in errors.items() if isinstance(e, float) and e > 1e-2]
+    for nm in bad:
+        fns.pop(nm)
+    times = time_interleaved(fns, repeat=9, warmup=2, device="cuda")
+    base = times["cublas"].median
+    print(f"== 4096^3 (wrong: {bad}; library: {tm._matmul_tma_kernel.best_config})", flush=True)
+    for nm, t in sorted(times.items(), key=lambda kv: kv[1].median):
+        rows.append({"case": nm, "ms": t.median * 1e3, "x_cublas": base / t.median,
+                     "TFLOPs": 2 * n**3 / t.median / 1e12, "rel_error": errors[nm]})
+        print(f"  {nm:<34} {t.median * 1e3:7.4f} ms {2 * n**3 / t.median / 1e12:5.0f} TFLOP/s "
+              f"x{base / t.median:5.3f} cuBLAS", flush=True)
+    return rows
+
+
+def main() -> None:
+    mode = sys.argv[1] if len(sys.argv) > 1 else "skinny"
+    t0 = time.time()
+    rows = {"skinny": skinny, "square": square}[mode](t0)
+    doc = {"command": f"python bench/gpu/tile_probe.py {mode}", "graph_calls": GRAPH_CALLS,
+           "environment": environment("cuda"), "rows": rows}
+    with open(os.path.join(OUT, f"tile_probe-{mode}.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
