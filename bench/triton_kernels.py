@@ -185,7 +185,8 @@ def bench_matmul() -> list[dict]:
         )
         rows.append(r)
     # Skinny M (decode-time projections) against cuBLAS, nn.Linear layout (b = w.t()).
-    for n, k in ((4096, 4096), (11008, 4096)):
+    # (32000 x 4096: an LM head, where M > 8 takes no split.)
+    for n, k in ((4096, 4096), (11008, 4096), (32000, 4096)):
         w = torch.randn(n, k, device="cuda", dtype=dt)
         for m in (1, 8, 16, 32, 64):
             x = torch.randn(m, k, device="cuda", dtype=dt)

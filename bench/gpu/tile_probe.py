@@ -1,6 +1,6 @@
 """Tile sweeps for the two matmul goals still open on Hopper (GPU only, a probe).
 
-    python bench/gpu/tile_probe.py skinny   # M = 32, 64: split-K tiles and split counts
+    python bench/gpu/tile_probe.py skinny   # M = 64, 32 (TILE_PROBE_M=16,1: others): split-K tiles
     python bench/gpu/tile_probe.py square   # 4096^3: the TMA kernel's tile, group, stages
 
 ``skinny``: decode-time projections (``x @ W.t()``, bf16, W of 4096 x 4096, 11008 x 4096 and
@@ -128,7 +128,7 @@ def skinny(t0):
     rows = []
     dt = torch.bfloat16
     sms = _common.num_sms(0)
-    for m in (64, 32):
+    for m in [int(v) for v in os.environ.get("TILE_PROBE_M", "64,32").split(",")]:
         for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
             if time.time() - t0 > BUDGET_S:
                 print("budget spent: skipping", m, n, k, flush=True)

@@ -287,3 +287,77 @@ def test_matmul_gpu_tma_path_in_a_new_thread_and_a_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, outs[0])
+
+
+@pytest.mark.parametrize(
+    "m,n,k,split",
+    [
+        (1, 4096, 4096, 4),  # ~one wave of 128-wide tiles
+        (1, 11008, 4096, 2),  # M <= 8 keeps two splits at 86 tiles
+        (16, 11008, 4096, 1),  # 86 tiles cover half of 132 SMs: no split from M=9
+        (64, 11008, 4096, 1),
+        (64, 4096, 11008, 4),
+        (64, 4096, 256, 1),  # K < 512: never split
+        (65, 4096, 4096, 1),  # not skinny
+        (2, 96, 1024, 4),
+        (3, 2752, 4096, 4),
+    ],
+)
+def test_split_k_rule(m, n, k, split):
+    assert tm._split_k(m, n, k, 1, 132) == split
+
+
+def test_skinny_fixed_tile_paths_match_reference(monkeypatch):
+    # The fixed skinny tile (sm_90+ only) through the split-K kernel without its autotuner,
+    # one and two passes, and through the pointer kernel when there is no split.
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "PERSISTENT": False,
+           "num_warps": 4, "num_stages": 1 if tm._common.INTERPRET else 3}
+    monkeypatch.setattr(tm, "_skinny_config", lambda m, k, elt, dev: dict(cfg))
+    launched = []
+
+    def spy(name):
+        real = getattr(tm, name)
+        monkeypatch.setattr(tm, name, lambda grid, *args, **meta: (
+            launched.append((name, meta.get("BLOCK_N"))), real(grid, *args, **meta))[1])
+
+    for name in ("_launch_splitk", "_launch_splitk_fixed", "_launch_fixed", "_launch_tuned"):
+        spy(name)
+    for m, n, k in ((3, 96, 1024), (16, 600, 512)):
+        a, w, bias, res = _rand(m, k), _rand(n, k) * 0.05, _rand(n), _rand(m, n)
+        split = tm._split_k(m, n, k, 1, tm._common.num_sms(0))
+        launched.clear()
+        outs = []
+        for one_pass in (True, False):
+            monkeypatch.setattr(tm, "_split_k_one_pass", lambda device, flag=one_pass: flag)
+            outs.append(tm._launch(a, w.t(), bias, "gelu", res, None))
+        kernel = "_launch_splitk_fixed" if split > 1 else "_launch_fixed"
+        assert launched == [(kernel, 32)] * 2, (m, n, k, split, launched)
+        assert torch.equal(outs[0], outs[1])
+        assert_close_rel(outs[0], _ref(a, w.t(), bias, "gelu", res), TOL[torch.bfloat16])
+
+
+def test_skinny_config_off_where_not_measured():
+    # Only 16-bit operands on sm_90+ get the fixed tile; the interpreter and fp32 autotune.
+    assert tm._skinny_config(16, 4096, 4, 0) is None
+    assert tm._skinny_config(65, 4096, 2, 0) is None
+    assert tm._skinny_config(16, 256, 2, 0) is None
+    if not tm._tma_available(0):
+        assert tm._skinny_config(16, 4096, 2, 0) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (16, 11008, 4096), (64, 11008, 4096),
+                                   (40, 4096, 11008), (8, 32000, 4096)])
+def test_matmul_gpu_skinny_eager_and_graph_match_reference(m, n, k):
+    a, w, bias, res = _rand(m, k), _rand(n, k) * 0.05, _rand(n), _rand(m, n)
+    ref = _ref(a, w.t(), bias, "gelu_tanh", res)
+    eager = tm.matmul(a, w.t(), bias=bias, activation="gelu_tanh", residual=res)
+    assert_close_rel(eager, ref, TOL[torch.bfloat16])
+    assert torch.equal(tm.matmul(a, w.t(), bias=bias, activation="gelu_tanh", residual=res),
+                       eager)  # the eager plan's replay
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tm.matmul(a, w.t(), bias=bias, activation="gelu_tanh", residual=res)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)  # two passes sum the partials in the one pass's order

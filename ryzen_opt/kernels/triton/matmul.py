@@ -3,7 +3,7 @@
 ``activation(a @ b + bias) + residual`` cast to ``out_dtype``, for 2-D and batched 3-D inputs
 of any strides. bf16/fp16 operands accumulate in fp32; fp32 operands run through TF32 tensor
 cores only when ``torch.backends.cuda.matmul.allow_tf32`` is set (otherwise ``supports``
-says why not). Two kernels:
+says why not). Kernels:
 
 * ``_matmul_kernel``: one output tile per program, or (``PERSISTENT``) one program per SM
   walking the tiles; the autotuner times both kinds of config and keeps the faster.
@@ -13,6 +13,9 @@ says why not). Two kernels:
   (counted on a tile counter) sums them in a fixed order and applies the epilogue, all in
   one launch; under CUDA-graph capture ``_splitk_reduce_kernel`` sums them in a second
   launch spread over many programs (see :func:`_split_k_one_pass` for the measurements).
+  From M=9, when 128-wide tiles already cover half the SMs, skinny calls take no split
+  (:func:`_split_k`); on sm_90+ 16-bit skinny calls use one fixed tile (:func:`_skinny_config`).
+* ``_matmul_tma_kernel`` (sm_90+): large 16-bit problems, operands and output moved by TMA.
 
 Eager calls at decode sizes are bound by host time, so both launch through
 :class:`~ryzen_opt.kernels.triton._launcher.CachedLauncher`, and an eager call whose
@@ -590,14 +593,45 @@ def _split_k_one_pass(device: torch.device) -> bool:
 
 
 def _split_k(m: int, n: int, k: int, batch: int, sms: int) -> int:
-    """K splits for skinny M: enough programs for ~2 waves, each slice >= 256 deep."""
+    """K splits for skinny M: about one wave of 128-wide tiles, each K slice >= 256 deep.
+
+    From M=9 up, once 128-wide tiles cover half the SMs, no split: on an H200 at N=11008,
+    K=4096 one 128 x 128 tile per program streamed W at cuBLAS's speed (M=16/32/64: 0.97-1.02x
+    in graph replay) where two splits of 64-wide tiles ran at 0.70-0.91x
+    (``bench/results/h200/tile_probe-skinny*.log``); at M=1 two splits stay ahead (0.94x
+    against 0.92x)."""
     if m > _SKINNY_M or k < 512:
         return 1
-    tiles = _common.cdiv(n, 64) * _common.cdiv(m, 64) * batch
-    split = min(k // 256, _common.cdiv(2 * sms, tiles))
+    tiles = _common.cdiv(n, 128) * _common.cdiv(m, 64) * batch
+    if m > 8 and 2 * tiles >= sms:
+        return 1
+    split = min(k // 256, _common.cdiv(sms, tiles))
     if split <= 1:
         return 1
     return 1 << (split.bit_length() - 1)  # a power of two, so autotune keys stay few
+
+
+def _smem_per_block(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 0)
+
+
+def _skinny_config(m: int, k: int, elt: int, device_index: int) -> dict | None:
+    """The fixed tile of skinny 16-bit calls (M <= 64, K >= 512) on sm_90+, for the split-K
+    and the unsplit pointer kernel alike; ``None`` elsewhere (the autotuner picks).
+
+    128 x 128 tiles, K slices of 128, 4 stages: within 3% of the best of 24 configs x 4 split
+    counts in every shape of ``bench/gpu/tile_probe.py skinny`` (M 1-64; W 4096 x 4096,
+    11008 x 4096, 4096 x 11008; graph replay on an H200), where the autotuned choice (timed
+    eagerly, one-pass) ran up to 12% slower (M=1, 4096 x 4096: 11.3 vs 9.9 us). A fixed tile
+    also leaves nothing to autotune under CUDA-graph capture."""
+    if m > _SKINNY_M or k < 512 or elt != 2 or not _tma_available(device_index):
+        return None
+    bm = max(16, _common.next_pow2(m))
+    cfg = {"BLOCK_M": bm, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 1, "PERSISTENT": False,
+           "num_warps": 4, "num_stages": 4}
+    need = (bm + 128) * 128 * 2 * 4 + 4096  # the staged tiles, and room for the epilogue
+    return cfg if need <= _smem_per_block(device_index) else None
 
 
 def supports(a, b, bias=None, activation=None, residual=None, out_dtype=None) -> str | None:
@@ -661,6 +695,8 @@ def _launch(a, b, bias, activation, residual, out_dtype, config=None, plan_key=N
     keys = (_common.pow2_bucket(m), _common.pow2_bucket(n), _common.pow2_bucket(k))
     sms = _common.num_sms(_common.device_index(a))
     split = _split_k(m, n, k, batch, sms) if config is None else 1
+    skinny = None if config is not None else _skinny_config(m, k, a.element_size(),
+                                                            _common.device_index(a))
     epilogue_meta = {
         "HAS_BIAS": bias is not None,
         "ACTIVATION": act,
@@ -689,9 +725,13 @@ def _launch(a, b, bias, activation, residual, out_dtype, config=None, plan_key=N
                 scb, scm, scn, sbias, srb, srm, srn)
         meta = {"SPLIT_K": split, "INPUT_PRECISION": precision, "UPCAST": upcast,
                 "ONE_PASS": one_pass, **epilogue_meta}
-        _launch_splitk(splitk_grid, *args, **meta)
+        launch = _launch_splitk
+        if skinny is not None:
+            launch = _launch_splitk_fixed
+            meta.update(skinny)
+        launch(splitk_grid, *args, **meta)
         if plan_key is not None and one_pass and ws.numel() * 4 <= _common.KEEP_SCRATCH_BYTES:
-            _remember(plan_key, _launch_splitk, splitk_grid, args, meta, out_shape, c.dtype,
+            _remember(plan_key, launch, splitk_grid, args, meta, out_shape, c.dtype,
                       (ws, counters))
         if not one_pass:
             # 64 columns x 16 rows per program: 4 KB of fp32 partials per split, coalesced.
@@ -704,6 +744,8 @@ def _launch(a, b, bias, activation, residual, out_dtype, config=None, plan_key=N
             )
         return c
 
+    if skinny is not None and not tma:
+        config = {**skinny, "GROUP_M": 8}  # one 128 x 128 tile a program, no split
     layout = None
     if config is None and (tma or (tma is None and m * n * k >= 2**27
                                    and _tma_available(_common.device_index(a)))):
@@ -856,6 +898,10 @@ def _plan_key(a, b, bias, activation, residual, out_dtype):
 # EVEN_K reads K, so they are keyed on Triton's own specialization.
 _launch_splitk = CachedLauncher(
     _matmul_splitk_kernel, loose=("M", "stride_ab", "stride_wb", "stride_cb", "stride_rb")
+)
+# The split-K kernel without the autotuner, for the fixed skinny tile (_skinny_config).
+_launch_splitk_fixed = CachedLauncher(
+    _matmul_splitk_kernel.fn, loose=("M", "stride_ab", "stride_wb", "stride_cb", "stride_rb")
 )
 _launch_reduce = CachedLauncher(_splitk_reduce_kernel, loose="ints")
 _launch_tuned = CachedLauncher(_matmul_kernel, loose=("M", "stride_ab", "stride_cb", "stride_rb"))
