@@ -115,8 +115,8 @@ def test_matmul_split_k_one_and_two_pass_agree_bitwise(m, monkeypatch):
 def test_matmul_split_k_batched_leaves_tile_counters_zeroed():
     # The last program of each tile re-zeroes its counter: a second call (and every later
     # one) starts from zero, or it would skip or double a tile's reduction.
-    a, b = _rand(3, 2, 1024), _rand(3, 1024, 96)
-    assert tm._split_k(2, 96, 1024, 3, tm._common.num_sms(0)) > 1, "shape must take split-K"
+    a, b = _rand(3, 1, 1024), _rand(3, 1024, 96)
+    assert tm._split_k(1, 96, 1024, 3, tm._common.num_sms(0)) > 1, "shape must take split-K"
     for _ in range(2):
         assert_close_rel(tm.matmul(a, b), _ref(a, b), TOL[torch.bfloat16], "batched split-K")
     counters = [b for k, b in tm._common._SCRATCH.items() if k[0] == "splitk_counters"]
@@ -293,8 +293,9 @@ def test_matmul_gpu_tma_path_in_a_new_thread_and_a_graph():
     "m,n,k,split",
     [
         (1, 4096, 4096, 4),  # ~one wave of 128-wide tiles
-        (1, 11008, 4096, 2),  # M <= 8 keeps two splits at 86 tiles
-        (16, 11008, 4096, 1),  # 86 tiles cover half of 132 SMs: no split from M=9
+        (1, 11008, 4096, 2),  # M=1 keeps two splits at 86 tiles
+        (2, 11008, 4096, 1),  # 86 tiles cover half of 132 SMs: no split from M=2
+        (16, 11008, 4096, 1),
         (64, 11008, 4096, 1),
         (64, 4096, 11008, 4),
         (64, 4096, 256, 1),  # K < 512: never split

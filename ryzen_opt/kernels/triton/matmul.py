@@ -13,7 +13,7 @@ says why not). Kernels:
   (counted on a tile counter) sums them in a fixed order and applies the epilogue, all in
   one launch; under CUDA-graph capture ``_splitk_reduce_kernel`` sums them in a second
   launch spread over many programs (see :func:`_split_k_one_pass` for the measurements).
-  From M=9, when 128-wide tiles already cover half the SMs, skinny calls take no split
+  From M=2, when 128-wide tiles already cover half the SMs, skinny calls take no split
   (:func:`_split_k`); on sm_90+ 16-bit skinny calls use one fixed tile (:func:`_skinny_config`).
 * ``_matmul_tma_kernel`` (sm_90+): large 16-bit problems, operands and output moved by TMA.
 
@@ -595,15 +595,15 @@ def _split_k_one_pass(device: torch.device) -> bool:
 def _split_k(m: int, n: int, k: int, batch: int, sms: int) -> int:
     """K splits for skinny M: about one wave of 128-wide tiles, each K slice >= 256 deep.
 
-    From M=9 up, once 128-wide tiles cover half the SMs, no split: on an H200 at N=11008,
+    From M=2 up, once 128-wide tiles cover half the SMs, no split: on an H200 at N=11008,
     K=4096 one 128 x 128 tile per program streamed W at cuBLAS's speed (M=16/32/64: 0.97-1.02x
     in graph replay) where two splits of 64-wide tiles ran at 0.70-0.91x
-    (``bench/results/h200/tile_probe-skinny*.log``); at M=1 two splits stay ahead (0.94x
-    against 0.92x)."""
+    (``bench/results/h200/tile_probe-skinny*.log``; M=2-15 use M=16's tile). At M=1 the two
+    are even (0.92-0.94x), and two splits were kept."""
     if m > _SKINNY_M or k < 512:
         return 1
     tiles = _common.cdiv(n, 128) * _common.cdiv(m, 64) * batch
-    if m > 8 and 2 * tiles >= sms:
+    if m > 1 and 2 * tiles >= sms:
         return 1
     split = min(k // 256, _common.cdiv(sms, tiles))
     if split <= 1:
