@@ -2,6 +2,8 @@
 
     python bench/gpu/tile_probe.py skinny   # M = 64, 32 (TILE_PROBE_M=16,1: others): split-K tiles
     python bench/gpu/tile_probe.py square   # 4096^3: the TMA kernel's tile, group, stages
+    python bench/gpu/tile_probe.py fused    # matmul + bias + GELU: two programs an SM, or
+                                            # Triton's warp specialization
 
 ``skinny``: decode-time projections (``x @ W.t()``, bf16, W of 4096 x 4096, 11008 x 4096 and
 4096 x 11008) at M = 32 and 64, where ``bench.triton_kernels`` has the library at 0.73-0.89x
@@ -81,19 +83,22 @@ def _splitk(x, wt, split, cfg):
     return c
 
 
-def _tma(a, b, cfg, b_kn):
+def _tma(a, b, cfg, b_kn, bias=None, act=None, per_sm=1):
+    """The library's TMA kernel with one config; ``per_sm`` programs an SM (the tile stride)."""
     m, k = a.shape
     n = b.shape[1]
     c = torch.empty(m, n, device=a.device, dtype=a.dtype)
     sms = _common.num_sms(a.device.index or 0)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    programs = min(per_sm * sms, tiles)
     keys = (_common.pow2_bucket(m), _common.pow2_bucket(n), _common.pow2_bucket(k))
     tm._ensure_tma_allocator()
-    tm._matmul_tma_kernel.fn[(min(sms, tiles),)](
-        a, b, c, c, c, m, n, k, *keys, sms,
-        a.stride(0), b.stride(0) if b_kn else b.stride(1), c.stride(0), 0, 0, 0,
-        HAS_BIAS=False, ACTIVATION=0, HAS_RESIDUAL=False, B_KN=b_kn,
-        UPCAST=_common.upcast_dot(a.dtype), FLATTEN=True, **cfg)
+    cfg = {"FLATTEN": True, **cfg}
+    tm._matmul_tma_kernel.fn[(programs,)](
+        a, b, c, c if bias is None else bias, c, m, n, k, *keys, programs,
+        a.stride(0), b.stride(0) if b_kn else b.stride(1), c.stride(0), 1, 0, 0,
+        HAS_BIAS=bias is not None, ACTIVATION=tm._ACTIVATION_CODE[act], HAS_RESIDUAL=False,
+        B_KN=b_kn, UPCAST=_common.upcast_dot(a.dtype), **cfg)
     return c
 
 
@@ -229,10 +234,89 @@ def square(t0):
     return rows
 
 
+def _fused_variants():
+    """(name, config, programs an SM): two programs an SM (small tiles, 2-3 stages: one
+    program's epilogue beside the other's main loop, the warp scheduler's ping-pong), and
+    Triton's warp specialization of the tile loop, against the library's configs."""
+    out = []
+    for bn, stages, flat, split in ((128, 2, False, 1), (128, 2, False, 2), (128, 2, True, 2),
+                                    (128, 3, False, 2), (64, 3, False, 1), (64, 4, False, 1)):
+        out.append((f"2/SM 128x{bn} s{stages} w4 flat{int(flat)} epi{split}",
+                    {"BLOCK_M": 128, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8,
+                     "FLATTEN": flat, "EPI_SPLIT": split, "num_warps": 4,
+                     "num_stages": stages}, 2))
+    for bn, stages, warps, split in ((256, 3, 8, 2), (128, 4, 4, 1), (128, 4, 8, 1)):
+        out.append((f"ws 128x{bn} s{stages} w{warps} epi{split}",
+                    {"BLOCK_M": 128, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8,
+                     "FLATTEN": True, "EPI_SPLIT": split, "WARP_SPEC": True,
+                     "num_warps": warps, "num_stages": stages}, 1))
+    out.append(("1/SM 128x256 s3 w8 flat1 epi2 (library's best)",
+                {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "FLATTEN": True,
+                 "EPI_SPLIT": 2, "num_warps": 8, "num_stages": 3}, 1))
+    return out
+
+
+def fused(t0):
+    import torch.nn.functional as F
+
+    rows = []
+    dt = torch.bfloat16
+    for m, n, k in ((8192, 16384, 4096), (8192, 8192, 1024)):
+        torch.manual_seed(0)
+        x = torch.randn(m, k, device="cuda", dtype=dt)
+        w = torch.randn(n, k, device="cuda", dtype=dt) * 0.02
+        bias = torch.randn(n, device="cuda", dtype=dt)
+        wt = w.t()
+        ref = F.gelu(torch.addmm(bias.float(), x.float(), wt.float()))
+        ref_plain = x.float() @ wt.float()
+        fns = {"cublas gelu(addmm)": lambda x=x, wt=wt, bias=bias: F.gelu(torch.addmm(bias, x, wt)),
+               "cublas mm": lambda x=x, wt=wt: x @ wt,
+               "library gelu": lambda x=x, wt=wt, bias=bias: tm.matmul(x, wt, bias=bias,
+                                                                       activation="gelu"),
+               "library plain": lambda x=x, wt=wt: tm.matmul(x, wt)}
+        refs = {"cublas gelu(addmm)": ref, "cublas mm": ref_plain, "library gelu": ref,
+                "library plain": ref_plain}
+        for name, cfg, per_sm in _fused_variants():
+            if time.time() - t0 > BUDGET_S:
+                break
+            for act in ("gelu", None):
+                nm = f"{name} {act or 'plain'}"
+                refs[nm] = ref if act else ref_plain
+
+                def fn(cfg=cfg, per_sm=per_sm, act=act, x=x, wt=wt, bias=bias):
+                    return _tma(x, wt, cfg, False, bias if act else None, act, per_sm)
+                fns[nm] = fn
+        errors = {}
+        for nm in list(fns):
+            try:
+                errors[nm] = _check(fns[nm], refs[nm])
+            except Exception:  # noqa: BLE001 - a config that does not compile is a result
+                errors[nm] = "failed: " + traceback.format_exc(limit=1).splitlines()[-1]
+                print(nm, errors[nm][:200], flush=True)
+                fns.pop(nm)
+        bad = [nm for nm, e in errors.items() if isinstance(e, float) and e > 1e-2]
+        for nm in bad:
+            fns.pop(nm)
+        times = time_interleaved(fns, repeat=7, warmup=2, device="cuda")
+        base = times["cublas gelu(addmm)"].median
+        plain = times["cublas mm"].median
+        print(f"== [{m}, {n}, {k}] W.t() (wrong: {bad})", flush=True)
+        for nm, t in sorted(times.items(), key=lambda kv: kv[1].median):
+            ref_t = base if "gelu" in nm else plain
+            rows.append({"shape_mnk": [m, n, k], "case": nm, "ms": t.median * 1e3,
+                         "x_cublas_same_op": ref_t / t.median, "rel_error": errors[nm]})
+            print(f"  {nm:<52} {t.median * 1e3:7.3f} ms  x{ref_t / t.median:5.3f} of cuBLAS "
+                  f"{'gelu(addmm)' if 'gelu' in nm else 'mm'}", flush=True)
+        for nm, e in errors.items():
+            if isinstance(e, str):
+                rows.append({"shape_mnk": [m, n, k], "case": nm, "failed": e})
+    return rows
+
+
 def main() -> None:
     mode = sys.argv[1] if len(sys.argv) > 1 else "skinny"
     t0 = time.time()
-    rows = {"skinny": skinny, "square": square}[mode](t0)
+    rows = {"skinny": skinny, "square": square, "fused": fused}[mode](t0)
     doc = {"command": f"python bench/gpu/tile_probe.py {mode}", "graph_calls": GRAPH_CALLS,
            "environment": environment("cuda"), "rows": rows}
     with open(os.path.join(OUT, f"tile_probe-{mode}.json"), "w") as f:

@@ -329,8 +329,10 @@ def _matmul_tma_body(
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     B_KN: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FLATTEN: tl.constexpr, EPI_SPLIT: tl.constexpr,
+    FLATTEN: tl.constexpr, EPI_SPLIT: tl.constexpr, WARP_SPEC: tl.constexpr = False,
 ):
+    # NUM_SMS is the number of programs (the tile stride): more than the SMs for two programs
+    # an SM. WARP_SPEC: Triton's warp specialization of the tile loop (probes only).
     # B is W (N, K) with K contiguous (b = W.t(), the nn.Linear layout; W's row stride is
     # stride_b), or with B_KN a (K, N) with N contiguous. The descriptors' bounds replace the
     # masks: reads past M, N or K give zeros, stores past M or N are dropped.
@@ -350,7 +352,8 @@ def _matmul_tma_body(
     num_tiles = num_pid_m * num_pid_n
     start = tl.program_id(0)
     tile_out = start - NUM_SMS
-    for tile_id in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN):
+    for tile_id in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN,
+                            warp_specialize=WARP_SPEC):
         pid_m, pid_n = _tma_tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         om = pid_m * BLOCK_M
         on = pid_n * BLOCK_N
