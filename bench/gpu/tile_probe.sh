@@ -4,11 +4,12 @@
 set -u
 mkdir -p "$OUT"; export PYTHONPATH=.
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv > "$OUT/device.txt" 2>&1
-[ -z "${1:-}" ] && TILE_PROBE_BUDGET_S=110 timeout 170 python bench/gpu/tile_probe.py square > "$OUT/tile_probe-square.log" 2>&1
-[ -z "${1:-}" ] && echo "square rc $?" && grep -v "^tma.*failed" "$OUT/tile_probe-square.log" | head -30 | cut -c1-160
-[ -z "${1:-}" ] && TILE_PROBE_BUDGET_S=260 timeout 400 python bench/gpu/tile_probe.py skinny > "$OUT/tile_probe-skinny.log" 2>&1
-[ -z "${1:-}" ] && echo "skinny rc $?" && cat "$OUT/tile_probe-skinny.log" | cut -c1-160
 if [ "${1:-}" = fused ]; then
   TILE_PROBE_BUDGET_S=200 timeout 330 python bench/gpu/tile_probe.py fused > "$OUT/tile_probe-fused.log" 2>&1
   echo "fused rc $?"; cut -c1-200 "$OUT/tile_probe-fused.log"
+  exit 0
 fi
+TILE_PROBE_BUDGET_S=110 timeout 170 python bench/gpu/tile_probe.py square > "$OUT/tile_probe-square.log" 2>&1
+echo "square rc $?"; grep -v "^tma.*failed" "$OUT/tile_probe-square.log" | head -30 | cut -c1-160
+TILE_PROBE_BUDGET_S=260 timeout 400 python bench/gpu/tile_probe.py skinny > "$OUT/tile_probe-skinny.log" 2>&1
+echo "skinny rc $?"; cut -c1-160 "$OUT/tile_probe-skinny.log"
