@@ -93,9 +93,9 @@ def _tma(a, b, cfg, b_kn, bias=None, act=None, per_sm=1):
     programs = min(per_sm * sms, tiles)
     keys = (_common.pow2_bucket(m), _common.pow2_bucket(n), _common.pow2_bucket(k))
     tm._ensure_tma_allocator()
-    cfg = {"FLATTEN": True, **cfg}
+    cfg = {"FLATTEN": True, "PER_SM": per_sm, **cfg}
     tm._matmul_tma_kernel.fn[(programs,)](
-        a, b, c, c if bias is None else bias, c, m, n, k, *keys, programs,
+        a, b, c, c if bias is None else bias, c, m, n, k, *keys,
         a.stride(0), b.stride(0) if b_kn else b.stride(1), c.stride(0), 1, 0, 0,
         HAS_BIAS=bias is not None, ACTIVATION=tm._ACTIVATION_CODE[act], HAS_RESIDUAL=False,
         B_KN=b_kn, UPCAST=_common.upcast_dot(a.dtype), **cfg)

@@ -237,6 +237,30 @@ def test_matmul_tma_kernel_matches_reference(m, n, k, dtype, nn_linear):
     assert_close_rel(plain, _ref(a, b), TOL[dtype])
 
 
+@pytest.mark.parametrize("programs_per_sm", [1, 2])
+def test_matmul_tma_every_config_and_program_count_matches_reference(programs_per_sm):
+    # Each autotune candidate launched alone, with one or two programs an SM striding over
+    # the tiles (the grid, not the config, sets the stride).
+    m, n, k = (72, 200, 136) if tm._common.INTERPRET else (1000, 3000, 776)
+    a, w, bias = _rand(m, k), _rand(n, k) * 0.05, _rand(n)
+    ref = _ref(a, w.t(), bias, "gelu")
+    sms = tm._common.num_sms(0)
+    keys = [tm._common.pow2_bucket(v) for v in (m, n, k)]
+    for cfg in tm._tma_configs():
+        meta = {**cfg.kwargs, "PER_SM": programs_per_sm}
+        tiles = tm._common.cdiv(m, meta["BLOCK_M"]) * tm._common.cdiv(n, meta["BLOCK_N"])
+        c = torch.empty(m, n, device=DEVICE, dtype=torch.bfloat16)
+        tm._ensure_tma_allocator()
+        tm._matmul_tma_kernel.fn[(min(programs_per_sm * sms, tiles),)](
+            a, w.t(), c, bias, c, m, n, k, *keys,
+            a.stride(0), w.stride(0), c.stride(0), 1, 0, 0,
+            HAS_BIAS=True, ACTIVATION=tm._ACTIVATION_CODE["gelu"], HAS_RESIDUAL=False,
+            B_KN=False, UPCAST=tm._common.upcast_dot(a.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
+        )
+        assert_close_rel(c, ref, TOL[torch.bfloat16], str(meta))
+
+
 def test_matmul_tma_layout_rules():
     a, w = _rand(64, 128), _rand(96, 128)
     c = torch.empty(64, 96, device=DEVICE, dtype=torch.bfloat16)

@@ -271,13 +271,21 @@ _matmul_kernel_fixed = _even_k(_matmul_kernel_body)
 def _tma_configs():
     if _common.INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4,
-                               "FLATTEN": False, "EPI_SPLIT": 2}, num_stages=1, num_warps=4)]
+                               "FLATTEN": False, "EPI_SPLIT": 2, "PER_SM": 1},
+                              num_stages=1, num_warps=4)]
     out = []
     for bm, bn, stages, warps, split in ((128, 256, 3, 8, 2), (128, 256, 4, 8, 2),
                                          (128, 128, 4, 4, 1), (128, 128, 4, 8, 1)):
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8,
-                                  "FLATTEN": True, "EPI_SPLIT": split},
+                                  "FLATTEN": True, "EPI_SPLIT": split, "PER_SM": 1},
                                  num_stages=stages, num_warps=warps))
+    # Two programs an SM (2 x 112 KB of shared memory): one program's epilogue runs beside the
+    # other's main loop, interleaved by the warp scheduler. With bias + GELU on an H200:
+    # 1.006x gelu(addmm) at 8192 x 4096 -> 16384 (the 128x256 config above 0.982x) and 0.938x
+    # at 8192 x 1024 -> 8192 (0.877x) (``bench/results/h200/tile_probe-fused.log``).
+    out.append(triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
+                              "FLATTEN": False, "EPI_SPLIT": 2, "PER_SM": 2},
+                             num_stages=3, num_warps=4))
     return out
 
 
@@ -322,17 +330,19 @@ def _matmul_tma_body(
     # pointers
     a_ptr, b_ptr, c_ptr, bias_ptr, res_ptr,
     # sizes (M_KEY/N_KEY/K_KEY: power-of-two buckets, the autotune key)
-    M, N, K, M_KEY, N_KEY, K_KEY, NUM_SMS,
+    M, N, K, M_KEY, N_KEY, K_KEY,
     # strides (the unit strides are implied: rows of A, B and C are contiguous)
     stride_am, stride_b, stride_cm, stride_bias, stride_rm, stride_rn,
     # meta-parameters
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     B_KN: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FLATTEN: tl.constexpr, EPI_SPLIT: tl.constexpr, WARP_SPEC: tl.constexpr = False,
+    FLATTEN: tl.constexpr, EPI_SPLIT: tl.constexpr, PER_SM: tl.constexpr,
+    WARP_SPEC: tl.constexpr = False,
 ):
-    # NUM_SMS is the number of programs (the tile stride): more than the SMs for two programs
-    # an SM. WARP_SPEC: Triton's warp specialization of the tile loop (probes only).
+    # The grid is PER_SM programs an SM (at most one a tile; PER_SM is read by the grid only),
+    # and the programs stride over the tiles. WARP_SPEC: Triton's warp specialization of the
+    # tile loop (probes only: no gain on an H200 with Triton 3.6).
     # B is W (N, K) with K contiguous (b = W.t(), the nn.Linear layout; W's row stride is
     # stride_b), or with B_KN a (K, N) with N contiguous. The descriptors' bounds replace the
     # masks: reads past M, N or K give zeros, stores past M or N are dropped.
@@ -351,8 +361,9 @@ def _matmul_tma_body(
     k_tiles = tl.cdiv(K, BLOCK_K)
     num_tiles = num_pid_m * num_pid_n
     start = tl.program_id(0)
-    tile_out = start - NUM_SMS
-    for tile_id in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN,
+    programs = tl.num_programs(0)
+    tile_out = start - programs
+    for tile_id in tl.range(start, num_tiles, programs, flatten=FLATTEN,
                             warp_specialize=WARP_SPEC):
         pid_m, pid_n = _tma_tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         om = pid_m * BLOCK_M
@@ -370,7 +381,7 @@ def _matmul_tma_body(
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc)
         # The output tile's coordinates are recomputed, not kept live across the K loop.
-        tile_out += NUM_SMS
+        tile_out += programs
         pid_m, pid_n = _tma_tile_coords(tile_out, num_pid_m, num_pid_n, GROUP_M)
         om = pid_m * BLOCK_M
         on = pid_n * BLOCK_N
@@ -758,10 +769,11 @@ def _launch(a, b, bias, activation, residual, out_dtype, config=None, plan_key=N
                              "16-byte aligned rows")
     if layout is not None:
         def tma_grid(META):
-            return (min(sms, _common.cdiv(m, META["BLOCK_M"]) * _common.cdiv(n, META["BLOCK_N"])),)
+            tiles = _common.cdiv(m, META["BLOCK_M"]) * _common.cdiv(n, META["BLOCK_N"])
+            return (min(META["PER_SM"] * sms, tiles),)
 
         _ensure_tma_allocator()
-        args = (a, b, c, bias_t, r3, m, n, k, *keys, sms,
+        args = (a, b, c, bias_t, r3, m, n, k, *keys,
                 a.stride(0), b.stride(1) if layout == 0 else b.stride(0), c.stride(0),
                 sbias, srm, srn)
         meta = {**epilogue_meta, "B_KN": layout == 1, "UPCAST": upcast}
