@@ -279,13 +279,12 @@ def _tma_configs():
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8,
                                   "FLATTEN": True, "EPI_SPLIT": split, "PER_SM": 1},
                                  num_stages=stages, num_warps=warps))
-    # Two programs an SM (2 x 112 KB of shared memory): one program's epilogue runs beside the
-    # other's main loop, interleaved by the warp scheduler. With bias + GELU on an H200:
-    # 1.006x gelu(addmm) at 8192 x 4096 -> 16384 (the 128x256 config above 0.982x) and 0.938x
-    # at 8192 x 1024 -> 8192 (0.877x) (``bench/results/h200/tile_probe-fused.log``).
-    out.append(triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
-                              "FLATTEN": False, "EPI_SPLIT": 2, "PER_SM": 2},
-                             num_stages=3, num_warps=4))
+    # Not a candidate: two programs an SM (128x128, 3 stages, 4 warps, unflattened; the warp
+    # scheduler runs one program's epilogue beside the other's main loop). In one probe it led
+    # with bias + GELU (1.006x gelu(addmm) at 8192 x 4096 -> 16384, 0.938x at 8192 x 1024 ->
+    # 8192; ``bench/results/h200/tile_probe-fused.log``), but the autotuner never chose it over
+    # the configs above (``triton_kernels-matmul-per_sm.json``): within the noise. PER_SM
+    # stays a grid knob (tests, ``bench/gpu/tile_probe.py fused``).
     return out
 
 
