@@ -18,7 +18,9 @@ interleaved rounds, the MLP up-projection 8192 x 4096 -> 16384 (bf16):
 * ``tma``: a persistent kernel whose operands and output move by TMA (device-side tensor
   descriptors, W read as (N, K) as TMA wants it), with and without ``tl.range(flatten=True)``
   (the epilogue of one tile scheduled beside the next tile's loads) and with the tile
-  stored whole or in two column halves, plain and with bias + GELU.
+  stored whole or in two column halves, plain and with bias + GELU. The committed log came
+  from a copy of that kernel in this file; it has since become the library's
+  ``_matmul_tma_kernel``, which this mode now launches.
 
 Every variant is checked against fp32 ``gelu(addmm)`` before timing. Writes
 ``matmul_probe-<mode>.json`` under ``$OUT``; results in ``bench/results/h200/matmul_probe.*``.
@@ -35,6 +37,7 @@ import triton
 import triton.language as tl
 
 from bench.common import environment
+from bench.gpu import tile_probe
 from ryzen_opt.kernels.triton import matmul as tm
 from ryzen_opt.timing import time_interleaved
 
@@ -91,95 +94,9 @@ def _nt(x, w, bias, act, cfg):
     return c
 
 
-def _alloc(size, alignment, stream):
-    """Scratch for the device-side tensor descriptors."""
-    return torch.empty(size, device="cuda", dtype=torch.int8)
-
-
-@triton.jit
-def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    per_group = GROUP_M * num_pid_n
-    first_m = (tile_id // per_group) * GROUP_M
-    size_m = min(num_pid_m - first_m, GROUP_M)
-    return first_m + (tile_id % per_group) % size_m, (tile_id % per_group) // size_m
-
-
-@triton.jit
-def _tma_store_part(c_desc, part, bias_ptr, om, on, N,
-                    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, WIDTH: tl.constexpr):
-    if HAS_BIAS:
-        offs_n = on + tl.arange(0, WIDTH)
-        part = part + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    part = tm._activate(part, ACTIVATION)
-    c_desc.store([om, on], part.to(c_desc.dtype))
-
-
-@triton.jit
-def _tma_persistent_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, B_KN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, EPI_SPLIT: tl.constexpr,
-):
-    # One program per SM walks the output tiles; operands and the output move by TMA
-    # (device-side descriptors; their bounds replace masks). B is W (N, K), K contiguous (the
-    # nn.Linear layout), or with B_KN a contiguous (K, N). The epilogue stores the tile in
-    # EPI_SPLIT column slices.
-    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1],
-                                       block_shape=[BLOCK_M, BLOCK_K])
-    if B_KN:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[N, 1],
-                                           block_shape=[BLOCK_K, BLOCK_N])
-    else:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1],
-                                           block_shape=[BLOCK_N, BLOCK_K])
-    c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[N, 1],
-                                       block_shape=[BLOCK_M, BLOCK_N // EPI_SPLIT])
-    start = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    num_tiles = num_pid_m * num_pid_n
-    tile_out = start - NUM_SMS
-    for tile_id in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN):
-        pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
-        om = pid_m * BLOCK_M
-        on = pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in range(k_tiles):
-            ok = ki * BLOCK_K
-            a = a_desc.load([om, ok])
-            if B_KN:
-                acc = tl.dot(a, b_desc.load([ok, on]), acc)
-            else:
-                acc = tl.dot(a, b_desc.load([on, ok]).T, acc)
-        # The output coordinates are recomputed rather than kept live across the K loop.
-        tile_out += NUM_SMS
-        pid_m, pid_n = _tile_coords(tile_out, num_pid_m, num_pid_n, GROUP_M)
-        om = pid_m * BLOCK_M
-        on = pid_n * BLOCK_N
-        if EPI_SPLIT == 1:
-            _tma_store_part(c_desc, acc, bias_ptr, om, on, N, HAS_BIAS, ACTIVATION, BLOCK_N)
-        else:
-            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
-            left, right = tl.split(halves)
-            _tma_store_part(c_desc, left, bias_ptr, om, on, N, HAS_BIAS, ACTIVATION,
-                            BLOCK_N // 2)
-            _tma_store_part(c_desc, right, bias_ptr, om, on + BLOCK_N // 2, N, HAS_BIAS,
-                            ACTIVATION, BLOCK_N // 2)
-
-
 def _tma(x, b, bias, act, cfg, b_kn=False):
-    m, k = x.shape
-    n = b.shape[1] if b_kn else b.shape[0]
-    c = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-    _tma_persistent_kernel[(min(sms, tiles),)](
-        x, b, c, bias if bias is not None else c, m, n, k,
-        HAS_BIAS=bias is not None, ACTIVATION=tm._ACTIVATION_CODE[act], B_KN=b_kn,
-        NUM_SMS=sms, **cfg)
-    return c
+    """The library's TMA kernel with one config; ``b`` is W (N, K) or, with ``b_kn``, (K, N)."""
+    return tile_probe._tma(x, b if b_kn else b.t(), cfg, b_kn, bias, act)
 
 
 def _tma_configs():
@@ -255,7 +172,6 @@ def main() -> None:
     print("autotuned:", tuned, flush=True)
     mode = sys.argv[1] if len(sys.argv) > 1 else "layout"
     if mode == "tma":
-        triton.set_allocator(_alloc)
         variants = [(cfg, False) for cfg in _tma_configs()]
         variants += [(cfg, True) for cfg in _tma_configs()[:2]]
         for cfg, b_kn in variants:

@@ -30,7 +30,7 @@ import traceback
 import torch
 import triton
 
-from bench.common import environment
+from bench.common import cuda_graphed, environment
 from ryzen_opt.kernels.triton import _common
 from ryzen_opt.kernels.triton import matmul as tm
 from ryzen_opt.timing import time_interleaved
@@ -42,21 +42,6 @@ OUT = os.environ.get("OUT", ".")
 GRAPH_CALLS = 20
 # Stop adding variants past this many seconds (one device call is at most 10 minutes).
 BUDGET_S = float(os.environ.get("TILE_PROBE_BUDGET_S", "330"))
-
-
-def _graphed(fn):
-    """A callable replaying a CUDA graph of ``GRAPH_CALLS`` calls of ``fn``."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(GRAPH_CALLS):
-            fn()
-    return g.replay
 
 
 def _splitk(x, wt, split, cfg):
@@ -166,7 +151,7 @@ def skinny(t0):
             bad = [nm for nm, e in errors.items() if isinstance(e, float) and e > 1e-2]
             for nm in bad:
                 fns.pop(nm)
-            graphs = {nm: _graphed(fn) for nm, fn in fns.items()}
+            graphs = {nm: cuda_graphed(fn, GRAPH_CALLS) for nm, fn in fns.items()}
             times = time_interleaved(graphs, repeat=7, warmup=2, device="cuda")
             base = times["cublas"].median
             print(f"== M={m} N={n} K={k} (library split {tm._split_k(m, n, k, 1, sms)}, "
