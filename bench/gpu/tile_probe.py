@@ -1,6 +1,7 @@
 """Tile sweeps for the two matmul goals still open on Hopper (GPU only, a probe).
 
     python bench/gpu/tile_probe.py skinny   # M = 64, 32 (TILE_PROBE_M=16,1: others): split-K tiles
+                                            # (TILE_PROBE_NK=11008x4096,...: the W shapes)
     python bench/gpu/tile_probe.py square   # 4096^3: the TMA kernel's tile, group, stages
     python bench/gpu/tile_probe.py fused    # matmul + bias + GELU: two programs an SM, or
                                             # Triton's warp specialization
@@ -119,7 +120,8 @@ def skinny(t0):
     dt = torch.bfloat16
     sms = _common.num_sms(0)
     for m in [int(v) for v in os.environ.get("TILE_PROBE_M", "64,32").split(",")]:
-        for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        shapes = os.environ.get("TILE_PROBE_NK", "4096x4096,11008x4096,4096x11008")
+        for n, k in [tuple(int(v) for v in nk.split("x")) for nk in shapes.split(",")]:
             if time.time() - t0 > BUDGET_S:
                 print("budget spent: skipping", m, n, k, flush=True)
                 continue
@@ -152,7 +154,8 @@ def skinny(t0):
             for nm in bad:
                 fns.pop(nm)
             graphs = {nm: cuda_graphed(fn, GRAPH_CALLS) for nm, fn in fns.items()}
-            times = time_interleaved(graphs, repeat=7, warmup=2, device="cuda")
+            times = time_interleaved(graphs, repeat=int(os.environ.get("TILE_PROBE_REPEAT", "7")),
+                                     warmup=2, device="cuda")
             base = times["cublas"].median
             print(f"== M={m} N={n} K={k} (library split {tm._split_k(m, n, k, 1, sms)}, "
                   f"wrong: {bad})", flush=True)
