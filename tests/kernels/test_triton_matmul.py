@@ -112,11 +112,13 @@ def test_matmul_split_k_one_and_two_pass_agree_bitwise(m, monkeypatch):
     assert_close_rel(outs[0], _ref(a, b, bias, "gelu_tanh", res), TOL[torch.bfloat16])
 
 
-def test_matmul_split_k_batched_leaves_tile_counters_zeroed():
+def test_matmul_split_k_batched_leaves_tile_counters_zeroed(monkeypatch):
     # The last program of each tile re-zeroes its counter: a second call (and every later
-    # one) starts from zero, or it would skip or double a tile's reduction.
-    a, b = _rand(3, 1, 1024), _rand(3, 1024, 96)
-    assert tm._split_k(1, 96, 1024, 3, tm._common.num_sms(0)) > 1, "shape must take split-K"
+    # one) starts from zero, or it would skip or double a tile's reduction. 132 SMs as on an
+    # H100/H200 (the interpreter's 4 would leave this batch of 3 tiles unsplit).
+    monkeypatch.setattr(tm._common, "num_sms", lambda index: 132)
+    a, b = _rand(3, 2, 1024), _rand(3, 1024, 96)
+    assert tm._split_k(2, 96, 1024, 3, tm._common.num_sms(0)) > 1, "shape must take split-K"
     for _ in range(2):
         assert_close_rel(tm.matmul(a, b), _ref(a, b), TOL[torch.bfloat16], "batched split-K")
     counters = [b for k, b in tm._common._SCRATCH.items() if k[0] == "splitk_counters"]
@@ -316,9 +318,10 @@ def test_matmul_gpu_tma_path_in_a_new_thread_and_a_graph():
 @pytest.mark.parametrize(
     "m,n,k,split",
     [
-        (1, 4096, 4096, 4),  # ~one wave of 128-wide tiles
-        (1, 11008, 4096, 2),  # M=1 keeps two splits at 86 tiles
-        (2, 11008, 4096, 1),  # 86 tiles cover half of 132 SMs: no split from M=2
+        (1, 4096, 4096, 8),  # M=1: ~one wave of 256-wide tiles
+        (1, 11008, 4096, 4),  # 43 tiles 256 wide
+        (1, 32000, 4096, 1),  # 125 tiles cover half of 132 SMs: no split
+        (2, 11008, 4096, 1),  # 86 tiles 128 wide: no split
         (16, 11008, 4096, 1),
         (64, 11008, 4096, 1),
         (64, 4096, 11008, 4),

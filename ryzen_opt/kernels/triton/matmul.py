@@ -13,7 +13,7 @@ says why not). Kernels:
   (counted on a tile counter) sums them in a fixed order and applies the epilogue, all in
   one launch; under CUDA-graph capture ``_splitk_reduce_kernel`` sums them in a second
   launch spread over many programs (see :func:`_split_k_one_pass` for the measurements).
-  From M=2, when 128-wide tiles already cover half the SMs, skinny calls take no split
+  Once the output tiles cover half the SMs, skinny calls take no split
   (:func:`_split_k`); on sm_90+ 16-bit skinny calls use one fixed tile (:func:`_skinny_config`).
 * ``_matmul_tma_kernel`` (sm_90+): large 16-bit problems, operands and output moved by TMA.
 
@@ -606,17 +606,17 @@ def _split_k_one_pass(device: torch.device) -> bool:
 
 
 def _split_k(m: int, n: int, k: int, batch: int, sms: int) -> int:
-    """K splits for skinny M: about one wave of 128-wide tiles, each K slice >= 256 deep.
+    """K splits for skinny M: about one wave of output tiles (128 wide, 256 at M=1: see
+    :func:`_skinny_config`), each K slice >= 256 deep; none once the tiles cover half the SMs.
 
-    From M=2 up, once 128-wide tiles cover half the SMs, no split: on an H200 at N=11008,
-    K=4096 one 128 x 128 tile per program streamed W at cuBLAS's speed (M=16/32/64: 0.97-1.02x
-    in graph replay) where two splits of 64-wide tiles ran at 0.70-0.91x
-    (``bench/results/h200/tile_probe-skinny*.log``; M=2-15 use M=16's tile). At M=1 the two
-    are even (0.92-0.94x), and two splits were kept."""
+    On an H200 at N=11008, K=4096 one unsplit 128 x 128 tile per program streamed W at
+    cuBLAS's speed (M=16/32/64: 0.97-1.02x in graph replay) where two splits of 64-wide tiles
+    ran at 0.70-0.91x (``bench/results/h200/tile_probe-skinny*.log``; M=2-15 use M=16's
+    tile)."""
     if m > _SKINNY_M or k < 512:
         return 1
-    tiles = _common.cdiv(n, 128) * _common.cdiv(m, 64) * batch
-    if m > 1 and 2 * tiles >= sms:
+    tiles = _common.cdiv(n, 256 if m == 1 else 128) * _common.cdiv(m, 64) * batch
+    if 2 * tiles >= sms:
         return 1
     split = min(k // 256, _common.cdiv(sms, tiles))
     if split <= 1:
@@ -640,6 +640,15 @@ def _skinny_config(m: int, k: int, elt: int, device_index: int) -> dict | None:
     also leaves nothing to autotune under CUDA-graph capture."""
     if m > _SKINNY_M or k < 512 or elt != 2 or not _tma_available(device_index):
         return None
+    if m == 1:
+        # One row (batch-1 decode): 16 x 256 tiles, K slices of 64, 8 warps, 4 stages. At
+        # 4096 x 4096, eight splits of them took 8.0 us against cuBLAS's 10.1 (1.27x; the
+        # 128-wide tile at four splits 1.04x), at 32000 x 4096 unsplit 1.00x (0.99x);
+        # ``bench/results/h200/tile_probe-skinny-m1.log``.
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 1,
+               "PERSISTENT": False, "num_warps": 8, "num_stages": 4}
+        need = (16 + 256) * 64 * 2 * 4 + 4096
+        return cfg if need <= _smem_per_block(device_index) else None
     bm = max(16, _common.next_pow2(m))
     cfg = {"BLOCK_M": bm, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 1, "PERSISTENT": False,
            "num_warps": 4, "num_stages": 4}
