@@ -319,8 +319,9 @@ def test_matmul_gpu_tma_path_in_a_new_thread_and_a_graph():
     "m,n,k,split",
     [
         (1, 4096, 4096, 8),  # M=1: ~one wave of 256-wide tiles
-        (1, 11008, 4096, 4),  # 43 tiles 256 wide
-        (1, 32000, 4096, 1),  # 125 tiles cover half of 132 SMs: no split
+        (1, 11008, 4096, 1),  # 86 tiles 128 wide cover half of 132 SMs: no split
+        (1, 5504, 4096, 4),  # 43 tiles 128 wide: splits for 22 tiles 256 wide
+        (1, 32000, 4096, 1),
         (2, 11008, 4096, 1),  # 86 tiles 128 wide: no split
         (16, 11008, 4096, 1),
         (64, 11008, 4096, 1),
@@ -340,7 +341,7 @@ def test_skinny_fixed_tile_paths_match_reference(monkeypatch):
     # one and two passes, and through the pointer kernel when there is no split.
     cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "PERSISTENT": False,
            "num_warps": 4, "num_stages": 1 if tm._common.INTERPRET else 3}
-    monkeypatch.setattr(tm, "_skinny_config", lambda m, k, elt, dev: dict(cfg))
+    monkeypatch.setattr(tm, "_skinny_config", lambda m, k, elt, dev, split: dict(cfg))
     launched = []
 
     def spy(name):
@@ -366,11 +367,14 @@ def test_skinny_fixed_tile_paths_match_reference(monkeypatch):
 
 def test_skinny_config_off_where_not_measured():
     # Only 16-bit operands on sm_90+ get the fixed tile; the interpreter and fp32 autotune.
-    assert tm._skinny_config(16, 4096, 4, 0) is None
-    assert tm._skinny_config(65, 4096, 2, 0) is None
-    assert tm._skinny_config(16, 256, 2, 0) is None
+    assert tm._skinny_config(16, 4096, 4, 0, 1) is None
+    assert tm._skinny_config(65, 4096, 2, 0, 1) is None
+    assert tm._skinny_config(16, 256, 2, 0, 1) is None
     if not tm._tma_available(0):
-        assert tm._skinny_config(16, 4096, 2, 0) is None
+        assert tm._skinny_config(16, 4096, 2, 0, 1) is None
+    else:
+        assert tm._skinny_config(1, 4096, 2, 0, 8)["BLOCK_N"] == 256  # M=1 split: 256 wide
+        assert tm._skinny_config(1, 4096, 2, 0, 1)["BLOCK_N"] == 128
 
 
 @pytest.mark.gpu

@@ -606,8 +606,9 @@ def _split_k_one_pass(device: torch.device) -> bool:
 
 
 def _split_k(m: int, n: int, k: int, batch: int, sms: int) -> int:
-    """K splits for skinny M: about one wave of output tiles (128 wide, 256 at M=1: see
-    :func:`_skinny_config`), each K slice >= 256 deep; none once the tiles cover half the SMs.
+    """K splits for skinny M: none once 128-wide output tiles cover half the SMs, else about
+    one wave of tiles (128 wide, 256 at M=1: see :func:`_skinny_config`), each K slice >= 256
+    deep.
 
     On an H200 at N=11008, K=4096 one unsplit 128 x 128 tile per program streamed W at
     cuBLAS's speed (M=16/32/64: 0.97-1.02x in graph replay) where two splits of 64-wide tiles
@@ -615,9 +616,11 @@ def _split_k(m: int, n: int, k: int, batch: int, sms: int) -> int:
     tile)."""
     if m > _SKINNY_M or k < 512:
         return 1
-    tiles = _common.cdiv(n, 256 if m == 1 else 128) * _common.cdiv(m, 64) * batch
+    tiles = _common.cdiv(n, 128) * _common.cdiv(m, 64) * batch
     if 2 * tiles >= sms:
         return 1
+    if m == 1:
+        tiles = _common.cdiv(n, 256) * batch
     split = min(k // 256, _common.cdiv(sms, tiles))
     if split <= 1:
         return 1
@@ -629,7 +632,7 @@ def _smem_per_block(device_index: int) -> int:
     return int(getattr(props, "shared_memory_per_block_optin", 0) or 0)
 
 
-def _skinny_config(m: int, k: int, elt: int, device_index: int) -> dict | None:
+def _skinny_config(m: int, k: int, elt: int, device_index: int, split: int) -> dict | None:
     """The fixed tile of skinny 16-bit calls (M <= 64, K >= 512) on sm_90+, for the split-K
     and the unsplit pointer kernel alike; ``None`` elsewhere (the autotuner picks).
 
@@ -640,11 +643,12 @@ def _skinny_config(m: int, k: int, elt: int, device_index: int) -> dict | None:
     also leaves nothing to autotune under CUDA-graph capture."""
     if m > _SKINNY_M or k < 512 or elt != 2 or not _tma_available(device_index):
         return None
-    if m == 1:
-        # One row (batch-1 decode): 16 x 256 tiles, K slices of 64, 8 warps, 4 stages. At
-        # 4096 x 4096, eight splits of them took 8.0 us against cuBLAS's 10.1 (1.27x; the
-        # 128-wide tile at four splits 1.04x), at 32000 x 4096 unsplit 1.00x (0.99x);
-        # ``bench/results/h200/tile_probe-skinny-m1.log``.
+    if m == 1 and split > 1:
+        # One row split over K (batch-1 decode, N up to ~8k): 16 x 256 tiles, K slices of
+        # 64, 8 warps, 4 stages. At 4096 x 4096, eight splits of them took 8.0 us against
+        # cuBLAS's 10.1 (1.27x; the 128-wide tile at four splits 1.04x); at 11008 x 4096 four
+        # splits of them ran at 0.83x where the unsplit 128-wide tile gave 0.885x
+        # (``bench/results/h200/tile_probe-skinny-m1.log``, ``triton_kernels-matmul-m1.log``).
         cfg = {"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 1,
                "PERSISTENT": False, "num_warps": 8, "num_stages": 4}
         need = (16 + 256) * 64 * 2 * 4 + 4096
@@ -718,7 +722,7 @@ def _launch(a, b, bias, activation, residual, out_dtype, config=None, plan_key=N
     sms = _common.num_sms(_common.device_index(a))
     split = _split_k(m, n, k, batch, sms) if config is None else 1
     skinny = None if config is not None else _skinny_config(m, k, a.element_size(),
-                                                            _common.device_index(a))
+                                                            _common.device_index(a), split)
     epilogue_meta = {
         "HAS_BIAS": bias is not None,
         "ACTIVATION": act,
