@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     mix = svf.mixture(base, probe.task.encode_prompts(probe.task.sample("test", 1, 0)))
     gen_fns = {
         "T2L generate (SFT net)": lambda: t2l["sft"].generate(desc),
+        # The reconstruction net is the one `ryzen-opt serve` generates with.
+        "T2L generate (recon net)": lambda: t2l["recon"].generate(desc),
         "T2L generate + PEFT save": lambda: t2l["sft"].generate(desc).save(tmp / "g"),
         "nearest library LoRA lookup": lambda: nearest_library(t2l["sft"], desc),
         "SVF mixture weights": lambda: svf.weights(mix),
@@ -258,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         "LoRA (trained)": lora_params,
         "T2L (generated LoRA)": t2l["sft"].generate(desc).num_parameters,
         "T2L hypernetwork (once)": sum(p.numel() for p in t2l["sft"].parameters()),
+        "T2L recon hypernetwork (once)": sum(p.numel() for p in t2l["recon"].parameters()),
         "SVF expert": svf.num_parameters,
     }
 
