@@ -26,6 +26,7 @@ no launcher key; only the output's allocation and the launch.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -627,7 +628,9 @@ def _split_k(m: int, n: int, k: int, batch: int, sms: int) -> int:
     return 1 << (split.bit_length() - 1)  # a power of two, so autotune keys stay few
 
 
+@functools.lru_cache(maxsize=8)
 def _smem_per_block(device_index: int) -> int:
+    """Shared memory one program may use (opt-in maximum), bytes; 0 where unknown."""
     props = torch.cuda.get_device_properties(device_index)
     return int(getattr(props, "shared_memory_per_block_optin", 0) or 0)
 
@@ -636,7 +639,8 @@ def _skinny_config(m: int, k: int, elt: int, device_index: int, split: int) -> d
     """The fixed tile of skinny 16-bit calls (M <= 64, K >= 512) on sm_90+, for the split-K
     and the unsplit pointer kernel alike; ``None`` elsewhere (the autotuner picks).
 
-    128 x 128 tiles, K slices of 128, 4 stages: within 3% of the best of 24 configs x 4 split
+    BLOCK_M x 128 tiles (BLOCK_M: M rounded up to a power of two, 16-64), K slices of 128,
+    4 stages: within 3% of the best of 24 configs x 4 split
     counts in every shape of ``bench/gpu/tile_probe.py skinny`` (M 1-64; W 4096 x 4096,
     11008 x 4096, 4096 x 11008; graph replay on an H200), where the autotuned choice (timed
     eagerly, one-pass) ran up to 12% slower (M=1, 4096 x 4096: 11.3 vs 9.9 us). A fixed tile
@@ -771,7 +775,7 @@ def _launch(a, b, bias, activation, residual, out_dtype, config=None, plan_key=N
         return c
 
     if skinny is not None and not tma:
-        config = {**skinny, "GROUP_M": 8}  # one 128 x 128 tile a program, no split
+        config = {**skinny, "GROUP_M": 8}  # one BLOCK_M x 128 tile a program, no split
     layout = None
     if config is None and (tma or (tma is None and m * n * k >= 2**27
                                    and _tma_available(_common.device_index(a)))):
