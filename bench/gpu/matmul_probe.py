@@ -29,7 +29,6 @@ Every variant is checked against fp32 ``gelu(addmm)`` before timing. Writes
 import json
 import os
 import sys
-import traceback
 
 import torch
 import torch.nn.functional as F
@@ -181,12 +180,7 @@ def main() -> None:
                 def tma_fn(cfg=cfg, act=act, b_kn=b_kn):
                     return _tma(x, wc if b_kn else w, bias if act else None, act, cfg, b_kn)
 
-                try:
-                    errors[name] = err(tma_fn(), ref if act else ref_plain)
-                    fns[name] = tma_fn
-                except Exception:  # noqa: BLE001 - a config that does not compile is a result
-                    errors[name] = "failed: " + traceback.format_exc(limit=1).splitlines()[-1]
-                    print(name, errors[name], flush=True)
+                tile_probe.try_variant(fns, errors, name, tma_fn, ref if act else ref_plain)
     for cfg in _configs() if mode == "layout" else ():
         for act in (None, "gelu"):
             b_ = bias if act else None
@@ -202,17 +196,10 @@ def main() -> None:
             for name, fn in ((lib, lib_fn), (nt, nt_fn)):
                 if cfg.get("PERSISTENT") and name.startswith("nt"):
                     continue
-                try:
-                    errors[name] = err(fn(), ref if act else ref_plain)
-                    fns[name] = fn
-                except Exception:  # noqa: BLE001 - a config that does not compile is a result
-                    errors[name] = "failed: " + traceback.format_exc(limit=1).splitlines()[-1]
-                    print(name, errors[name], flush=True)
-    bad = {k_: v for k_, v in errors.items() if isinstance(v, float) and v > 1e-2}
+                tile_probe.try_variant(fns, errors, name, fn, ref if act else ref_plain)
+    bad = tile_probe.drop_wrong(fns, errors)
     if bad:
-        print("WRONG RESULTS:", bad, flush=True)
-    for k_ in bad:
-        fns.pop(k_, None)
+        print("WRONG RESULTS:", {k_: errors[k_] for k_ in bad}, flush=True)
     times = time_interleaved(fns, repeat=9, warmup=2, device="cuda")
     flops = 2 * m * n * k
     base = times["cublas gelu(addmm) W.t() [baseline]"].median

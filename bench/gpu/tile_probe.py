@@ -115,6 +115,27 @@ def _check(fn, ref):
     return float((out.float() - ref).norm() / ref.norm())
 
 
+def try_variant(fns, errors, name, fn, ref, log=True):
+    """Check ``fn`` against ``ref`` and keep it in ``fns`` for timing; a config that does not
+    compile is a result too: its error goes into ``errors`` in place of the deviation."""
+    try:
+        errors[name] = _check(fn, ref)
+    except Exception:  # noqa: BLE001
+        errors[name] = "failed: " + traceback.format_exc(limit=1).splitlines()[-1]
+        if log:
+            print(name, errors[name][:200], flush=True)
+        return
+    fns[name] = fn
+
+
+def drop_wrong(fns, errors, tol=1e-2):
+    """Drop from ``fns`` the variants whose result is off by more than ``tol``; their names."""
+    bad = [nm for nm, e in errors.items() if isinstance(e, float) and e > tol]
+    for nm in bad:
+        fns.pop(nm, None)
+    return bad
+
+
 def skinny(t0):
     rows = []
     dt = torch.bfloat16
@@ -145,14 +166,8 @@ def skinny(t0):
                 else:
                     def fn(x=x, wt=wt, split=split, cfg=cfg):
                         return _splitk(x, wt, split, cfg)
-                try:
-                    errors[name] = _check(fn, ref)
-                    fns[name] = fn
-                except Exception:  # noqa: BLE001 - a config that does not compile is a result
-                    errors[name] = "failed: " + traceback.format_exc(limit=1).splitlines()[-1]
-            bad = [nm for nm, e in errors.items() if isinstance(e, float) and e > 1e-2]
-            for nm in bad:
-                fns.pop(nm)
+                try_variant(fns, errors, name, fn, ref, log=False)
+            bad = drop_wrong(fns, errors)
             graphs = {nm: cuda_graphed(fn, GRAPH_CALLS) for nm, fn in fns.items()}
             times = time_interleaved(graphs, repeat=int(os.environ.get("TILE_PROBE_REPEAT", "7")),
                                      warmup=2, device="cuda")
@@ -202,15 +217,8 @@ def square(t0):
 
             def fn(cfg=cfg, b_kn=b_kn):
                 return _tma(a, b if b_kn else w.t(), cfg, b_kn)
-            try:
-                errors[nm] = _check(fn, ref)
-                fns[nm] = fn
-            except Exception:  # noqa: BLE001 - a config that does not compile is a result
-                errors[nm] = "failed: " + traceback.format_exc(limit=1).splitlines()[-1]
-                print(nm, errors[nm], flush=True)
-    bad = [nm for nm, e in errors.items() if isinstance(e, float) and e > 1e-2]
-    for nm in bad:
-        fns.pop(nm)
+            try_variant(fns, errors, nm, fn, ref)
+    bad = drop_wrong(fns, errors)
     times = time_interleaved(fns, repeat=9, warmup=2, device="cuda")
     base = times["cublas"].median
     print(f"== 4096^3 (wrong: {bad}; library: {tm._matmul_tma_kernel.best_config})", flush=True)
@@ -257,34 +265,25 @@ def fused(t0):
         wt = w.t()
         ref = F.gelu(torch.addmm(bias.float(), x.float(), wt.float()))
         ref_plain = x.float() @ wt.float()
-        fns = {"cublas gelu(addmm)": lambda x=x, wt=wt, bias=bias: F.gelu(torch.addmm(bias, x, wt)),
-               "cublas mm": lambda x=x, wt=wt: x @ wt,
-               "library gelu": lambda x=x, wt=wt, bias=bias: tm.matmul(x, wt, bias=bias,
-                                                                       activation="gelu"),
-               "library plain": lambda x=x, wt=wt: tm.matmul(x, wt)}
-        refs = {"cublas gelu(addmm)": ref, "cublas mm": ref_plain, "library gelu": ref,
-                "library plain": ref_plain}
+        fns, errors = {}, {}
+        for nm, fn, r in (
+            ("cublas gelu(addmm)", lambda x=x, wt=wt, bias=bias: F.gelu(torch.addmm(bias, x, wt)),
+             ref),
+            ("cublas mm", lambda x=x, wt=wt: x @ wt, ref_plain),
+            ("library gelu",
+             lambda x=x, wt=wt, bias=bias: tm.matmul(x, wt, bias=bias, activation="gelu"), ref),
+            ("library plain", lambda x=x, wt=wt: tm.matmul(x, wt), ref_plain),
+        ):
+            try_variant(fns, errors, nm, fn, r)
         for name, cfg, per_sm in _fused_variants():
             if time.time() - t0 > BUDGET_S:
                 break
             for act in ("gelu", None):
-                nm = f"{name} {act or 'plain'}"
-                refs[nm] = ref if act else ref_plain
-
                 def fn(cfg=cfg, per_sm=per_sm, act=act, x=x, wt=wt, bias=bias):
                     return _tma(x, wt, cfg, False, bias if act else None, act, per_sm)
-                fns[nm] = fn
-        errors = {}
-        for nm in list(fns):
-            try:
-                errors[nm] = _check(fns[nm], refs[nm])
-            except Exception:  # noqa: BLE001 - a config that does not compile is a result
-                errors[nm] = "failed: " + traceback.format_exc(limit=1).splitlines()[-1]
-                print(nm, errors[nm][:200], flush=True)
-                fns.pop(nm)
-        bad = [nm for nm, e in errors.items() if isinstance(e, float) and e > 1e-2]
-        for nm in bad:
-            fns.pop(nm)
+                try_variant(fns, errors, f"{name} {act or 'plain'}", fn,
+                            ref if act else ref_plain)
+        bad = drop_wrong(fns, errors)
         times = time_interleaved(fns, repeat=7, warmup=2, device="cuda")
         base = times["cublas gelu(addmm)"].median
         plain = times["cublas mm"].median
