@@ -4,10 +4,14 @@ Run from the repository root on a CUDA machine:
 
     PYTHONPATH=. python3 -m bench.triton_kernels --out results.json [--only matmul,attention]
 
-Every comparison times baseline and Triton interleaved (ABBA, ``ryzen_opt.timing.compare``)
+Every comparison times baseline and candidate interleaved (ABBA, ``ryzen_opt.timing.compare``)
 on the same random inputs after warm-up (compilation and autotuning happen there). Ceilings
 measured in the same process: cuBLAS bf16 GEMM at 4096 and 8192, and a device-to-device copy
 (bytes read + written).
+
+The candidate is the Triton kernel unless a row names another ``backend`` (the CUTLASS
+matmul on sm_90, cuBLASLt's fused GELU epilogue as a peer); ``triton_s`` / ``triton_TFLOPs``
+then hold that candidate's figures.
 """
 
 from __future__ import annotations
@@ -111,11 +115,27 @@ def _matmul_config(tm, a, b, **kw) -> str:
     return f"pointer: {getattr(tm._matmul_kernel, 'best_config', None)}"
 
 
+def _other_backend(row, backend, base, cand, ref, flops) -> dict:
+    """The row of another candidate on ``row``'s case, timed against the same baseline in its
+    own interleaved run (``triton_s`` is then that candidate's time, ``backend`` its name)."""
+    r = _cmp(base, cand)
+    r.update({k: row[k] for k in ("op", "shape", "dtype", "baseline")})
+    r.update(
+        backend=backend, triton_TFLOPs=flops / r["triton_s"] / 1e12, rel_error=_err(cand(), ref)
+    )
+    return r
+
+
 def bench_matmul() -> list[dict]:
+    from ryzen_opt.kernels.cutlass import matmul as cm
     from ryzen_opt.kernels.triton import matmul as tm
 
     rows = []
     dt = torch.bfloat16
+    # The CUTLASS backend (sm_90 ping-pong kernels) beside Triton where it is available.
+    cutlass = cm.available()
+    if cutlass is not None:
+        rows.append({"op": "matmul (cutlass)", "skipped": cutlass})
     for n in (4096, 8192):
         a = torch.randn(n, n, device="cuda", dtype=dt)
         b = torch.randn(n, n, device="cuda", dtype=dt)
@@ -132,6 +152,13 @@ def bench_matmul() -> list[dict]:
             config=_matmul_config(tm, a, b),
         )
         rows.append(r)
+        if cutlass is None:
+            rows.append(
+                _other_backend(
+                    r, "cutlass", lambda a=a, b=b: a @ b, partial(cm.matmul, a, b),
+                    a.float() @ b.float(), flops,
+                )
+            )  # fmt: skip
         # The persistent and the one-tile-per-program variant of the same tile shape, each
         # launched without the autotuner, so the choice between them is on record.
         for persistent in (False, True):
@@ -184,6 +211,16 @@ def bench_matmul() -> list[dict]:
             ),
         )
         rows.append(r)
+        ref = F.gelu(torch.addmm(bias.float(), x.float(), wt.float()), approximate=approx)
+        base = partial(_addmm_gelu, bias, x, wt, approx)
+        if cutlass is None:
+            cand = partial(cm.matmul, x, wt, bias=bias, activation=act)
+            rows.append(_other_backend(r, "cutlass", base, cand, ref, 2 * m * n * k))
+        if approx == "tanh":
+            # cuBLASLt's own fused epilogue (tanh GELU, the same function): a peer that fuses.
+            cand = partial(torch._addmm_activation, bias, x, wt, use_gelu=True)
+            rows.append(_other_backend(r, "cuBLASLt epilogue", base, cand, ref, 2 * m * n * k))
+        del ref
     # Skinny M (decode-time projections) against cuBLAS, nn.Linear layout (b = w.t()).
     # (32000 x 4096: an LM head, where M > 8 takes no split.)
     for n, k in ((4096, 4096), (11008, 4096), (32000, 4096)):
@@ -378,6 +415,9 @@ def _table(rows: list[dict]) -> None:
         if "error" in r:
             print(r["op"], "ERROR", r["error"])
             continue
+        if "skipped" in r:
+            print(r["op"], "not run:", r["skipped"])
+            continue
         extra = ""
         for key in (
             "baseline_TFLOPs",
@@ -399,7 +439,8 @@ def _table(rows: list[dict]) -> None:
                 extra += f" {key}={g[key]:.3g}" if key in g else ""
         print(
             f"{r['op']:<22} {str(r.get('shape')):<26} c={str(r.get('causal', '')):<5} "
-            f"base={r['baseline_s'] * 1e3:8.3f}ms triton={r['triton_s'] * 1e3:8.3f}ms "
+            f"base={r['baseline_s'] * 1e3:8.3f}ms {r.get('backend', 'triton')}="
+            f"{r['triton_s'] * 1e3:8.3f}ms "
             f"x{r['speedup']:.3f}{extra} {r.get('variant', '')}"
         )
 

@@ -35,7 +35,7 @@ _MODULE_OF = {"lora_bgmv": "lora"}
 # missing) is recorded as unavailable, never fatal.
 _BACKEND_MODULES = {
     backend: [f"ryzen_opt.kernels.{backend}.{_MODULE_OF.get(op, op)}" for op in OPS]
-    for backend in ("numba", "triton")
+    for backend in ("numba", "triton", "cutlass")
 }
 
 
