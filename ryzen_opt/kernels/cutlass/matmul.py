@@ -25,9 +25,10 @@ from ryzen_opt.kernels.cutlass import _build
 MIN_MACS = 2**27
 MIN_ROWS = 128
 # The persistent scheduler's tile-order swizzle from this many output elements on (8 tiles;
-# below it CUTLASS's default, 1). bench/gpu/cutlass_probe.py on the H200
-# (cutlass_probe-swizzle.log): 8 was 1.6% faster at 8192 x 8192 and 8192 x 16384 outputs, and
-# 0.5-1% slower at 4096 x 4096 and 8192 x 8192 with K = 1024.
+# below it CUTLASS's default, 1). bench/gpu/cutlass_probe.py on the H200: 8 was 1.6% faster
+# at 8192 x 8192 (K = 8192) and 8192 x 16384 outputs, 0.4-1% slower at 4096 x 4096, and at
+# 8192 x 8192 with K = 1024 0.8% slower in one run (cutlass_probe-swizzle.log) and 1.2%
+# faster in another (cutlass_probe-host.log).
 SWIZZLE_FROM = 2**26
 
 
