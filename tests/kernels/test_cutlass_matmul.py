@@ -165,6 +165,18 @@ def test_build_reports_the_compiler_error(toolchain, monkeypatch):
     assert not list(_build.cache_dir().glob("*.so"))
 
 
+def test_a_failed_build_is_not_retried_in_the_process(toolchain, monkeypatch):
+    calls, _ = toolchain
+    monkeypatch.setenv("FAKE_NVCC_FAIL", "bad template")
+    monkeypatch.setattr(_build, "_FAILED", {})
+    _build.kernel.cache_clear()
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="bad template"):
+            _build.kernel("kn", "relu")
+    assert len(calls.read_text().splitlines()) == 1  # one nvcc run for both calls
+    _build.kernel.cache_clear()
+
+
 @pytest.mark.parametrize(
     "kwargs, words",
     [

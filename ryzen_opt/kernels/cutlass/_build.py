@@ -237,8 +237,18 @@ class Kernel:
         return _ERRORS.get(rc, f"error {rc}")
 
 
+_FAILED: dict[tuple[str, str | None], str] = {}
+
+
 @functools.cache
 def kernel(layout: str, activation: str | None) -> Kernel:
-    """The loaded kernel, built first if the cache does not hold it."""
-    path = build([(layout, activation)])[kernel_name(layout, activation)]
+    """The loaded kernel, built first if the cache does not hold it. A build that failed is
+    not retried in this process (each attempt costs tens of seconds): the same error again."""
+    if (layout, activation) in _FAILED:
+        raise RuntimeError(_FAILED[(layout, activation)])
+    try:
+        path = build([(layout, activation)])[kernel_name(layout, activation)]
+    except RuntimeError as e:
+        _FAILED[(layout, activation)] = str(e)
+        raise
     return Kernel(path)
