@@ -269,10 +269,15 @@ def _sdpa_best(q, k, v, causal):
 
 
 def bench_attention() -> list[dict]:
+    from ryzen_opt.kernels.cutlass import attention as ca
     from ryzen_opt.kernels.triton import attention as ta
 
     rows = []
     dt = torch.bfloat16
+    # The CUTLASS backend (sm_90 warp-specialized FMHA) beside Triton where it is available.
+    cutlass = ca.available()
+    if cutlass is not None:
+        rows.append({"op": "attention (cutlass)", "skipped": cutlass})
     for d in (64, 128):
         heads = 2048 // d  # a 2048-wide model
         for seq in (1024, 4096, 16384):
@@ -301,6 +306,12 @@ def bench_attention() -> list[dict]:
                     config=str(ta._attn_fwd_kernel.best_config),
                 )
                 rows.append(r)
+                if cutlass is None:
+                    cand = partial(ca.attention, q, k, v, causal)
+                    c = _other_backend(r, "cutlass", times[best][1], cand, ref, flops)
+                    c.update(causal=causal, baseline_TFLOPs=flops / c["baseline_s"] / 1e12,
+                             variant=ca.VARIANT[d])  # fmt: skip
+                    rows.append(c)
     return rows
 
 

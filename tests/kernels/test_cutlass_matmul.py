@@ -5,7 +5,6 @@ arguments and writes the output file); the kernels themselves only on an sm_90 G
 """
 
 import os
-import stat
 import subprocess
 import sys
 
@@ -88,34 +87,6 @@ def test_bad_arguments_are_named_before_the_backend_limits():
 
 
 # ----------------------------------------------------------------------------- build
-
-
-@pytest.fixture
-def toolchain(tmp_path, monkeypatch):
-    """A stand-in nvcc and CUTLASS tree; returns (nvcc log file, cache root)."""
-    root = tmp_path / "cutlass"
-    (root / "include" / "cutlass").mkdir(parents=True)
-    (root / "include" / "cutlass" / "cutlass.h").write_text("// stand-in\n")
-    (root / "tools" / "util" / "include").mkdir(parents=True)
-    calls = tmp_path / "nvcc.log"
-    nvcc = tmp_path / "bin" / "nvcc"
-    nvcc.parent.mkdir()
-    nvcc.write_text(
-        "#!/bin/sh\n"
-        'if [ "$1" = --version ]; then echo "Cuda compilation tools, release 0.0"; exit 0; fi\n'
-        f'echo "$@" >> {calls}\n'
-        'if [ -n "$FAKE_NVCC_FAIL" ]; then echo "error: $FAKE_NVCC_FAIL" >&2; exit 2; fi\n'
-        "while [ $# -gt 1 ]; do shift; done\n"  # the last argument is the output
-        'printf so > "$1"\n'
-    )
-    nvcc.chmod(nvcc.stat().st_mode | stat.S_IEXEC)
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("NVCC", str(nvcc))
-    monkeypatch.setenv("CUTLASS_DIR", str(root))
-    monkeypatch.setenv("RYZEN_OPT_CUTLASS_CACHE", str(cache))
-    _build._nvcc_version.cache_clear()
-    yield calls, cache
-    _build._nvcc_version.cache_clear()
 
 
 def test_toolchain_discovery_reports_what_is_missing(tmp_path, monkeypatch):
