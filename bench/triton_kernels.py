@@ -310,7 +310,7 @@ def bench_attention() -> list[dict]:
                     cand = partial(ca.attention, q, k, v, causal)
                     c = _other_backend(r, "cutlass", times[best][1], cand, ref, flops)
                     c.update(causal=causal, baseline_TFLOPs=flops / c["baseline_s"] / 1e12,
-                             variant=ca.VARIANT[d])  # fmt: skip
+                             variant=ca.variant(d, causal, seq))  # fmt: skip
                     rows.append(c)
     return rows
 

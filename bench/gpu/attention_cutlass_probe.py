@@ -6,8 +6,9 @@ Why: the Triton attention forward stays at 0.72-0.84x cuDNN at head dim 128 and 
 at head dim 64 on the H200 (``bench/results/h200/README.md``); TMA loads, Triton's warp
 specialization and hand pipelining did not close it. The library's CUTLASS backend
 (``ryzen_opt/kernels/cutlass/attention.py``) runs CUTLASS's warp-specialized FMHA collectives
-(a producer warp group, two consumer warp groups); this probe measures each of its schedules
-(``_build.ATTN_VARIANTS``) on ``bench.triton_kernels``' attention cases before one is chosen.
+(a producer warp group, two or three consumer warp groups); this probe measures each of its
+schedules (``_build.ATTN_VARIANTS``: tile, consumer warp groups, persistent or not) on
+``bench.triton_kernels``' attention cases before one is chosen.
 
 Every kernel (head dim x mask x schedule) is built first, in parallel. ``check`` compares each
 against an fp32 reference on odd shapes (query and key lengths not multiples of the tile,
@@ -51,27 +52,21 @@ def _ref(q, k, v, causal, scale):
     return torch.softmax(s, -1) @ vf, torch.logsumexp(s, -1)
 
 
-def _run(variant, q, k, v, causal, scale):
-    """One call of ``variant``'s kernel through the library (its plan cache bypassed)."""
-    old = dict(ca.VARIANT)
-    ca.VARIANT[q.shape[-1]] = variant
-    ca._PLANS.clear()
-    try:
-        return ca.forward(q, k, v, causal, scale)
-    finally:
-        ca.VARIANT.update(old)
-        ca._PLANS.clear()
+def _run(name, q, k, v, causal, scale):
+    """One call of schedule ``name``'s kernel through the library's plan."""
+    plan = ca._Plan(q, k, v, causal, name)
+    return plan(q, k, v, d_scale(q) if scale is None else scale)
 
 
-def _bound(variant, q, k, v, causal):
-    """A zero-argument call of ``variant`` with its plan made once (as the library calls it)."""
-    ca._PLANS.clear()
-    old = dict(ca.VARIANT)
-    ca.VARIANT[q.shape[-1]] = variant
-    plan = ca._Plan(q, k, v, causal)
-    ca.VARIANT.update(old)
-    scale = q.shape[-1] ** -0.5
-    return lambda: plan(q, k, v, scale)[0]
+def d_scale(q):
+    return q.shape[-1] ** -0.5
+
+
+def _bound(name, q, k, v, causal):
+    """A zero-argument call of schedule ``name`` with its plan made once (as the library's
+    repeated calls run)."""
+    plan = ca._Plan(q, k, v, causal, name)
+    return lambda: plan(q, k, v, d_scale(q))[0]
 
 
 def _err(out, ref):
@@ -106,7 +101,7 @@ def check(results):
                 print(f"check d{d} {name}: not served ({why})")
                 continue
             ref, lse_ref = _ref(q, k, v, causal, scale if scale is not None else d**-0.5)
-            for variant in _build.ATTN_VARIANTS:
+            for variant in _build.ATTN_VARIANTS[d]:
                 try:
                     out, lse = _run(variant, q, k, v, causal, scale)
                     torch.cuda.synchronize()
@@ -160,7 +155,7 @@ def timing(results, bad):
                     "triton": lambda q=q, k=k, v=v, c=causal: ta.attention(q, k, v, c),
                 }
                 ref = fns["cudnn"]()
-                for variant in _build.ATTN_VARIANTS:
+                for variant in _build.ATTN_VARIANTS[d]:
                     if (d, variant) in bad:
                         continue
                     fn = _bound(variant, q, k, v, causal)

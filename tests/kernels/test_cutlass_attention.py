@@ -107,19 +107,28 @@ def test_bad_arguments_are_named_before_the_backend_limits():
 
 def test_attention_sources_name_tile_mask_and_schedule():
     src = _build.attention_source(128, "causal", "persist")
-    assert "cute::_128, cute::_128, cute::_128" in src and "true, true" in src
+    assert "cute::_128, cute::_128, cute::_128" in src and "true, true, 2" in src
     src = _build.attention_source(64, "full", "coop")
-    assert "cute::_128, cute::_64, cute::_64" in src and "false, false" in src
+    assert "cute::_128, cute::_64, cute::_64" in src and "false, false, 2" in src
+    src = _build.attention_source(64, "full", "wg3_kv128")
+    assert "cute::_192, cute::_128, cute::_64" in src and "false, false, 3" in src
+    for (d, _), rules in ca.VARIANTS.items():
+        assert rules[-1][0] is None and all(name in _build.ATTN_VARIANTS[d] for _, name in rules)
+    assert ca.variant(64, False, 1024) == "persist_kv128"
+    assert ca.variant(64, False, 4096) == "wg3_kv128"
+    assert ca.variant(128, True, 1 << 20) == "coop"
     with pytest.raises(ValueError, match="head_dim"):
         _build.attention_source(96, "full", "coop")
     with pytest.raises(ValueError, match="variant"):
         _build.attention_source(64, "full", "fast")
+    with pytest.raises(ValueError, match="variant"):
+        _build.attention_source(128, "full", "wg3_kv128")
 
 
 def test_build_attention_compiles_each_kernel_once(toolchain):
     calls, cache = toolchain
     built = _build.build_attention(jobs=2)
-    n = len(_build.ATTN_HEAD_DIMS) * len(_build.ATTN_MASKS) * len(_build.ATTN_VARIANTS)
+    n = len(_build.ATTN_MASKS) * sum(len(v) for v in _build.ATTN_VARIANTS.values())
     assert len(built) == n and all(p.is_file() for p in built.values())
     lines = calls.read_text().splitlines()
     assert len(lines) == n
@@ -153,9 +162,7 @@ needs_cutlass = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def built():
-    return _build.build_attention(
-        [(d, m, ca.VARIANT[d]) for d in (64, 128) for m in ("full", "causal")]
-    )
+    return _build.build_attention()  # every schedule at once, in parallel
 
 
 def _ref(q, k, v, causal, scale=None):
@@ -186,6 +193,21 @@ def test_matches_float64_on_odd_shapes(built, d, b, hq, hkv, lq, lk, causal):
     assert_close_rel(
         out, _ref(q, k, v, causal), TOL[BF16], f"{b}x{hq}/{hkv}x{lq}x{lk}x{d} {causal}"
     )
+
+
+@gpu
+@needs_cutlass
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_schedule_on_odd_shapes(built, d, causal):
+    torch.manual_seed(2)
+    q = torch.randn(2, 8, 200, d, device="cuda", dtype=BF16)
+    k = torch.randn(2, 4, 333, d, device="cuda", dtype=BF16)
+    v = torch.randn_like(k)
+    ref = _ref(q, k, v, causal)
+    for name in _build.ATTN_VARIANTS[d]:
+        out, _ = ca._Plan(q, k, v, causal, name)(q, k, v, d**-0.5)
+        assert_close_rel(out, ref, TOL[BF16], f"{name} d={d} causal={causal}")
 
 
 @gpu

@@ -24,9 +24,30 @@ from ryzen_opt.kernels import reference, registry
 from ryzen_opt.kernels.cutlass import _build
 from ryzen_opt.kernels.cutlass.matmul import _capability, _device_reason, _sm_count
 
-# The schedule of each head dim (see _build.ATTN_VARIANTS), chosen by
-# bench/gpu/attention_cutlass_probe.py on the H200.
-VARIANT = {64: "coop", 128: "coop"}
+# The schedule (see _build.ATTN_VARIANTS) of each (head dim, causal), by key length: the first
+# (longest key length, variant) whose bound holds. Chosen from
+# bench/gpu/attention_cutlass_probe.py's two runs on the H200 (bench/results/h200/README.md,
+# attention_cutlass_probe-probe/-variants): at head dim 128 the persistent scheduler was
+# 1.5-12% faster without a mask and up to 31% slower with the causal one (its static split of
+# the query tiles leaves SMs idle on the short causal rows); at head dim 64 key tiles of 128
+# rows beat 64 by 13-35%, three consumer warp groups (192 query rows) were fastest from 4096
+# keys and slower at 1024.
+VARIANTS = {
+    (64, False): ((2048, "persist_kv128"), (None, "wg3_kv128")),
+    (64, True): ((2048, "coop_kv128"), (None, "wg3_kv128")),
+    (128, False): ((None, "persist"),),
+    (128, True): ((None, "coop"),),
+}
+
+
+def variant(head_dim: int, causal: bool, k_len: int) -> str:
+    """The schedule this call runs (see :data:`VARIANTS`)."""
+    for bound, name in VARIANTS[head_dim, bool(causal)]:
+        if bound is None or k_len <= bound:
+            return name
+    raise AssertionError("every VARIANTS entry ends with an unbounded schedule")
+
+
 _INT_MAX = 2**31 - 1
 
 
@@ -98,9 +119,10 @@ class _Plan:
 
     __slots__ = ("kern", "b", "h", "lq", "lk", "d", "shape", "index", "sms", "strides", "steps")
 
-    def __init__(self, q, k, v, causal):
+    def __init__(self, q, k, v, causal, name=None):
         b, hq, lq, d = q.shape
-        self.kern = _build.attention_kernel(d, "causal" if causal else "full", VARIANT[d])
+        name = name or variant(d, causal, k.shape[2])
+        self.kern = _build.attention_kernel(d, "causal" if causal else "full", name)
         folded = _folded(q, k, v)
         # Grouped heads whose batch and head strides do not merge (the (batch, seq, heads,
         # dim) memory of an HF layer): one launch a batch element.

@@ -102,8 +102,9 @@ struct ScaledMainloop : Base {
 enum : int { kOk = 0, kCannotImplement = 1, kInitFailed = 3, kRunFailed = 4 };
 
 // kPersistent: the persistent tile scheduler with the query tile loaded by its own warp (what
-// the example calls ping-pong); otherwise one CTA a (query tile, batch, head).
-template <class TileShape, bool kCausal, bool kPersistent>
+// the example calls ping-pong); otherwise one CTA a (query tile, batch, head). kWarpGroups:
+// consumer warp groups, each owning TileShape's query rows / kWarpGroups.
+template <class TileShape, bool kCausal, bool kPersistent, int kWarpGroups = 2>
 struct Forward {
   using T = cutlass::bfloat16_t;
   using Stride = cute::tuple<int, _1, cute::tuple<int, int>>;  // (seq, dim, (batch, head))
@@ -113,8 +114,10 @@ struct Forward {
                                                 cute::bool_constant<kPersistent>>;
   using SeparateQ = cutlass::fmha::kernel::Option<
       cutlass::fmha::kernel::Tag::kLoadsQSeparately, cute::bool_constant<kPersistent>>;
+  using WarpGroups = cutlass::fmha::kernel::Option<
+      cutlass::fmha::kernel::Tag::kNumMmaWarpGroups, cute::Int<kWarpGroups>>;
   using Inner = cutlass::fmha::collective::FmhaMainloopTmaWarpSpecialized<
-      T, float, float, TileShape, Stride, Stride, Stride, Fusion, Persist, SeparateQ>;
+      T, float, float, TileShape, Stride, Stride, Stride, Fusion, Persist, SeparateQ, WarpGroups>;
   using Mainloop = ScaledMainloop<Inner>;
   using Epilogue = cutlass::fmha::collective::FmhaFwdEpilogue<T, float,
                                                               typename Mainloop::TileShapePV>;
@@ -123,7 +126,7 @@ struct Forward {
                                        cutlass::fmha::kernel::IndividualTileScheduler>;
   using Kernel = cutlass::fmha::kernel::FmhaKernelTmaWarpSpecialized<Mainloop, Epilogue,
                                                                       Scheduler, Persist,
-                                                                      SeparateQ>;
+                                                                      SeparateQ, WarpGroups>;
   using Op = cutlass::device::Universal<Kernel>;
 
   // Strides in elements: s* = (batch, head, seq) of q, k, v, o; the head dim is contiguous.
