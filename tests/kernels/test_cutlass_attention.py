@@ -107,16 +107,16 @@ def test_bad_arguments_are_named_before_the_backend_limits():
 
 def test_attention_sources_name_tile_mask_and_schedule():
     src = _build.attention_source(128, "causal", "persist")
-    assert "cute::_128, cute::_128, cute::_128" in src and "true, true, 2" in src
+    assert "cute::_128, cute::_128, cute::_128" in src and "true, true, 2, false" in src
     src = _build.attention_source(64, "full", "coop")
-    assert "cute::_128, cute::_64, cute::_64" in src and "false, false, 2" in src
+    assert "cute::_128, cute::_64, cute::_64" in src and "false, false, 2, false" in src
     src = _build.attention_source(64, "full", "wg3_kv128")
-    assert "cute::_192, cute::_128, cute::_64" in src and "false, false, 3" in src
+    assert "cute::_192, cute::_128, cute::_64" in src and "false, false, 3, false" in src
     for (d, _), rules in ca.VARIANTS.items():
         assert rules[-1][0] is None and all(name in _build.ATTN_VARIANTS[d] for _, name in rules)
     assert ca.variant(64, False, 1024) == "persist_kv128"
-    assert ca.variant(64, False, 4096) == "wg3_kv128"
-    assert ca.variant(128, True, 1 << 20) == "coop"
+    assert ca.variant(64, False, 4096) == "persist_wg3_kv128"
+    assert ca.variant(128, True, 1 << 20) == "coop_rev"
     with pytest.raises(ValueError, match="head_dim"):
         _build.attention_source(96, "full", "coop")
     with pytest.raises(ValueError, match="variant"):

@@ -26,17 +26,17 @@ from ryzen_opt.kernels.cutlass.matmul import _capability, _device_reason, _sm_co
 
 # The schedule (see _build.ATTN_VARIANTS) of each (head dim, causal), by key length: the first
 # (longest key length, variant) whose bound holds. Chosen from
-# bench/gpu/attention_cutlass_probe.py's two runs on the H200 (bench/results/h200/README.md,
-# attention_cutlass_probe-probe/-variants): at head dim 128 the persistent scheduler was
-# 1.5-12% faster without a mask and up to 31% slower with the causal one (its static split of
-# the query tiles leaves SMs idle on the short causal rows); at head dim 64 key tiles of 128
-# rows beat 64 by 13-35%, three consumer warp groups (192 query rows) were fastest from 4096
-# keys and slower at 1024.
+# bench/gpu/attention_cutlass_probe.py's three runs on the H200 (bench/results/h200/README.md,
+# attention_cutlass_probe-probe/-variants/-heavy): at head dim 128 the persistent scheduler
+# was 1.5-12% faster than one CTA a tile without a mask and up to 31% slower with the causal
+# one, where taking the heavy (late) query tiles first gained 1-5%; at head dim 64 key tiles
+# of 128 rows beat 64 by 13-35%, and three consumer warp groups (192 query rows) were the
+# fastest from 4096 keys and 10-30% slower at 1024.
 VARIANTS = {
-    (64, False): ((2048, "persist_kv128"), (None, "wg3_kv128")),
-    (64, True): ((2048, "coop_kv128"), (None, "wg3_kv128")),
+    (64, False): ((2048, "persist_kv128"), (None, "persist_wg3_kv128")),
+    (64, True): ((2048, "coop_kv128"), (None, "wg3_kv128_rev")),
     (128, False): ((None, "persist"),),
-    (128, True): ((None, "coop"),),
+    (128, True): ((None, "coop_rev"),),
 }
 
 

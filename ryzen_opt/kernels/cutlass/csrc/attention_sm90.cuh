@@ -99,12 +99,43 @@ struct ScaledMainloop : Base {
   }
 };
 
+// The schedulers with the query tiles taken heaviest first: under the causal mask a query tile
+// further down sees more key tiles, and starting those first leaves the light ones to fill the
+// last wave (the collective's schedulers start from the first query tile).
+struct HeavyFirstTileScheduler : cutlass::fmha::kernel::IndividualTileScheduler {
+  using Base = cutlass::fmha::kernel::IndividualTileScheduler;
+  using Base::Base;
+  CUTLASS_DEVICE auto get_block_coord() {
+    return make_coord(static_cast<int>(gridDim.x - 1 - blockIdx.x), _0{},
+                      make_coord(static_cast<int>(blockIdx.y), static_cast<int>(blockIdx.z)));
+  }
+  CUTLASS_DEVICE HeavyFirstTileScheduler& operator++() {
+    Base::operator++();
+    return *this;
+  }
+};
+
+struct HeavyFirstPersistentTileScheduler : cutlass::fmha::kernel::PersistentTileScheduler {
+  using Base = cutlass::fmha::kernel::PersistentTileScheduler;
+  using Base::Base;
+  CUTLASS_DEVICE auto get_block_coord() {
+    auto c = Base::get_block_coord();
+    return make_coord(params.divmod_m_block.divisor - 1 - get<0>(c), _0{}, get<2>(c));
+  }
+  CUTLASS_DEVICE HeavyFirstPersistentTileScheduler& operator++() {
+    Base::operator++();
+    return *this;
+  }
+};
+
 enum : int { kOk = 0, kCannotImplement = 1, kInitFailed = 3, kRunFailed = 4 };
 
 // kPersistent: the persistent tile scheduler with the query tile loaded by its own warp (what
 // the example calls ping-pong); otherwise one CTA a (query tile, batch, head). kWarpGroups:
-// consumer warp groups, each owning TileShape's query rows / kWarpGroups.
-template <class TileShape, bool kCausal, bool kPersistent, int kWarpGroups = 2>
+// consumer warp groups, each owning TileShape's query rows / kWarpGroups. kHeavyFirst: the
+// query tiles in reverse order (see HeavyFirstTileScheduler).
+template <class TileShape, bool kCausal, bool kPersistent, int kWarpGroups = 2,
+          bool kHeavyFirst = false>
 struct Forward {
   using T = cutlass::bfloat16_t;
   using Stride = cute::tuple<int, _1, cute::tuple<int, int>>;  // (seq, dim, (batch, head))
@@ -121,9 +152,12 @@ struct Forward {
   using Mainloop = ScaledMainloop<Inner>;
   using Epilogue = cutlass::fmha::collective::FmhaFwdEpilogue<T, float,
                                                               typename Mainloop::TileShapePV>;
-  using Scheduler = std::conditional_t<kPersistent,
-                                       cutlass::fmha::kernel::PersistentTileScheduler,
-                                       cutlass::fmha::kernel::IndividualTileScheduler>;
+  using Scheduler = std::conditional_t<
+      kPersistent,
+      std::conditional_t<kHeavyFirst, HeavyFirstPersistentTileScheduler,
+                         cutlass::fmha::kernel::PersistentTileScheduler>,
+      std::conditional_t<kHeavyFirst, HeavyFirstTileScheduler,
+                         cutlass::fmha::kernel::IndividualTileScheduler>>;
   using Kernel = cutlass::fmha::kernel::FmhaKernelTmaWarpSpecialized<Mainloop, Epilogue,
                                                                       Scheduler, Persist,
                                                                       SeparateQ, WarpGroups>;
