@@ -14,7 +14,9 @@ if [ "${ATTN_PROBE:-1}" = 1 ]; then
   timeout 330 python bench/gpu/attention_cutlass_probe.py > "$OUT/attention_cutlass_probe-$SUF.log" 2>&1
   echo "probe rc $?"; cut -c1-400 "$OUT/attention_cutlass_probe-$SUF.log" | grep -v "^check.* ok$"
   [ -f "$OUT/attention_cutlass_probe.json" ] && mv "$OUT/attention_cutlass_probe.json" "$OUT/attention_cutlass_probe-$SUF.json"
-else
+else  # every kernel through the CLI first, then the matmul's tests too
+  timeout 300 python -m ryzen_opt.kernels.cutlass > "$OUT/cutlass_build-$SUF.log" 2>&1
+  echo "build rc $?"; tail -1 "$OUT/cutlass_build-$SUF.log"
   TESTS="$TESTS tests/kernels/test_cutlass_matmul.py"
 fi
 timeout 300 python -m pytest -q -p no:randomly --tb=short -m "gpu or not gpu" \
@@ -24,4 +26,9 @@ if [ "${2:-}" = bench ]; then
   timeout 240 python -m bench.triton_kernels --only attention \
     --out "$OUT/triton_kernels-attention-$SUF.json" > "$OUT/triton_kernels-attention-$SUF.log" 2>&1
   echo "bench rc $?"; grep -E "^attention" "$OUT/triton_kernels-attention-$SUF.log" | cut -c1-260
+  if [ "${ATTN_BENCH_TWICE:-0}" = 1 ]; then
+    timeout 240 python -m bench.triton_kernels --only attention \
+      --out "$OUT/triton_kernels-attention-$SUF-run2.json" > "$OUT/triton_kernels-attention-$SUF-run2.log" 2>&1
+    echo "bench run2 rc $?"; grep -E "^attention" "$OUT/triton_kernels-attention-$SUF-run2.log" | cut -c1-260
+  fi
 fi

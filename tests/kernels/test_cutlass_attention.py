@@ -248,3 +248,15 @@ def test_under_torch_compile(built):
     q = torch.randn(1, 4, 256, 128, device="cuda", dtype=BF16)
     f = torch.compile(lambda q: ca.attention(q, q, q, causal=True), fullgraph=True)
     assert_close_rel(f(q), _ref(q, q, q, True), TOL[BF16], "compiled")
+
+
+def test_cli_builds_the_attention_kernels(toolchain, capsys):
+    from ryzen_opt.kernels.cutlass.__main__ import main
+
+    calls, _ = toolchain
+    assert main(["--only", "attention", "--jobs", "2"]) == 0
+    n = len(_build.ATTN_MASKS) * sum(len(v) for v in _build.ATTN_VARIANTS.values())
+    assert len(calls.read_text().splitlines()) == n
+    assert f"{n} kernels ready" in capsys.readouterr().out
+    assert main([]) == 0  # the matmul's are built now; the attention's are cached
+    assert len(calls.read_text().splitlines()) == n + len(_build.LAYOUTS) * len(_build.ACTIVATIONS)

@@ -1,4 +1,5 @@
-"""``python -m ryzen_opt.kernels.cutlass [--jobs N]``: build every CUTLASS kernel now."""
+"""``python -m ryzen_opt.kernels.cutlass [--jobs N] [--only matmul|attention]``: build every
+CUTLASS kernel now (the matmul's and every attention schedule's)."""
 
 import argparse
 import logging
@@ -11,6 +12,7 @@ from ryzen_opt.kernels.cutlass import _build
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Build the CUTLASS sm_90a kernels into the cache.")
     ap.add_argument("--jobs", type=int, default=None, help="parallel nvcc runs (default: all)")
+    ap.add_argument("--only", choices=("matmul", "attention"), default=None)
     args = ap.parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
         ap.error(f"--jobs must be >= 1, got {args.jobs}")
@@ -21,7 +23,11 @@ def main(argv=None) -> int:
         return 1
     t0 = time.time()
     try:
-        built = _build.build(jobs=args.jobs)
+        built = {}
+        if args.only in (None, "matmul"):
+            built.update(_build.build(jobs=args.jobs))
+        if args.only in (None, "attention"):
+            built.update(_build.build_attention(jobs=args.jobs))
     except RuntimeError as e:
         print(e, file=sys.stderr)
         return 1
