@@ -28,7 +28,8 @@ def test_registered_for_attention_on_cuda_only():
     assert not any("cutlass.attention" in m for m in registry.import_errors())
 
 
-def test_supports_the_prefill_layouts():
+def test_supports_the_prefill_layouts(toolchain):
+    _build.build_attention()  # (stand-in nvcc) every kernel in the cache
     q, k = _meta(2, 16, 256, 128), _meta(2, 16, 256, 128)
     assert ca.supports(q, k, k) is None
     assert ca.supports(q, k, k, causal=True) is None
@@ -61,6 +62,17 @@ def test_supports_names_what_it_does_not_serve(q, k, kwargs, words):
     assert reason is not None and words in reason, reason
 
 
+def test_a_kernel_not_built_is_not_served(toolchain):
+    calls, _ = toolchain
+    q = _meta(1, 8, 4096, 64)
+    reason = ca.supports(q, q, q, causal=True)
+    assert "attn_d64_causal_wg3_kv128_rev is not built" in reason, reason
+    assert not calls.exists()  # asking built nothing
+    _build.build_attention([(64, "causal", "wg3_kv128_rev")])
+    assert ca.supports(q, q, q, causal=True) is None
+    assert ca.supports(q, q, q) is not None  # the unmasked schedule is another kernel
+
+
 def test_grouped_query_fold():
     # (b, h) of q fold to (b * hkv, group); k/v heads get stride 0 inside a group.
     q, k = torch.empty(2, 8, 16, 64), torch.empty(2, 2, 24, 64)
@@ -81,7 +93,8 @@ def test_grouped_query_fold():
     b, h, (sq, sk, sv, so) = ca._folded(q, kk, kk, batch=1)
     assert (b, h) == (2, 4) and sk == (kk.stride(1), 0, kk.stride(2))
     meta = [t.to("meta").to(BF16) for t in (q, kk)]
-    assert ca.supports(meta[0], meta[1], meta[1]) is None
+    reason = ca.supports(meta[0], meta[1], meta[1])
+    assert reason is None or "is not built" in reason, reason
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only report")

@@ -32,7 +32,8 @@ def test_registered_for_matmul_on_cuda_only():
     assert "cutlass" not in registry.import_errors()
 
 
-def test_supports_a_linear_layer_and_a_plain_product():
+def test_supports_a_linear_layer_and_a_plain_product(toolchain):
+    _build.build()  # (stand-in nvcc) every kernel in the cache
     a, w = _meta(256, 1024), _meta(1024, 1024)
     assert cm.supports(a, w.t()) is None  # nn.Linear layout
     assert cm.supports(a, w) is None  # (K, N) row-major
@@ -60,6 +61,19 @@ def test_supports_names_what_it_does_not_serve(case, words):
     args, kwargs = case(_meta(256, 1024), _meta(1024, 1024))
     reason = cm.supports(*args, **kwargs)
     assert reason is not None and words in reason, reason
+
+
+def test_a_kernel_not_built_is_not_served_and_never_built_by_a_call(toolchain):
+    calls, _ = toolchain
+    a, w = _meta(256, 1024), _meta(1024, 1024)
+    reason = cm.supports(a, w.t(), None, "silu")
+    assert (
+        "linear_nk_silu is not built" in reason and "python -m ryzen_opt.kernels.cutlass" in reason
+    )
+    assert not calls.exists()  # asking built nothing
+    _build.build([("nk", "silu")])
+    assert cm.supports(a, w.t(), None, "silu") is None
+    assert cm.supports(a, w.t()) is not None  # another kernel: still not built
 
 
 def test_layout_detection():

@@ -183,6 +183,18 @@ def _nvcc_version(nvcc: str) -> str:
 
 def cache_dir() -> Path:
     """Where this header, these flags and this compiler's kernels live."""
+    return _cache_dir(
+        *(os.environ.get(v) for v in ("NVCC", "CUDA_HOME", "CUDA_PATH", "CUTLASS_DIR")),
+        os.environ.get("RYZEN_OPT_CUTLASS_CACHE"),
+        _SOURCE,
+        _ATTN_SOURCE,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _cache_dir(*_key) -> Path:
+    # Keyed on the environment that finds the toolchain and on the generated sources (the
+    # headers are read once a process: a header edited under a running process is not seen).
     nvcc = find_nvcc() or "none"
     includes = cutlass_includes() or []
     digest = hashlib.sha256()
@@ -191,6 +203,32 @@ def cache_dir() -> Path:
         digest.update(part.encode())
     root = os.environ.get("RYZEN_OPT_CUTLASS_CACHE") or Path.home() / ".cache/ryzen_opt/cutlass"
     return Path(root) / digest.hexdigest()[:16]
+
+
+_BUILT: set[Path] = set()
+
+
+def is_built(name: str) -> bool:
+    """Whether kernel ``name`` is in the cache (a cheap check once it is: a set lookup)."""
+    path = cache_dir() / f"{name}.so"
+    if path in _BUILT:
+        return True
+    if path.is_file():
+        _BUILT.add(path)
+        return True
+    return False
+
+
+def not_built_reason(name: str) -> str | None:
+    """``None`` if kernel ``name`` is built, else the reason a call is not served: the kernels
+    are built ahead of time, never inside a call (a build takes about a minute, which would
+    land inside ``optimize()``'s time budget or a user's first request)."""
+    if is_built(name):
+        return None
+    return (
+        f"CUTLASS kernel {name} is not built here; `python -m ryzen_opt.kernels.cutlass` builds "
+        "every kernel once (about 3 minutes on 16 cores)"
+    )
 
 
 def nvcc_command(nvcc: str, source: Path, output: Path, includes: list[str]) -> list[str]:

@@ -8,7 +8,8 @@ of 64 query rows each running the QK^T and PV products on the tensor cores with 
 softmax between them (``csrc/attention_sm90.cuh``; the collectives are those CUTLASS ships
 with its Hopper FMHA example, built from the installed package's headers, not copied).
 
-Serves bfloat16 on sm_90 with head dim 64 or 128, query length a multiple of 8, 16-byte
+Kernels are built ahead of time (``python -m ryzen_opt.kernels.cutlass``). Serves bfloat16
+on sm_90 with head dim 64 or 128, query length a multiple of 8, 16-byte
 aligned rows (TMA), the causal mask only where ``q_len <= k_len`` and no ``attn_mask``;
 :func:`supports` names the reason otherwise, and the Triton backend serves the rest.
 """
@@ -111,7 +112,8 @@ def supports(q, k, v, causal=False, scale=None, attn_mask=None) -> str | None:
             return f"{name}'s strides {t.stride()} must be multiples of 8 (16-byte TMA rows)"
         if t.device.type == "cuda" and t.data_ptr() % 16:
             return f"{name}'s data pointer is not 16-byte aligned"
-    return None
+    mask = "causal" if causal else "full"
+    return _build.not_built_reason(_build.attention_name(d, mask, variant(d, causal, lk)))
 
 
 class _Plan:
@@ -225,8 +227,8 @@ def attention(
     Returns:
         ``(B, Hq, Lq, D)`` bfloat16.
 
-    The first call of each (head dim, mask) builds its kernel if the cache lacks it (a
-    minute or two, logged; see :mod:`ryzen_opt.kernels.cutlass._build`).
+    Kernels are built ahead of time (``python -m ryzen_opt.kernels.cutlass``), never inside
+    a call: a call whose kernel is not built is not served (:func:`supports` says so).
 
     Example:
         >>> o = attention(q, k, v, causal=True)  # doctest: +SKIP

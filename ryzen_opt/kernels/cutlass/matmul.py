@@ -105,7 +105,7 @@ def supports(a, b, bias=None, activation=None, residual=None, out_dtype=None) ->
         return "bias must be a contiguous bfloat16 vector for the cutlass matmul"
     if not all(_aligned(t) for t in (a, b, bias) if t is not None):
         return "an operand's data pointer is not 16-byte aligned"
-    return None
+    return _build.not_built_reason(_build.kernel_name(_layout(b), activation))
 
 
 @functools.lru_cache(maxsize=16)
@@ -204,8 +204,8 @@ def matmul(
     Returns:
         ``(..., M, N)`` bfloat16, fp32-accumulated.
 
-    The first call of each (layout, activation) builds its kernel if the cache lacks it
-    (tens of seconds, logged; see :mod:`ryzen_opt.kernels.cutlass._build`).
+    Kernels are built ahead of time (``python -m ryzen_opt.kernels.cutlass``), never inside
+    a call: a call whose kernel is not built is not served (:func:`supports` says so).
 
     Example:
         >>> y = matmul(x, w.t(), bias=b, activation="gelu")  # doctest: +SKIP
