@@ -238,6 +238,8 @@ def _optimize(model, device, example, workdir: Path, config=None, name="optimize
     # where optimize()'s own time went (copy, plan, decoder paths, sites, ...), in seconds
     details = {
         "generate_sites": loops,
+        # every other site too (per-op kernels: which candidates ran, which one was kept)
+        "other_sites": [site.to_dict() for site in report.sites if site.kind != "generate"],
         "report_notes": list(report.notes),
         "build_phases_s": dict(report.phases),
     }
