@@ -36,7 +36,11 @@ from ryzen_opt.timing import time_interleaved
 
 OUT = os.environ.get("OUT", ".")
 REPEAT = int(os.environ.get("ATTN_PROBE_REPEAT", "10"))
-MAX_ERR = 1e-2  # relative Frobenius error against fp32 (bf16 inputs and output)
+# Relative Frobenius error against fp32: bf16 output, DESIGN.md's bf16 tolerance (measured at
+# most 2.2e-3 over 77 checks, attention_cutlass_probe-heavy.json).
+MAX_ERR = 1e-2
+# Absolute log-sum-exp error: fp32 accumulation, the fp32 tolerance (measured at most 3.8e-6).
+MAX_LSE_ERR = 1e-4
 
 
 def _ref(q, k, v, causal, scale):
@@ -110,7 +114,7 @@ def check(results):
                 except Exception as ex:  # noqa: BLE001 - a probe reports, it does not stop
                     e, e_lse = float("inf"), float("inf")
                     print(f"check d{d} {name} {variant}: {type(ex).__name__}: {ex}"[:300])
-                ok = e < MAX_ERR and e_lse < 1e-2
+                ok = e < MAX_ERR and e_lse < MAX_LSE_ERR
                 if not ok:
                     bad.add((d, variant))
                 results.append(

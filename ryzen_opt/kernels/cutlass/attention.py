@@ -119,7 +119,8 @@ def supports(q, k, v, causal=False, scale=None, attn_mask=None) -> str | None:
 class _Plan:
     """What one call signature launches: the kernel, the folded sizes and the strides."""
 
-    __slots__ = ("kern", "b", "h", "lq", "lk", "d", "shape", "index", "sms", "strides", "steps")
+    __slots__ = ("kern", "b", "h", "lq", "lk", "d", "shape", "index", "sms", "strides",
+                 "stride_ptrs", "steps")  # fmt: skip
 
     def __init__(self, q, k, v, causal, name=None):
         b, hq, lq, d = q.shape
@@ -140,11 +141,12 @@ class _Plan:
         # int64 (batch, head, seq) strides the C entry point reads through pointers: kept alive
         # here with the plan.
         self.strides = [torch.tensor(list(s), dtype=torch.int64) for s in strides]
+        self.stride_ptrs = [t.data_ptr() for t in self.strides]
 
     def __call__(self, q, k, v, scale):
         o = torch.empty(self.shape, device=q.device, dtype=torch.bfloat16)
         lse = torch.empty(self.shape[:3], device=q.device, dtype=torch.float32)
-        sq, sk, sv, so = (s.data_ptr() for s in self.strides)
+        sq, sk, sv, so = self.stride_ptrs
         ptrs = [q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr()]
         rest = (self.b, self.h, self.lq, self.lk, self.d, sq, sk, sv, so, scale, self.sms,
                 torch._C._cuda_getCurrentRawStream(self.index))  # fmt: skip
@@ -168,28 +170,36 @@ class _Plan:
         return 0
 
 
+# Plans by call signature: a signature seen before passed every check, so a repeated call
+# re-checks only the scale and the data pointers' alignment (as the cutlass matmul's plans).
 _PLANS: dict = {}
 _MAX_PLANS = 256
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # a subclass may override anything: no plan
 
 
-def _key(q, k, v, causal):
+def _key(q, k, v, causal, attn_mask):
+    if attn_mask is not None or not all(type(t) in _PLAIN for t in (q, k, v)):
+        return None
     return tuple((t.shape, t.stride(), t.dtype, t.device) for t in (q, k, v)) + (bool(causal),)
 
 
 def forward(q, k, v, causal=False, scale=None, attn_mask=None):
-    """The output and the log-sum-exp of each query row (float32, natural log; ``inf`` for a
-    row that sees no key), as ``(o, lse)``; arguments as :func:`attention`."""
-    reference.check_attention_args(q, k, v, attn_mask, scale)
-    reason = available() or supports(q, k, v, causal, scale, attn_mask)
-    if reason is not None:
-        raise registry.BackendError(f"cutlass attention cannot serve this call: {reason}")
-    key = _key(q, k, v, causal)
-    plan = _PLANS.get(key)
-    if plan is None:
+    """The output and the log-sum-exp of each query row (float32, natural log), as
+    ``(o, lse)``; arguments as :func:`attention`."""
+    key = _key(q, k, v, causal, attn_mask)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None or (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16:
+        reference.check_attention_args(q, k, v, attn_mask, scale)
+        reason = available() or supports(q, k, v, causal, scale, attn_mask)
+        if reason is not None:
+            raise registry.BackendError(f"cutlass attention cannot serve this call: {reason}")
         plan = _Plan(q, k, v, bool(causal))
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        _PLANS[key] = plan
+        if key is not None:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    else:
+        reference.check_scale(scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return plan(q, k, v, scale)
 
