@@ -369,6 +369,58 @@ def test_the_time_budget_bounds_the_decode_loop_selection():
     assert "generate" not in fast.__dict__
 
 
+def _select_with_a_slow_check(monkeypatch, tmp_path, check_s: float, left_s: float):
+    """hf_select.select on a tiny Llama with ``left_s`` seconds always left and a check
+    (``_verify``) that takes ``check_s`` seconds longer, as a cold JIT cache makes it."""
+    import time
+
+    from ryzen_opt import OptimizeConfig
+    from ryzen_opt.optimization.cache import DecisionCache
+    from ryzen_opt.optimization.fastpaths import hf_select
+
+    real_verify = hf_select._verify
+
+    def slow_verify(*args, **kw):
+        time.sleep(check_s)
+        return real_verify(*args, **kw)
+
+    monkeypatch.setattr(hf_select, "_verify", slow_verify)
+    model = tiny("llama")
+    cfg = OptimizeConfig(
+        use_cache=False, repeat=4, warmup=1, decode_batches=(1,),
+        fast_paths=("torch_static_decode",), decode_tokens=4,
+    )  # fmt: skip
+    ids, mask = left_padded(1, 8, [0])
+    srep, _, _ = hf_select.select(
+        model,
+        families.find(model)[0].layout(model),
+        {"input_ids": ids, "attention_mask": mask},
+        cfg,
+        DecisionCache(tmp_path, enabled=False),
+        "cpu",
+        {},
+        "baseline",
+        lambda: left_s,
+    )
+    return srep.cases[0].candidates[0]
+
+
+def test_a_path_whose_check_was_slow_is_timed_when_its_warm_calls_fit(monkeypatch, tmp_path):
+    # The check's 6 s would estimate the timing at over 7 x 3 s = 21 s, more than the 12 s
+    # left; the warm calls (milliseconds) show that it fits, and the path is timed.
+    res = _select_with_a_slow_check(monkeypatch, tmp_path, check_s=6.0, left_s=12.0)
+    assert res.status in ("faster", "slower"), res.detail
+    assert res.speedup > 0 and "not measured" not in res.detail
+
+
+def test_a_path_whose_check_alone_outlasts_the_budget_is_not_timed(monkeypatch, tmp_path):
+    # Half the check (2 s, its own generate call) is more than the 1.5 s left: no warm call
+    # is tried and the path is reported as not measured, with the estimate.
+    res = _select_with_a_slow_check(monkeypatch, tmp_path, check_s=4.0, left_s=1.5)
+    assert res.status == "unsupported"
+    assert "not measured: about" in res.detail and "2 s of the time budget left" in res.detail
+
+
 class _Shifted(torch.nn.Module):
     """A linear with a fixed update added, standing in for a LoRA layer wrapped in later."""
 

@@ -23,7 +23,9 @@ Cost: the logits are compared step by step (a batch-16 step of a 152k-token voca
 10 MB of logits, 20 MB in float64; stacking 8 steps and comparing in float64 took 0.6 GB).
 Under a time budget the fused paths are measured first (:data:`PREFERENCE`), and a path (or a
 batch size) is skipped when its estimated cost (:func:`path_cost_s`, from the original's own
-``generate`` time) exceeds what is left. What a rejected path built for itself (a Numba
+``generate`` time) exceeds what is left; before a checked path is turned away, one warm call
+of each side replaces the check's own time in the estimate (the check holds one-off work: a
+cold JIT cache's compiles, graph captures). What a rejected path built for itself (a Numba
 decoder, int8 weights) is dropped, not installed with the winners.
 """
 
@@ -453,11 +455,8 @@ def _measure(
     if not m.warm and path_cost_s(config, m.ref_s, cached, scale) > left() > m.ref_s:
         # The first call (with logits) can be several times a warm one: time a warm call
         # before turning a path away for the budget.
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            orig(**m.kw, **gk)
-        _sync(layout.device)
-        m.ref_s, m.warm = min(m.ref_s, time.perf_counter() - t0), True
+        m.ref_s = min(m.ref_s, _call_s(lambda: orig(**m.kw, **gk), layout.device))
+        m.warm = True
     if _over(res, path_cost_s(config, m.ref_s, cached, scale), left()):
         return res
     before = set(shared)
@@ -486,10 +485,23 @@ def _measure(
             )
         # The check ran the path's own generate once: the timing's cost is now known better.
         cost = timing_cost_s(config, m.ref_s * scale, verify_s / 2 * scale)
+        fast = None
+        if ok and not cached and cost > left() > verify_s / 2 * scale:
+            # The check's time holds one-off work (a cold JIT cache's compiles, graph
+            # captures): a path that compiled for 20 s was estimated at 65 s and turned away
+            # where its timing took a few. Time one warm call of each side before that.
+            fast = _fast(
+                model, layout, name, m.b, shared, m.kw["input_ids"].shape[1] + gt["max_new_tokens"]
+            )
+            path_s = _call_s(lambda: fast(**m.kw, **gt), layout.device)
+            ref_s = _call_s(lambda: orig(**m.kw, **gt), layout.device)
+            cost = timing_cost_s(config, ref_s, path_s)
         if ok and not cached and _over(res, cost, left()):
             ok = False
+            if fast is not None:
+                fast.steppers.clear()
         if ok:
-            _time(model, layout, name, m.b, m.kw, gt, orig, res, config, cache, key, shared)
+            _time(model, layout, name, m.b, m.kw, gt, orig, res, config, cache, key, shared, fast)
     except Exception as e:  # a path that raises is reported, never shipped
         res.status, res.detail = "failed", f"{type(e).__name__}: {e}"
     finally:
@@ -532,12 +544,24 @@ def _key(name, b, p, n, config, dev_desc, vers, baseline_id) -> str:
     )
 
 
-def _time(model, layout, name, b, kw, gk, orig, res, config, cache, key, shared) -> None:
+def _call_s(call, dev: torch.device) -> float:
+    """The seconds of one call of ``call`` (no gradients, the device synchronized)."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        call()
+    _sync(dev)
+    return time.perf_counter() - t0
+
+
+def _time(model, layout, name, b, kw, gk, orig, res, config, cache, key, shared, fast=None):
+    """Time path ``name`` against the original (or take the cached result); ``fast``: the
+    path's generate when one was made already."""
     hit = cache.get(key)
     if hit is None:
-        fast = _fast(
-            model, layout, name, b, shared, kw["input_ids"].shape[1] + gk["max_new_tokens"]
-        )
+        if fast is None:
+            fast = _fast(
+                model, layout, name, b, shared, kw["input_ids"].shape[1] + gk["max_new_tokens"]
+            )
         with torch.no_grad():
             # Few samples (timing_repeat) keep a 0.5B model's selection near a minute on 2
             # cores; too few samples can only reject a path, never ship one.
