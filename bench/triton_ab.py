@@ -4,6 +4,7 @@ alongside (GPU).
     python -m bench.triton_ab splitk [--out DIR]
     python -m bench.triton_ab attention-scale [--out DIR]
     python -m bench.triton_ab attention-bwd-split [--out DIR]
+    python -m bench.triton_ab attention-bwd [--out DIR]
 
 ``splitk``: the skinny-M split-K matmul summing its fp32 partials in the same launch (the
 last program of each tile, ``one``) against a second reduce kernel (``two``), with
@@ -24,6 +25,11 @@ kernel of old; ``s<n>``: ``attention_op._DKDV_SHARES = n``, every divisor of the
 SDPA (``enable_gqa=True``, PyTorch's own choice of backend) alongside, bf16, grouped heads;
 eager and over graph replays; ``auto`` names the share count the library picks
 (``attention_bwd_split.json``).
+
+``attention-bwd``: the same forward + backward with the backward's whole tiles (every pair
+seen, in bounds) run without masks (``split``, the library's) against every tile masked
+(``masked``, ``attention_op._SPLIT_MASKS = False``) and against other tile shapes
+(:data:`BWD_TILES`, through ``attention_op._BWD_TILES``) (``attention_bwd.json``).
 
 Every case times its callables in interleaved rounds (:func:`ryzen_opt.timing.time_interleaved`,
 CUDA events) on the same inputs. Prints one line a case; writes ``splitk_one_vs_two_pass.json``
@@ -150,20 +156,33 @@ def attention_scale(repeat: int) -> list[dict]:
     return rows
 
 
-def attention_bwd_split(repeat: int) -> list[dict]:
+def _patched_all(module, values: dict, fn):
+    """``fn`` with every ``module.<name>`` of ``values`` set for the duration of each call."""
+    for name, value in values.items():
+        fn = _patched(module, name, value, fn)
+    return fn
+
+
+# (batch, query heads, KV heads, tokens, head dim, causal) of the backward A/B timings
+BWD_CASES = (
+    (2, 32, 4, 2048, 64, True),  # bench.train_kernels' attention case
+    (1, 32, 8, 4096, 128, True),
+    (4, 32, 8, 1024, 128, True),
+    (1, 32, 4, 4096, 64, False),
+)
+
+
+def _attention_bwd_rows(repeat: int, variants, summary) -> list[dict]:
+    """The training attention's forward + backward under each variant, SDPA alongside:
+    ``variants(groups)`` gives ``{name: {attention_op attribute: value}}``, patched for each
+    call; ``summary(row, groups, sms)`` adds a case's derived figures to its row."""
     from bench.train_kernels import _fwd_bwd
     from ryzen_opt.kernels.triton.training import attention_op
 
     dt = torch.bfloat16
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
-    print("b hq hkv seq d causal auto | eager ms: sdpa s1 s2 ... | graph ms: sdpa s1 s2 ...")
-    for b, hq, hkv, seq, d, causal in (
-        (2, 32, 4, 2048, 64, True),  # bench.train_kernels' attention case
-        (1, 32, 8, 4096, 128, True),
-        (4, 32, 8, 1024, 128, True),
-        (1, 32, 4, 4096, 64, False),
-    ):
+    for b, hq, hkv, seq, d, causal in BWD_CASES:
         leaves = [
             torch.randn(b, h, seq, d, device="cuda", dtype=dt, requires_grad=True)
             for h in (hq, hkv, hkv)
@@ -179,8 +198,8 @@ def attention_bwd_split(repeat: int) -> list[dict]:
         call = _fwd_bwd(ours, leaves, grads)
         groups = hq // hkv
         fns = {"sdpa": _fwd_bwd(sdpa, leaves, grads)}
-        for n in (n for n in range(1, groups + 1) if groups % n == 0):
-            fns[f"s{n}"] = _patched(attention_op, "_DKDV_SHARES", n, call)
+        for name, values in variants(groups).items():
+            fns[name] = _patched_all(attention_op, values, call)
         ref = torch.autograd.grad(sdpa(*leaves), leaves, grads)
         errs = {
             f: max(_rel(g, r) for g, r in zip(fn(), ref, strict=True))
@@ -190,19 +209,16 @@ def attention_bwd_split(repeat: int) -> list[dict]:
         eager = time_interleaved(fns, repeat=repeat, warmup=2, device="cuda")
         graphs = {f: cuda_graphed(fn) for f, fn in fns.items()}
         graph = time_interleaved(graphs, repeat=repeat, warmup=2, device="cuda")
-        tiles = -(-seq // attention_op._blocks(d, backward=True)[1])
-        auto = f"s{attention_op._dkdv_split(tiles * b * hkv, groups, sms, causal, seq * groups)}"
         r = {
             "b": b, "hq": hq, "hkv": hkv, "seq": seq, "d": d, "causal": causal,
-            "auto": auto, "rel_err_vs_sdpa": errs,
+            "rel_err_vs_sdpa": errs,
             "eager_ms": {f: t.median * 1e3 for f, t in eager.items()},
             "graph_ms": {f: t.median * 1e3 for f, t in graph.items()},
         }  # fmt: skip
-        r["graph_auto_vs_s1"] = r["graph_ms"]["s1"] / r["graph_ms"][auto]
-        r["graph_auto_vs_sdpa"] = r["graph_ms"]["sdpa"] / r["graph_ms"][auto]
+        summary(r, groups, sms)
         rows.append(r)
         print(
-            f"{b} {hq} {hkv} {seq} {d} {causal} {auto} | "
+            f"{b} {hq} {hkv} {seq} {d} {causal} | "
             + " ".join(f"{f}={t:.3f}" for f, t in r["eager_ms"].items())
             + " | "
             + " ".join(f"{f}={t:.3f}" for f, t in r["graph_ms"].items()),
@@ -212,11 +228,55 @@ def attention_bwd_split(repeat: int) -> list[dict]:
     return rows
 
 
+def attention_bwd_split(repeat: int) -> list[dict]:
+    from ryzen_opt.kernels.triton.training import attention_op
+
+    def variants(groups):
+        return {f"s{n}": {"_DKDV_SHARES": n} for n in range(1, groups + 1) if groups % n == 0}
+
+    def summary(r, groups, sms):
+        tiles = -(-r["seq"] // attention_op._blocks(r["d"], backward=True)[1])
+        auto = attention_op._dkdv_split(
+            tiles * r["b"] * r["hkv"], groups, sms, r["causal"], r["seq"] * groups
+        )
+        r["auto"] = f"s{auto}"
+        r["graph_auto_vs_s1"] = r["graph_ms"]["s1"] / r["graph_ms"][r["auto"]]
+        r["graph_auto_vs_sdpa"] = r["graph_ms"]["sdpa"] / r["graph_ms"][r["auto"]]
+
+    print("b hq hkv seq d causal | eager ms: sdpa s1 s2 ... | graph ms: sdpa s1 s2 ...")
+    return _attention_bwd_rows(repeat, variants, summary)
+
+
+# The backward's tiles tried against the library's (64, 64, 4, 2): (short side, long side,
+# warps, stages); the short side is dK/dV's query step and dQ's key step.
+BWD_TILES = {"t64x64s3": (64, 64, 4, 3), "t64x128w8": (64, 128, 8, 2), "t32x128": (32, 128, 4, 3)}
+
+
+def attention_bwd(repeat: int) -> list[dict]:
+    """The backward with its whole tiles unmasked (``split``, the library's) against every
+    tile masked (``masked``, ``_SPLIT_MASKS = False``) and other tile shapes."""
+
+    def variants(groups):
+        out = {"masked": {"_SPLIT_MASKS": False}, "split": {"_SPLIT_MASKS": True}}
+        for name, tiles in BWD_TILES.items():
+            out[name] = {"_SPLIT_MASKS": True, "_BWD_TILES": tiles}
+        return out
+
+    def summary(r, groups, sms):
+        g = r["graph_ms"]
+        r["graph_split_vs_masked"] = g["masked"] / g["split"]
+        r["graph_vs_sdpa"] = {f: g["sdpa"] / t for f, t in g.items() if f != "sdpa"}
+
+    print("b hq hkv seq d causal | eager ms: sdpa masked split tiles... | graph ms: same")
+    return _attention_bwd_rows(repeat, variants, summary)
+
+
 # name: (function, JSON file, default rounds); the short split-K calls are noisier.
 RUNS = {
     "splitk": (splitk, "splitk_one_vs_two_pass.json", 30),
     "attention-scale": (attention_scale, "attention_fold_scale.json", 12),
     "attention-bwd-split": (attention_bwd_split, "attention_bwd_split.json", 12),
+    "attention-bwd": (attention_bwd, "attention_bwd.json", 12),
 }
 
 

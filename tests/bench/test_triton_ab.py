@@ -36,3 +36,15 @@ def test_without_a_gpu_it_says_so(what, capsys):
         pytest.skip("on a GPU the A/B runs for real (bench, not a test)")
     assert triton_ab.main([what]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_patched_all_sets_every_value_per_call():
+    mod = types.SimpleNamespace(a=1, b=2)
+    run = triton_ab._patched_all(mod, {"a": 10, "b": 20}, lambda: (mod.a, mod.b))
+    assert run() == (10, 20) and (mod.a, mod.b) == (1, 2)
+
+
+def test_the_backward_tiles_tried_are_whole_configs():
+    for name, tiles in triton_ab.BWD_TILES.items():
+        short, long, warps, stages = tiles
+        assert name.startswith("t") and short <= long and warps in (4, 8) and stages >= 2

@@ -34,6 +34,10 @@ CASES = [
     (1, 3, 1, 33, 33, 24, True),  # MQA, head_dim not a power of two
     (1, 2, 1, 1, 29, 16, True),  # one query row (sees every key)
     (2, 2, 2, 19, 5, 16, False),  # fewer keys than one tile
+    # whole tiles run unmasked beside the masked ones (the backward's split):
+    (1, 2, 1, 70, 75, 24, True),  # head_dim not a power of two, tails on both sides
+    (1, 2, 2, 64, 80, 16, False),  # whole query tiles, a key tail
+    (1, 2, 1, 80, 70, 16, True),  # q_len > k_len: the first rows see no key
 ]
 
 
@@ -41,6 +45,7 @@ def _ref(causal):
     return lambda q, k, v: reference.attention(q, k, v, causal=causal)
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_attention_forward_and_backward_match_reference(case, dtype):
@@ -232,3 +237,36 @@ def test_dkdv_forced_shares_must_divide_the_group(monkeypatch):
     monkeypatch.setattr(attention_op, "_DKDV_SHARES", 3)
     with pytest.raises(ValueError, match="does not divide 4"):
         attention_op._dkdv_split(8, 4, 132, True, 8192)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
+@pytest.mark.parametrize(
+    "case",
+    [
+        (2, 4, 2, 37, 53, 16, True),
+        (1, 2, 1, 70, 75, 24, True),
+        (1, 2, 2, 64, 80, 16, False),
+        (1, 2, 1, 80, 70, 16, True),
+    ],
+)
+def test_unmasked_backward_tiles_give_the_masked_kernels_gradients(monkeypatch, case):
+    """The backward's whole tiles skip the masks (``_SPLIT_MASKS``): the gradients equal
+    those of the kernels that mask every tile (exactly under the interpreter: the same
+    products in the same order; on a GPU the compiler may contract them differently)."""
+    from ryzen_opt.kernels.triton import _common as tcommon
+    from ryzen_opt.kernels.triton.training import attention_op
+
+    b, hq, hkv, lq, lk, d, causal = case
+    torch.manual_seed(2)
+    inputs = [leaf(b, h, n, d, dtype=torch.float32) for h, n in ((hq, lq), (hkv, lk), (hkv, lk))]
+    grads = {}
+    for split in (False, True):
+        monkeypatch.setattr(attention_op, "_SPLIT_MASKS", split)
+        q, k, v = (t.detach().clone().requires_grad_(True) for t in inputs)
+        attention(q, k, v, causal=causal).square().sum().backward()
+        grads[split] = (q.grad, k.grad, v.grad)
+    for name, got, want in zip("qkv", grads[True], grads[False], strict=True):
+        if tcommon.INTERPRET:
+            assert torch.equal(got, want), f"d{name} {case}"
+        else:
+            assert_close_rel(got, want, TOL[torch.float32], f"d{name} {case}")

@@ -39,6 +39,9 @@ from ryzen_opt.kernels.triton.training import _common
 
 _MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
+# None: the backward's tiles of _blocks; a (short side, long side, warps, stages) tuple
+# replaces them on the GPU (A/B timings: ``python -m bench.triton_ab attention-bwd``).
+_BWD_TILES: tuple[int, int, int, int] | None = None
 
 
 def _blocks(d: int, backward: bool = False) -> tuple[int, int, int, int]:
@@ -56,7 +59,7 @@ def _blocks(d: int, backward: bool = False) -> tuple[int, int, int, int]:
     if _tcommon.INTERPRET:
         return (16, 32, 4, 1) if backward else (16, 16, 4, 1)
     if backward:
-        return (64, 64, 4, 2)
+        return _BWD_TILES or (64, 64, 4, 2)
     return (128, 64, 8, 3) if d <= 64 else (64, 64, 4, 2)
 
 
@@ -153,14 +156,67 @@ _launch_delta = CachedLauncher(_delta_kernel, loose="ints")
 
 
 @triton.jit
+def _load_rows(ptrs, rows, L, d_mask, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """A (rows, D) tile. ``MASKED``: rows at or past ``L`` and columns past the head dim read
+    as 0; otherwise the tile is in bounds (only the columns masked when not ``EVEN_D``)."""
+    if MASKED:
+        x = tl.load(ptrs, mask=(rows[:, None] < L) & d_mask, other=0.0)
+    elif EVEN_D:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=d_mask, other=0.0)
+    return x
+
+
+@triton.jit
 def _probs(q, k, lse, offs_m, offs_n, Lq, Lk, diag, qk_scale, INPUT_PRECISION: tl.constexpr,
-           CAUSAL: tl.constexpr):
-    """The probability tile exp2(q k^T * scale * log2e - lse), zero where masked."""
+           CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    """The probability tile exp2(q k^T * scale * log2e - lse); ``MASKED``: zero where a
+    pair is out of bounds or masked (an unmasked tile has every pair in bounds and seen)."""
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-    keep = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
-    if CAUSAL:
-        keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
-    return tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)
+    p = tl.math.exp2(s - lse[:, None])
+    if MASKED:
+        keep = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
+        p = tl.where(keep, p, 0.0)
+    return p
+
+
+@triton.jit
+def _dkdv_tiles(
+    dk, dv, k, v,
+    q_base, do_base, lse_base, delta_base, stride_qm, stride_qd, stride_om, stride_od,
+    offs_n, offs_d, lo, hi, Lq, Lk, diag, qk_scale, HEAD_DIM,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """dK, dV of one key tile accumulated over the query tiles starting in [lo, hi) of one
+    query head (``*_base``: that head's rows)."""
+    offs_m0 = tl.arange(0, BLOCK_M)
+    d_mask = offs_d[None, :] < HEAD_DIM
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        q = _load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                       offs_m, Lq, d_mask, MASKED, EVEN_D)
+        do = _load_rows(do_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                        offs_m, Lq, d_mask, MASKED, EVEN_D)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        if MASKED:
+            lse = tl.load(lse_base + offs_m, mask=offs_m < Lq, other=float("inf"))
+            delta = tl.load(delta_base + offs_m, mask=offs_m < Lq, other=0.0)
+        else:
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        p = _probs(q, k, lse, offs_m, offs_n, Lq, Lk, diag, qk_scale, INPUT_PRECISION, CAUSAL,
+                   MASKED)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -175,8 +231,9 @@ def _bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     # meta-parameters
-    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     # axis 1 runs over (share, batch, KV head), share slowest: the program's output slab
@@ -189,7 +246,6 @@ def _bwd_dkdv_kernel(
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_m0 = tl.arange(0, BLOCK_M)
     d_mask = offs_d[None, :] < HEAD_DIM
     kv_mask = (offs_n[:, None] < Lk) & d_mask
     k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn
@@ -204,33 +260,80 @@ def _bwd_dkdv_kernel(
     diag = Lk - Lq
     # Causal: query row m sees key n when n <= m + diag; the first row that sees this tile.
     lo = max(start_n - diag, 0) // BLOCK_M * BLOCK_M if CAUSAL else 0
+    # Query tiles [lo, a) and [e, Lq) cross the diagonal or an edge (masked); [a, e) see
+    # the whole key tile and are in bounds (SPLIT; without it every tile is masked).
+    # (lo <= a <= e; a partial key tile is masked throughout.)
+    a = Lq
+    e = Lq
+    if SPLIT:
+        e_split = max(Lq // BLOCK_M * BLOCK_M, lo)
+        a_split = lo
+        if CAUSAL:  # the first query tile whose first row sees the tile's last key
+            a_split = max(a_split, (max(start_n + BLOCK_N - 1 - diag, 0) + BLOCK_M - 1)
+                          // BLOCK_M * BLOCK_M)
+        a_split = min(a_split, e_split)
+        whole = start_n + BLOCK_N <= Lk
+        a = tl.where(whole, a_split, Lq)
+        e = tl.where(whole, e_split, Lq)
     for g in range(g0, g0 + SHARE):
         h = hk * GROUPS + g
         row0 = b * HQ + h
-        for start_m in range(lo, Lq, BLOCK_M):
-            offs_m = start_m + offs_m0
-            io_mask = (offs_m[:, None] < Lq) & d_mask
-            q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-                        + offs_d[None, :] * stride_qd, mask=io_mask, other=0.0)
-            do = tl.load(do_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
-                         + offs_d[None, :] * stride_od, mask=io_mask, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse = tl.load(lse_ptr + row0 * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
-            delta = tl.load(delta_ptr + row0 * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-            p = _probs(q, k, lse, offs_m, offs_n, Lq, Lk, diag, qk_scale, INPUT_PRECISION,
-                       CAUSAL)
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
+        q_base = q_ptr + b * stride_qb + h * stride_qh
+        do_base = do_ptr + b * stride_ob + h * stride_oh
+        lse_base = lse_ptr + row0 * Lq
+        delta_base = delta_ptr + row0 * Lq
+        dk, dv = _dkdv_tiles(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+            stride_qm, stride_qd, stride_om, stride_od,
+            offs_n, offs_d, lo, a, Lq, Lk, diag, qk_scale, HEAD_DIM,
+            True, CAUSAL, EVEN_D, INPUT_PRECISION, UPCAST, BLOCK_M,
+        )
+        dk, dv = _dkdv_tiles(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+            stride_qm, stride_qd, stride_om, stride_od,
+            offs_n, offs_d, a, e, Lq, Lk, diag, qk_scale, HEAD_DIM,
+            False, CAUSAL, EVEN_D, INPUT_PRECISION, UPCAST, BLOCK_M,
+        )
+        dk, dv = _dkdv_tiles(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+            stride_qm, stride_qd, stride_om, stride_od,
+            offs_n, offs_d, e, Lq, Lq, Lk, diag, qk_scale, HEAD_DIM,
+            True, CAUSAL, EVEN_D, INPUT_PRECISION, UPCAST, BLOCK_M,
+        )
     out = pid_sbh.to(tl.int64) * Lk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
 _launch_bwd_dkdv = CachedLauncher(_bwd_dkdv_kernel, loose="ints")
+
+
+@triton.jit
+def _dq_tiles(
+    dq, q, do, lse, delta,
+    k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    offs_m, offs_d, lo, hi, Lq, Lk, diag, qk_scale, HEAD_DIM,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ of one query tile accumulated over the key tiles starting in [lo, hi)."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    d_mask = offs_d[None, :] < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                       offs_n, Lk, d_mask, MASKED, EVEN_D)
+        v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                       offs_n, Lk, d_mask, MASKED, EVEN_D)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        p = _probs(q, k, lse, offs_m, offs_n, Lq, Lk, diag, qk_scale, INPUT_PRECISION, CAUSAL,
+                   MASKED)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+    return dq
 
 
 @triton.jit
@@ -245,8 +348,9 @@ def _bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     # meta-parameters
-    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -257,7 +361,6 @@ def _bwd_dq_kernel(
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n0 = tl.arange(0, BLOCK_N)
     d_mask = offs_d[None, :] < HEAD_DIM
     io_mask = (offs_m[:, None] < Lq) & d_mask
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
@@ -272,21 +375,25 @@ def _bwd_dq_kernel(
     delta = tl.load(delta_ptr + row0 * Lq + offs_m, mask=offs_m < Lq, other=0.0)
     diag = Lk - Lq
     hi = min(Lk, max(start_m + BLOCK_M + diag, 0)) if CAUSAL else Lk
+    # Key tiles [0, nf) are seen whole by every row of this (in-bounds) query tile: no masks
+    # (SPLIT; without it, or for the last partial query tile, every tile is masked).
+    nf = 0
+    if SPLIT:
+        seen = min(Lk, max(start_m + diag + 1, 0)) if CAUSAL else Lk
+        nf = tl.where(start_m + BLOCK_M <= Lq, seen // BLOCK_N * BLOCK_N, 0)
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        kv_mask = (offs_n[:, None] < Lk) & d_mask
-        k = tl.load(k_ptr + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn
-                    + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn
-                    + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        p = _probs(q, k, lse, offs_m, offs_n, Lq, Lk, diag, qk_scale, INPUT_PRECISION, CAUSAL)
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+    dq = _dq_tiles(
+        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, 0, nf, Lq, Lk, diag, qk_scale, HEAD_DIM,
+        False, CAUSAL, EVEN_D, INPUT_PRECISION, UPCAST, BLOCK_N,
+    )
+    dq = _dq_tiles(
+        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, nf, hi, Lq, Lk, diag, qk_scale, HEAD_DIM,
+        True, CAUSAL, EVEN_D, INPUT_PRECISION, UPCAST, BLOCK_N,
+    )
     out = row0 * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(dq_ptr + out, (dq * scale).to(dq_ptr.dtype.element_ty), mask=io_mask)
 
@@ -328,6 +435,9 @@ def _forward(q, k, v, causal, scale):
 
 # None: chosen by _dkdv_split; an int forces the number of shares (tests, A/B timings).
 _DKDV_SHARES: int | None = None
+# The backward's tiles that see every key of theirs and lie in bounds run without masks
+# (False: every tile masked, the kernels of old; tests and A/B timings).
+_SPLIT_MASKS = True
 
 
 def _dkdv_split(programs: int, groups: int, sms: int, causal: bool, rows: int) -> int:
@@ -367,6 +477,7 @@ def _backward(do, q, k, v, o, lse, causal, scale):
     dq = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
     small, big, warps, stages = _blocks(d, backward=True)
     meta = _meta(q)
+    even_d = meta["BLOCK_D"] == d
     # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij: the softmax backward's row term.
     delta = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
     _launch_delta(
@@ -390,7 +501,8 @@ def _backward(do, q, k, v, o, lse, causal, scale):
         q, k, v, do, lse, delta, dk_out, dv_out,
         hq, hkv, groups, groups // shares, lq, lk, d, scale * _LOG2E, scale,
         *strides,
-        CAUSAL=causal, **meta, BLOCK_M=small, BLOCK_N=big, num_warps=warps, num_stages=stages,
+        CAUSAL=causal, EVEN_D=even_d, SPLIT=_SPLIT_MASKS, **meta,
+        BLOCK_M=small, BLOCK_N=big, num_warps=warps, num_stages=stages,
     )
     if shares == 1:
         dk, dv = dk_out[0], dv_out[0]
@@ -402,7 +514,8 @@ def _backward(do, q, k, v, o, lse, causal, scale):
         q, k, v, do, lse, delta, dq,
         hq, hq // hkv, lq, lk, d, scale * _LOG2E, scale,
         *strides,
-        CAUSAL=causal, **meta, BLOCK_M=big, BLOCK_N=small, num_warps=warps, num_stages=stages,
+        CAUSAL=causal, EVEN_D=even_d, SPLIT=_SPLIT_MASKS, **meta,
+        BLOCK_M=big, BLOCK_N=small, num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv
 
