@@ -26,10 +26,11 @@ SDPA (``enable_gqa=True``, PyTorch's own choice of backend) alongside, bf16, gro
 eager and over graph replays; ``auto`` names the share count the library picks
 (``attention_bwd_split.json``).
 
-``attention-bwd``: the same forward + backward with the backward's whole tiles (every pair
-seen, in bounds) run without masks (``split``, the library's) against every tile masked
-(``masked``, ``attention_op._SPLIT_MASKS = False``) and against other tile shapes
-(:data:`BWD_TILES`, through ``attention_op._BWD_TILES``) (``attention_bwd.json``).
+``attention-bwd``: the same forward + backward as the library runs it (``split``: the
+backward's whole tiles, every pair seen and in bounds, run without masks) against the kernels
+of old (``before``: every tile masked, ``attention_op._SPLIT_MASKS = False``, 64 x 64 tiles)
+and other tiles for each backward kernel (:data:`BWD_TILES`, through
+``attention_op._BWD_TILES``) (``attention_bwd.json``).
 
 Every case times its callables in interleaved rounds (:func:`ryzen_opt.timing.time_interleaved`,
 CUDA events) on the same inputs. Prints one line a case; writes ``splitk_one_vs_two_pass.json``
@@ -174,8 +175,8 @@ BWD_CASES = (
 
 def _attention_bwd_rows(repeat: int, variants, summary) -> list[dict]:
     """The training attention's forward + backward under each variant, SDPA alongside:
-    ``variants(groups)`` gives ``{name: {attention_op attribute: value}}``, patched for each
-    call; ``summary(row, groups, sms)`` adds a case's derived figures to its row."""
+    ``variants(groups, head_dim)`` gives ``{name: {attention_op attribute: value}}``, patched
+    for each call; ``summary(row, groups, sms)`` adds a case's derived figures to its row."""
     from bench.train_kernels import _fwd_bwd
     from ryzen_opt.kernels.triton.training import attention_op
 
@@ -198,7 +199,7 @@ def _attention_bwd_rows(repeat: int, variants, summary) -> list[dict]:
         call = _fwd_bwd(ours, leaves, grads)
         groups = hq // hkv
         fns = {"sdpa": _fwd_bwd(sdpa, leaves, grads)}
-        for name, values in variants(groups).items():
+        for name, values in variants(groups, d).items():
             fns[name] = _patched_all(attention_op, values, call)
         ref = torch.autograd.grad(sdpa(*leaves), leaves, grads)
         errs = {
@@ -231,11 +232,11 @@ def _attention_bwd_rows(repeat: int, variants, summary) -> list[dict]:
 def attention_bwd_split(repeat: int) -> list[dict]:
     from ryzen_opt.kernels.triton.training import attention_op
 
-    def variants(groups):
+    def variants(groups, d):
         return {f"s{n}": {"_DKDV_SHARES": n} for n in range(1, groups + 1) if groups % n == 0}
 
     def summary(r, groups, sms):
-        tiles = -(-r["seq"] // attention_op._blocks(r["d"], backward=True)[1])
+        tiles = -(-r["seq"] // attention_op._bwd_blocks(r["d"])[0][1])
         auto = attention_op._dkdv_split(
             tiles * r["b"] * r["hkv"], groups, sms, r["causal"], r["seq"] * groups
         )
@@ -247,27 +248,37 @@ def attention_bwd_split(repeat: int) -> list[dict]:
     return _attention_bwd_rows(repeat, variants, summary)
 
 
-# The backward's tiles tried against the library's (64, 64, 4, 2): (short side, long side,
-# warps, stages); the short side is dK/dV's query step and dQ's key step.
-BWD_TILES = {"t64x64s3": (64, 64, 4, 3), "t64x128w8": (64, 128, 8, 2), "t32x128": (32, 128, 4, 3)}
+# Backward tiles tried beside the library's: name -> (the dK/dV kernel's, the dQ kernel's)
+# (BLOCK_M, BLOCK_N, warps, stages), None for the library's choice of that kernel.
+BWD_TILES = {
+    "before": ((64, 64, 4, 2), (64, 64, 4, 2)),  # with every tile masked: the kernels of old
+    "s3": ((64, 64, 4, 3), (64, 64, 4, 3)),
+    "dq128x64w8": (None, (128, 64, 8, 2)),
+    "dq128x32s3": (None, (128, 32, 4, 3)),
+    "dq64x32s3": (None, (64, 32, 4, 3)),
+}
 
 
 def attention_bwd(repeat: int) -> list[dict]:
-    """The backward with its whole tiles unmasked (``split``, the library's) against every
-    tile masked (``masked``, ``_SPLIT_MASKS = False``) and other tile shapes."""
+    """The library's backward (``split``: its whole tiles run without masks) against the
+    kernels of old (``before``: every tile masked, 64 x 64 tiles, two stages) and other
+    tiles (:data:`BWD_TILES`)."""
+    from ryzen_opt.kernels.triton.training import attention_op
 
-    def variants(groups):
-        out = {"masked": {"_SPLIT_MASKS": False}, "split": {"_SPLIT_MASKS": True}}
+    def variants(groups, d):
+        lib = attention_op._bwd_blocks(d)
+        out = {"split": {}}
         for name, tiles in BWD_TILES.items():
-            out[name] = {"_SPLIT_MASKS": True, "_BWD_TILES": tiles}
+            pair = tuple(t if t is not None else lib[i] for i, t in enumerate(tiles))
+            out[name] = {"_SPLIT_MASKS": name != "before", "_BWD_TILES": pair}
         return out
 
     def summary(r, groups, sms):
         g = r["graph_ms"]
-        r["graph_split_vs_masked"] = g["masked"] / g["split"]
+        r["graph_split_vs_before"] = g["before"] / g["split"]
         r["graph_vs_sdpa"] = {f: g["sdpa"] / t for f, t in g.items() if f != "sdpa"}
 
-    print("b hq hkv seq d causal | eager ms: sdpa masked split tiles... | graph ms: same")
+    print("b hq hkv seq d causal | eager ms: sdpa split tiles... | graph ms: same")
     return _attention_bwd_rows(repeat, variants, summary)
 
 

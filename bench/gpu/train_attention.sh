@@ -10,7 +10,7 @@ mkdir -p "$OUT"; export PYTHONPATH=.
   python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
-timeout 150 python -m pytest -q -p no:randomly --tb=short -m "gpu or not gpu" \
+timeout 300 python -m pytest -q -p no:randomly --tb=short -m "gpu or not gpu" \
   tests/kernels/test_triton_train_attention.py tests/kernels/test_triton_train_compile.py \
   > "$OUT/pytest_train_attention-$SUF.log" 2>&1
 echo "pytest rc $? at ${SECONDS}s"; tail -5 "$OUT/pytest_train_attention-$SUF.log" | cut -c1-300

@@ -45,6 +45,13 @@ def test_patched_all_sets_every_value_per_call():
 
 
 def test_the_backward_tiles_tried_are_whole_configs():
-    for name, tiles in triton_ab.BWD_TILES.items():
-        short, long, warps, stages = tiles
-        assert name.startswith("t") and short <= long and warps in (4, 8) and stages >= 2
+    from ryzen_opt.kernels.triton.training import attention_op
+
+    assert "split" not in triton_ab.BWD_TILES and "before" in triton_ab.BWD_TILES
+    for tiles in triton_ab.BWD_TILES.values():
+        assert len(tiles) == 2
+        for t in (t for t in tiles if t is not None):
+            bm, bn, warps, stages = t
+            assert bm % 16 == 0 and bn % 16 == 0 and warps in (4, 8) and stages >= 1
+    lib = attention_op._bwd_blocks(64)
+    assert len(lib) == 2 and all(len(t) == 4 for t in lib)

@@ -39,9 +39,10 @@ from ryzen_opt.kernels.triton.training import _common
 
 _MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
-# None: the backward's tiles of _blocks; a (short side, long side, warps, stages) tuple
-# replaces them on the GPU (A/B timings: ``python -m bench.triton_ab attention-bwd``).
-_BWD_TILES: tuple[int, int, int, int] | None = None
+# None: the backward's tiles of _bwd_blocks; a pair of (BLOCK_M, BLOCK_N, warps, stages), the
+# dK/dV kernel's and the dQ kernel's, replaces them on the GPU (A/B timings:
+# ``python -m bench.triton_ab attention-bwd``).
+_BWD_TILES: tuple[tuple[int, int, int, int], tuple[int, int, int, int]] | None = None
 
 
 def _blocks(d: int, backward: bool = False) -> tuple[int, int, int, int]:
@@ -59,8 +60,18 @@ def _blocks(d: int, backward: bool = False) -> tuple[int, int, int, int]:
     if _tcommon.INTERPRET:
         return (16, 32, 4, 1) if backward else (16, 16, 4, 1)
     if backward:
-        return _BWD_TILES or (64, 64, 4, 2)
+        return (64, 64, 4, 2)
     return (128, 64, 8, 3) if d <= 64 else (64, 64, 4, 2)
+
+
+def _bwd_blocks(d: int) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, warps, stages) of the dK/dV kernel (``BLOCK_M`` query rows a step
+    against ``BLOCK_N`` keys held) and of the dQ kernel (``BLOCK_M`` query rows held): the
+    two sides of :func:`_blocks`' backward tile, unless ``_BWD_TILES`` names others."""
+    if _BWD_TILES is not None and not _tcommon.INTERPRET:
+        return _BWD_TILES
+    small, big, warps, stages = _blocks(d, backward=True)
+    return (small, big, warps, stages), (big, small, warps, stages)
 
 
 @triton.jit
@@ -475,34 +486,34 @@ def _backward(do, q, k, v, o, lse, causal, scale):
         return (torch.zeros(q.shape, **z), torch.zeros(k.shape, **z), torch.zeros(v.shape, **z))
     # Every element is written: each program owns its tile (rows past Lq/Lk masked).
     dq = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
-    small, big, warps, stages = _blocks(d, backward=True)
+    (kv_m, kv_n, kv_warps, kv_stages), (q_m, q_n, q_warps, q_stages) = _bwd_blocks(d)
     meta = _meta(q)
     even_d = meta["BLOCK_D"] == d
     # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij: the softmax backward's row term.
     delta = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
     _launch_delta(
-        (_common.cdiv(lq, big), b * hq),
+        (_common.cdiv(lq, q_m), b * hq),
         o, do, delta,
         hq, lq, d,
         *o.stride()[:3], *do.stride(),
-        BLOCK_M=big, BLOCK_D=meta["BLOCK_D"], num_warps=4,
+        BLOCK_M=q_m, BLOCK_D=meta["BLOCK_D"], num_warps=4,
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    # dK/dV: a tile of `big` keys against `small` queries at a time; dQ the other way round.
+    # dK/dV: a tile of kv_n keys against kv_m queries at a time; dQ: q_m queries, q_n keys.
     groups = hq // hkv
-    shares = _dkdv_split(_common.cdiv(lk, big) * b * hkv, groups, _common.sms(q), causal,
+    shares = _dkdv_split(_common.cdiv(lk, kv_n) * b * hkv, groups, _common.sms(q), causal,
                          lq * groups)
     # one share writes dK, dV in place; more write an fp32 slab each
     dk_out = torch.empty((shares, b, hkv, lk, d), device=q.device,
                          dtype=q.dtype if shares == 1 else torch.float32)
     dv_out = torch.empty_like(dk_out)
     _launch_bwd_dkdv(
-        (_common.cdiv(lk, big), shares * b * hkv),
+        (_common.cdiv(lk, kv_n), shares * b * hkv),
         q, k, v, do, lse, delta, dk_out, dv_out,
         hq, hkv, groups, groups // shares, lq, lk, d, scale * _LOG2E, scale,
         *strides,
         CAUSAL=causal, EVEN_D=even_d, SPLIT=_SPLIT_MASKS, **meta,
-        BLOCK_M=small, BLOCK_N=big, num_warps=warps, num_stages=stages,
+        BLOCK_M=kv_m, BLOCK_N=kv_n, num_warps=kv_warps, num_stages=kv_stages,
     )
     if shares == 1:
         dk, dv = dk_out[0], dv_out[0]
@@ -510,12 +521,12 @@ def _backward(do, q, k, v, o, lse, causal, scale):
         # fp32 partials summed in share order (deterministic), one rounding to the dtype
         dk, dv = dk_out.sum(0).to(q.dtype), dv_out.sum(0).to(q.dtype)
     _launch_bwd_dq(
-        (_common.cdiv(lq, big), b * hq),
+        (_common.cdiv(lq, q_m), b * hq),
         q, k, v, do, lse, delta, dq,
         hq, hq // hkv, lq, lk, d, scale * _LOG2E, scale,
         *strides,
         CAUSAL=causal, EVEN_D=even_d, SPLIT=_SPLIT_MASKS, **meta,
-        BLOCK_M=big, BLOCK_N=small, num_warps=warps, num_stages=stages,
+        BLOCK_M=q_m, BLOCK_N=q_n, num_warps=q_warps, num_stages=q_stages,
     )
     return dq, dk, dv
 
