@@ -56,11 +56,16 @@ def _blocks(d: int, backward: bool = False) -> tuple[int, int, int, int]:
     128 the 32 x 64 two-stage tile computed dK 1.6e-2 away from float64 (dQ, dV and SDPA's
     own dK 2.4e-3 to 3e-3; 16 x 64 0.8e-2), which no ordering of the same bf16 products
     explains: it is not used (``bench/results/h200/train_attention_bwd_tiles.txt``, whose
-    wall-clock times measured the host's launch jitter, not the tiles)."""
+    wall-clock times measured the host's launch jitter, not the tiles). Three stages at head
+    dim 64 (``python -m bench.triton_ab attention-bwd``, forward + backward over graph replays,
+    two runs, ``bench/results/h200/attention_bwd-run1/-run2.log``): 1.09x two stages without
+    a mask (1 x 32 / 4 heads x 4096: 1.313 / 1.324 ms against 1.431 / 1.441), the same with
+    one (2 x 32 / 4 x 2048: 0.500 / 0.505 against 0.502 / 0.505); at head dim 128 it lost
+    19-29% (1.774 / 1.809 against 1.495 / 1.515 ms at 4096 causal)."""
     if _tcommon.INTERPRET:
         return (16, 32, 4, 1) if backward else (16, 16, 4, 1)
     if backward:
-        return (64, 64, 4, 2)
+        return (64, 64, 4, 3 if d <= 64 else 2)
     return (128, 64, 8, 3) if d <= 64 else (64, 64, 4, 2)
 
 
