@@ -488,8 +488,8 @@ def _measure(
         fast = None
         if ok and not cached and cost > left() > verify_s / 2 * scale:
             # The check's time holds one-off work (a cold JIT cache's compiles, graph
-            # captures): a path that compiled for 20 s was estimated at 65 s and turned away
-            # where its timing took a few. Time one warm call of each side before that.
+            # captures): on a fresh H200 a Llama-1B's triton_graph_decode was estimated at
+            # 65 s with 46 s left and turned away. Time one warm call of each side first.
             fast = _fast(
                 model, layout, name, m.b, shared, m.kw["input_ids"].shape[1] + gt["max_new_tokens"]
             )
