@@ -3,7 +3,8 @@
     python -m bench.hf_decode [--device cpu|cuda] [--model llama-1b|qwen2-0.5b|gpt2|tiny]
                               [--variants eager,static_compile,optimize,onnxruntime]
                               [--batches 1,16] [--prompt-len 512] [--decode-prompt-len 128]
-                              [--new-tokens 128] [--repeat 3] [-o out.json]
+                              [--new-tokens 128] [--repeat 3] [--time-budget S|none]
+                              [-o out.json]
 
 One process, one model built from a transformers config class (random weights from seed 0,
 no download), the same random prompts (seed 1) for every variant:
@@ -13,7 +14,9 @@ no download), the same random prompts (seed 1) for every variant:
   which makes transformers compile the decode forward (``torch.compile``; on CUDA its default
   ``reduce-overhead`` mode, CUDA graphs); its compile time is paid in the warm-up, untimed.
 * ``optimize``: ``ryzen_opt.optimize(model, example_inputs=<the decode prompt at the largest
-  batch>)``, a copy; its own cost (seconds, peak memory) is recorded.
+  batch>)``, a copy; its own cost (seconds, peak memory) is recorded. ``--time-budget``
+  sets its ``OptimizeConfig.time_budget_s`` (seconds, or ``none`` for no bound; default: the
+  library's).
 * ``optimize_int8`` / ``optimize_bf16`` (CPU, only when named): ``optimize()`` offered the
   opt-in int8 or bf16 weight decode loop (``OptimizeConfig(fast_paths=("numba_decoder[int8]",),
   lossy_tolerance=0.05)``, likewise ``numba_decoder[bf16]`` at the default tolerance); not
@@ -361,11 +364,18 @@ def _run(args, workdir: Path) -> dict[str, Any]:
 
     runners: dict[str, Runner] = {}
     skipped: dict[str, str] = {}
+    budget = getattr(args, "time_budget", LIBRARY_BUDGET)
     example = decode[max(batches)][0]
     for name in args.variants:
         t0 = time.perf_counter()
         try:
-            runners[name] = BUILDERS[name](model, device, example, workdir)
+            if name == "optimize" and budget is not LIBRARY_BUDGET:
+                from ryzen_opt import OptimizeConfig
+
+                cfg = OptimizeConfig(time_budget_s=budget)
+                runners[name] = _optimize(model, device, example, workdir, cfg)
+            else:
+                runners[name] = BUILDERS[name](model, device, example, workdir)
         except Exception as e:
             skipped[name] = f"{type(e).__name__}: {e}"
             print(f"{name}: not run ({skipped[name]})", flush=True)
@@ -456,6 +466,7 @@ def _run(args, workdir: Path) -> dict[str, Any]:
             "decode_prompt_len": args.decode_prompt_len,
             "new_tokens": n,
             "repeat": args.repeat,
+            "optimize_time_budget_s": (_library_budget() if budget is LIBRARY_BUDGET else budget),
             "weight_bytes": wbytes,
             "copy_bandwidth_bytes_per_s": bw,
         },
@@ -524,6 +535,28 @@ def _parse_variants(text: str) -> list[str]:
     return out
 
 
+# --time-budget not given: optimize() runs with the library's default OptimizeConfig.
+LIBRARY_BUDGET = object()
+
+
+def _library_budget() -> float | None:
+    from ryzen_opt import OptimizeConfig
+
+    return OptimizeConfig().time_budget_s
+
+
+def _parse_budget(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        out = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be seconds > 0 or 'none', got {text!r}") from None
+    if not out > 0:
+        raise argparse.ArgumentTypeError(f"must be seconds > 0 or 'none', got {text!r}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m bench.hf_decode", description=__doc__.split("\n")[0]
@@ -542,6 +575,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument(
+        "--time-budget",
+        type=_parse_budget,
+        default=LIBRARY_BUDGET,
+        help="optimize()'s OptimizeConfig.time_budget_s: seconds, or 'none' (default: the "
+        "library's)",
+    )
     ap.add_argument("-o", "--output", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.device is None:

@@ -58,3 +58,27 @@ def test_weight_bytes_counts_a_tied_head_once():
     model.tie_weights()
     n = sum(p.numel() for p in model.parameters())  # parameters() already deduplicates
     assert hf_decode.weight_bytes(model) == 4 * n
+
+
+@pytest.mark.parametrize("text, want", [("none", None), ("None", None), ("30", 30.0)])
+def test_time_budget_parses_seconds_or_none(text, want):
+    assert hf_decode._parse_budget(text) == want
+
+
+@pytest.mark.parametrize("bad", ["0", "-5", "soon"])
+def test_time_budget_rejects_what_is_not_seconds(bad, capsys):
+    with pytest.raises(SystemExit):
+        hf_decode.main(["--time-budget", bad])
+    assert "--time-budget" in capsys.readouterr().err
+
+
+def test_time_budget_reaches_optimize(tmp_path):
+    out = tmp_path / "hf.json"
+    argv = ["--device", "cpu", "--model", "tiny", "--variants", "eager,optimize", "--batches",
+            "1", "--prompt-len", "8", "--decode-prompt-len", "6", "--new-tokens", "3",
+            "--repeat", "1", "--time-budget", "1e-6", "-o", str(out)]  # fmt: skip
+    assert hf_decode.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["config"]["optimize_time_budget_s"] == 1e-6
+    notes = " ".join(data["results"]["optimize"]["report_notes"])
+    assert "time budget of 1e-06 s" in notes
