@@ -524,6 +524,12 @@ class KernelOptimizer:
                         if s.chosen and s.kind != "generate":
                             s.note = (s.note + "; " if s.note else "") + f"reverted ({failure})"
                             s.chosen = {}
+            # The decode path went in before the per-op swaps (it is measured first); those
+            # wrap the same parameters and passed their checks, so the installed generate
+            # takes the modules as they now are (else it would see them as changed by the
+            # user and run the original generate on every call).
+            if decoder_undo:
+                fast_generate.adopt_modules(model)
             report.changed = report.changed or bool(decoder_undo)
         finally:
             model.train(was_training)

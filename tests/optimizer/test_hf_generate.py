@@ -357,6 +357,43 @@ def test_a_reverted_site_swap_keeps_the_measured_decode_loop(monkeypatch):
     assert not any(s.chosen for s in rep.sites if s.kind != "generate")
 
 
+def test_per_op_swaps_made_after_the_decode_path_leave_it_in_use(monkeypatch):
+    # optimize() installs the decode path, then the per-op swaps (wrappers around the same
+    # modules). Both are forced to win here (their timings forged, the whole-model check
+    # passed): generate must still run the decode path, not see "modules changed".
+    import ryzen_opt.optimizer as front
+    from ryzen_opt import OptimizeConfig, optimize
+    from ryzen_opt.optimization.engine import Engine
+    from ryzen_opt.optimization.fastpaths import hf_select
+
+    forged = {"speedup": 2.0, "ci": [1.8, 2.2], "baseline_s": 2e-3, "candidate_s": 1e-3, "n": 7}
+
+    def faster(res, config):
+        res.record_timing(dict(forged), config.min_speedup)
+
+    monkeypatch.setattr(Engine, "time", lambda self, res, *a: faster(res, self.config))
+    monkeypatch.setattr(hf_select, "_time", lambda *a, **k: faster(a[7], a[8]))
+    monkeypatch.setattr(front, "check_whole_model", lambda *a, **k: None)
+    model = tiny("gpt2")
+    ids, mask = left_padded(1, 8, [0])
+    cfg = OptimizeConfig(
+        use_cache=False, repeat=4, warmup=1, decode_batches=(1,),
+        fast_paths=("torch_static_decode",),
+    )  # fmt: skip
+    fast = optimize(model, example_inputs={"input_ids": ids, "attention_mask": mask}, config=cfg)
+    rep = fast.optimization_report
+    assert any(s.chosen for s in rep.sites if s.kind != "generate"), rep.notes
+    assert next(s for s in rep.sites if s.kind == "generate").chosen
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out = fast.generate(ids, **kw)
+    assert fast.generate.last_route == "torch_static_decode"
+    assert torch.equal(out, _original(model)(ids, **kw))
+    # a module the user swaps in afterwards still sends generate to the original
+    fast.transformer.h[0].mlp.c_fc = copy.deepcopy(fast.transformer.h[0].mlp.c_fc)
+    fast.generate(ids, **kw)
+    assert "modules changed" in fast.generate.last_route
+
+
 def test_the_time_budget_bounds_the_decode_loop_selection():
     from ryzen_opt import OptimizeConfig, optimize
 
