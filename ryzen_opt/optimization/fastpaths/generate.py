@@ -370,16 +370,14 @@ def install(
     return undo
 
 
-def adopt_modules(model: nn.Module) -> bool:
+def adopt_modules(model: nn.Module) -> None:
     """Let the installed :class:`FastGenerate` take ``model``'s modules as they are now.
 
     ``optimize()`` installs the decode path first and its verified per-op swaps after (a
     wrapper around the same module, the same parameters); without this the path would see
     them as "modules changed after optimize()" and run the original ``generate`` on every
     call. Only for ``optimize()``'s own swaps: a module a user swaps in later still sends
-    ``generate`` to the original. ``False`` when no :class:`FastGenerate` is installed."""
+    ``generate`` to the original. Nothing to do when no :class:`FastGenerate` is installed."""
     fast = model.__dict__.get("generate")
-    if not isinstance(fast, FastGenerate):
-        return False
-    fast.tree = ModuleTree(model)
-    return True
+    if isinstance(fast, FastGenerate):
+        fast.tree = ModuleTree(model)
