@@ -4,10 +4,6 @@ computed in float64 on a float64 copy of the model."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -280,49 +276,3 @@ def test_default_mode_is_chosen_by_timing_both():
     times = dec.calibrate(repeats=1)
     assert set(times) == {"serial", "pool"} and dec.parallel == (times["pool"] < times["serial"])
 
-
-# Run in a fresh process and Numba cache, so every function of the step is compiled (a cached
-# one is loaded whole, and its callees never show their signatures).
-_SPECIALIZATIONS = """
-import numpy as np, sys
-from ryzen_opt.kernels.numba import decoder_step as ds
-from ryzen_opt.optimization import families
-from tests.optimizer.hf_models import tiny
-for family in ("gpt2", "llama"):
-    model = tiny(family)
-    lay = families.find(model)[0].layout(model)
-    for weights in ds.WEIGHTS:
-        dec = ds.NumbaDecoder(lay, weights)  # parallel=None: both modes run (calibrate)
-        kc, vc = lay.new_cache(2, 8)
-        dec.step(np.array([1, 2]), kc.numpy(), vc.numpy(), 0, np.array([0, 0]))
-        dec.greedy(np.array([1, 2]), kc.numpy(), vc.numpy(), 1, np.array([0, 0]), 3)
-for name in dir(ds):
-    f = getattr(ds, name)
-    if getattr(f, "py_func", None) is not None and f.py_func.__module__ == ds.__name__:
-        print(name, len(f.signatures), sum("Literal" in str(s) for s in f.signatures))
-"""
-
-
-def test_every_step_function_compiles_once(tmp_path):
-    """A constant passed between the jitted functions is typed as a literal, and Numba
-    compiles the callee (and its whole call tree) once more for each value: the float32
-    GPT-2 step compiled ``_gemv_rows`` six times and took 52 s to compile on a cold cache,
-    20 s after. Every float32/int8/bf16 model of both families must share one compiled copy
-    of each function (``_rows_q``: one per narrow weight type, int8 and bf16)."""
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
-    root = Path(__file__).resolve().parents[2]
-    run = subprocess.run(
-        [sys.executable, "-c", _SPECIALIZATIONS],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=root,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    counts = {
-        name: (int(n), int(lit)) for name, n, lit in (ln.split() for ln in run.stdout.splitlines())
-    }
-    assert counts["_step"][0] == 1 and counts["_gemv_rows"][0] == 1, counts
-    assert all(lit == 0 for _, lit in counts.values()), counts
-    want = {"_rows_q": 2}
-    assert all(n <= want.get(name, 1) for name, (n, _) in counts.items()), counts

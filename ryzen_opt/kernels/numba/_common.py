@@ -44,6 +44,13 @@ JIT = {
 INLINE = dict(JIT, inline="always")
 
 ACT_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "relu": 4}
+# Constants for one jitted function to pass to another. A Python constant there (0, False,
+# an activation code) is typed as a literal, and Numba compiles the callee and its whole call
+# tree once more for each such value: the float32 GPT-2 decoder step compiled `_gemv_rows`
+# six times and took 52 s to compile on a cold cache (20 s after). Numpy scalars are plain
+# int64/bool: one compiled copy serves every value. Write `np.int64(v)` for other values.
+I0 = np.int64(0)
+NO, YES = np.bool_(False), np.bool_(True)
 
 
 _THREADS = threading.local()

@@ -24,6 +24,7 @@ from numba import njit, prange
 
 from ryzen_opt.kernels.numba._common import (
     ACT_CODES,
+    I0,
     JIT,
     ROWS_MR,
     ROWS_NR,
@@ -121,7 +122,7 @@ def _rows_range(af, lda, bf, ldb, cf, m, n, k, blk0, blk1, bias, has_bias, res, 
     _rows_columns(af, lda, bf, ldb, cf, m, n, k, j0, j1)
     if has_bias or has_res or act != 0:
         c2 = cf.reshape((m, n))
-        _epilogue(c2, 0, m, j0, j1, bias, has_bias, res, has_res, act)
+        _epilogue(c2, I0, m, j0, j1, bias, has_bias, res, has_res, act)
 
 
 @njit(**JIT)
@@ -157,7 +158,7 @@ def _rows_matmul(
             b1 = (w + 1) * blocks // workers
             _rows_range(af, lda, bf, ldb, cf, m, n, k, b0, b1, bias, has_bias, res, has_res, act)
     else:
-        _rows_range(af, lda, bf, ldb, cf, m, n, k, 0, blocks, bias, has_bias, res, has_res, act)
+        _rows_range(af, lda, bf, ldb, cf, m, n, k, I0, blocks, bias, has_bias, res, has_res, act)
 
 
 @njit(**JIT)
@@ -203,7 +204,7 @@ def _wrows_range(af, lda, wf, ldw, cf, m, n, k, j0, j1, bias, has_bias, res, has
                         s += ar[p] * wr[p]
                     crow[j] = s
     if has_bias or has_res or act != 0:
-        _epilogue(cf.reshape((m, n)), 0, m, j0, j1, bias, has_bias, res, has_res, act)
+        _epilogue(cf.reshape((m, n)), I0, m, j0, j1, bias, has_bias, res, has_res, act)
 
 
 @njit(parallel=True, **JIT)
@@ -228,7 +229,7 @@ def _wrows_matmul(
             j1 = min(n, (w + 1) * blocks // workers * 8)
             _wrows_range(af, lda, wf, ldw, cf, m, n, k, j0, j1, bias, has_bias, res, has_res, act)
     else:
-        _wrows_range(af, lda, wf, ldw, cf, m, n, k, 0, n, bias, has_bias, res, has_res, act)
+        _wrows_range(af, lda, wf, ldw, cf, m, n, k, I0, n, bias, has_bias, res, has_res, act)
 
 
 def _rows_call(a, b, m, k, n, bias, act, residual, serial: int) -> torch.Tensor:

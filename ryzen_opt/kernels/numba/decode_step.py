@@ -32,14 +32,24 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ryzen_opt.kernels.numba._common import JIT, MR, NR, _dot1x4, _exp, _fma_rows_tile
+from ryzen_opt.kernels.numba._common import (
+    I0,
+    JIT,
+    MR,
+    NO,
+    NR,
+    YES,
+    _dot1x4,
+    _exp,
+    _fma_rows_tile,
+)
 from ryzen_opt.kernels.numba.layer_norm import _layer_norm_row
 from ryzen_opt.kernels.numba.matmul import _epilogue
 
 # The offset tables follow ryzen_opt.optimization.fastpaths.layout.STM_LAYOUT (layer, model):
 # per layer ln1 w/b, qkv w/b, proj w/b, ln2 w/b, fc1 w/b, fc2 w/b; then token embedding,
 # position embedding, final LayerNorm w/b, head weight.
-_GELU = 1  # _common.ACT_CODES["gelu"]
+_GELU = np.int64(1)  # _common.ACT_CODES["gelu"] (an int64: see _common.I0)
 MAX_LORA_RANK = 256  # the scratch of a LoRA shrink (ranks above it are refused by the caller)
 # No LoRA: empty tables (typed like real ones, so one compiled signature serves both).
 NO_LORA = (
@@ -128,7 +138,7 @@ def _linear_task(w, o_w, o_b, has_b, a, xt, n, c, res, has_res, act, blk, t, acc
         _small_task(w, o_w, k, a, c, j0, j1)
     else:
         _rows_task(w, o_w, k, n, xt, m, c, j0, j1, acc)
-    _epilogue(c, 0, m, j0, j1, w[o_b : o_b + n], has_b, res, has_res, act)
+    _epilogue(c, I0, m, j0, j1, w[o_b : o_b + n], has_b, res, has_res, act)
 
 
 @njit(**JIT)
@@ -146,7 +156,8 @@ def _small_task(w, o_w, k, a, c, j0, j1):
 def _linear_parallel(w, o_w, o_b, has_b, a, xt, n, c, res, has_res, act, blk, tasks):
     for t in prange(tasks):
         acc = np.empty(MR * NR, dtype=np.float32)
-        _linear_task(w, o_w, o_b, has_b, a, xt, n, c, res, has_res, act, blk, t, acc)
+        ti = np.int64(t)  # prange's index is unsigned: the serial loop's copy serves it as int64
+        _linear_task(w, o_w, o_b, has_b, a, xt, n, c, res, has_res, act, blk, ti, acc)
 
 
 @njit(**JIT)
@@ -248,7 +259,7 @@ def _attend(qkv, kc, vc, layer, pos, heads, out, scores, task):
 @njit(parallel=True, **JIT)
 def _attend_parallel(qkv, kc, vc, layer, pos, heads, out, scores):
     for task in prange(out.shape[0] * heads):
-        _attend(qkv, kc, vc, layer, pos, heads, out, scores, task)
+        _attend(qkv, kc, vc, layer, pos, heads, out, scores, np.int64(task))  # prange: unsigned
 
 
 @njit(**JIT)
@@ -293,29 +304,29 @@ def _decode_step(w, loff, goff, heads, f, eps, ids, pos, kc, vc, logits, ws, thr
     for layer in range(n_layers):
         off = loff[layer]
         _layer_norm(w, off[0], off[1], x, h, eps)
-        _linear(w, off[2], off[3], True, h, 3 * c, qkv, x, False, 0, threads, xt_buf, acc)
+        _linear(w, off[2], off[3], YES, h, 3 * c, qkv, x, NO, I0, threads, xt_buf, acc)
         if has_lora:
-            _lora_add(h, qkv, la, lb, lt, ls, layer, 0, t_lora)
+            _lora_add(h, qkv, la, lb, lt, ls, layer, I0, t_lora)
         if threads > 1 and nb * heads > 1:
             _attend_parallel(qkv, kc, vc, layer, pos, heads, att, scores)
         else:
             for task in range(nb * heads):
                 _attend(qkv, kc, vc, layer, pos, heads, att, scores, task)
-        _linear(w, off[4], off[5], True, att, c, x2, x, True, 0, threads, xt_buf, acc)
+        _linear(w, off[4], off[5], YES, att, c, x2, x, YES, I0, threads, xt_buf, acc)
         if has_lora:
-            _lora_add(att, x2, la, lb, lt, ls, layer, 1, t_lora)
+            _lora_add(att, x2, la, lb, lt, ls, layer, np.int64(1), t_lora)
         _layer_norm(w, off[6], off[7], x2, h, eps)
         if has_lora and lt[layer, 2, :, 2].max() > 0:  # GELU after the update
-            _linear(w, off[8], off[9], True, h, f, ff, x, False, 0, threads, xt_buf, acc)
-            _lora_add(h, ff, la, lb, lt, ls, layer, 2, t_lora)
-            _epilogue(ff, 0, nb, 0, f, w, False, ff, False, _GELU)
+            _linear(w, off[8], off[9], YES, h, f, ff, x, NO, I0, threads, xt_buf, acc)
+            _lora_add(h, ff, la, lb, lt, ls, layer, np.int64(2), t_lora)
+            _epilogue(ff, I0, nb, I0, f, w, NO, ff, NO, _GELU)
         else:
-            _linear(w, off[8], off[9], True, h, f, ff, x, False, _GELU, threads, xt_buf, acc)
-        _linear(w, off[10], off[11], True, ff, c, x, x2, True, 0, threads, xt_buf, acc)
+            _linear(w, off[8], off[9], YES, h, f, ff, x, NO, _GELU, threads, xt_buf, acc)
+        _linear(w, off[10], off[11], YES, ff, c, x, x2, YES, I0, threads, xt_buf, acc)
         if has_lora:
-            _lora_add(ff, x, la, lb, lt, ls, layer, 3, t_lora)
+            _lora_add(ff, x, la, lb, lt, ls, layer, np.int64(3), t_lora)
     _layer_norm(w, goff[2], goff[3], x, h, eps)
-    _linear(w, goff[4], goff[4], False, h, vocab, logits, x, False, 0, threads, xt_buf, acc)
+    _linear(w, goff[4], goff[4], NO, h, vocab, logits, x, NO, I0, threads, xt_buf, acc)
 
 
 @njit(**JIT)

@@ -51,7 +51,16 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ryzen_opt.kernels.numba._common import JIT, _activate, _dot1x4, _exp, set_threads
+from ryzen_opt.kernels.numba._common import (
+    I0,
+    JIT,
+    NO,
+    YES,
+    _activate,
+    _dot1x4,
+    _exp,
+    set_threads,
+)
 from ryzen_opt.optimization.fastpaths.decoder_layout import FAMILIES, DecoderLayout, Linear
 
 __all__ = ["WEIGHTS", "NumbaDecoder", "supports"]
@@ -72,12 +81,6 @@ _C_LAYERS, _C_HIDDEN, _C_HEADS, _C_KV, _C_HD, _C_INTER, _C_VOCAB, _C_GPT2, _C_MA
 _SILU, _GELU_TANH = 3, 2  # _common.ACT_CODES
 _TASKS_PER_THREAD = 8
 _K_BLOCKS = 16  # most input blocks of the parallel column form (partial sums to add up)
-# Arguments passed as constants between the jitted functions: a Python constant (0, False)
-# is typed as a literal and makes Numba compile one more copy of the callee (and of all it
-# calls) for that value: the float32 GPT-2 step compiled _gemv_rows six times and the whole
-# decoder took 52 s to compile on a cold cache. These numpy scalars are plain int64/bool.
-_I0 = np.int64(0)
-_NO, _YES = np.bool_(False), np.bool_(True)
 
 
 @intrinsic
@@ -279,13 +282,13 @@ def _cols_parallel(mats, i0, i1, x, part, kb):
     for t in prange((i1 - i0) * kb):
         i = i0 + t // kb
         q = t % kb
-        col = _I0
+        col = I0
         for e in range(i0, i):
             col += mats[e, _N]
         k = mats[i, _K]
         step = -(-k // kb)
         p0 = min(k, q * step)
-        _cols_f32(mats[i], x, part[q], _NO, col, _I0, mats[i, _N], p0, min(k, p0 + step))
+        _cols_f32(mats[i], x, part[q], NO, col, I0, mats[i, _N], p0, min(k, p0 + step))
 
 
 @njit(**JIT)
@@ -297,7 +300,7 @@ def _matrix_rows(d, x, y, add, col, j0, j1):
     elif d[_SI] == 1:
         _rows_f32(d, x, y, add, col, j0, j1)
     else:
-        _cols_f32(d, x, y, add, col, j0, j1, _I0, x.shape[1])
+        _cols_f32(d, x, y, add, col, j0, j1, I0, x.shape[1])
     if d[_BIAS] != 0:
         bias = numba.carray(_f32_at(d[_BIAS]), (d[_N],))
         for b in range(x.shape[0]):
@@ -308,7 +311,7 @@ def _matrix_rows(d, x, y, add, col, j0, j1):
 @njit(**JIT)
 def _gemv_rows(mats, i0, i1, x, y, add, r0, r1):
     """Rows [r0, r1) of the outputs of matrices i0..i1-1 stacked (they share the input)."""
-    col = _I0
+    col = I0
     for i in range(i0, i1):
         n = mats[i, _N]
         a = max(r0, col)
@@ -329,7 +332,7 @@ def _gemv(mats, i0, i1, x, y, add, threads, pbuf):
     """y (+)= x @ [W_i0; ...; W_i1-1].T (+ biases): one fork-join region when threaded
     (``pbuf``: scratch for the column form's partial sums)."""
     nb = x.shape[0]
-    total = _I0
+    total = I0
     for i in range(i0, i1):
         total += mats[i, _N]
     cols = mats[i0, _KIND] == 0 and mats[i0, _SI] != 1
@@ -361,7 +364,7 @@ def _gemv(mats, i0, i1, x, y, add, threads, pbuf):
         tasks = -(-total // blk)
         _gemv_parallel(mats, i0, i1, x, y, add, total, blk, tasks)
     else:
-        _gemv_rows(mats, i0, i1, x, y, add, _I0, total)
+        _gemv_rows(mats, i0, i1, x, y, add, I0, total)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,7 +526,7 @@ def _step(mats, vecs, eps, cfg, fl, inv_freq, ids, kc, vc, t, start, logits, ws,
         mi = layer * _PER_LAYER
         vi = layer * _V_PER_LAYER
         _norm(vecs, vi, vi + 1, eps[2 * layer], x, h, not gpt2)
-        _gemv(mats, mi, mi + 3, h, qkv, _NO, threads, pbuf)
+        _gemv(mats, mi, mi + 3, h, qkv, NO, threads, pbuf)
         for b in range(nb):
             qb = qkv[b]
             if not gpt2:
@@ -536,22 +539,22 @@ def _step(mats, vecs, eps, cfg, fl, inv_freq, ids, kc, vc, t, start, logits, ws,
         else:
             for task in range(nb * heads):
                 _attend(qkv, kc, vc, layer, t, start, heads, kvh, hd, attn_scale, att, scores, task)
-        _gemv(mats, mi + 3, mi + 4, att, x, _YES, threads, pbuf)
+        _gemv(mats, mi + 3, mi + 4, att, x, YES, threads, pbuf)
         _norm(vecs, vi + 2, vi + 3, eps[2 * layer + 1], x, h, not gpt2)
         if gpt2:
-            _gemv(mats, mi + 5, mi + 6, h, ff, _NO, threads, pbuf)
+            _gemv(mats, mi + 5, mi + 6, h, ff, NO, threads, pbuf)
             for b in range(nb):
                 for j in range(inter):
                     m[b, j] = _activate(ff[b, j], _GELU_TANH)
         else:
-            _gemv(mats, mi + 4, mi + 6, h, ff, _NO, threads, pbuf)
+            _gemv(mats, mi + 4, mi + 6, h, ff, NO, threads, pbuf)
             for b in range(nb):
                 for j in range(inter):
                     m[b, j] = _activate(ff[b, j], _SILU) * ff[b, inter + j]
-        _gemv(mats, mi + 6, mi + 7, m, x, _YES, threads, pbuf)
+        _gemv(mats, mi + 6, mi + 7, m, x, YES, threads, pbuf)
     fi = n_layers * _V_PER_LAYER
     _norm(vecs, fi, fi + 1, eps[2 * n_layers], x, h, not gpt2)
-    _gemv(mats, n_layers * _PER_LAYER, n_layers * _PER_LAYER + 1, h, logits, _NO, threads, pbuf)
+    _gemv(mats, n_layers * _PER_LAYER, n_layers * _PER_LAYER + 1, h, logits, NO, threads, pbuf)
 
 
 @njit(**JIT)
