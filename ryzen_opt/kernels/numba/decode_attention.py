@@ -33,6 +33,7 @@ from numba import njit, prange
 
 from ryzen_opt.kernels import reference, registry
 from ryzen_opt.kernels.numba._common import (
+    I0,
     JIT,
     _axpys,
     _dots,
@@ -285,7 +286,7 @@ def _decode(qa, ka, va, la, oa, dims, strides, scale, threads, parallel_bytes, m
             t1 = (w + 1) * tasks // workers
             _run(qf, kf, vf, lens, outf, parts, dims, strides, sc, n_split, t0, t1)
     else:
-        _run(qf, kf, vf, lens, outf, parts, dims, strides, sc, n_split, 0, tasks)
+        _run(qf, kf, vf, lens, outf, parts, dims, strides, sc, n_split, I0, tasks)
     if n_split > 1:
         _merge(lens, outf, parts, dims, n_split)
     return 0
