@@ -41,6 +41,8 @@ from ryzen_opt.kernels.numba import decoder_step as ds
 from ryzen_opt.optimization import families
 from tests.optimizer.hf_models import tiny
 MODULES = ["ryzen_opt.kernels.numba.decoder_step"]
+from ryzen_opt.kernels.numba import warmup
+warmup(("decoder_step",))  # a synthetic model: the real ones below must add no signature
 for family in ("gpt2", "llama"):
     model = tiny(family)
     lay = families.find(model)[0].layout(model)
@@ -61,6 +63,8 @@ MODULES = [
     "ryzen_opt.kernels.numba.decode_step",
     "ryzen_opt.kernels.numba._matmul_rows",
 ]
+from ryzen_opt.kernels.numba import warmup
+warmup(("decode_step",))
 cfg = ModelConfig(vocab_size=97, embedding_dim=40, num_heads=5, num_layers=2, ff_dim=70,
                   max_seq_len=24)
 model = SimpleTransformerModel(cfg).eval()
@@ -89,9 +93,11 @@ def _counts(script: str, tmp_path) -> dict[str, tuple[int, int]]:
 
 def test_hf_decoder_step_compiles_each_function_once(tmp_path):
     """Every float32/int8/bf16 model of both families shares one compiled copy of each
-    function (``_rows_q``: one per narrow weight type, int8 and bf16)."""
+    function (``_rows_q``: one per narrow weight type, int8 and bf16), the one that
+    ``warmup(("decoder_step",))`` compiled from its synthetic model."""
     counts = _counts(_HF_DECODER, tmp_path)
     assert counts["decoder_step._step"][0] == 1, counts
+    assert counts["decoder_step._greedy"][0] == 1, counts
     assert counts["decoder_step._gemv_rows"][0] == 1, counts
     assert all(lit == 0 for _, lit in counts.values()), counts
     want = {"decoder_step._rows_q": 2}
@@ -99,8 +105,18 @@ def test_hf_decoder_step_compiles_each_function_once(tmp_path):
 
 
 def test_stm_decode_step_and_decode_matmul_compile_each_function_once(tmp_path):
+    """Likewise for the ``SimpleTransformerModel`` step (after ``warmup(("decode_step",))``)
+    and the decode-size matmuls."""
     counts = _counts(_STM_DECODE, tmp_path)
     assert counts["decode_step._decode_step"][0] == 1, counts
+    assert counts["decode_step._greedy_steps"][0] == 1, counts
     assert counts["_matmul_rows._epilogue"][0] >= 1, counts
     assert all(lit == 0 for _, lit in counts.values()), counts
     assert all(n <= 1 for n, _ in counts.values()), counts
+
+
+def test_warmup_names_unknown_ops():
+    from ryzen_opt.kernels.numba import warmup
+
+    with pytest.raises(ValueError, match="ops must be a subset"):
+        warmup(("decoder_step", "flash"))
