@@ -458,6 +458,64 @@ def test_a_path_whose_check_alone_outlasts_the_budget_is_not_timed(monkeypatch, 
     assert "not measured: about" in res.detail and "2 s of the time budget left" in res.detail
 
 
+def test_a_synthetic_prompt_avoids_the_pad_id_the_calls_pass():
+    """A model without a pad token (the tiny Llama, like GPT-2) is called with
+    ``pad_token_id=0``, so ``generate`` reads id 0 in a mask-less prompt as padding while the
+    paths' checks did not: every path failed with the same logit error (6.4e-2 here)."""
+    from ryzen_opt import OptimizeConfig
+    from ryzen_opt.optimization.fastpaths import hf_select
+
+    model = tiny("llama")
+    assert model.generation_config.pad_token_id is None
+    layout = families.find(model)[0].layout(model)
+    cfg = OptimizeConfig(decode_batches=(1, 4), decode_tokens=4)
+    for _, kw in hf_select.prompts(model, layout, None, cfg):
+        assert kw["input_ids"].shape[1] == 64 and not bool((kw["input_ids"] == 0).any())
+
+
+def test_the_original_runs_at_a_batch_size_when_the_first_path_gets_there(monkeypatch, tmp_path):
+    """The first path is measured at batch 1 before the original's (long) batch-4 run takes
+    the budget; batch 4, whose original run spends it, is reported as not measured."""
+    import time
+
+    from ryzen_opt import OptimizeConfig
+    from ryzen_opt.optimization.cache import DecisionCache
+    from ryzen_opt.optimization.fastpaths import hf_select
+
+    model = tiny("llama")
+    cls = type(model)
+    real_generate = cls.generate
+    clock = [0.0]  # seconds charged on top of the real ones
+
+    def generate(self, *args, **kw):
+        if kw.get("output_logits") and kw["input_ids"].shape[0] == 4:
+            clock[0] += 1000.0  # the original's batch-4 run "takes" 1000 s
+        return real_generate(self, *args, **kw)
+
+    monkeypatch.setattr(cls, "generate", generate)
+    cfg = OptimizeConfig(
+        use_cache=False, repeat=4, warmup=1, decode_batches=(1, 4),
+        fast_paths=("torch_static_decode",), decode_tokens=4,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    srep, routes, _ = hf_select.select(
+        model,
+        families.find(model)[0].layout(model),
+        None,
+        cfg,
+        DecisionCache(tmp_path, enabled=False),
+        "cpu",
+        {},
+        "baseline",
+        lambda: 600.0 - (time.perf_counter() - t0) - clock[0],
+    )
+    (b1, b4) = srep.cases
+    assert b1.case == "decode b1" and b1.candidates[0].status in ("faster", "slower")
+    assert b1.candidates[0].speedup > 0
+    assert b4.candidates[0].status == "unsupported"
+    assert "the time budget was spent" in b4.candidates[0].detail
+
+
 class _Shifted(torch.nn.Module):
     """A linear with a fixed update added, standing in for a LoRA layer wrapped in later."""
 

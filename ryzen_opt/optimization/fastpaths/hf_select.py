@@ -88,9 +88,12 @@ def prompts(
     ``generate`` reads a pad token in a prompt given without an attention mask as padding
     (it infers the mask); the paths' checks prefill with an explicit mask, so a random
     prompt that drew the pad id (1 in 5 for a 97-word test vocabulary and 16 tokens) failed
-    every path as "error". An example without a mask gets the mask ``generate`` infers."""
+    every path as "error"; so did a model without a pad token (GPT-2, Llama), whose calls
+    here pass ``pad_token_id=0``, when a random prompt drew id 0. An example without a mask
+    gets the mask ``generate`` infers."""
     dev = layout.device
-    pad = getattr(model.generation_config, "pad_token_id", None)
+    # The pad id the checked and timed calls pass (_greedy_kwargs: 0 when the model has none).
+    pad = _greedy_kwargs(model, 1)["pad_token_id"]
     pad = pad if isinstance(pad, int) and 0 <= pad < layout.vocab else None
     if example is not None and isinstance(example.get("input_ids"), torch.Tensor):
         ids = example["input_ids"]
@@ -331,11 +334,14 @@ def select(
     """Verify and time every decoder path at every batch size; the report, the routes and the
     state the paths built (a Numba decoder, int8 weights) for :func:`generate.install`.
 
-    The original runs first at every batch size; then each path in turn (:func:`path_names`
-    order) at every batch size, so that a time budget too short for every path is spent on
-    the likeliest winners at each batch size. ``budget_left()``: seconds left of the budget;
-    a batch size whose original run, or a path whose estimated check and timing
-    (:func:`path_cost_s`), would not fit is not measured (the report says what it needed).
+    Each path in turn (:func:`path_names` order) at every batch size, so that a time budget
+    too short for every path is spent on the likeliest winners at each batch size. The
+    original runs at a batch size when the first path gets there, not all up front: on a
+    2-core CPU Qwen2-0.5B's batch-16 run took the time the first path needed at batch 1.
+    ``budget_left()``: seconds left of the budget; a batch size whose original run would
+    leave too little for one path (at least the last batch's :func:`path_cost_s`), and every
+    larger one, is not measured, and a path whose estimated check and timing
+    (:func:`path_cost_s`) would not fit is turned away (the report says what it needed).
     ``progress(what)``: called as each (path, batch size) step starts (:func:`steps`)."""
     dev = layout.device
     n = max(2, int(getattr(config, "decode_tokens", 16)))
@@ -354,42 +360,56 @@ def select(
     orig = type(model).generate.__get__(model)
     gk = _greedy_kwargs(model, n)
     tick = progress if progress is not None else (lambda what: None)
-    batches: list[_Batch] = []
-    ref_s = 0.0  # the original's run at the last batch size (a lower bound for the next)
-    for b, kw in prompts(model, layout, example, config, prompt_len):
+    todo = prompts(model, layout, example, config, prompt_len)
+    runs: dict[int, _Batch | None] = {}  # prompt index -> the original's run (None: skipped)
+    last = [0.0]  # the original's run at the last batch size (a lower bound for the next)
+    cut = [len(todo)]  # prompts from this index on are not measured (the budget)
+
+    def original(i: int) -> _Batch | None:
+        if i in runs:
+            return runs[i]
+        b, kw = todo[i]
+        runs[i] = None
         left = budget_left()
-        if left <= 0 or left < path_cost_s(config, ref_s, cached=True):
+        need = path_cost_s(config, last[0], cached=True)
+        if left <= 0 or left < need:
+            cut[0] = i
             srep.note = _join(
                 srep.note,
                 f"batch {b} and up not measured: "
                 + (
                     "the time budget was spent"
                     if left <= 0
-                    else f"over {path_cost_s(config, ref_s, cached=True):.0f} s needed, "
-                    f"{left:.0f} s of the time budget left"
+                    else f"over {need:.0f} s needed, {left:.0f} s of the time budget left"
                 ),
             )
-            break
+            return None
         p = kw["input_ids"].shape[1]
         if p + n > layout.max_positions:
             srep.note = _join(srep.note, f"batch {b}: prompt + {n} tokens exceed the context")
-            continue
+            return None
         nt_b = max(n, min(nt, layout.max_positions - p))  # the timed call fits the context
         t0 = time.perf_counter()
         with torch.no_grad():
             ref = orig(**kw, **gk, return_dict_in_generate=True, output_logits=True)
         _sync(dev)
-        ref_s = time.perf_counter() - t0
+        last[0] = time.perf_counter() - t0
         ref_tokens = ref.sequences[:, p:]
         exact = None
         if layout.dtype != torch.float32:
             exact = exact_logits(model, layout, kw, n, ref_tokens)
         crep = CaseResult(f"decode b{b}", f"{b}x{p}+{n}")
         timed = _greedy_kwargs(model, nt_b) if nt_b != n else None
-        batches.append(_Batch(b, kw, crep, ref_s, ref_tokens, list(ref.logits), exact, timed=timed))
-        del ref
+        runs[i] = _Batch(b, kw, crep, last[0], ref_tokens, list(ref.logits), exact, timed=timed)
+        return runs[i]
+
     for name in names:
-        for m in batches:
+        for i in range(len(todo)):
+            if i >= cut[0]:
+                break
+            m = original(i)
+            if m is None:
+                continue
             tick(f"generate b{m.b}: {name}")
             m.crep.candidates.append(
                 _measure(
@@ -418,6 +438,7 @@ def select(
                     budget_left,
                 )
             )
+    batches = [runs[i] for i in sorted(runs) if runs[i] is not None]
     for m in batches:
         srep.cases.append(m.crep)
         best = max(
