@@ -265,6 +265,33 @@ def test_the_plan_uses_the_model_sized_prefill(tmp_path, monkeypatch):
     assert all(r.call_s > 0 for r in plan.runs)
 
 
+def test_a_long_captured_call_is_not_run_a_second_time(monkeypatch):
+    """The capture times each run's call twice (a first call can be 20x a warm one), but a
+    call of WARM_CALL_S or more only once: its one-off costs are a small part of it."""
+    import torch.nn as nn
+
+    from ryzen_opt.optimization import sites
+    from ryzen_opt.optimization.sites import Run, capture
+
+    calls = {"short": 0, "long": 0}
+
+    def call(label, seconds):
+        def run(m, s):
+            calls[label] += 1
+            time.sleep(seconds)
+
+        return run
+
+    runs = [
+        Run("short", "1", lambda m: None, call("short", 0.01)),
+        Run("long", "1", lambda m: None, call("long", 0.05)),
+    ]
+    monkeypatch.setattr(sites, "WARM_CALL_S", 0.03)
+    capture(nn.Linear(2, 2), runs, {}, hf_on=False)
+    assert calls == {"short": 2, "long": 1}
+    assert runs[1].call_s >= 0.05 and 0 < runs[0].call_s < 0.03
+
+
 # ----------------------------------------------------------------------------- budget
 
 
