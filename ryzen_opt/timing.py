@@ -207,14 +207,19 @@ def compare(
     device: str | torch.device | None = None,
     min_sample_s: float = 2e-3,
     confidence: float = 0.95,
+    inner: int | None = None,
 ) -> Comparison:
     """Time ``baseline`` and ``candidate`` interleaved (ABBA) and return the speed-up.
 
     Both callables must do the same work on the same inputs; the caller binds them.
+    ``inner``: calls per sample for both, without the calibration calls (for a caller that
+    has just timed warm calls of both at ``min_sample_s`` or more: ``inner=1``).
     """
     if not callable(baseline) or not callable(candidate):
         raise TypeError("baseline and candidate must be callables")
     _check_args(repeat, warmup)
+    if inner is not None and (isinstance(inner, bool) or not isinstance(inner, int) or inner < 1):
+        raise ValueError(f"inner must be an int >= 1 or None, got {inner!r}")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
     dev = _device_of(device)
@@ -222,15 +227,15 @@ def compare(
         baseline()
         candidate()
     _sync(dev)
-    # One inner count for both, so each sample covers comparable wall time.
-    inner_b = _calibrate_inner(baseline, dev, min_sample_s)
-    inner_c = _calibrate_inner(candidate, dev, min_sample_s)
+    # Each side's calls per sample, so that a sample lasts at least min_sample_s.
+    inner_b = inner or _calibrate_inner(baseline, dev, min_sample_s)
+    inner_c = inner or _calibrate_inner(candidate, dev, min_sample_s)
     bs: list[float] = []
     cs: list[float] = []
     for i in range(repeat):
         order = ((baseline, inner_b, bs), (candidate, inner_c, cs))
-        for fn, inner, out in order if i % 2 == 0 else order[::-1]:
-            out.append(_one_sample(fn, inner, dev))
+        for fn, k, out in order if i % 2 == 0 else order[::-1]:
+            out.append(_one_sample(fn, k, dev))
     tb, tc = _summarize(bs, inner_b), _summarize(cs, inner_c)
     lo, hi = bootstrap_ratio_ci(bs, cs, confidence)
     return Comparison(tb, tc, tb.median / tc.median, lo, hi, confidence)

@@ -28,6 +28,25 @@ def test_compare_detects_a_real_speedup():
     assert c.faster and not c.slower and c.ci_low <= c.speedup <= c.ci_high
 
 
+def test_compare_with_inner_skips_the_calibration_calls():
+    calls = {"a": 0, "b": 0}
+
+    def count(k):
+        def fn():
+            calls[k] += 1
+
+        return fn
+
+    cmp = timing.compare(count("a"), count("b"), repeat=3, warmup=0, inner=1)
+    assert calls == {"a": 3, "b": 3} and cmp.baseline.inner == cmp.candidate.inner == 1
+    calls.update(a=0, b=0)
+    timing.compare(count("a"), count("b"), repeat=3, warmup=0)  # calibrated: many per sample
+    assert calls["a"] > 3 and calls["b"] > 3
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="inner must be an int >= 1"):
+            timing.compare(count("a"), count("b"), repeat=3, inner=bad)
+
+
 def test_compare_of_identical_work_is_not_called_faster():
     x = torch.randn(128, 128)
     c = timing.compare(lambda: x @ x, lambda: x @ x, repeat=15, warmup=2)

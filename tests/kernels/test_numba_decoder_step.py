@@ -275,4 +275,3 @@ def test_default_mode_is_chosen_by_timing_both():
     assert dec.parallel in (True, False)
     times = dec.calibrate(repeats=1)
     assert set(times) == {"serial", "pool"} and dec.parallel == (times["pool"] < times["serial"])
-

@@ -425,7 +425,7 @@ def _select_with_a_slow_check(monkeypatch, tmp_path, check_s: float, left_s: flo
     model = tiny("llama")
     cfg = OptimizeConfig(
         use_cache=False, repeat=4, warmup=1, decode_batches=(1,),
-        fast_paths=("torch_static_decode",), decode_tokens=4,
+        fast_paths=("torch_static_decode",), decode_tokens=4, min_sample_s=1e-6,
     )  # fmt: skip
     ids, mask = left_padded(1, 8, [0])
     srep, _, _ = hf_select.select(
@@ -444,10 +444,23 @@ def _select_with_a_slow_check(monkeypatch, tmp_path, check_s: float, left_s: flo
 
 def test_a_path_whose_check_was_slow_is_timed_when_its_warm_calls_fit(monkeypatch, tmp_path):
     # The check's 6 s would estimate the timing at over 7 x 3 s = 21 s, more than the 12 s
-    # left; the warm calls (milliseconds) show that it fits, and the path is timed.
+    # left; the warm calls (milliseconds) show that it fits, and the path is timed. Those
+    # calls were the warm-up, each at least min_sample_s (1 us here): the comparison
+    # makes no warm-up or calibration calls of its own.
+    from ryzen_opt.optimization.fastpaths import hf_select
+
+    seen = []
+    real_compare = hf_select.compare
+
+    def spy(*args, **kw):
+        seen.append((kw["warmup"], kw["inner"]))
+        return real_compare(*args, **kw)
+
+    monkeypatch.setattr(hf_select, "compare", spy)
     res = _select_with_a_slow_check(monkeypatch, tmp_path, check_s=6.0, left_s=12.0)
     assert res.status in ("faster", "slower"), res.detail
     assert res.speedup > 0 and "not measured" not in res.detail
+    assert seen == [(0, 1)]
 
 
 def test_a_path_whose_check_alone_outlasts_the_budget_is_not_timed(monkeypatch, tmp_path):
