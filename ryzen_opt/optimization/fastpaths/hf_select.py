@@ -21,12 +21,14 @@ prompt (the example's ids, its rows repeated to the batch, or random ids):
 
 Cost: the logits are compared step by step (a batch-16 step of a 152k-token vocabulary is
 10 MB of logits, 20 MB in float64; stacking 8 steps and comparing in float64 took 0.6 GB).
-Under a time budget the fused paths are measured first (:data:`PREFERENCE`), and a path (or a
-batch size) is skipped when its estimated cost (:func:`path_cost_s`, from the original's own
-``generate`` time) exceeds what is left; before a checked path is turned away, one warm call
-of each side replaces the check's own time in the estimate (the check holds one-off work: a
-cold JIT cache's compiles, graph captures). What a rejected path built for itself (a Numba
-decoder, int8 weights) is dropped, not installed with the winners.
+Under a time budget the fused paths are measured first (:data:`PREFERENCE`), the original
+runs at a batch size only when the first path gets there, and a path (or a batch size) is
+skipped when its estimated cost (:func:`path_cost_s`, from the original's own ``generate``
+time) exceeds what is left; before a checked path is turned away, one warm call of each side
+replaces the check's own time in the estimate (the check holds one-off work: a cold JIT
+cache's compiles, graph captures), and those calls then serve as the comparison's warm-up.
+What a rejected path built for itself (a Numba decoder, int8 weights) is dropped, not
+installed with the winners.
 """
 
 from __future__ import annotations
