@@ -529,6 +529,56 @@ def test_the_original_runs_at_a_batch_size_when_the_first_path_gets_there(monkey
     assert "the time budget was spent" in b4.candidates[0].detail
 
 
+def test_a_larger_batch_is_not_run_when_no_path_could_be_timed_after_it(tmp_path):
+    """Once batch 1's path is measured, the budget left covers a path's check but not its
+    timing, estimated from batch 1's original run: batch 4's original (a lower bound of what
+    follows it) is not run at all, and the report says so."""
+    from ryzen_opt import OptimizeConfig
+    from ryzen_opt.optimization.cache import DecisionCache
+    from ryzen_opt.optimization.fastpaths import hf_select
+
+    model = tiny("llama")
+    cls = type(model)
+    real_generate, runs = cls.generate, []
+
+    def generate(self, *args, **kw):
+        if kw.get("output_logits"):
+            runs.append(kw["input_ids"].shape[0])
+        return real_generate(self, *args, **kw)
+
+    cfg = OptimizeConfig(
+        use_cache=False, repeat=4, warmup=1, decode_batches=(1, 4),
+        fast_paths=("torch_static_decode",), decode_tokens=4,
+    )  # fmt: skip
+    left = [600.0]
+    real_measure = hf_select._measure
+
+    def measure(model, layout, name, m, *rest):
+        res = real_measure(model, layout, name, m, *rest)
+        # half of what a path at the next batch needs at least, more than its check alone
+        left[0] = 0.5 * hf_select.path_cost_s(cfg, m.ref_s, cached=False)
+        assert left[0] > hf_select.path_cost_s(cfg, m.ref_s, cached=True)
+        return res
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cls, "generate", generate)
+        mp.setattr(hf_select, "_measure", measure)
+        srep, _, _ = hf_select.select(
+            model,
+            families.find(model)[0].layout(model),
+            None,
+            cfg,
+            DecisionCache(tmp_path, enabled=False),
+            "cpu",
+            {},
+            "baseline",
+            lambda: left[0],
+        )
+    assert runs == [1]
+    assert [c.case for c in srep.cases] == ["decode b1"]
+    assert "batch 4 and up not measured: over" in srep.note
+
+
 class _Shifted(torch.nn.Module):
     """A linear with a fixed update added, standing in for a LoRA layer wrapped in later."""
 

@@ -340,10 +340,11 @@ def select(
     too short for every path is spent on the likeliest winners at each batch size. The
     original runs at a batch size when the first path gets there, not all up front: on a
     2-core CPU Qwen2-0.5B's batch-16 run took the time the first path needed at batch 1.
-    ``budget_left()``: seconds left of the budget; a batch size whose original run would
-    leave too little for one path (at least the last batch's :func:`path_cost_s`), and every
-    larger one, is not measured, and a path whose estimated check and timing
-    (:func:`path_cost_s`) would not fit is turned away (the report says what it needed).
+    ``budget_left()``: seconds left of the budget. A batch size is not measured, nor any
+    larger one, when what is left would not cover one path's check and timing
+    (:func:`path_cost_s` from the last batch's original run, a lower bound; the check alone
+    when a path's decision is cached); a path whose estimated check and timing would not fit
+    is turned away. The report says what was needed.
     ``progress(what)``: called as each (path, batch size) step starts (:func:`steps`)."""
     dev = layout.device
     n = max(2, int(getattr(config, "decode_tokens", 16)))
@@ -372,8 +373,20 @@ def select(
             return runs[i]
         b, kw = todo[i]
         runs[i] = None
+        p = kw["input_ids"].shape[1]
+        nt_b = max(n, min(nt, layout.max_positions - p))  # the timed call fits the context
+        # The least one path needs after this run (the last batch's run as a lower bound of
+        # this one's): its check, and unless a path's decision is cached, its timing. On a
+        # 2-core CPU Qwen2-0.5B's batch-16 original ran for ~12 s with 14 s left and no
+        # path able to fit after it.
+        shape = n if nt_b == n else f"{n}/{nt_b}"
+        cached = any(
+            decoder.why_not(name, layout) is None
+            and cache.get(_key(name, b, p, shape, config, dev_desc, vers, baseline_id)) is not None
+            for name in names
+        )
         left = budget_left()
-        need = path_cost_s(config, last[0], cached=True)
+        need = path_cost_s(config, last[0], cached, nt_b / n)
         if left <= 0 or left < need:
             cut[0] = i
             srep.note = _join(
@@ -386,11 +399,9 @@ def select(
                 ),
             )
             return None
-        p = kw["input_ids"].shape[1]
         if p + n > layout.max_positions:
             srep.note = _join(srep.note, f"batch {b}: prompt + {n} tokens exceed the context")
             return None
-        nt_b = max(n, min(nt, layout.max_positions - p))  # the timed call fits the context
         t0 = time.perf_counter()
         with torch.no_grad():
             ref = orig(**kw, **gk, return_dict_in_generate=True, output_logits=True)
