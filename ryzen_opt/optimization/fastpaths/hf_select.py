@@ -342,7 +342,7 @@ def select(
     2-core CPU Qwen2-0.5B's batch-16 run took the time the first path needed at batch 1.
     ``budget_left()``: seconds left of the budget. A batch size is not measured, nor any
     larger one, when what is left would not cover one path's check and timing
-    (:func:`path_cost_s` from the last batch's original run, a lower bound; the check alone
+    (:func:`path_cost_s` from a smaller batch's original run, a lower bound; the check alone
     when a path's decision is cached); a path whose estimated check and timing would not fit
     is turned away. The report says what was needed.
     ``progress(what)``: called as each (path, batch size) step starts (:func:`steps`)."""
@@ -365,7 +365,6 @@ def select(
     tick = progress if progress is not None else (lambda what: None)
     todo = prompts(model, layout, example, config, prompt_len)
     runs: dict[int, _Batch | None] = {}  # prompt index -> the original's run (None: skipped)
-    last = [0.0]  # the original's run at the last batch size (a lower bound for the next)
     cut = [len(todo)]  # prompts from this index on are not measured (the budget)
 
     def original(i: int) -> _Batch | None:
@@ -375,7 +374,7 @@ def select(
         runs[i] = None
         p = kw["input_ids"].shape[1]
         nt_b = max(n, min(nt, layout.max_positions - p))  # the timed call fits the context
-        # The least one path needs after this run (the last batch's run as a lower bound of
+        # The least one path needs after this run (a smaller batch's run as a lower bound of
         # this one's): its check, and unless a path's decision is cached, its timing. On a
         # 2-core CPU Qwen2-0.5B's batch-16 original ran for ~12 s with 14 s left and no
         # path able to fit after it.
@@ -385,8 +384,10 @@ def select(
             and cache.get(_key(name, b, p, shape, config, dev_desc, vers, baseline_id)) is not None
             for name in names
         )
+        # (ref_s: lowered to a warm call's time where _measure timed one)
+        lower = min((r.ref_s for r in runs.values() if r is not None), default=0.0)
         left = budget_left()
-        need = path_cost_s(config, last[0], cached, nt_b / n)
+        need = path_cost_s(config, lower, cached, nt_b / n)
         if left <= 0 or left < need:
             cut[0] = i
             srep.note = _join(
@@ -406,14 +407,14 @@ def select(
         with torch.no_grad():
             ref = orig(**kw, **gk, return_dict_in_generate=True, output_logits=True)
         _sync(dev)
-        last[0] = time.perf_counter() - t0
+        ref_s = time.perf_counter() - t0
         ref_tokens = ref.sequences[:, p:]
         exact = None
         if layout.dtype != torch.float32:
             exact = exact_logits(model, layout, kw, n, ref_tokens)
         crep = CaseResult(f"decode b{b}", f"{b}x{p}+{n}")
         timed = _greedy_kwargs(model, nt_b) if nt_b != n else None
-        runs[i] = _Batch(b, kw, crep, last[0], ref_tokens, list(ref.logits), exact, timed=timed)
+        runs[i] = _Batch(b, kw, crep, ref_s, ref_tokens, list(ref.logits), exact, timed=timed)
         return runs[i]
 
     for name in names:
