@@ -406,13 +406,25 @@ def test_the_time_budget_bounds_the_decode_loop_selection():
     assert "generate" not in fast.__dict__
 
 
+def _select(model, example, cfg, tmp_path, budget_left):
+    """hf_select.select on ``model`` with no decision cache; returns the site report."""
+    from ryzen_opt.optimization.cache import DecisionCache
+    from ryzen_opt.optimization.fastpaths import hf_select
+
+    layout = families.find(model)[0].layout(model)
+    cache = DecisionCache(tmp_path, enabled=False)
+    srep, _, _ = hf_select.select(
+        model, layout, example, cfg, cache, "cpu", {}, "baseline", budget_left
+    )
+    return srep
+
+
 def _select_with_a_slow_check(monkeypatch, tmp_path, check_s: float, left_s: float):
     """hf_select.select on a tiny Llama with ``left_s`` seconds always left and a check
     (``_verify``) that takes ``check_s`` seconds longer, as a cold JIT cache makes it."""
     import time
 
     from ryzen_opt import OptimizeConfig
-    from ryzen_opt.optimization.cache import DecisionCache
     from ryzen_opt.optimization.fastpaths import hf_select
 
     real_verify = hf_select._verify
@@ -428,17 +440,8 @@ def _select_with_a_slow_check(monkeypatch, tmp_path, check_s: float, left_s: flo
         fast_paths=("torch_static_decode",), decode_tokens=4, min_sample_s=1e-6,
     )  # fmt: skip
     ids, mask = left_padded(1, 8, [0])
-    srep, _, _ = hf_select.select(
-        model,
-        families.find(model)[0].layout(model),
-        {"input_ids": ids, "attention_mask": mask},
-        cfg,
-        DecisionCache(tmp_path, enabled=False),
-        "cpu",
-        {},
-        "baseline",
-        lambda: left_s,
-    )
+    example = {"input_ids": ids, "attention_mask": mask}
+    srep = _select(model, example, cfg, tmp_path, lambda: left_s)
     return srep.cases[0].candidates[0]
 
 
@@ -492,8 +495,6 @@ def test_the_original_runs_at_a_batch_size_when_the_first_path_gets_there(monkey
     import time
 
     from ryzen_opt import OptimizeConfig
-    from ryzen_opt.optimization.cache import DecisionCache
-    from ryzen_opt.optimization.fastpaths import hf_select
 
     model = tiny("llama")
     cls = type(model)
@@ -511,16 +512,8 @@ def test_the_original_runs_at_a_batch_size_when_the_first_path_gets_there(monkey
         fast_paths=("torch_static_decode",), decode_tokens=4,
     )  # fmt: skip
     t0 = time.perf_counter()
-    srep, routes, _ = hf_select.select(
-        model,
-        families.find(model)[0].layout(model),
-        None,
-        cfg,
-        DecisionCache(tmp_path, enabled=False),
-        "cpu",
-        {},
-        "baseline",
-        lambda: 600.0 - (time.perf_counter() - t0) - clock[0],
+    srep = _select(
+        model, None, cfg, tmp_path, lambda: 600.0 - (time.perf_counter() - t0) - clock[0]
     )
     (b1, b4) = srep.cases
     assert b1.case == "decode b1" and b1.candidates[0].status in ("faster", "slower")
@@ -534,7 +527,6 @@ def test_a_larger_batch_is_not_run_when_no_path_could_be_timed_after_it(tmp_path
     timing, estimated from batch 1's original run: batch 4's original (a lower bound of what
     follows it) is not run at all, and the report says so."""
     from ryzen_opt import OptimizeConfig
-    from ryzen_opt.optimization.cache import DecisionCache
     from ryzen_opt.optimization.fastpaths import hf_select
 
     model = tiny("llama")
@@ -563,17 +555,7 @@ def test_a_larger_batch_is_not_run_when_no_path_could_be_timed_after_it(tmp_path
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cls, "generate", generate)
         mp.setattr(hf_select, "_measure", measure)
-        srep, _, _ = hf_select.select(
-            model,
-            families.find(model)[0].layout(model),
-            None,
-            cfg,
-            DecisionCache(tmp_path, enabled=False),
-            "cpu",
-            {},
-            "baseline",
-            lambda: left[0],
-        )
+        srep = _select(model, None, cfg, tmp_path, lambda: left[0])
     assert runs == [1]
     assert [c.case for c in srep.cases] == ["decode b1"]
     assert "batch 4 and up not measured: over" in srep.note
