@@ -362,7 +362,7 @@ def _sync(device: torch.device | None) -> None:
         torch.cuda.synchronize(device)
 
 
-# A captured run's first call is timed again, warm, only when it took less than this.
+# On a CPU a captured run's first call is timed again, warm, only when it took less than this.
 WARM_CALL_S = 1.0
 
 
@@ -379,7 +379,8 @@ def capture(
     ``signatures``: per path, what makes modules interchangeable (kind, type, weight shapes):
     a call whose module signature, run and argument layouts an earlier call had records that
     call's tensors, and its own are freed with the run. Each run's ``setup_s`` and
-    ``call_s`` (the faster of two calls; one call from :data:`WARM_CALL_S` up) are set.
+    ``call_s`` (the faster of two calls; on a CPU one call from :data:`WARM_CALL_S` up) are
+    set.
     """
     import time
 
@@ -421,10 +422,12 @@ def capture(
                 run.setup_s, run.call_s = t1 - t0, time.perf_counter() - t1
                 # Once more, warm and unrecorded: a first call (allocator, kernel choice, lazy
                 # set-up) took up to 20x longer, and the check's cost is estimated from this.
-                # Not after a call of WARM_CALL_S or more: the first call's one-off costs are
-                # a small part of it, and a second 16x128 prefill of Qwen2-0.5B on 2 cores
-                # cost ~9 s of a 60 s budget.
-                if run.call_s < WARM_CALL_S:
+                # On a CPU not after a call of WARM_CALL_S or more: the first call's one-off
+                # costs are a small part of it, and a second 16x128 prefill of Qwen2-0.5B on
+                # 2 cores cost ~9 s of a 60 s budget. On a GPU a long first call is mostly
+                # one-off set-up (libraries, compiles): always timed again.
+                gpu = device is not None and device.type != "cpu"
+                if gpu or run.call_s < WARM_CALL_S:
                     t2 = time.perf_counter()
                     run.call(model, s)
                     _sync(device)
