@@ -522,10 +522,14 @@ def test_the_original_runs_at_a_batch_size_when_the_first_path_gets_there(monkey
     assert "the time budget was spent" in b4.candidates[0].detail
 
 
-def test_a_larger_batch_is_not_run_when_no_path_could_be_timed_after_it(tmp_path):
-    """Once batch 1's path is measured, the budget left covers a path's check but not its
-    timing, estimated from batch 1's original run: batch 4's original (a lower bound of what
-    follows it) is not run at all, and the report says so."""
+def _select_after_batch_1(tmp_path, slow_s: float, first_only: bool):
+    """hf_select.select over batches 1 and 4 of a tiny Llama whose original ``generate`` at
+    batch 1 sleeps ``slow_s`` (on its first call only, or on every call); once batch 1's path
+    is measured, the budget left is half what one path at batch 4 needs at least, estimated
+    from batch 1's first call: more than its check alone. Returns the report and the batch
+    sizes the original ran at."""
+    import time
+
     from ryzen_opt import OptimizeConfig
     from ryzen_opt.optimization.fastpaths import hf_select
 
@@ -534,6 +538,8 @@ def test_a_larger_batch_is_not_run_when_no_path_could_be_timed_after_it(tmp_path
     real_generate, runs = cls.generate, []
 
     def generate(self, *args, **kw):
+        if kw["input_ids"].shape[0] == 1 and (kw.get("output_logits") or not first_only):
+            time.sleep(slow_s)
         if kw.get("output_logits"):
             runs.append(kw["input_ids"].shape[0])
         return real_generate(self, *args, **kw)
@@ -547,18 +553,33 @@ def test_a_larger_batch_is_not_run_when_no_path_could_be_timed_after_it(tmp_path
 
     def measure(model, layout, name, m, *rest):
         res = real_measure(model, layout, name, m, *rest)
-        # half of what a path at the next batch needs at least, more than its check alone
-        left[0] = 0.5 * hf_select.path_cost_s(cfg, m.ref_s, cached=False)
-        assert left[0] > hf_select.path_cost_s(cfg, m.ref_s, cached=True)
+        if m.b == 1:
+            left[0] = 0.5 * hf_select.path_cost_s(cfg, m.ref_s, cached=False)
+            assert left[0] > hf_select.path_cost_s(cfg, m.ref_s, cached=True)
         return res
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cls, "generate", generate)
         mp.setattr(hf_select, "_measure", measure)
-        srep = _select(model, None, cfg, tmp_path, lambda: left[0])
+        return _select(model, None, cfg, tmp_path, lambda: left[0]), runs
+
+
+def test_a_larger_batch_is_not_run_when_no_path_could_be_timed_after_it(tmp_path):
+    # Every batch-1 call takes 50 ms: a warm call confirms the estimate, and batch 4's
+    # original (which cannot take less than batch 1's) is not run at all.
+    srep, runs = _select_after_batch_1(tmp_path, 0.05, first_only=False)
     assert runs == [1]
     assert [c.case for c in srep.cases] == ["decode b1"]
     assert "batch 4 and up not measured: over" in srep.note
+
+
+def test_a_slow_first_call_does_not_turn_a_larger_batch_away(tmp_path):
+    # Only batch 1's first call is slow (0.3 s): a warm call of batch 1 (milliseconds) shows
+    # that a path at batch 4 can fit, and batch 4 is measured.
+    srep, runs = _select_after_batch_1(tmp_path, 0.3, first_only=True)
+    assert runs == [1, 4]
+    assert [c.case for c in srep.cases] == ["decode b1", "decode b4"]
+    assert srep.cases[1].candidates[0].status in ("faster", "slower")
 
 
 class _Shifted(torch.nn.Module):
