@@ -319,6 +319,18 @@ class _Batch:
     warm: bool = False  # ref_s is from a second (warm) call
     timed: dict | None = None  # the timed generate's keywords (None: the checked call's)
 
+    def warm_ref(self, orig, gk: dict, dev: torch.device, cost, left) -> float:
+        """``cost(ref_s)``: what a step estimated from this batch's ``ref_s`` needs. The
+        first call (with logits) can be several times a warm one: when the estimate does not
+        fit in ``left()`` but one call does, ``ref_s`` becomes a warm call's time (once).
+        Returns the estimate."""
+        need = cost(self.ref_s)
+        if not self.warm and need > left() > self.ref_s:
+            self.ref_s = min(self.ref_s, _call_s(lambda: orig(**self.kw, **gk), dev))
+            self.warm = True
+            need = cost(self.ref_s)
+        return need
+
 
 def select(
     model: nn.Module,
@@ -386,15 +398,12 @@ def select(
         )
         done = [r for r in runs.values() if r is not None]
         low = min(done, key=lambda r: r.ref_s, default=None)
+        need = 0.0
+        if low is not None:
+            need = low.warm_ref(
+                orig, gk, dev, lambda r: path_cost_s(config, r, cached, nt_b / n), budget_left
+            )
         left = budget_left()
-        need = path_cost_s(config, low.ref_s if low else 0.0, cached, nt_b / n)
-        if low is not None and not low.warm and left < need and left > low.ref_s:
-            # A first call (with logits) can hold one-off costs: before turning the batch
-            # away, the estimate takes a warm call of that smaller batch, as _measure does.
-            low.ref_s = min(low.ref_s, _call_s(lambda: orig(**low.kw, **gk), dev))
-            low.warm = True
-            left = budget_left()
-            need = path_cost_s(config, low.ref_s, cached, nt_b / n)
         if left <= 0 or left < need:
             cut[0] = i
             srep.note = _join(
@@ -494,12 +503,10 @@ def _measure(
     cached = cache.get(key) is not None
     gt = m.timed if m.timed is not None else gk  # the timed call's keywords
     scale = gt["max_new_tokens"] / n
-    if not m.warm and path_cost_s(config, m.ref_s, cached, scale) > left() > m.ref_s:
-        # The first call (with logits) can be several times a warm one: time a warm call
-        # before turning a path away for the budget.
-        m.ref_s = min(m.ref_s, _call_s(lambda: orig(**m.kw, **gk), layout.device))
-        m.warm = True
-    if _over(res, path_cost_s(config, m.ref_s, cached, scale), left()):
+    need = m.warm_ref(
+        orig, gk, layout.device, lambda r: path_cost_s(config, r, cached, scale), left
+    )
+    if _over(res, need, left()):
         return res
     before = set(shared)
     try:
