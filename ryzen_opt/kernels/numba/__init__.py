@@ -128,8 +128,8 @@ def _warm_decoder_step() -> None:
 
 
 def _warm_decode_step() -> None:
-    """One step and one greedy call of the fused ``SimpleTransformerModel`` step over a
-    zero-filled arena (every offset 0)."""
+    """One greedy call of the fused ``SimpleTransformerModel`` step (it compiles the step it
+    runs) over a zero-filled arena (every offset 0)."""
     import numpy as np
 
     from ryzen_opt.kernels.numba.decode_step import greedy_steps, workspace_size
