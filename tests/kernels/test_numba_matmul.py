@@ -437,3 +437,20 @@ def test_matmul_decode_path_bias_it_cannot_read_in_place():
         nm.matmul(a, w.t(), activation="tanh")
     with pytest.raises(ValueError, match="activation"):
         nm.matmul(a, w.t(), activation=["gelu"])
+
+
+def test_decode_path_thread_rule_counts_one_row_as_two():
+    """One row goes to the pool from a 2**17-element weight (1 x 256 x 768: each thread
+    reads half the weight from its own L2); more rows from 2**18 FMAs; never with one thread
+    or one block of columns."""
+    from ryzen_opt.kernels.numba._matmul_rows import _use_threads
+
+    s = nm.ROWS_SERIAL_FMAS
+    assert _use_threads(2, 1, 768, 256, s, 8)
+    assert _use_threads(2, 1, 512, 256, s, 6)
+    assert not _use_threads(2, 1, 256, 256, s, 3)
+    assert not _use_threads(2, 4, 256, 128, s, 3)
+    assert _use_threads(2, 4, 256, 256, s, 3)
+    assert _use_threads(2, 16, 768, 256, s, 8)
+    assert not _use_threads(1, 1, 768, 256, s, 8)
+    assert not _use_threads(2, 16, 768, 256, s, 1)

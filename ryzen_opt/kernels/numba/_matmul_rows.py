@@ -136,6 +136,15 @@ def _epilogue_operands(c_addr, bias_addr, res_addr, m, n):
     return bias, has_bias, res, has_res
 
 
+@njit(**JIT)
+def _use_threads(threads, m, n, k, serial, blocks):
+    """Whether a decode-size call runs on the pool: more than one thread and one block, and
+    at least ``serial`` FMAs with a single row counted as two. One row gains more from the
+    threads than its FMAs say, because each thread reads its half of the weight from its own
+    core's L2 (see ``matmul.ROWS_SERIAL_FMAS``)."""
+    return threads > 1 and blocks > 1 and max(m, 2) * n * k >= serial
+
+
 @njit(parallel=True, **JIT)
 def _rows_matmul(
     a_addr, lda, b_addr, ldb, c_addr, m, n, k, bias_addr, res_addr, act, threads, serial
@@ -144,14 +153,14 @@ def _rows_matmul(
 
     ``bias_addr``/``res_addr`` are 0 when absent (``res`` is a contiguous (m, n)). The weight
     is read once: the threads split its columns and every thread runs all m rows on its own
-    columns. One thread below ``serial`` FMAs.
+    columns. One thread below ``serial`` FMAs (``_use_threads``).
     """
     af = numba.carray(_f32_ptr(a_addr), ((m - 1) * lda + k,))
     bf = numba.carray(_f32_ptr(b_addr), ((k - 1) * ldb + n,))
     cf = numba.carray(_f32_ptr(c_addr), (m * n,))
     bias, has_bias, res, has_res = _epilogue_operands(c_addr, bias_addr, res_addr, m, n)
     blocks = (n + ROWS_NR - 1) // ROWS_NR
-    if threads > 1 and m * n * k >= serial and blocks > 1:
+    if _use_threads(threads, m, n, k, serial, blocks):
         workers = min(threads, blocks)
         for w in prange(workers):
             b0 = w * blocks // workers
@@ -215,14 +224,14 @@ def _wrows_matmul(
 
     The ``b = W.t()`` layout of an ``nn.Linear`` weight; the threads split W's rows (whole
     8-row blocks), every thread runs all m rows of a on its own. One thread below ``serial``
-    FMAs.
+    FMAs (``_use_threads``).
     """
     af = numba.carray(_f32_ptr(a_addr), ((m - 1) * lda + k,))
     wf = numba.carray(_f32_ptr(w_addr), ((n - 1) * ldw + k,))
     cf = numba.carray(_f32_ptr(c_addr), (m * n,))
     bias, has_bias, res, has_res = _epilogue_operands(c_addr, bias_addr, res_addr, m, n)
     blocks = (n + 7) // 8
-    if threads > 1 and m * n * k >= serial and blocks > 1:
+    if _use_threads(threads, m, n, k, serial, blocks):
         workers = min(threads, blocks)
         for w in prange(workers):
             j0 = w * blocks // workers * 8

@@ -76,9 +76,14 @@ _default_dtype = torch.get_default_dtype
 # Row-tile path (2-D a of fewer rows than this, b (K, N) with contiguous rows): the weight is
 # streamed once in ROWS_NR-column panels, all rows of a at a time (see _rows_matmul).
 ROWS_MIN_M = PACKED_MIN_M
-# Row-tile calls below 2**18 FMAs run on the calling thread. Measured (2 threads, kernel only,
-# tight loop): the parallel region alone costs ~2 us (1x8x192: 0.7 us serial, 2.7 threaded);
-# 1x256x768 (2**17.6 FMAs) 5.9 us either way; 1x256x1536 14.5 serial vs 8.7 threaded.
+# Row-tile calls below 2**18 FMAs run on the calling thread, a one-row call counted as two
+# rows (so it goes threaded from a 2**17-element, 512 KiB weight). Measured (2 threads, kernel
+# only, tight loop): the parallel region alone costs ~2 us (1x8x192: 0.7 us serial, 2.7
+# threaded). A single row gains more from the threads than its FMAs say: each thread reads its
+# half of the weight from its own core's L2. Xeon VM (2 MiB L2): 1x256x768 5.9 us either way,
+# 1x256x1536 14.5 serial vs 8.7 threaded. Zen 4 VM (1 MiB L2), (K, N) / W.t() layouts:
+# 1x256x512 5.3 / 4.1 serial vs 4.1 / 3.7 threaded, 1x256x768 6.8 / 5.3 vs 4.8 / 4.5,
+# 1x128x768 3.5 / 3.2 vs 3.3 / 3.2, 1x256x256 2.9 / 2.2 vs 3.0 / 2.6 (see NOTES.md).
 ROWS_SERIAL_FMAS = 1 << 18
 
 
