@@ -297,6 +297,53 @@ def test_a_long_captured_call_is_not_run_a_second_time(monkeypatch):
     assert calls == {"short": 2, "long": 2}
 
 
+def _forwards(model):
+    """Input shapes of every whole-model forward, as a list the hook appends to."""
+    shapes = []
+    model.register_forward_pre_hook(
+        lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    return shapes
+
+
+def test_the_decode_run_on_the_example_rows_takes_the_prefill_cache(tmp_path):
+    """With an example of 4 rows, the decode run at batch 4 is set up on the same rows as
+    the prefill run: the capture hands it the prefill's cache instead of running that
+    forward again, and books the prefill's time as its set-up time (the check, which runs
+    every set-up itself, pays it)."""
+    from ryzen_opt.optimization.sites import capture, hf_runs
+
+    model = _llama(layers=1)
+    ids = torch.randint(1, 64, (4, 10), generator=torch.Generator().manual_seed(0))
+    cfg = OptimizeConfig(use_cache=False, cache_dir=tmp_path, decode_batches=(1,))
+    runs = hf_runs(model, {"input_ids": ids}, cfg, torch.device("cpu"))
+    assert [r.shape for r in runs] == ["input_ids=4x10", "1x1 after 10", "4x1 after 10"]
+    shapes = _forwards(model)
+    capture(model, runs, {}, hf_on=False)
+    # prefill (twice: a short call is timed again), decode b1 set-up and 2 calls, and
+    # the decode b4 calls: no second 4 x 10 forward for the b4 set-up.
+    assert shapes.count((4, 10)) == 2
+    assert shapes.count((1, 10)) == 1 and shapes.count((4, 1)) == 2
+    assert runs[2].setup_s == runs[0].shared.source_s > 0
+    assert runs[1].shared is None and runs[2].shared is runs[0].shared
+    # Outside the capture the set-up runs its own forward, and both give the same step.
+    shapes.clear()
+    with torch.no_grad():
+        own = runs[2].call(model, runs[2].setup(model))
+    assert shapes == [(4, 10), (4, 1)]
+    share = runs[0].shared
+    share.armed = True
+    with torch.no_grad():
+        runs[0].call(model, runs[0].setup(model))
+        handed = runs[2].call(model, runs[2].setup(model))
+    assert torch.equal(own, handed)
+    # A cache is only handed to the model that made it.
+    with torch.no_grad():
+        runs[0].call(model, runs[0].setup(model))
+    assert share.take(_llama(layers=1)) is None and share.take(model) is None
+    share.disarm()
+
+
 # ----------------------------------------------------------------------------- budget
 
 
