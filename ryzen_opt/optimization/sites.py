@@ -271,11 +271,13 @@ def hf_runs(model: nn.Module, example, config, device, prefill=None) -> list[Run
     if example is not None:
         kw = {**keep, **example}  # keyword arguments (optimization/examples.py normalised them)
         ids = kw.get("input_ids")
-        shared = PrefillCache()
+        # (Not when the example brings its own cache: the prefill extends that one.)
+        shared = PrefillCache() if "past_key_values" not in kw else None
 
         def prefill_call(m, k):
             out = m(**k)
-            shared.offer(m, out)
+            if shared is not None:
+                shared.offer(m, out)
             return _logits(out)
 
         runs.append(Run("prefill", _shape_of(kw), lambda m, k=kw: k, prefill_call, shared=shared))
@@ -309,7 +311,7 @@ def hf_runs(model: nn.Module, example, config, device, prefill=None) -> list[Run
     for kw, db, p in decode:
         # The decode run on the example's own rows runs the prefill run's forward as its
         # set-up (``use_cache`` aside, which only adds the cache the prefill also returns).
-        share = shared if example is not None and db == ids.shape[0] else None
+        share = shared if shared is not None and db == ids.shape[0] else None
 
         def setup(m, kw=kw, share=share):
             cache = share.take(m) if share is not None else None

@@ -344,6 +344,21 @@ def test_the_decode_run_on_the_example_rows_takes_the_prefill_cache(tmp_path):
     share.disarm()
 
 
+def test_an_example_with_its_own_cache_shares_nothing(tmp_path):
+    """An example that brings a KV cache: the prefill extends that cache, so no run is
+    handed it (every set-up runs its own forward, as before)."""
+    from ryzen_opt.optimization.sites import hf_runs
+
+    model = _llama(layers=1)
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+    cfg = OptimizeConfig(use_cache=False, cache_dir=tmp_path, decode_batches=(1,))
+    example = {"input_ids": ids[:, -1:], "past_key_values": cache}
+    runs = hf_runs(model, example, cfg, torch.device("cpu"))
+    assert runs and all(r.shared is None for r in runs)
+
+
 # ----------------------------------------------------------------------------- budget
 
 
