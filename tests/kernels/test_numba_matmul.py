@@ -10,7 +10,7 @@ pytest.importorskip("numba")
 from ryzen_opt.kernels import BackendError, reference  # noqa: E402
 from ryzen_opt.kernels import matmul as public_matmul  # noqa: E402
 from ryzen_opt.kernels.numba import matmul as nm  # noqa: E402
-from ryzen_opt.kernels.numba._common import ROWS_NR  # noqa: E402
+from ryzen_opt.kernels.numba._common import ROWS_NR, VW  # noqa: E402
 from tests.assertions import TOL, assert_close_rel  # noqa: E402
 from tests.kernels.numba_drivers import force_driver  # noqa: E402
 
@@ -201,13 +201,17 @@ def rows_driver(request, monkeypatch):
 
 
 # Rows 1..23 (the row-tile path), primes, columns off the ROWS_NR-wide panel (the ragged
-# last panel, and fewer columns than one panel), K = 1.
+# last panel: its whole vectors two and one at a time, then a tail; fewer columns than one
+# panel), K = 1.
 @pytest.mark.parametrize(
     "m,k,n",
     [
         (1, 256, 768),
         (16, 256, 768),
         (23, 97, 2 * ROWS_NR + 5),
+        (5, 37, ROWS_NR + 3 * VW + 3),
+        (16, 64, 2 * VW),
+        (7, 19, VW),
         (3, 1, 7),
         (7, 13, ROWS_NR),
         (2, 300, 1),
@@ -299,10 +303,11 @@ assert _common.VW == 8 and _common.GEMM_NR == 16, (_common.VW, _common.GEMM_NR)
 torch.manual_seed(0)
 for m in (1, 2, 3, 7, 30):  # 30 rows: the packed GEMM tile
 
-    a, b = torch.randn(m, 50), torch.randn(50, 2 * _common.ROWS_NR + 5)
-    ref = a.double() @ b.double()
-    err = float((matmul(a, b).double() - ref).norm() / ref.norm())
-    assert err <= 1e-5, ("matmul", m, err)
+    for n in (2 * _common.ROWS_NR + 5, _common.ROWS_NR + 3 * 8 + 3):  # a ragged panel's tiles
+        a, b = torch.randn(m, 50), torch.randn(50, n)
+        ref = a.double() @ b.double()
+        err = float((matmul(a, b).double() - ref).norm() / ref.norm())
+        assert err <= 1e-5, ("matmul", m, n, err)
     w = torch.randn(21, 53)  # b = w.t(): the 8-lane dot tiles, a K tail, a ragged block
     a = torch.randn(m, 53)
     ref = a.double() @ w.double().t()

@@ -826,3 +826,12 @@ ROWS_MR = 4 if VW == 16 else 2
 _rows_tile_max = _make_rows_tile(ROWS_MR, ROWS_NV, VW)
 _rows_tile2 = _make_rows_tile(2, ROWS_NV, VW)
 _rows_tile1 = _make_rows_tile(1, ROWS_NV, VW)
+# The whole vectors of a ragged last panel (N not a multiple of ROWS_NR) two and one vectors
+# wide: an axpy loop over B's rows there (the output row stored back every step) made the
+# last 64 of 256 columns cost twice the other 192 at 16 x 256 x 256 (see NOTES.md).
+_rows_tile_max_v2 = _make_rows_tile(ROWS_MR, 2, VW)
+_rows_tile2_v2 = _make_rows_tile(2, 2, VW)
+_rows_tile1_v2 = _make_rows_tile(1, 2, VW)
+_rows_tile_max_v1 = _make_rows_tile(ROWS_MR, 1, VW)
+_rows_tile2_v1 = _make_rows_tile(2, 1, VW)
+_rows_tile1_v1 = _make_rows_tile(1, 1, VW)

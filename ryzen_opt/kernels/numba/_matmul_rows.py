@@ -33,8 +33,14 @@ from ryzen_opt.kernels.numba._common import (
     _dots,
     _f32_ptr,
     _rows_tile1,
+    _rows_tile1_v1,
+    _rows_tile1_v2,
     _rows_tile2,
+    _rows_tile2_v1,
+    _rows_tile2_v2,
     _rows_tile_max,
+    _rows_tile_max_v1,
+    _rows_tile_max_v2,
     set_threads,
 )
 from ryzen_opt.kernels.numba._dots_tile import (
@@ -81,11 +87,39 @@ def _epilogue(c, i0, i1, j0, j1, bias, has_bias, res, has_res, act):
 
 
 @njit(**JIT)
+def _rows_narrow(af, lda, bf, ldb, cf, m, n, k, c0, nv):
+    """c[:, c0:c0 + nv*VW] = a @ b[:, ...] for all m rows: the whole vectors of a ragged
+    last panel, two vectors a tile, then one."""
+    for h in range(0, nv, 2):
+        cc = c0 + h * VW
+        i = 0
+        if nv - h >= 2:
+            while i + ROWS_MR <= m:
+                _rows_tile_max_v2(af, i * lda, lda, bf, cc, ldb, k, cf, i * n + cc, n)
+                i += ROWS_MR
+            if ROWS_MR > 2 and i + 2 <= m:
+                _rows_tile2_v2(af, i * lda, lda, bf, cc, ldb, k, cf, i * n + cc, n)
+                i += 2
+            if i < m:
+                _rows_tile1_v2(af, i * lda, lda, bf, cc, ldb, k, cf, i * n + cc, n)
+        else:
+            while i + ROWS_MR <= m:
+                _rows_tile_max_v1(af, i * lda, lda, bf, cc, ldb, k, cf, i * n + cc, n)
+                i += ROWS_MR
+            if ROWS_MR > 2 and i + 2 <= m:
+                _rows_tile2_v1(af, i * lda, lda, bf, cc, ldb, k, cf, i * n + cc, n)
+                i += 2
+            if i < m:
+                _rows_tile1_v1(af, i * lda, lda, bf, cc, ldb, k, cf, i * n + cc, n)
+
+
+@njit(**JIT)
 def _rows_columns(af, lda, bf, ldb, cf, m, n, k, j0, j1):
     """c[:, j0:j1] = a @ b[:, j0:j1] for all m rows (a: m x k, b: k x n row-major, in place).
 
-    Full ROWS_NR-wide blocks use the register tiles (8/4/2/1 rows); the ragged last block
-    is an axpy loop over b's rows.
+    Full ROWS_NR-wide blocks use the register tiles (4/2/1 rows); a ragged last block its
+    whole vectors in narrower tiles (``_rows_narrow``), its last < VW columns an axpy loop
+    over b's rows.
     """
     for c0 in range(j0, j1, ROWS_NR):
         nj = min(ROWS_NR, j1 - c0)
@@ -100,15 +134,22 @@ def _rows_columns(af, lda, bf, ldb, cf, m, n, k, j0, j1):
             if i < m:
                 _rows_tile1(af, i * lda, lda, bf, c0, ldb, k, cf, i * n + c0, n)
         else:
+            nv = nj // VW
+            if nv > 0:
+                _rows_narrow(af, lda, bf, ldb, cf, m, n, k, c0, nv)
+            t0 = c0 + nv * VW  # the last < VW columns
+            nt = nj - nv * VW
+            if nt == 0:
+                continue
             for i in range(m):
-                crow = cf[i * n + c0 : i * n + c0 + nj]
-                for e in range(nj):
+                crow = cf[i * n + t0 : i * n + t0 + nt]
+                for e in range(nt):
                     crow[e] = 0.0
                 ar = af[i * lda : i * lda + k]
                 for p in range(k):
                     x = ar[p]
-                    br = bf[p * ldb + c0 : p * ldb + c0 + nj]
-                    for e in range(nj):
+                    br = bf[p * ldb + t0 : p * ldb + t0 + nt]
+                    for e in range(nt):
                         crow[e] += x * br[e]
 
 
