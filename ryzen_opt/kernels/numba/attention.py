@@ -203,9 +203,27 @@ def _tile_pv(s, vp, vf, v0, o, nq, nk, d, acc, i0, j0, causal, off):
 
 
 @njit(**JIT)
-def _attention_task(q, v, kp, vp, lk, out, mask, has_mask, causal, scale, bq, bk, t):
+def _task_buffers(bq, bk, d):
+    """One worker's scratch for :func:`_attention_task` (every task re-initialises what it
+    reads): the score tile, the micro-kernel accumulator, the Q tail panel, the output block,
+    and the running max, sum and block max of each row."""
+    npq = (bq + MR - 1) // MR
+    return (
+        np.empty((npq * MR, bk), dtype=np.float32),
+        np.empty(MR * GEMM_NR, dtype=np.float32),
+        np.empty(MR * d, dtype=np.float32),
+        np.empty((bq, d), dtype=np.float32),
+        np.empty(bq, dtype=np.float32),
+        np.empty(bq, dtype=np.float32),
+        np.empty(bq, dtype=np.float32),
+    )
+
+
+@njit(**JIT)
+def _attention_task(q, v, kp, vp, lk, out, mask, has_mask, causal, scale, bq, bk, t, bufs):
     """q (B, Hq, Lq, D); v (B, Hkv, Lk, D) contiguous; kp, vp: packed K^T / V panels (see
-    _pack_kv_job; vp with an empty panel axis when V is read in place); mask any strides."""
+    _pack_kv_job; vp with an empty panel axis when V is read in place); mask any strides;
+    ``bufs`` from :func:`_task_buffers` (allocated once per worker, not per task)."""
     nb, hq, lq, d = q.shape
     hkv = kp.shape[1]
     group = hq // hkv
@@ -219,21 +237,18 @@ def _attention_task(q, v, kp, vp, lk, out, mask, has_mask, causal, scale, bq, bk
     qm, om = q[b, h], out[b, h]
     mk = mask[b, h]
     kend = min(lk, i0 + nq + off) if causal else lk
-    npq = (bq + MR - 1) // MR
-    s = np.empty((npq * MR, bk), dtype=np.float32)
+    s, acc, qtail, o, m, lsum, mx = bufs
     s[nq:] = 0.0  # the last panel's rows past nq: read by the P V tile, never written
-    acc = np.empty(MR * GEMM_NR, dtype=np.float32)
     qf = q.reshape(-1)
     vf = v.reshape(-1)
     q0 = ((b * hq + h) * lq + i0) * d
     tail = nq % MR
-    qtail = np.zeros(MR * d, dtype=np.float32)
+    qtail[:] = 0.0
     for r in range(tail):
         qtail[r * d : (r + 1) * d] = qm[i0 + nq - tail + r]
-    o = np.zeros((bq, d), dtype=np.float32)
-    m = np.full(bq, _NEG_INF, dtype=np.float32)
-    lsum = np.zeros(bq, dtype=np.float32)
-    mx = np.empty(bq, dtype=np.float32)
+    o[:] = 0.0
+    m[:] = _NEG_INF
+    lsum[:] = 0.0
     # K and V were packed once per call (a parallel pre-pass); packing them per query block
     # instead cost 5.6 of 30 ms at (1, 1, 2048, 64) on one core.
     for j0 in range(0, max(kend, 0), bk):
@@ -251,21 +266,33 @@ def _attention_task(q, v, kp, vp, lk, out, mask, has_mask, causal, scale, bq, bk
 
 
 @njit(parallel=True, **JIT)
-def _attention_parallel(q, k, v, kp, vp, out, mask, has_mask, causal, scale, bq, bk, tasks):
+def _attention_parallel(
+    q, k, v, kp, vp, out, mask, has_mask, causal, scale, bq, bk, tasks, workers
+):
+    """The tasks in ``workers`` contiguous ranges, one per thread, each with its own scratch
+    (the split numba's prange makes of ``range(tasks)`` too; per-task allocations cost ~5%
+    at (16, 4, 128, 64), see NOTES.md)."""
     pack_v = vp.shape[2] > 0
     for t in prange(kp.shape[0] * kp.shape[1] * kp.shape[2]):
         _pack_kv_job(k, v, kp, vp, pack_v, t)
-    for t in prange(tasks):
-        _attention_task(q, v, kp, vp, k.shape[2], out, mask, has_mask, causal, scale, bq, bk, t)
+    for w in prange(workers):
+        bufs = _task_buffers(bq, bk, q.shape[3])
+        for t in range(w * tasks // workers, (w + 1) * tasks // workers):
+            _attention_task(
+                q, v, kp, vp, k.shape[2], out, mask, has_mask, causal, scale, bq, bk, t, bufs
+            )
 
 
 @njit(**JIT)
-def _attention_serial(q, k, v, kp, vp, out, mask, has_mask, causal, scale, bq, bk, tasks):
+def _attention_serial(q, k, v, kp, vp, out, mask, has_mask, causal, scale, bq, bk, tasks, workers):
     pack_v = vp.shape[2] > 0
     for t in range(kp.shape[0] * kp.shape[1] * kp.shape[2]):
         _pack_kv_job(k, v, kp, vp, pack_v, t)
+    bufs = _task_buffers(bq, bk, q.shape[3])
     for t in range(tasks):
-        _attention_task(q, v, kp, vp, k.shape[2], out, mask, has_mask, causal, scale, bq, bk, t)
+        _attention_task(
+            q, v, kp, vp, k.shape[2], out, mask, has_mask, causal, scale, bq, bk, t, bufs
+        )
 
 
 def supports(q, k, v, causal=False, scale=None, attn_mask=None):
@@ -356,6 +383,7 @@ def attention(
         BQ,
         BK,
         tasks,
+        min(threads, tasks),
     )
     return out
 
