@@ -34,11 +34,14 @@ Workloads, every variant on identical inputs, greedy (``do_sample=False``):
 Timing: ``--repeat`` rounds; in each round every variant runs each workload once, the
 variant order rotating between rounds so drift hits all alike; CUDA is synchronized around
 every call. Reported: medians with the spread of the samples, the ratio to eager per
-workload, peak memory above the resident model during the largest-batch decode (CUDA max
-allocated / CPU RSS growth), the fraction of the memory-bandwidth limit (weight bytes read
-per decode step over the step time, against a measured device copy bandwidth), and whether
-the variant's greedy tokens equal eager's (where not: how many new tokens agree, mean over
-rows; and whether the variant repeats its own tokens). Results: JSON and a markdown table in
+workload (decode: with a 95% percentile-bootstrap interval from the samples, in brackets,
+where there are two or more a side; at ``--repeat 3`` it is coarse, but an interval that
+covers 1 marks a ratio the samples cannot tell from noise), peak memory above the resident
+model during the largest-batch decode (CUDA max allocated / CPU RSS growth), the fraction of
+the memory-bandwidth limit (weight bytes read per decode step over the step time, against a
+measured device copy bandwidth), and whether the variant's greedy tokens equal eager's
+(where not: how many new tokens agree, mean over rows; and whether the variant repeats its
+own tokens). Results: JSON and a markdown table in
 ``bench/results/<device>/hf_decode-<model>.{json,md}`` (or ``-o``).
 """
 
@@ -320,6 +323,37 @@ def _timed(fn, device: str) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+def step_ratio_interval(
+    base_full: list[float],
+    base_one: list[float],
+    full: list[float],
+    one: list[float],
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """Percentile-bootstrap interval of the decode speed ratio to the baseline: its step time
+    (median full generate - median one-token generate, as the table computes it) over the
+    variant's, each of the four sample lists resampled on its own. ``None`` when fewer than
+    two samples a list or no resample gives both sides a positive step time. With three
+    samples a list it is coarse (a median can take only a few values), but it shows whether
+    the spread of the samples alone covers a ratio of 1."""
+    import numpy as np
+
+    lists = [np.asarray(x, dtype=np.float64) for x in (base_full, base_one, full, one)]
+    if any(len(x) < 2 for x in lists):
+        return None
+    rng = np.random.default_rng(seed)
+    med = [np.median(x[rng.integers(0, len(x), (resamples, len(x)))], axis=1) for x in lists]
+    base_step, step = med[0] - med[1], med[2] - med[3]
+    ok = (base_step > 0) & (step > 0)
+    if not ok.any():
+        return None
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(base_step[ok] / step[ok], [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
 def _stats(xs: list[float]) -> dict[str, float]:
     xs = sorted(xs)
     q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
@@ -449,6 +483,10 @@ def _run(args, workdir: Path) -> dict[str, Any]:
                 None if ref is None else _matching_prefix(ref, got, args.decode_prompt_len)
             )
             d["repeats_itself"] = bool(torch.equal(got, last[v][f"b{b}_full"]))
+            if "eager" in samples and v != "eager":
+                e = samples["eager"]
+                iv = step_ratio_interval(e[f"b{b}_full"], e[f"b{b}_n1"], full, one)
+                d["x_eager_interval"] = None if iv is None else list(iv)
         res["peak_bytes"] = peak[v]
         res["warmup_s"] = warm[v]
         r = runners[v]
@@ -496,9 +534,11 @@ def table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         for b in batches:
             d = r[f"decode_b{b}"]
             ratio = d["tokens_per_s"] / eager[f"decode_b{b}"]["tokens_per_s"] if eager else None
+            iv = d.get("x_eager_interval")
             row += [
                 f"{d['tokens_per_s']:,.1f}",
-                "-" if ratio is None else f"{ratio:.2f}x",
+                ("-" if ratio is None else f"{ratio:.2f}x")
+                + ("" if not iv else f" [{iv[0]:.2f}, {iv[1]:.2f}]"),
                 f"{100 * d['bandwidth_fraction']:.0f}%",
             ]
             eq, pre = d["tokens_equal_eager"], d.get("mean_matching_new_tokens")

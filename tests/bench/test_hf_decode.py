@@ -82,3 +82,39 @@ def test_time_budget_reaches_optimize(tmp_path):
     assert data["config"]["optimize_time_budget_s"] == 1e-6
     notes = " ".join(data["results"]["optimize"]["report_notes"])
     assert "time budget of 1e-06 s" in notes
+
+
+def test_step_ratio_interval_separates_a_speedup_from_noise():
+    base_full, base_one = [10.0, 10.4, 9.8, 10.1], [1.0, 1.1, 0.9, 1.0]
+    # Steps twice as fast: the whole interval lies above 1, around 2.
+    lo, hi = hf_decode.step_ratio_interval(base_full, base_one, [5.5, 5.7, 5.4, 5.6], base_one)
+    assert 1.5 < lo <= hi < 2.5
+    # The same samples on both sides: the interval covers 1.
+    lo, hi = hf_decode.step_ratio_interval(base_full, base_one, base_full[::-1], base_one)
+    assert lo <= 1.0 <= hi
+    # One sample a side (--repeat 1): no interval.
+    assert hf_decode.step_ratio_interval([10.0], [1.0], [5.0], [1.0]) is None
+
+
+def test_the_table_shows_the_interval_where_there_is_one():
+    def res(tps, iv=None):
+        d = {
+            "tokens_per_s": tps,
+            "bandwidth_fraction": 0.5,
+            "tokens_equal_eager": True,
+            "x_eager_interval": iv,
+        }
+        return {
+            "ttft_s": {"median": 0.1},
+            "decode_b1": d,
+            "peak_bytes": 0,
+            "build_s": 0.0,
+            "note": "",
+        }
+
+    data = {
+        "config": {"batches": [1], "prompt_len": 8, "new_tokens": 4},
+        "results": {"eager": res(10.0), "optimize": res(20.0, [1.5, 2.6])},
+    }
+    _, rows = hf_decode.table(data)
+    assert rows[0][3] == "1.00x" and rows[1][3] == "2.00x [1.50, 2.60]"
