@@ -317,6 +317,19 @@ def _median(bench) -> float | None:
     return None if bench is None else bench.median()
 
 
+def _speedup_ci(base, cand) -> tuple[float, float] | None:
+    """95% percentile-bootstrap interval of ``median(torch) / median(backend)`` over the two
+    cells' values (``None`` with fewer than two values a cell)."""
+    from ryzen_opt.timing import bootstrap_ratio_ci
+
+    if base is None or cand is None:
+        return None
+    b, c = list(base.get_values()), list(cand.get_values())
+    if len(b) < 2 or len(c) < 2:
+        return None
+    return bootstrap_ratio_ci(b, c)
+
+
 def _rate(case: Case, seconds: float | None) -> str:
     if seconds is None or seconds <= 0:
         return "-"
@@ -354,9 +367,11 @@ def _report(
         }
         for b, info in sorted(r["backends"].items()):
             tb = _median(info.get("bench"))
+            ci = _speedup_ci(r["torch"], info.get("bench")) if tb else None
             rec["backends"][b] = {
                 "median_s": tb,
                 "speedup": t / tb if tb else None,
+                "speedup_ci": None if ci is None else list(ci),
                 "reason": info["reason"] or info.get("wrong"),
                 "rel_error": info.get("rel_error"),
                 "first_call_s": info.get("first_call_s"),
@@ -379,7 +394,9 @@ def _report(
                 line += ["-", "-"]
                 continue
             tb = _median(info.get("bench"))
-            line += [info.get("wrong") or f"{t / tb:.2f}x", _rate(case, tb)]
+            ci = _speedup_ci(r["torch"], info.get("bench"))
+            cell = f"{t / tb:.2f}x" + ("" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
+            line += [info.get("wrong") or cell, _rate(case, tb)]
         table.append(line)
         records.append(rec)
     env = environment(device)
@@ -398,7 +415,9 @@ def _report(
         )
     if quick:
         how += "; quick mode: one case per goal and fewer values per cell than the full run"
-    print_table(title + " (speed-up = torch time / backend time)", headers, table)
+    print_table(
+        title + " (speed-up = torch time / backend time [95% bootstrap interval])", headers, table
+    )
     print(how)
     if firsts:
         print_table(
@@ -413,7 +432,9 @@ def _report(
     if unserved:
         print("Registered but serving no case on this device:", ", ".join(unserved))
     md = [
-        f"# {title}\n\nSpeed-up = torch time / backend time, same inputs, one run.\n\n{how}\n\n",
+        f"# {title}\n\nSpeed-up = torch time / backend time, same inputs, one run; in "
+        "brackets a 95% percentile-bootstrap interval of that ratio from the two cells' "
+        f"values.\n\n{how}\n\n",
         markdown_table(headers, table),
     ]
     if firsts:
