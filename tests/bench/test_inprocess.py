@@ -2,6 +2,7 @@
 (ryzen_opt.timing.time_interleaved), written as pyperf JSON that pyperf reads back."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -207,6 +208,16 @@ def test_kernels_main_quick_runs_inprocess_and_labels_the_table(tmp_path, monkey
     summary = json.loads((tmp_path / "k-summary.json").read_text())
     assert summary["mode"] == "inprocess" and summary["values_per_cell"] == 3
     assert out.exists()
+    # Every served speed-up carries its bootstrap interval, in the JSON and in the table.
+    served = [
+        b for c in summary["cases"] for b in c["backends"].values() if b["speedup"] is not None
+    ]
+    assert served
+    for b in served:
+        lo, hi = b["speedup_ci"]
+        assert 0 < lo <= hi
+    md = (tmp_path / "k.md").read_text()
+    assert "bootstrap interval" in md and re.search(r"\d\.\d\dx \[\d", md)
 
 
 def test_gpu_run_script_runs_model_and_kernels_inprocess_and_logs_wall_times(tmp_path):
