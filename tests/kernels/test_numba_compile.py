@@ -118,5 +118,33 @@ def test_stm_decode_step_and_decode_matmul_compile_each_function_once(tmp_path):
 def test_warmup_names_unknown_ops():
     from ryzen_opt.kernels.numba import warmup
 
-    with pytest.raises(ValueError, match="ops must be a subset"):
+    with pytest.raises(ValueError, match="ops must be a tuple of names from .*'flash'"):
         warmup(("decoder_step", "flash"))
+    # A bare string is not a tuple of names (it would iterate its letters).
+    with pytest.raises(ValueError, match="ops must be a tuple of names"):
+        warmup("matmul")
+    with pytest.raises(ValueError, match="progress must be None or a bool"):
+        warmup(("layer_norm",), progress="yes")
+
+
+def test_warmup_reports_each_op_when_asked(capsys):
+    from ryzen_opt.kernels.numba import warmup
+
+    warmup(("layer_norm", "matmul"), progress=True)
+    err = capsys.readouterr().err.splitlines()
+    # In the module's order, a line as each op starts and one with its seconds.
+    assert err[0] == "warmup 1/2 matmul ..." and err[2] == "warmup 2/2 layer_norm ..."
+    assert err[1].startswith("warmup 1/2 matmul: ") and err[1].endswith(" s")
+    warmup(("layer_norm",), progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_warmup_command_line(capsys):
+    from ryzen_opt.kernels.numba.__main__ import main
+
+    assert main(["--ops", "layer_norm"]) == 0
+    out = capsys.readouterr()
+    assert "warmup 1/1 layer_norm" in out.err and "1 op(s) compiled or loaded" in out.out
+    with pytest.raises(SystemExit) as e:
+        main(["--ops", "layer_norm,flash"])
+    assert e.value.code == 2 and "--ops must name ops" in capsys.readouterr().err

@@ -19,18 +19,22 @@ __all__ = ["warmup"]
 _OPS = ("matmul", "attention", "decode_attention", "layer_norm", "decoder_step", "decode_step")
 
 
-def warmup(ops: tuple[str, ...] = _OPS) -> float:
+def warmup(ops: tuple[str, ...] = _OPS, progress: bool | None = None) -> float:
     """Compile (or load from the disk cache) every kernel signature the ops use.
 
     The kernels have one signature each (launchers pass contiguous float32 arrays and fold
     options into runtime flags), so one tiny call per op covers every model shape; the decode
     steps read any model's weights through address tables, so a tiny synthetic model covers
-    every model of their families and weight formats.
+    every model of their families and weight formats. From the command line: ``python -m
+    ryzen_opt.kernels.numba [--ops decoder_step,...]``.
 
     Args:
         ops: which ops to compile, any of ``matmul``, ``attention``, ``decode_attention``,
             ``layer_norm``, ``decoder_step`` (the Hugging Face decoder step and greedy loop)
             and ``decode_step`` (the ``SimpleTransformerModel`` step and greedy loop).
+        progress: print a line to standard error as each op starts and ends, with its
+            seconds (a cold cache takes ~45 s on 2 cores); ``None``: only when standard
+            error is a terminal.
 
     Returns:
         Seconds spent, i.e. the compile (or cache load) time.
@@ -38,34 +42,60 @@ def warmup(ops: tuple[str, ...] = _OPS) -> float:
     Example:
         >>> seconds = warmup(("layer_norm",))
     """
+    import sys
+
     import torch
 
-    unknown = [op for op in ops if op not in _OPS]
+    unknown = [op for op in ops if op not in _OPS] if not isinstance(ops, str) else [ops]
     if unknown:
-        raise ValueError(f"ops must be a subset of {_OPS}, got {unknown}")
-    t0 = time.perf_counter()
-    if "matmul" in ops:
+        raise ValueError(f"ops must be a tuple of names from {_OPS}, got {unknown}")
+    if progress is not None and not isinstance(progress, bool):
+        raise ValueError(f"progress must be None or a bool, got {progress!r}")
+    show = sys.stderr.isatty() if progress is None else progress
+
+    def matmul():
         from ryzen_opt.kernels.numba.matmul import matmul
 
         matmul(torch.ones(4, 3), torch.ones(3, 5), torch.ones(5), "gelu", torch.ones(4, 5))
-    if "attention" in ops:
+
+    def attention():
         from ryzen_opt.kernels.numba.attention import attention
 
         attention(torch.ones(1, 2, 3, 4), torch.ones(1, 1, 3, 4), torch.ones(1, 1, 3, 4), True)
-    if "decode_attention" in ops:
+
+    def decode_attention():
         from ryzen_opt.kernels.numba.decode_attention import decode_attention
 
         decode_attention(
             torch.ones(1, 2, 4), torch.ones(1, 1, 3, 4), torch.ones(1, 1, 3, 4), torch.tensor([2])
         )
-    if "layer_norm" in ops:
+
+    def layer_norm():
         from ryzen_opt.kernels.numba.layer_norm import layer_norm
 
         layer_norm(torch.ones(2, 4), torch.ones(4), torch.zeros(4), 1e-5, torch.ones(2, 4))
-    if "decoder_step" in ops:
-        _warm_decoder_step()
-    if "decode_step" in ops:
-        _warm_decode_step()
+
+    runs = {
+        "matmul": matmul,
+        "attention": attention,
+        "decode_attention": decode_attention,
+        "layer_norm": layer_norm,
+        "decoder_step": _warm_decoder_step,
+        "decode_step": _warm_decode_step,
+    }
+    todo = [op for op in _OPS if op in ops]
+    t0 = time.perf_counter()
+    for i, op in enumerate(todo, 1):
+        if show:
+            print(f"warmup {i}/{len(todo)} {op} ...", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        runs[op]()
+        if show:
+            print(
+                f"warmup {i}/{len(todo)} {op}: {time.perf_counter() - t:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     return time.perf_counter() - t0
 
 
