@@ -109,6 +109,26 @@ def write_json(path: Path, data: Any) -> Path:
     return path
 
 
+def speedup_interval(base, cand) -> tuple[float, float] | None:
+    """95% percentile-bootstrap interval of ``median(base) / median(cand)`` over two pyperf
+    benchmarks' values (or plain lists of seconds); ``None`` with fewer than two values a
+    side. In brackets after a speed-up, it shows whether the samples can tell it from 1."""
+    from ryzen_opt.timing import bootstrap_ratio_ci
+
+    if base is None or cand is None:
+        return None
+    b = list(base.get_values() if hasattr(base, "get_values") else base)
+    c = list(cand.get_values() if hasattr(cand, "get_values") else cand)
+    if len(b) < 2 or len(c) < 2:
+        return None
+    return bootstrap_ratio_ci(b, c)
+
+
+def with_interval(ratio: float, iv: tuple[float, float] | None) -> str:
+    """``"1.25x [1.21, 1.29]"`` (no brackets without an interval)."""
+    return f"{ratio:.2f}x" + ("" if iv is None else f" [{iv[0]:.2f}, {iv[1]:.2f}]")
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

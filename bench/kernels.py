@@ -45,7 +45,9 @@ from bench.common import (
     environment,
     markdown_table,
     print_table,
+    speedup_interval,
     where,
+    with_interval,
     write_json,
 )
 from bench.kernel_cases import Case, cases
@@ -317,19 +319,6 @@ def _median(bench) -> float | None:
     return None if bench is None else bench.median()
 
 
-def _speedup_ci(base, cand) -> tuple[float, float] | None:
-    """95% percentile-bootstrap interval of ``median(torch) / median(backend)`` over the two
-    cells' values (``None`` with fewer than two values a cell)."""
-    from ryzen_opt.timing import bootstrap_ratio_ci
-
-    if base is None or cand is None:
-        return None
-    b, c = list(base.get_values()), list(cand.get_values())
-    if len(b) < 2 or len(c) < 2:
-        return None
-    return bootstrap_ratio_ci(b, c)
-
-
 def _rate(case: Case, seconds: float | None) -> str:
     if seconds is None or seconds <= 0:
         return "-"
@@ -367,7 +356,7 @@ def _report(
         }
         for b, info in sorted(r["backends"].items()):
             tb = _median(info.get("bench"))
-            ci = _speedup_ci(r["torch"], info.get("bench")) if tb else None
+            ci = speedup_interval(r["torch"], info.get("bench")) if tb else None
             rec["backends"][b] = {
                 "median_s": tb,
                 "speedup": t / tb if tb else None,
@@ -394,8 +383,7 @@ def _report(
                 line += ["-", "-"]
                 continue
             tb = _median(info.get("bench"))
-            ci = _speedup_ci(r["torch"], info.get("bench"))
-            cell = f"{t / tb:.2f}x" + ("" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
+            cell = with_interval(t / tb, speedup_interval(r["torch"], info.get("bench")))
             line += [info.get("wrong") or cell, _rate(case, tb)]
         table.append(line)
         records.append(rec)

@@ -53,7 +53,9 @@ from bench.common import (
     environment,
     markdown_table,
     print_table,
+    speedup_interval,
     where,
+    with_interval,
     write_json,
 )
 from bench.model_variants import QUICK_OPTIMIZE, VARIANTS, Variant, settings
@@ -433,7 +435,7 @@ def _report(
         "TTFT 16x128",
         "decode b1 tok/s",
         "decode b16 tok/s",
-        "speed-up ttft/b1/b16",
+        "speed-up ttft/b1/b16 [95% bootstrap]",
         "peak MB (ttft/b1/b16)",
         "max |dlogit|",
     ]
@@ -447,10 +449,11 @@ def _report(
         tps = {b: b * NEW_TOKENS / r[f"decode b{b}"].median() for b in DECODE_BATCHES}
         speed = "-"
         if base.get("reason") is None and "ttft" in base:
-            ratios = [base["ttft"].median() / ttft] + [
-                base[f"decode b{b}"].median() / r[f"decode b{b}"].median() for b in DECODE_BATCHES
+            cells = [
+                with_interval(base[w].median() / r[w].median(), speedup_interval(base[w], r[w]))
+                for w in WORKLOADS
             ]
-            speed = " / ".join(f"{x:.2f}x" for x in ratios)
+            speed = " / ".join(cells)
         peaks = r.get("peak") or {}
         peak_s = " / ".join(
             "-" if peaks.get(k) is None else f"{peaks[k] / 2**20:.1f}" for k in WORKLOADS

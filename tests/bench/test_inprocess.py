@@ -152,6 +152,9 @@ def test_model_main_quick_defaults_to_inprocess_and_says_so_in_the_table(
     assert "OptimizeConfig(repeat=8, warmup=2)" in text  # the quick optimize() settings
     md = out.with_suffix(".md").read_text()
     assert "quick mode" in md and "| scaled |" in md and "| baseline |" in md
+    # Each speed-up (TTFT, batch 1, batch 16) with its bootstrap interval.
+    row = next(line for line in md.splitlines() if line.startswith("| scaled |"))
+    assert len(re.findall(r"\d\.\d\dx \[\d+\.\d\d, \d+\.\d\d\]", row)) == 3
     summary = json.loads((tmp_path / "m-summary.json").read_text())
     assert summary["mode"] == "inprocess" and summary["values_per_cell"] == 3
     assert set(summary["variants"]) == {"baseline", "scaled"}
@@ -306,3 +309,16 @@ def test_quick_model_run_has_the_baseline_optimize_compile_and_onnxruntime_colum
     assert bm.main() == 0
     assert seen["names"] == ["baseline", "torch.compile", "optimize()", "onnxruntime"]
     assert seen["repeat"] == inprocess.QUICK_REPEAT and seen["report"]["mode"] == "inprocess"
+
+
+def test_speedup_interval_and_its_cell():
+    from bench.common import speedup_interval, with_interval
+
+    base, fast = [2.0, 2.1, 1.9, 2.05, 1.95], [1.0, 1.05, 0.95, 1.02, 0.98]
+    lo, hi = speedup_interval(base, fast)
+    assert 1.7 < lo <= 2.0 <= hi < 2.3
+    lo, hi = speedup_interval(base, base[::-1])  # the same samples: the interval covers 1
+    assert lo <= 1.0 <= hi
+    assert speedup_interval([1.0], fast) is None and speedup_interval(None, fast) is None
+    assert with_interval(2.0, (1.8, 2.25)) == "2.00x [1.80, 2.25]"
+    assert with_interval(0.5, None) == "0.50x"
