@@ -86,31 +86,39 @@ def _epilogue(c, i0, i1, j0, j1, bias, has_bias, res, has_res, act):
                 row[j] += rr[j]
 
 
+def _make_column_sweep(tile_max, tile2, tile1):
+    """An njit function ``sweep(af, lda, bf, ldb, cf, m, n, k, c0)``: the columns from ``c0``
+    that one tile width covers, for all m rows, in tiles of ROWS_MR rows, then 2, then 1."""
+
+    @njit(**JIT)
+    def sweep(af, lda, bf, ldb, cf, m, n, k, c0):
+        i = 0
+        while i + ROWS_MR <= m:
+            tile_max(af, i * lda, lda, bf, c0, ldb, k, cf, i * n + c0, n)
+            i += ROWS_MR
+        if ROWS_MR > 2 and i + 2 <= m:
+            tile2(af, i * lda, lda, bf, c0, ldb, k, cf, i * n + c0, n)
+            i += 2
+        if i < m:
+            tile1(af, i * lda, lda, bf, c0, ldb, k, cf, i * n + c0, n)
+
+    return sweep
+
+
+_sweep_panel = _make_column_sweep(_rows_tile_max, _rows_tile2, _rows_tile1)  # ROWS_NR columns
+_sweep_v2 = _make_column_sweep(_rows_tile_max_v2, _rows_tile2_v2, _rows_tile1_v2)  # 2 vectors
+_sweep_v1 = _make_column_sweep(_rows_tile_max_v1, _rows_tile2_v1, _rows_tile1_v1)  # 1 vector
+
+
 @njit(**JIT)
 def _rows_narrow(af, lda, bf, ldb, cf, m, n, k, c0, nv):
     """c[:, c0:c0 + nv*VW] = a @ b[:, ...] for all m rows: the whole vectors of a ragged
     last panel, two vectors a tile, then one."""
     for h in range(0, nv, 2):
-        cc = c0 + h * VW
-        i = 0
         if nv - h >= 2:
-            while i + ROWS_MR <= m:
-                _rows_tile_max_v2(af, i * lda, lda, bf, cc, ldb, k, cf, i * n + cc, n)
-                i += ROWS_MR
-            if ROWS_MR > 2 and i + 2 <= m:
-                _rows_tile2_v2(af, i * lda, lda, bf, cc, ldb, k, cf, i * n + cc, n)
-                i += 2
-            if i < m:
-                _rows_tile1_v2(af, i * lda, lda, bf, cc, ldb, k, cf, i * n + cc, n)
+            _sweep_v2(af, lda, bf, ldb, cf, m, n, k, c0 + h * VW)
         else:
-            while i + ROWS_MR <= m:
-                _rows_tile_max_v1(af, i * lda, lda, bf, cc, ldb, k, cf, i * n + cc, n)
-                i += ROWS_MR
-            if ROWS_MR > 2 and i + 2 <= m:
-                _rows_tile2_v1(af, i * lda, lda, bf, cc, ldb, k, cf, i * n + cc, n)
-                i += 2
-            if i < m:
-                _rows_tile1_v1(af, i * lda, lda, bf, cc, ldb, k, cf, i * n + cc, n)
+            _sweep_v1(af, lda, bf, ldb, cf, m, n, k, c0 + h * VW)
 
 
 @njit(**JIT)
@@ -124,15 +132,7 @@ def _rows_columns(af, lda, bf, ldb, cf, m, n, k, j0, j1):
     for c0 in range(j0, j1, ROWS_NR):
         nj = min(ROWS_NR, j1 - c0)
         if nj == ROWS_NR:
-            i = 0
-            while i + ROWS_MR <= m:
-                _rows_tile_max(af, i * lda, lda, bf, c0, ldb, k, cf, i * n + c0, n)
-                i += ROWS_MR
-            if ROWS_MR > 2 and i + 2 <= m:
-                _rows_tile2(af, i * lda, lda, bf, c0, ldb, k, cf, i * n + c0, n)
-                i += 2
-            if i < m:
-                _rows_tile1(af, i * lda, lda, bf, c0, ldb, k, cf, i * n + c0, n)
+            _sweep_panel(af, lda, bf, ldb, cf, m, n, k, c0)
         else:
             nv = nj // VW
             if nv > 0:
