@@ -11,7 +11,11 @@ measured in the same process: cuBLAS bf16 GEMM at 4096 and 8192, and a device-to
 
 The candidate is the Triton kernel unless a row names another ``backend`` (the CUTLASS
 matmul on sm_90, cuBLASLt's fused GELU epilogue as a peer); ``triton_s`` / ``triton_TFLOPs``
-then hold that candidate's figures.
+then hold that candidate's figures. Where a case has several candidates (Triton, CUTLASS,
+cuBLASLt's epilogue), all of them and the baseline are timed in one interleaved run
+(``ryzen_opt.timing.time_interleaved``), so every row of the case divides the same baseline
+samples (``timed_with`` names the columns of that run): timed in separate runs, cuDNN's
+attention read up to 1.2x apart between two rows of one case.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 from bench.common import cuda_graphed
 from ryzen_opt.cpu_info import cpu_isa
 from ryzen_opt.kernels import reference
-from ryzen_opt.timing import compare, time_fn
+from ryzen_opt.timing import bootstrap_ratio_ci, compare, time_fn, time_interleaved
 
 REPEAT = 10
 
@@ -48,7 +52,8 @@ def _env() -> dict:
         "python": platform.python_version(),
         "host_cpu_isa": cpu_isa(),
         "command": " ".join(["python3", "-m", "bench.triton_kernels", *sys.argv[1:]]),
-        "timing": f"ryzen_opt.timing.compare, ABBA, repeat={REPEAT}, median seconds per call",
+        "timing": f"ryzen_opt.timing.compare (ABBA) or time_interleaved (several candidates of "
+        f"one case), repeat={REPEAT}, median seconds per call",
     }
 
 
@@ -60,6 +65,27 @@ def _cmp(base, cand) -> dict:
         "speedup": c.speedup,
         "ci": [c.ci_low, c.ci_high],
     }
+
+
+def _cmp_all(base, cands: dict, device: str = "cuda", repeat: int = REPEAT) -> dict[str, dict]:
+    """Each candidate of ``cands`` (name -> callable) against ``base``, all timed in one
+    interleaved run (every column leads and follows every other equally often): one dict as
+    :func:`_cmp`'s per candidate, each dividing the same baseline samples."""
+    if "baseline" in cands:
+        raise ValueError("cands must not use the name 'baseline'")
+    t = time_interleaved({"baseline": base, **cands}, repeat=repeat, warmup=3, device=device)
+    b = t["baseline"]
+    out = {}
+    for name in cands:
+        c = t[name]
+        out[name] = {
+            "baseline_s": b.median,
+            "triton_s": c.median,
+            "speedup": b.median / c.median,
+            "ci": list(bootstrap_ratio_ci(b.samples, c.samples)),
+            "timed_with": list(t),
+        }
+    return out
 
 
 GRAPH_CALLS = 20
@@ -115,10 +141,10 @@ def _matmul_config(tm, a, b, **kw) -> str:
     return f"pointer: {getattr(tm._matmul_kernel, 'best_config', None)}"
 
 
-def _other_backend(row, backend, base, cand, ref, flops) -> dict:
-    """The row of another candidate on ``row``'s case, timed against the same baseline in its
-    own interleaved run (``triton_s`` is then that candidate's time, ``backend`` its name)."""
-    r = _cmp(base, cand)
+def _other_backend(row, backend, timed, cand, ref, flops) -> dict:
+    """The row of another candidate on ``row``'s case: ``timed`` is its entry of the case's
+    :func:`_cmp_all` (``triton_s`` is then that candidate's time, ``backend`` its name)."""
+    r = dict(timed)
     r.update({k: row[k] for k in ("op", "shape", "dtype", "baseline")})
     r.update(
         backend=backend, triton_TFLOPs=flops / r["triton_s"] / 1e12, rel_error=_err(cand(), ref)
@@ -142,7 +168,11 @@ def bench_matmul() -> list[dict]:
     for n in (4096, 8192):
         a = torch.randn(n, n, device="cuda", dtype=dt)
         b = torch.randn(n, n, device="cuda", dtype=dt)
-        r = _cmp(lambda a=a, b=b: a @ b, lambda a=a, b=b: tm.matmul(a, b))
+        cands = {"triton": lambda a=a, b=b: tm.matmul(a, b)}
+        if cutlass is None:
+            cands["cutlass"] = partial(cm.matmul, a, b)
+        timed = _cmp_all(lambda a=a, b=b: a @ b, cands)
+        r = dict(timed["triton"])
         flops = 2 * n**3
         r.update(
             op="matmul",
@@ -157,9 +187,7 @@ def bench_matmul() -> list[dict]:
         rows.append(r)
         if cutlass is None:
             rows.append(
-                _other_backend(
-                    r, "cutlass", lambda a=a, b=b: a @ b, partial(cm.matmul, a, b), ref, flops
-                )
+                _other_backend(r, "cutlass", timed["cutlass"], cands["cutlass"], ref, flops)
             )
         del ref
         # The persistent and the one-tile-per-program variant of the same tile shape, each
@@ -199,7 +227,16 @@ def bench_matmul() -> list[dict]:
         bias = torch.randn(n, device="cuda", dtype=dt)
         ref = F.gelu(torch.addmm(bias.float(), x.float(), wt.float()), approximate=approx)
         base = partial(_addmm_gelu, bias, x, wt, approx)
-        r = _cmp(base, partial(tm.matmul, x, wt, bias=bias, activation=act))
+        cands = {"triton": partial(tm.matmul, x, wt, bias=bias, activation=act)}
+        if cutlass is None:
+            cands["cutlass"] = partial(cm.matmul, x, wt, bias=bias, activation=act)
+        if approx == "tanh":
+            # cuBLASLt's own fused epilogue (tanh GELU, the same function): a peer that fuses.
+            cands["cuBLASLt epilogue"] = partial(
+                torch._addmm_activation, bias, x, wt, use_gelu=True
+            )
+        timed = _cmp_all(base, cands)
+        r = dict(timed["triton"])
         r.update(
             op=f"matmul+bias+{act}",
             shape=[m, n, k],
@@ -210,13 +247,8 @@ def bench_matmul() -> list[dict]:
             rel_error=_err(tm.matmul(x, wt, bias=bias, activation=act), ref),
         )
         rows.append(r)
-        if cutlass is None:
-            cand = partial(cm.matmul, x, wt, bias=bias, activation=act)
-            rows.append(_other_backend(r, "cutlass", base, cand, ref, 2 * m * n * k))
-        if approx == "tanh":
-            # cuBLASLt's own fused epilogue (tanh GELU, the same function): a peer that fuses.
-            cand = partial(torch._addmm_activation, bias, x, wt, use_gelu=True)
-            rows.append(_other_backend(r, "cuBLASLt epilogue", base, cand, ref, 2 * m * n * k))
+        for name in list(cands)[1:]:
+            rows.append(_other_backend(r, name, timed[name], cands[name], ref, 2 * m * n * k))
         del ref
     # Skinny M (decode-time projections) against cuBLAS, nn.Linear layout (b = w.t()).
     # (32000 x 4096: an LM head, where M > 8 takes no split.)
@@ -298,7 +330,11 @@ def bench_attention() -> list[dict]:
                 if not callable(times[best][1]):
                     rows.append({"op": "attention", "error": times[best][1]})
                     continue
-                r = _cmp(times[best][1], lambda q=q, k=k, v=v, c=causal: ta.attention(q, k, v, c))
+                cands = {"triton": lambda q=q, k=k, v=v, c=causal: ta.attention(q, k, v, c)}
+                if cutlass is None:
+                    cands["cutlass"] = partial(ca.attention, q, k, v, causal)
+                timed = _cmp_all(times[best][1], cands)
+                r = dict(timed["triton"])
                 flops = 4 * batch * heads * seq * seq * d * (0.5 if causal else 1.0)
                 out = ta.attention(q, k, v, causal)
                 ref = times[best][1]()
@@ -316,8 +352,7 @@ def bench_attention() -> list[dict]:
                 )
                 rows.append(r)
                 if cutlass is None:
-                    cand = partial(ca.attention, q, k, v, causal)
-                    c = _other_backend(r, "cutlass", times[best][1], cand, ref, flops)
+                    c = _other_backend(r, "cutlass", timed["cutlass"], cands["cutlass"], ref, flops)
                     c.update(causal=causal, baseline_TFLOPs=flops / c["baseline_s"] / 1e12,
                              variant=ca.variant(d, causal, seq))  # fmt: skip
                     rows.append(c)
