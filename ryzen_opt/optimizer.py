@@ -457,9 +457,7 @@ class KernelOptimizer:
                     if left() <= check_s:
                         fast_reports, paths = [], None
                         if isinstance(model, SimpleTransformerModel) and cfg.fast_paths != ():
-                            report.notes.append(
-                                self._budget_note("the whole-model fast paths", left(), check_s)
-                            )
+                            self._skip(report, "the whole-model fast paths", left(), check_s)
                     else:
                         fast_reports, paths = engine.fast_paths(model, plan.runs, report.sites)
                 report.sites += fast_reports
@@ -477,6 +475,7 @@ class KernelOptimizer:
                             f"no time left for the whole-model check (about {check_s:.0f} s;"
                             f" OptimizeConfig.time_budget_s={budget:g})"
                         )
+                        report.unmeasured.append("the whole-model check")
                     else:
                         with phase("model check"):
                             k, narrowed = len(report.model_checks), False
@@ -543,6 +542,7 @@ class KernelOptimizer:
                 report.notes.append(unsaved)
         if not report.changed and not plan.sites:
             report.notes.append("no site had an available backend candidate")
+        self._budget_hint(report, dev)
         report.elapsed_s = time.perf_counter() - t0
         self.report = report
         model.optimization_report = report
@@ -561,7 +561,7 @@ class KernelOptimizer:
             if left() <= reserve:
                 more = followers.get(site.path, 0)
                 what = site.path + (f" (and {more} sites of its signature)" if more else "")
-                report.notes.append(self._budget_note(what, left(), reserve))
+                self._skip(report, what, left(), reserve)
                 site.release()
                 continue
             decisions[site.path] = engine.measure_site(site)
@@ -611,7 +611,7 @@ class KernelOptimizer:
         if layout is None:
             return []
         if left() <= 0:
-            report.notes.append(self._budget_note("the decoder fast paths"))
+            self._skip(report, "the decoder fast paths")
             return []
         srep, routes, shared = engine.decoder_paths(
             model,
@@ -630,15 +630,38 @@ class KernelOptimizer:
         )
         return [fast_generate.install(model, layout, routes, shared)]
 
-    def _budget_note(self, what: str, left: float = 0.0, reserve: float = 0.0) -> str:
+    def _skip(self, report, what: str, left: float = 0.0, reserve: float = 0.0) -> None:
+        """``what`` is not measured for the time budget: a note says why, and
+        ``report.unmeasured`` counts it."""
         why = (
             "was spent"
             if left <= 0
             else f"had {left:.0f} s left, kept for the whole-model check (about {reserve:.0f} s)"
         )
-        return (
+        report.notes.append(
             f"{what}: not measured, the time budget of {self.config.time_budget_s:g} s "
             f"(OptimizeConfig.time_budget_s) {why}; it keeps the original code"
+        )
+        report.unmeasured.append(what)
+
+    def _budget_hint(self, report, device: torch.device) -> None:
+        """When the budget left something unmeasured, a note on how to measure it."""
+        skipped = report.not_measured()
+        if not skipped:
+            return
+        shown = "; ".join(skipped[:6]) + (
+            f"; and {len(skipped) - 6} more" if len(skipped) > 6 else ""
+        )
+        ahead = (
+            " (`python -m ryzen_opt.kernels.numba` compiles every Numba kernel ahead)"
+            if device.type == "cpu"
+            else ""
+        )
+        kept = ", and so do the decisions it measured" if self.config.use_cache else ""
+        report.notes.append(
+            f"not measured within the time budget of {self.config.time_budget_s:g} s: {shown}."
+            " To measure them: raise OptimizeConfig.time_budget_s (None: no limit), or call"
+            f" optimize() again: the kernels this call compiled stay cached on disk{kept}{ahead}"
         )
 
 

@@ -370,10 +370,26 @@ def test_time_budget_leaves_unmeasured_sites_original_and_says_so(tmp_path):
     cfg = fast_config(tmp_path, backends=("fake_mm",), ops=("linear",), time_budget_s=1e-9)
     with registered("matmul", "fake_mm", CountingLauncher(reference_matmul)) as launcher:
         out = optimize(tiny_model(), config=cfg)
+        sites = [s.path for s in KernelOptimizer(cfg).plan(tiny_model()).measured_sites()]
     report = out.optimization_report
     assert not report.changed and report.sites == []
     assert any("time budget of 1e-09 s" in n for n in report.notes), report.notes
     assert launcher.calls == 0  # nothing was run, let alone timed
+    # the summary says the candidates were not measured, not that they lost
+    skipped = report.not_measured()
+    assert skipped == sites and len(sites) == 5  # qkv, proj, fc1, fc2, head
+    assert report.summary.startswith("unchanged: no measured candidate")
+    assert f"{len(skipped)} not measured within the time budget" in report.summary
+    assert "raise OptimizeConfig.time_budget_s" in report.notes[-1]
+
+
+def test_a_report_with_nothing_left_unmeasured_says_nothing_of_the_budget(tmp_path):
+    cfg = fast_config(tmp_path, backends=("fake_mm",), ops=("linear",))
+    with registered("matmul", "fake_mm", CountingLauncher(reference_matmul)):
+        report = optimize(tiny_model(), config=cfg).optimization_report
+    assert report.not_measured() == []
+    assert "time budget" not in report.summary
+    assert not any("not measured within the time budget" in n for n in report.notes)
 
 
 def test_time_budget_and_progress_are_validated():

@@ -14,7 +14,7 @@ from typing import Any
 from ryzen_opt.optimization.cache import atomic_write_text
 
 # Why a candidate was not kept at one measured shape.
-REASONS = ("unsupported", "failed", "error", "slower")
+REASONS = ("unsupported", "unmeasured", "failed", "error", "slower")
 
 
 @dataclass
@@ -22,7 +22,8 @@ class CandidateResult:
     """One backend at one measured shape of one site.
 
     ``status`` is ``"faster"`` (verified and faster beyond the noise), or one of the
-    rejection reasons: ``"unsupported"`` (the backend declined the input), ``"failed"`` (it
+    rejection reasons: ``"unsupported"`` (the backend declined the input), ``"unmeasured"``
+    (what is left of ``OptimizeConfig.time_budget_s`` would not cover it), ``"failed"`` (it
     raised), ``"error"`` (output differs beyond the dtype tolerance), ``"slower"`` (not
     faster beyond the noise, or below ``min_speedup``).
     """
@@ -88,6 +89,9 @@ class SiteReport:
     cases: list[CaseResult] = field(default_factory=list)
     chosen: dict[str, str] = field(default_factory=dict)  # case -> backend
     note: str = ""
+    # What the time budget left unmeasured here ("numba_decoder at batch 16"), also in the
+    # candidates' details and ``note``; counted by OptimizationReport.not_measured().
+    unmeasured: list[str] = field(default_factory=list)
 
     def best(self, case: str) -> CandidateResult | None:
         """The chosen backend's result with the lowest speed-up over ``case``'s shapes."""
@@ -108,6 +112,7 @@ class SiteReport:
             "detail": self.detail,
             "chosen": dict(self.chosen),
             "note": self.note,
+            "unmeasured": list(self.unmeasured),
             "cases": [c.to_dict() for c in self.cases],
         }
 
@@ -148,6 +153,9 @@ class OptimizationReport:
     model_checks: list[ModelCheck] = field(default_factory=list)
     backends: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # Whole parts the time budget left unmeasured (a site, the fast paths); per-site ones are
+    # in SiteReport.unmeasured. See not_measured().
+    unmeasured: list[str] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     changed: bool = False
@@ -176,8 +184,15 @@ class OptimizationReport:
         ``optimize()`` cost (:attr:`cost`)."""
         return f"{self._outcome}; {self.cost}"
 
+    def not_measured(self) -> list[str]:
+        """Everything the time budget left unmeasured: whole parts, then each site's
+        candidates or batch sizes (``"<site>: <what>"``)."""
+        return list(self.unmeasured) + [f"{s.path}: {u}" for s in self.sites for u in s.unmeasured]
+
     @property
     def _outcome(self) -> str:
+        skipped = self.not_measured()
+        budget = f"{len(skipped)} not measured within the time budget (see the notes)"
         if self.changed:
             n = sum(1 for s in self.sites if s.chosen)
             line = f"optimized: {n} of {len(self.sites)} sites use a faster verified backend"
@@ -185,9 +200,14 @@ class OptimizationReport:
             if loops:
                 picks = ", ".join(f"{c.split()[-1]} {b}" for c, b in loops[0].chosen.items())
                 line += f"; generate() runs the fast decode loop ({picks})"
-            return line
+            return line + (f"; {budget}" if skipped else "")
         if not any(self.backends.values()):
             return f"unchanged: no allowed backend runs on {self.device} for any op here"
+        if skipped:
+            return (
+                "unchanged: no measured candidate was both within tolerance and faster than the"
+                f" original; {budget}"
+            )
         return "unchanged: no candidate was both within tolerance and faster than the original"
 
     @property
@@ -218,6 +238,7 @@ class OptimizationReport:
             "peak_memory_bytes": self.peak_memory_bytes,
             "backends": self.backends,
             "notes": list(self.notes),
+            "not_measured": self.not_measured(),
             "environment": self.environment,
             "config": self.config,
             "model_checks": [m.to_dict() for m in self.model_checks],

@@ -386,6 +386,7 @@ def test_the_time_budget_bounds_all_of_optimize(tmp_path):
     said = " ".join(rep.notes) + " ".join(s.note for s in rep.sites)
     details = [c.detail for s in rep.sites for k in s.cases for c in k.candidates]
     assert "time budget" in said or any("time budget" in d for d in details), said
+    assert rep.not_measured() and "not measured within the time budget" in rep.summary
     # One step may run past the line by its own (estimated) length, not more.
     assert rep.elapsed_s <= budget + 3.0, rep.phases
     assert wall <= budget + 3.5

@@ -401,9 +401,19 @@ def test_the_time_budget_bounds_the_decode_loop_selection():
     ids, _ = left_padded(1, 8, [0])
     cfg = OptimizeConfig(use_cache=False, repeat=4, warmup=1, time_budget_s=1e-6)
     fast = optimize(model, example_inputs=ids, config=cfg)
-    notes = " ".join(fast.optimization_report.notes)
+    rep = fast.optimization_report
+    notes = " ".join(rep.notes)
     assert "the decoder fast paths: not measured, the time budget" in notes
     assert "generate" not in fast.__dict__
+    # the summary does not call the model's candidates measured, and a note says what to do
+    assert "the decoder fast paths" in rep.not_measured()
+    assert "unchanged: no measured candidate" in rep.summary
+    assert "not measured within the time budget" in rep.summary
+    hint = rep.notes[-1]
+    assert hint.startswith("not measured within the time budget of 1e-06 s: ")
+    assert "raise OptimizeConfig.time_budget_s" in hint
+    assert "python -m ryzen_opt.kernels.numba" in hint  # a CPU model
+    assert rep.to_dict()["not_measured"] == rep.not_measured()
 
 
 def _select(model, example, cfg, tmp_path, budget_left):
@@ -470,7 +480,7 @@ def test_a_path_whose_check_alone_outlasts_the_budget_is_not_timed(monkeypatch, 
     # Half the check (2 s, its own generate call) is more than the 1.5 s left: no warm call
     # is tried and the path is reported as not measured, with the estimate.
     res = _select_with_a_slow_check(monkeypatch, tmp_path, check_s=4.0, left_s=1.5)
-    assert res.status == "unsupported"
+    assert res.status == "unmeasured"
     assert "not measured: about" in res.detail and "2 s of the time budget left" in res.detail
 
 
@@ -518,8 +528,9 @@ def test_the_original_runs_at_a_batch_size_when_the_first_path_gets_there(monkey
     (b1, b4) = srep.cases
     assert b1.case == "decode b1" and b1.candidates[0].status in ("faster", "slower")
     assert b1.candidates[0].speedup > 0
-    assert b4.candidates[0].status == "unsupported"
+    assert b4.candidates[0].status == "unmeasured"
     assert "the time budget was spent" in b4.candidates[0].detail
+    assert srep.unmeasured == ["torch_static_decode at batch 4"]
 
 
 def _select_after_batch_1(tmp_path, slow_s: float, first_only: bool):
@@ -571,6 +582,7 @@ def test_a_larger_batch_is_not_run_when_no_path_could_be_timed_after_it(tmp_path
     assert runs == [1]
     assert [c.case for c in srep.cases] == ["decode b1"]
     assert "batch 4 and up not measured: over" in srep.note
+    assert srep.unmeasured == ["batch 4 and up"]
 
 
 def test_a_slow_first_call_does_not_turn_a_larger_batch_away(tmp_path):

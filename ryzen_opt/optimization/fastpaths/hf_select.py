@@ -406,6 +406,7 @@ def select(
         left = budget_left()
         if left <= 0 or left < need:
             cut[0] = i
+            srep.unmeasured.append(f"batch {b} and up")
             srep.note = _join(
                 srep.note,
                 f"batch {b} and up not measured: "
@@ -441,33 +442,34 @@ def select(
             if m is None:
                 continue
             tick(f"generate b{m.b}: {name}")
-            m.crep.candidates.append(
-                _measure(
-                    model,
-                    layout,
+            res = _measure(
+                model,
+                layout,
+                name,
+                m,
+                n,
+                gk,
+                orig,
+                config,
+                cache,
+                tol,
+                shared,
+                owned,
+                _key(
                     name,
-                    m,
-                    n,
-                    gk,
-                    orig,
+                    m.b,
+                    m.kw["input_ids"].shape[1],
+                    n if m.timed is None else f"{n}/{m.timed['max_new_tokens']}",
                     config,
-                    cache,
-                    tol,
-                    shared,
-                    owned,
-                    _key(
-                        name,
-                        m.b,
-                        m.kw["input_ids"].shape[1],
-                        n if m.timed is None else f"{n}/{m.timed['max_new_tokens']}",
-                        config,
-                        dev_desc,
-                        vers,
-                        baseline_id,
-                    ),
-                    budget_left,
-                )
+                    dev_desc,
+                    vers,
+                    baseline_id,
+                ),
+                budget_left,
             )
+            m.crep.candidates.append(res)
+            if res.status == "unmeasured":
+                srep.unmeasured.append(f"{name} at batch {m.b}")
     batches = [runs[i] for i in sorted(runs) if runs[i] is not None]
     for m in batches:
         srep.cases.append(m.crep)
@@ -578,10 +580,11 @@ def _measure(
 
 
 def _over(res: CandidateResult, cost: float, left: float) -> bool:
-    """Whether ``cost`` seconds do not fit in ``left``; if so the result says so."""
+    """Whether ``cost`` seconds do not fit in ``left``; if so the result says so (status
+    ``"unmeasured"``)."""
     if left > 0 and cost <= left:
         return False
-    res.status = "unsupported"
+    res.status = "unmeasured"
     res.detail = _join(
         res.detail,
         "not measured: the time budget was spent"
