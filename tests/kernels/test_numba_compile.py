@@ -2,11 +2,9 @@
 
 A constant that one jitted function passes to another (``0``, ``False``, an activation
 code) is typed as a literal, and Numba compiles the callee and its whole call tree once more
-for each such value. The one deliberate literal is the HF decoder step's weight kind: one
-copy per kind, so that a float32 step never compiles the int8/bf16 kernels. The float32
-GPT-2 decoder step compiled ``_gemv_rows`` six times and took 52 s to compile on a cold cache
-(20 s without the copies); the ``SimpleTransformerModel`` step compiled ``_epilogue`` five
-times (30 s, 13 s without). Each case runs in a fresh
+for each such value. The float32 GPT-2 decoder step compiled ``_gemv_rows`` six times and
+took 52 s to compile on a cold cache (20 s without the copies); the ``SimpleTransformerModel``
+step compiled ``_epilogue`` five times (30 s, 13 s without). Each case runs in a fresh
 process with an empty Numba cache, since a function loaded from the cache never compiles its
 callees and their signatures stay empty.
 """
@@ -24,8 +22,8 @@ pytest.importorskip("numba")
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Prints "<module>.<function> <signatures> <literal-typed signatures> <most literal
-# arguments in one signature>" for every function compiled in the modules listed in MODULES.
+# Prints "<module>.<function> <signatures> <literal-typed signatures>" for every function
+# compiled in the modules listed in MODULES.
 _REPORT = """
 import importlib
 for mod in MODULES:
@@ -34,8 +32,7 @@ for mod in MODULES:
         f = getattr(m, name)
         if getattr(f, "py_func", None) is not None and f.py_func.__module__ == mod:
             lit = sum("Literal" in str(s) for s in f.signatures)
-            most = max((str(s).count("Literal") for s in f.signatures), default=0)
-            print(f"{mod.rsplit('.', 1)[1]}.{name}", len(f.signatures), lit, most)
+            print(f"{mod.rsplit('.', 1)[1]}.{name}", len(f.signatures), lit)
 """
 
 _HF_DECODER = """
@@ -49,7 +46,7 @@ warmup(("decoder_step",))  # a synthetic model: the real ones below must add no 
 for family in ("gpt2", "llama"):
     model = tiny(family)
     lay = families.find(model)[0].layout(model)
-    for weights in WEIGHTS:
+    for weights in ds.WEIGHTS:
         dec = ds.NumbaDecoder(lay, weights)  # parallel=None: both modes run (calibrate)
         kc, vc = lay.new_cache(2, 8)
         dec.step(np.array([1, 2]), kc.numpy(), vc.numpy(), 0, np.array([0, 0]))
@@ -84,56 +81,27 @@ for b in (w.t(), w.t().contiguous()):
 """
 
 
-def _counts(script: str, tmp_path) -> dict[str, tuple[int, ...]]:
+def _counts(script: str, tmp_path) -> dict[str, tuple[int, int]]:
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     run = subprocess.run(
         [sys.executable, "-c", script + _REPORT], capture_output=True, text=True, env=env, cwd=ROOT
     )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = (line.split() for line in run.stdout.splitlines())
-    return {name: tuple(int(v) for v in vals) for name, *vals in rows}
+    return {name: (int(n), int(lit)) for name, n, lit in rows}
 
 
-def _weights(kinds: str) -> str:
-    """The script line that names the weight kinds _HF_DECODER runs."""
-    return f"from ryzen_opt.kernels.numba import decoder_step as ds\nWEIGHTS = {kinds}\n"
-
-
-# The HF decoder step's entry points take the weight kind as a literal (their only literal
-# argument) and call that kind's GEMV chain (decoder_step._GEMVS), so that a float32 step
-# never compiles the int8 and bf16 kernels.
-_PER_KIND = ("_step", "_greedy")
-_CHAINS = """
-for i, g in enumerate(ds._GEMVS):
-    print(f"decoder_step._GEMVS[{i}]", len(g.signatures), 0, 0)
-"""
-
-
-def test_hf_decoder_step_compiles_each_function_once_per_weight_kind(tmp_path):
+def test_hf_decoder_step_compiles_each_function_once(tmp_path):
     """Every float32/int8/bf16 model of both families shares one compiled copy of each
-    function per weight kind (``_rows_q``: one for int8, one for bf16); the float32 copies
-    are the ones ``warmup(("decoder_step",))`` compiled from its synthetic model."""
-    counts = _counts(_weights("ds.WEIGHTS") + _HF_DECODER + _CHAINS, tmp_path)
-    for name in _PER_KIND:
-        n, lit, most = counts[f"decoder_step.{name}"]
-        assert n == lit == 3 and most == 1, (name, counts)
-    rest = {k: v for k, v in counts.items() if k.split(".")[1] not in _PER_KIND}
-    assert all(lit == 0 for _, lit, _ in rest.values()), counts
-    for i in range(3):
-        assert counts[f"decoder_step._GEMVS[{i}]"][0] == 1, counts
+    function (``_rows_q``: one per narrow weight type, int8 and bf16), the one that
+    ``warmup(("decoder_step",))`` compiled from its synthetic model."""
+    counts = _counts(_HF_DECODER, tmp_path)
+    assert counts["decoder_step._step"][0] == 1, counts
+    assert counts["decoder_step._greedy"][0] == 1, counts
+    assert counts["decoder_step._gemv_rows"][0] == 1, counts
+    assert all(lit == 0 for _, lit in counts.values()), counts
     want = {"decoder_step._rows_q": 2}
-    assert all(n <= want.get(name, 1) for name, (n, _, _) in rest.items()), counts
-
-
-def test_a_float32_decoder_step_never_compiles_the_narrow_weight_kernels(tmp_path):
-    """Float32 models of both families (the default path) compile each function once and
-    never type the int8/bf16 row kernel: 16-20 s cold on 2 cores instead of 22-30 s."""
-    counts = _counts(_weights("('fp32',)") + _HF_DECODER + _CHAINS, tmp_path)
-    for name in ("_rows_q", "_kind_int8", "_kind_bf16", "_GEMVS[1]", "_GEMVS[2]"):
-        assert counts[f"decoder_step.{name}"][0] == 0, (name, counts)
-    assert all(n <= 1 for n, _, _ in counts.values()), counts
-    for name in ("_rows_f32", "_cols_f32", "_kind_fp32", "_GEMVS[0]", *_PER_KIND):
-        assert counts[f"decoder_step.{name}"][:2] == (1, name in _PER_KIND), (name, counts)
+    assert all(n <= want.get(name, 1) for name, (n, _) in counts.items()), counts
 
 
 def test_stm_decode_step_and_decode_matmul_compile_each_function_once(tmp_path):
@@ -143,8 +111,8 @@ def test_stm_decode_step_and_decode_matmul_compile_each_function_once(tmp_path):
     assert counts["decode_step._decode_step"][0] == 1, counts
     assert counts["decode_step._greedy_steps"][0] == 1, counts
     assert counts["_matmul_rows._epilogue"][0] >= 1, counts
-    assert all(lit == 0 for _, lit, _ in counts.values()), counts
-    assert all(n <= 1 for n, _, _ in counts.values()), counts
+    assert all(lit == 0 for _, lit in counts.values()), counts
+    assert all(n <= 1 for n, _ in counts.values()), counts
 
 
 def test_warmup_names_unknown_ops():

@@ -100,9 +100,8 @@ def warmup(ops: tuple[str, ...] = _OPS, progress: bool | None = None) -> float:
 
 
 def _warm_decoder_step() -> None:
-    """One step and one greedy call of a one-layer synthetic Llama-shaped layout with
-    float32 weights (GPT-2's run the same compiled functions). The int8 and bf16 weights,
-    opt-in paths, have their own compiled copies, made on their first call."""
+    """One step and one greedy call of a one-layer synthetic Llama-shaped layout (GPT-2 and
+    the int8/bf16 weights run the same compiled functions)."""
     import numpy as np
     import torch
 

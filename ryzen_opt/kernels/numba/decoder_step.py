@@ -49,8 +49,7 @@ import numpy as np
 import torch
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core.errors import TypingError
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
 from ryzen_opt.kernels.numba._common import (
     I0,
@@ -293,122 +292,79 @@ def _cols_parallel(mats, i0, i1, x, part, kb):
 
 
 @njit(**JIT)
-def _kind_fp32(d, x, y, add, col, j0, j1):
-    if d[_SI] == 1:
+def _matrix_rows(d, x, y, add, col, j0, j1):
+    if d[_KIND] == 1:
+        _rows_q(numba.carray(_i8_at(d[_ADDR]), (d[_SPAN],)), d, x, y, add, col, j0, j1)
+    elif d[_KIND] == 2:
+        _rows_q(numba.carray(_u16_at(d[_ADDR]), (d[_SPAN],)), d, x, y, add, col, j0, j1)
+    elif d[_SI] == 1:
         _rows_f32(d, x, y, add, col, j0, j1)
     else:
         _cols_f32(d, x, y, add, col, j0, j1, I0, x.shape[1])
+    if d[_BIAS] != 0:
+        bias = numba.carray(_f32_at(d[_BIAS]), (d[_N],))
+        for b in range(x.shape[0]):
+            for j in range(j0, j1):
+                y[b, col + j] += bias[j]
 
 
 @njit(**JIT)
-def _kind_int8(d, x, y, add, col, j0, j1):
-    _rows_q(numba.carray(_i8_at(d[_ADDR]), (d[_SPAN],)), d, x, y, add, col, j0, j1)
+def _gemv_rows(mats, i0, i1, x, y, add, r0, r1):
+    """Rows [r0, r1) of the outputs of matrices i0..i1-1 stacked (they share the input)."""
+    col = I0
+    for i in range(i0, i1):
+        n = mats[i, _N]
+        a = max(r0, col)
+        b = min(r1, col + n)
+        if a < b:
+            _matrix_rows(mats[i], x, y, add, col, a - col, b - col)
+        col += n
+
+
+@njit(parallel=True, **JIT)
+def _gemv_parallel(mats, i0, i1, x, y, add, total, blk, tasks):
+    for t in prange(tasks):
+        _gemv_rows(mats, i0, i1, x, y, add, t * blk, min(total, (t + 1) * blk))
 
 
 @njit(**JIT)
-def _kind_bf16(d, x, y, add, col, j0, j1):
-    _rows_q(numba.carray(_u16_at(d[_ADDR]), (d[_SPAN],)), d, x, y, add, col, j0, j1)
-
-
-def _make_gemv(kind_rows):
-    """The GEMV chain of one weight kind, whose row kernel is ``kind_rows(d, x, y, add, col,
-    j0, j1)``: one compiled chain per kind, so that a float32 model's step never compiles
-    (nor optimises again at every level above it) the int8/bf16 kernel. With a run-time
-    branch on the kind every step compiled all of them: 22-30 s cold on 2 cores against
-    18-23 s (NOTES.md, "Compile time")."""
-
-    @njit(**JIT)
-    def matrix_rows(d, x, y, add, col, j0, j1):
-        kind_rows(d, x, y, add, col, j0, j1)
-        if d[_BIAS] != 0:
-            bias = numba.carray(_f32_at(d[_BIAS]), (d[_N],))
-            for b in range(x.shape[0]):
-                for j in range(j0, j1):
-                    y[b, col + j] += bias[j]
-
-    @njit(**JIT)
-    def gemv_rows(mats, i0, i1, x, y, add, r0, r1):
-        """Rows [r0, r1) of the outputs of matrices i0..i1-1 stacked (they share the
-        input)."""
-        col = I0
+def _gemv(mats, i0, i1, x, y, add, threads, pbuf):
+    """y (+)= x @ [W_i0; ...; W_i1-1].T (+ biases): one fork-join region when threaded
+    (``pbuf``: scratch for the column form's partial sums)."""
+    nb = x.shape[0]
+    total = I0
+    for i in range(i0, i1):
+        total += mats[i, _N]
+    cols = mats[i0, _KIND] == 0 and mats[i0, _SI] != 1
+    kb = min(threads * 4, _K_BLOCKS)
+    if threads > 1 and cols and kb * nb * total <= pbuf.shape[0]:
+        part = pbuf[: kb * nb * total].reshape((kb, nb, total))
+        _cols_parallel(mats, i0, i1, x, part, kb)
+        for b in range(nb):
+            yb = y[b]
+            if not add:
+                yb[:total] = 0.0
+            for q in range(kb):
+                pq = part[q, b]
+                for j in range(total):
+                    yb[j] += pq[j]
+        col = 0
         for i in range(i0, i1):
             n = mats[i, _N]
-            a = max(r0, col)
-            b = min(r1, col + n)
-            if a < b:
-                matrix_rows(mats[i], x, y, add, col, a - col, b - col)
+            if mats[i, _BIAS] != 0:
+                bias = numba.carray(_f32_at(mats[i, _BIAS]), (n,))
+                for b in range(nb):
+                    for j in range(n):
+                        y[b, col + j] += bias[j]
             col += n
-
-    @njit(parallel=True, **JIT)
-    def gemv_parallel(mats, i0, i1, x, y, add, total, blk, tasks):
-        for t in prange(tasks):
-            gemv_rows(mats, i0, i1, x, y, add, t * blk, min(total, (t + 1) * blk))
-
-    @njit(**JIT)
-    def gemv(mats, i0, i1, x, y, add, threads, pbuf):
-        """y (+)= x @ [W_i0; ...; W_i1-1].T (+ biases): one fork-join region when threaded
-        (``pbuf``: scratch for the column form's partial sums)."""
-        nb = x.shape[0]
-        total = I0
-        for i in range(i0, i1):
-            total += mats[i, _N]
-        cols = mats[i0, _KIND] == 0 and mats[i0, _SI] != 1
-        kb = min(threads * 4, _K_BLOCKS)
-        if threads > 1 and cols and kb * nb * total <= pbuf.shape[0]:
-            part = pbuf[: kb * nb * total].reshape((kb, nb, total))
-            _cols_parallel(mats, i0, i1, x, part, kb)
-            for b in range(nb):
-                yb = y[b]
-                if not add:
-                    yb[:total] = 0.0
-                for q in range(kb):
-                    pq = part[q, b]
-                    for j in range(total):
-                        yb[j] += pq[j]
-            col = 0
-            for i in range(i0, i1):
-                n = mats[i, _N]
-                if mats[i, _BIAS] != 0:
-                    bias = numba.carray(_f32_at(mats[i, _BIAS]), (n,))
-                    for b in range(nb):
-                        for j in range(n):
-                            y[b, col + j] += bias[j]
-                col += n
-        elif threads > 1 and total >= 64:
-            # TASKS_PER_THREAD blocks a thread (at least 64 outputs each), 16-aligned so the
-            # column form's segments start on a cache line of a 64-byte-aligned matrix.
-            blk = max(64, (-(-total // (threads * _TASKS_PER_THREAD)) + 15) // 16 * 16)
-            tasks = -(-total // blk)
-            gemv_parallel(mats, i0, i1, x, y, add, total, blk, tasks)
-        else:
-            gemv_rows(mats, i0, i1, x, y, add, I0, total)
-
-    return gemv
-
-
-# By weight kind code (_KIND_CODES).
-_GEMVS = (_make_gemv(_kind_fp32), _make_gemv(_kind_int8), _make_gemv(_kind_bf16))
-
-
-def _gemv(mats, i0, i1, x, y, add, threads, pbuf, kind):
-    """y (+)= x @ [W_i0; ...; W_i1-1].T (+ biases) by the chain of weight kind ``kind`` (a
-    literal, :data:`_KIND_CODES`); jitted code only (the overload picks the chain while
-    typing)."""
-    raise NotImplementedError("_gemv runs inside jitted code only")
-
-
-@overload(_gemv, jit_options=JIT)
-def _gemv_of_kind(mats, i0, i1, x, y, add, threads, pbuf, kind):
-    if not isinstance(kind, types.IntegerLiteral):
-        raise TypingError(f"_gemv: kind must be a literal int, got {kind}")
-    if kind.literal_value not in _KIND_CODES.values():
-        raise TypingError(f"_gemv: unknown weight kind {kind.literal_value}")
-    chain = _GEMVS[kind.literal_value]
-
-    def gemv(mats, i0, i1, x, y, add, threads, pbuf, kind):
-        chain(mats, i0, i1, x, y, add, threads, pbuf)
-
-    return gemv
+    elif threads > 1 and total >= 64:
+        # TASKS_PER_THREAD blocks a thread (at least 64 outputs each), 16-aligned so the
+        # column form's segments start on a cache line of a 64-byte-aligned matrix.
+        blk = max(64, (-(-total // (threads * _TASKS_PER_THREAD)) + 15) // 16 * 16)
+        tasks = -(-total // blk)
+        _gemv_parallel(mats, i0, i1, x, y, add, total, blk, tasks)
+    else:
+        _gemv_rows(mats, i0, i1, x, y, add, I0, total)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,10 +463,8 @@ def _attend_parallel(qkv, kc, vc, layer, t, start, heads, kvh, hd, scale, att, s
 
 
 @njit(**JIT)
-def _step(mats, vecs, eps, cfg, fl, inv_freq, ids, kc, vc, t, start, logits, ws, threads, kind):
-    """Logits (B, vocab) of one token per row at cache slot t; writes slot t of kc/vc.
-    ``kind``: the weights' kind (:data:`_KIND_CODES`), one compiled step per kind."""
-    numba.literally(kind)
+def _step(mats, vecs, eps, cfg, fl, inv_freq, ids, kc, vc, t, start, logits, ws, threads):
+    """Logits (B, vocab) of one token per row at cache slot t; writes slot t of kc/vc."""
     nb = ids.shape[0]
     n_layers = cfg[_C_LAYERS]
     c = cfg[_C_HIDDEN]
@@ -572,7 +526,7 @@ def _step(mats, vecs, eps, cfg, fl, inv_freq, ids, kc, vc, t, start, logits, ws,
         mi = layer * _PER_LAYER
         vi = layer * _V_PER_LAYER
         _norm(vecs, vi, vi + 1, eps[2 * layer], x, h, not gpt2)
-        _gemv(mats, mi, mi + 3, h, qkv, NO, threads, pbuf, kind)
+        _gemv(mats, mi, mi + 3, h, qkv, NO, threads, pbuf)
         for b in range(nb):
             qb = qkv[b]
             if not gpt2:
@@ -585,24 +539,22 @@ def _step(mats, vecs, eps, cfg, fl, inv_freq, ids, kc, vc, t, start, logits, ws,
         else:
             for task in range(nb * heads):
                 _attend(qkv, kc, vc, layer, t, start, heads, kvh, hd, attn_scale, att, scores, task)
-        _gemv(mats, mi + 3, mi + 4, att, x, YES, threads, pbuf, kind)
+        _gemv(mats, mi + 3, mi + 4, att, x, YES, threads, pbuf)
         _norm(vecs, vi + 2, vi + 3, eps[2 * layer + 1], x, h, not gpt2)
         if gpt2:
-            _gemv(mats, mi + 5, mi + 6, h, ff, NO, threads, pbuf, kind)
+            _gemv(mats, mi + 5, mi + 6, h, ff, NO, threads, pbuf)
             for b in range(nb):
                 for j in range(inter):
                     m[b, j] = _activate(ff[b, j], _GELU_TANH)
         else:
-            _gemv(mats, mi + 4, mi + 6, h, ff, NO, threads, pbuf, kind)
+            _gemv(mats, mi + 4, mi + 6, h, ff, NO, threads, pbuf)
             for b in range(nb):
                 for j in range(inter):
                     m[b, j] = _activate(ff[b, j], _SILU) * ff[b, inter + j]
-        _gemv(mats, mi + 6, mi + 7, m, x, YES, threads, pbuf, kind)
+        _gemv(mats, mi + 6, mi + 7, m, x, YES, threads, pbuf)
     fi = n_layers * _V_PER_LAYER
     _norm(vecs, fi, fi + 1, eps[2 * n_layers], x, h, not gpt2)
-    _gemv(
-        mats, n_layers * _PER_LAYER, n_layers * _PER_LAYER + 1, h, logits, NO, threads, pbuf, kind
-    )
+    _gemv(mats, n_layers * _PER_LAYER, n_layers * _PER_LAYER + 1, h, logits, NO, threads, pbuf)
 
 
 @njit(**JIT)
@@ -643,33 +595,15 @@ def _greedy(
     done,
     block,
     threads,
-    kind,
 ):
     """Up to out.shape[1] greedy steps from slot t0; ``ids`` (overwritten) is fed first. A row
     that emitted one of ``eos`` produces ``pad`` afterwards (fed back as its input, like HF
     generate); the loop stops once every row has. ``done`` (updated): rows already finished;
     in the first ``block`` steps the ``eos`` ids cannot be chosen (``min_new_tokens``).
-    Returns the number of steps run. ``kind``: as :func:`_step`'s."""
-    numba.literally(kind)
+    Returns the number of steps run."""
     nb = ids.shape[0]
     for s in range(out.shape[1]):
-        _step(
-            mats,
-            vecs,
-            eps,
-            cfg,
-            fl,
-            inv_freq,
-            ids,
-            kc,
-            vc,
-            t0 + s,
-            start,
-            logits,
-            ws,
-            threads,
-            kind,
-        )
+        _step(mats, vecs, eps, cfg, fl, inv_freq, ids, kc, vc, t0 + s, start, logits, ws, threads)
         finished = True
         for b in range(nb):
             if done[b]:
@@ -938,16 +872,15 @@ class NumbaDecoder:
     def _run(self, kernel, *args):
         if self.parallel is None:
             self.calibrate()
-        kind = _KIND_CODES[self.weights]
         if not self.parallel:
-            return kernel(*self._args(), *args, 1, kind)
+            return kernel(*self._args(), *args, 1)
         # Tasks handed out one at a time (numba's default splits a prange evenly up front):
         # on a shared machine one thread's core may be busy, and an even split would make
         # every GEMV wait for that thread. Set from Python: inside jitted code the call
         # would make the kernels uncacheable. Thread-local, restored after the call.
         old = numba.set_parallel_chunksize(1)
         try:
-            return kernel(*self._args(), *args, set_threads(), kind)
+            return kernel(*self._args(), *args, set_threads())
         finally:
             numba.set_parallel_chunksize(old)
 
